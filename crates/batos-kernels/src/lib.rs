@@ -1,0 +1,1 @@
+//! batos-kernels: see docs/ARCHITECTURE.md.

@@ -1,0 +1,1 @@
+//! batos-kv: see docs/ARCHITECTURE.md.

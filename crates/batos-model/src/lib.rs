@@ -1,0 +1,1 @@
+//! batos-model: see docs/ARCHITECTURE.md.

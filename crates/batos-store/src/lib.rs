@@ -1,0 +1,1 @@
+//! batos-store: see docs/ARCHITECTURE.md.
