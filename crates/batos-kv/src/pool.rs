@@ -198,9 +198,10 @@ impl BlockPool {
     pub fn grow(&mut self, n: usize) {
         let start = self.meta.len();
         self.meta.resize(start + n, BlockMeta::default());
-        // Reversed so that `pop` hands out the lowest new id first.
+        // New ids go under the existing free ones, highest at the bottom, so `pop` hands
+        // out low ids first and the top of the pool stays free for `shrink_tail`.
         self.free
-            .extend((start..start + n).rev().map(|i| BlockId(i as u32)));
+            .splice(0..0, (start..start + n).rev().map(|i| BlockId(i as u32)));
     }
 
     /// Removes up to `max` blocks from the top of the id range while they are free or
