@@ -199,7 +199,8 @@ impl KvCacheManager {
             return Err(KvError::EmptyPrompt);
         }
         let bs = self.block_size();
-        let hashes = chain_hashes(&[], prompt, bs, adapter.as_ref());
+        let mut hashes = Vec::with_capacity(prompt.len() / bs);
+        extend_chain(&mut hashes, prompt, bs, adapter.as_ref());
         let max_hit = (prompt.len() - 1) / bs;
         let hits: Vec<BlockId> = hashes[..max_hit]
             .iter()
@@ -281,8 +282,7 @@ impl KvCacheManager {
         let old = s.tokens.len();
         s.tokens.extend_from_slice(tokens);
         s.table.set_num_tokens(s.tokens.len());
-        let more = chain_hashes(&s.hashes, &s.tokens, bs, s.adapter.as_ref());
-        s.hashes = more;
+        extend_chain(&mut s.hashes, &s.tokens, bs, s.adapter.as_ref());
         Ok(s.table
             .slots(old..s.tokens.len())
             .expect("range lies within the table"))
@@ -400,17 +400,16 @@ impl KvCacheManager {
     }
 }
 
-/// Extends the hash chain `known` (hashes of the first `known.len()` full blocks of
-/// `tokens`) to every full block of `tokens`.
-fn chain_hashes(
-    known: &[BlockHash],
+/// Extends `chain` (the hashes of the first `chain.len()` full blocks of `tokens`) to
+/// every full block of `tokens`.
+fn extend_chain(
+    chain: &mut Vec<BlockHash>,
     tokens: &[u32],
     bs: usize,
     adapter: Option<&AdapterGeneration>,
-) -> Vec<BlockHash> {
-    let mut out = known.to_vec();
-    for block in tokens.chunks_exact(bs).skip(known.len()) {
-        out.push(BlockHash::chain(out.last(), block, adapter));
+) {
+    for i in chain.len()..tokens.len() / bs {
+        let h = BlockHash::chain(chain.last(), &tokens[i * bs..(i + 1) * bs], adapter);
+        chain.push(h);
     }
-    out
 }
