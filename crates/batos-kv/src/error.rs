@@ -23,42 +23,72 @@ pub enum KvError {
     /// A configuration field is out of range.
     #[error("invalid KV cache config: {field} = {value}: {reason}")]
     InvalidConfig {
+        /// The offending field.
         field: &'static str,
+        /// Its value.
         value: u64,
+        /// What is wrong with it.
         reason: &'static str,
     },
     /// The cache stores only this element type for now.
     #[error("KV cache dtype {got} is not supported (supported: {supported})")]
-    UnsupportedDType { got: DType, supported: DType },
+    UnsupportedDType {
+        /// The dtype asked for.
+        got: DType,
+        /// The one the cache stores.
+        supported: DType,
+    },
     /// The memory budget cannot hold the pool (or the growth asked for).
     #[error("KV cache pool of {blocks} blocks ({bytes} bytes) does not fit the memory budget")]
     Budget {
+        /// Blocks the pool would hold.
         blocks: usize,
+        /// Bytes the pool would hold.
         bytes: u64,
+        /// The budget's answer (names the budget and what is free).
         #[source]
         source: BudgetError,
     },
     /// No live sequence has this id (never allocated, or already freed).
-    #[error("unknown sequence {0:?} in {1}")]
-    UnknownSequence(SeqId, &'static str),
+    #[error("{op}: unknown sequence {seq:?} (never allocated, or already freed)")]
+    UnknownSequence {
+        /// The id asked for.
+        seq: SeqId,
+        /// The operation that asked.
+        op: &'static str,
+    },
     /// A block id outside the pool.
     #[error("block {block:?} is outside the pool of {num_blocks} blocks")]
-    BlockOutOfRange { block: BlockId, num_blocks: usize },
+    BlockOutOfRange {
+        /// The block asked for.
+        block: BlockId,
+        /// Blocks in the pool.
+        num_blocks: usize,
+    },
     /// Releasing a block whose reference count is already zero.
     #[error("block {0:?} is not allocated (reference count already zero)")]
     BlockNotAllocated(BlockId),
     /// A layer index outside the model.
     #[error("layer {layer} out of range: the cache has {num_layers} layers")]
-    LayerOutOfRange { layer: usize, num_layers: usize },
+    LayerOutOfRange {
+        /// The layer asked for.
+        layer: usize,
+        /// Layers in the cache.
+        num_layers: usize,
+    },
     /// A prompt must contain at least one token.
     #[error("empty prompt: a sequence needs at least one token")]
     EmptyPrompt,
     /// `mark_computed` beyond the tokens the sequence holds, or going backwards.
     #[error("sequence {seq:?}: cannot mark {asked} tokens computed (holds {held}, already computed {computed})")]
     ComputedOutOfRange {
+        /// The sequence.
         seq: SeqId,
+        /// Tokens asked to mark computed.
         asked: usize,
+        /// Tokens the sequence holds.
         held: usize,
+        /// Tokens already marked computed.
         computed: usize,
     },
 }

@@ -155,7 +155,9 @@ impl KvCacheManager {
     }
 
     fn seq(&self, seq: SeqId, op: &'static str) -> Result<&Sequence, KvError> {
-        self.seqs.get(&seq).ok_or(KvError::UnknownSequence(seq, op))
+        self.seqs
+            .get(&seq)
+            .ok_or(KvError::UnknownSequence { seq, op })
     }
 
     /// Whether a new prompt of `n_tokens` fits now, not counting prefix hits.
@@ -293,10 +295,10 @@ impl KvCacheManager {
     /// sequence is [`KvError::ComputedOutOfRange`].
     pub fn mark_computed(&mut self, seq: SeqId, num_computed: usize) -> Result<(), KvError> {
         let bs = self.block_size();
-        let s = self
-            .seqs
-            .get_mut(&seq)
-            .ok_or(KvError::UnknownSequence(seq, "mark_computed"))?;
+        let s = self.seqs.get_mut(&seq).ok_or(KvError::UnknownSequence {
+            seq,
+            op: "mark_computed",
+        })?;
         if num_computed < s.computed || num_computed > s.tokens.len() {
             return Err(KvError::ComputedOutOfRange {
                 seq,
@@ -335,7 +337,7 @@ impl KvCacheManager {
         let s = self
             .seqs
             .remove(&seq)
-            .ok_or(KvError::UnknownSequence(seq, "free"))?;
+            .ok_or(KvError::UnknownSequence { seq, op: "free" })?;
         for &b in s.table.blocks().iter().rev() {
             self.pool.release(b)?;
         }

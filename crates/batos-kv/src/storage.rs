@@ -5,14 +5,18 @@ use crate::{KvCacheConfig, KvError, KvLayout};
 /// One layer's K and V buffers, read-only (each `[num_blocks, block_size, kv_heads, head_dim]`).
 #[derive(Clone, Copy, Debug)]
 pub struct LayerKv<'a> {
+    /// Keys.
     pub k: &'a [f32],
+    /// Values.
     pub v: &'a [f32],
 }
 
 /// One layer's K and V buffers, writable: what `write_kv` and attention take.
 #[derive(Debug)]
 pub struct LayerKvMut<'a> {
+    /// Keys.
     pub k: &'a mut [f32],
+    /// Values.
     pub v: &'a mut [f32],
 }
 

@@ -358,7 +358,7 @@ fn bad_input_is_a_typed_error() {
     let ghost = SeqId(42);
     assert!(matches!(
         kv.free(ghost),
-        Err(KvError::UnknownSequence(_, "free"))
+        Err(KvError::UnknownSequence { op: "free", .. })
     ));
     assert!(kv.append_tokens(ghost, &[1]).is_err());
     assert!(kv.fork(ghost).is_err());
