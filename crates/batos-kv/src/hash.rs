@@ -44,8 +44,13 @@ impl BlockHash {
             Some(g) => h.update(&[1]).update(&g.0),
         };
         h.update(&(tokens.len() as u64).to_le_bytes());
-        for t in tokens {
-            h.update(&t.to_le_bytes());
+        // Little-endian bytes, fed in stack-sized runs (one `update` per token is slow).
+        let mut buf = [0u8; 256];
+        for run in tokens.chunks(buf.len() / 4) {
+            for (dst, t) in buf.chunks_exact_mut(4).zip(run) {
+                dst.copy_from_slice(&t.to_le_bytes());
+            }
+            h.update(&buf[..run.len() * 4]);
         }
         BlockHash(*h.finalize().as_bytes())
     }
