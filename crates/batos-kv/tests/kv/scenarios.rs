@@ -380,3 +380,11 @@ fn bad_input_is_a_typed_error() {
     assert!(matches!(err, KvError::BlockOutOfRange { .. }));
     assert!(KvCacheConfig::new(SHAPE, 0).is_err());
 }
+
+#[test]
+fn the_manager_can_move_between_threads() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<KvCacheManager>();
+    send_sync::<batos_kv::BlockTable>();
+    send_sync::<KvError>();
+}
