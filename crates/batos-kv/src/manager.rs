@@ -82,27 +82,34 @@ struct Sequence {
 /// never reads K/V that has not been written yet.
 ///
 /// ```
-/// use batos_kv::{KvCacheConfig, KvCacheManager, KvShape};
+/// use batos_kv::{KvCacheConfig, KvCacheManager, KvError, KvShape};
 /// use batos_types::MemoryBudget;
+/// # fn main() -> Result<(), KvError> {
 /// let shape = KvShape { num_layers: 2, num_kv_heads: 1, head_dim: 4 };
-/// let cfg = KvCacheConfig::new(shape, 1 << 20).unwrap().with_block_size(4).unwrap();
+/// let cfg = KvCacheConfig::new(shape, 1 << 20)?.with_block_size(4)?;
 /// let budget = MemoryBudget::new("host", 1 << 20);
-/// let mut kv = KvCacheManager::new(cfg, &budget).unwrap();
+/// let mut kv = KvCacheManager::new(cfg, &budget)?;
 ///
 /// let prompt = [10, 11, 12, 13, 14, 15, 16, 17, 18];
-/// let a = kv.allocate_prompt(&prompt, None).unwrap().unwrap();
+/// // The outer `?` passes failures up; a scheduler matches the inner answer.
+/// let a = match kv.allocate_prompt(&prompt, None)? {
+///     Ok(a) => a,
+///     Err(full) => unreachable!("an empty pool has room: {full}"),
+/// };
 /// assert_eq!((a.cached_tokens, a.slots.len()), (0, 9));
 /// // ... the model writes K/V into a.slots ...
-/// kv.mark_computed(a.seq, prompt.len()).unwrap();
+/// kv.mark_computed(a.seq, prompt.len())?;
 ///
 /// // Same prompt again: the two full blocks come from the cache.
-/// let b = kv.allocate_prompt(&prompt, None).unwrap().unwrap();
+/// let b = kv.allocate_prompt(&prompt, None)??; // `??`: out of blocks as an error
 /// assert_eq!(b.cached_tokens, 8);
-/// let next = kv.append_tokens(b.seq, &[19]).unwrap().unwrap();
+/// let next = kv.append_tokens(b.seq, &[19])??;
 /// assert_eq!(next.len(), 1);
-/// kv.free(a.seq).unwrap();
-/// kv.free(b.seq).unwrap();
+/// kv.free(a.seq)?;
+/// kv.free(b.seq)?;
 /// assert_eq!(kv.stats().used_blocks, 0);
+/// # Ok(())
+/// # }
 /// ```
 #[derive(Debug)]
 pub struct KvCacheManager {
