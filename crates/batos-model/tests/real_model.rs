@@ -7,7 +7,9 @@ mod common;
 use std::collections::BTreeMap;
 
 use batos_model::gguf::{GgmlType, GgufFile};
-use batos_model::{LlamaConfig, ModelTokenizer, SpecialTokenText};
+use batos_model::{
+    ChatMessage, ChatTemplate, GenerationPrompt, LlamaConfig, ModelTokenizer, SpecialTokenText,
+};
 use common::{ids, real_model, reference_json};
 
 #[test]
@@ -163,4 +165,58 @@ fn tokenizer_matches_base_prompts_and_round_trips_through_json() {
         );
     }
     assert_eq!(stored.special_tokens(), tok.special_tokens());
+}
+
+#[test]
+fn chat_template_reproduces_reference_chat_prompt() {
+    let (Some(path), Some(base)) = (
+        real_model("chat_template_reproduces_reference_chat_prompt"),
+        reference_json(
+            "chat_template_reproduces_reference_chat_prompt",
+            "base.json",
+        ),
+    ) else {
+        return;
+    };
+    let gguf = GgufFile::open(&path).unwrap();
+    let tmpl = ChatTemplate::from_gguf(gguf.metadata())
+        .unwrap()
+        .expect("the GGUF carries a template");
+    assert_eq!(
+        (tmpl.bos_token(), tmpl.eos_token()),
+        (Some("<|im_start|>"), Some("<|im_end|>"))
+    );
+    let tok = ModelTokenizer::from_gguf(gguf.metadata()).unwrap();
+    let chat = base["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "chat_capital")
+        .expect("reference has the chat prompt");
+    // prompt_kind: chat_template(user='What is the capital of France?', add_generation_prompt=True)
+    let text = tmpl
+        .render(
+            &[ChatMessage::user("What is the capital of France?")],
+            GenerationPrompt::Add,
+        )
+        .unwrap();
+    assert_eq!(text, chat["prompt_text"].as_str().unwrap());
+    assert_eq!(tok.encode_prompt(&text).unwrap(), ids(&chat["input_ids"]));
+
+    // An explicit system message replaces the default one; without the generation prompt
+    // the text ends after the last message.
+    let text = tmpl
+        .render(
+            &[
+                ChatMessage::system("Be brief."),
+                ChatMessage::user("Hi"),
+                ChatMessage::assistant("Hello"),
+            ],
+            GenerationPrompt::Omit,
+        )
+        .unwrap();
+    assert_eq!(
+        text,
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n"
+    );
 }

@@ -7,8 +7,7 @@
 
 mod common;
 
-use batos_model::gguf::GgufFile;
-use batos_model::{LlamaConfig, LoadOptions, ModelTokenizer, ModelWeights, Tensor};
+use batos_model::{LlamaConfig, LoadOptions, LoadedModel, ModelWeights, Tensor};
 use common::{ids, real_model, reference_json};
 
 fn matvec(w: &Tensor, x: &[f32]) -> Vec<f32> {
@@ -109,10 +108,9 @@ fn gguf_import_reproduces_reference_step1_logits() {
     ) else {
         return;
     };
-    let gguf = GgufFile::open(&path).unwrap();
-    let cfg = LlamaConfig::from_gguf(&gguf).unwrap();
-    let weights = ModelWeights::from_gguf(&gguf, &cfg, &LoadOptions::default()).unwrap();
-    let tok = ModelTokenizer::from_gguf(gguf.metadata()).unwrap();
+    let model = LoadedModel::from_gguf(&path, &LoadOptions::default()).unwrap();
+    let (cfg, weights, tok) = (&model.config, &model.weights, &model.tokenizer);
+    assert!(weights.is_tied());
     for p in base["prompts"].as_array().unwrap() {
         let input = ids(&p["input_ids"]);
         if p["prompt_kind"] == "raw" {
@@ -122,7 +120,7 @@ fn gguf_import_reproduces_reference_step1_logits() {
                 input
             );
         }
-        let logits = last_logits(&cfg, &weights, &input);
+        let logits = last_logits(cfg, weights, &input);
         assert_eq!(logits.len(), cfg.vocab_size);
         let want_ids = ids(&p["step1_top10"]["ids"]);
         let want_vals: Vec<f64> = p["step1_top10"]["values"]
