@@ -5,10 +5,8 @@
 //! the loader, independent of batos-kernels; the engine's own conformance lives with the
 //! forward pass.
 
-mod common;
-
+use crate::common::{ids, real_model, reference_json};
 use batos_model::{LlamaConfig, LoadOptions, LoadedModel, ModelWeights, Tensor};
-use common::{ids, real_model, reference_json};
 
 fn matvec(w: &Tensor, x: &[f32]) -> Vec<f32> {
     let w = w.as_f32().expect("f32 weights");

@@ -2,7 +2,9 @@
 //! ../shared/reference. Each test fetches the model into the cache (see `batos_model::fetch`)
 //! and prints a SKIP line if it cannot.
 
+#[path = "../common/mod.rs"]
 mod common;
+mod logits;
 
 use std::collections::BTreeMap;
 
