@@ -216,9 +216,8 @@ mod imp {
                 let nr = (j1 - j).min(4);
                 let wrows = &w[j * k..(j + nr) * k];
                 if convert {
-                    for (d, s) in scratch.iter_mut().zip(wrows) {
-                        *d = s.widen();
-                    }
+                    // SAFETY: features as promised by this function's contract.
+                    unsafe { widen_row(wrows, &mut scratch[..nr * k]) };
                     // SAFETY: forwarded from this function's contract; the scratch
                     // holds `nr` rows of `k` floats.
                     unsafe {
@@ -309,27 +308,6 @@ mod imp {
                 i += 1;
             }
             sum
-        }
-    }
-
-    /// `y[i] += alpha · x[i]`.
-    #[target_feature(enable = "avx2,fma")]
-    pub(crate) unsafe fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
-        let n = x.len().min(y.len());
-        // SAFETY: offsets stay below n.
-        unsafe {
-            let (px, py) = (x.as_ptr(), y.as_mut_ptr());
-            let a = _mm256_set1_ps(alpha);
-            let mut i = 0;
-            while i + 8 <= n {
-                let v = _mm256_fmadd_ps(a, _mm256_loadu_ps(px.add(i)), _mm256_loadu_ps(py.add(i)));
-                _mm256_storeu_ps(py.add(i), v);
-                i += 8;
-            }
-            while i < n {
-                *py.add(i) += alpha * *px.add(i);
-                i += 1;
-            }
         }
     }
 
@@ -480,6 +458,171 @@ mod imp {
         }
     }
 
+    /// Hints the cache lines of `len` floats at `p` into L1 (a hint: never faults).
+    #[inline(always)]
+    unsafe fn prefetch_row(p: *const f32, len: usize) {
+        let mut o = 0;
+        while o < len {
+            // SAFETY: prefetch never faults, whatever the address.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(o) as *const i8) };
+            o += 16;
+        }
+    }
+
+    /// Attention of the `g` query heads of one KV head for one query row:
+    /// `out[h] = softmax(scale · q[h]·K) · V` over the positions whose K/V rows start
+    /// at `offsets` in `k` / `v`. `scores` is scratch.
+    ///
+    /// # Safety
+    /// AVX2/FMA present. `q` and `out` hold `g * hd` floats; every `offsets[p] + hd`
+    /// is within both `k` and `v` (checked by the caller's validation).
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn attend(
+        q: &[f32],
+        g: usize,
+        hd: usize,
+        k: &[f32],
+        v: &[f32],
+        offsets: &[usize],
+        scale: f32,
+        scores: &mut Vec<f32>,
+        out: &mut [f32],
+    ) {
+        let ctx = offsets.len();
+        scores.clear();
+        scores.resize(g * ctx, 0.0);
+        let hv = hd & !7;
+        // SAFETY: q/out are g*hd long; k/v rows are hd long at each offset (contract);
+        // score indices are < g*ctx.
+        unsafe {
+            let (kp, vp, qp) = (k.as_ptr(), v.as_ptr(), q.as_ptr());
+            let sp = scores.as_mut_ptr();
+            // Scores, four positions at a time: four independent FMA chains per head
+            // and one horizontal reduction for all four.
+            let mut p = 0;
+            while p + 4 <= ctx {
+                let kr = [
+                    kp.add(offsets[p]),
+                    kp.add(offsets[p + 1]),
+                    kp.add(offsets[p + 2]),
+                    kp.add(offsets[p + 3]),
+                ];
+                // Pull K rows a few positions ahead into cache: paged rows are
+                // scattered, so the hardware prefetcher cannot guess them.
+                if p + 12 <= ctx {
+                    for &o in &offsets[p + 8..p + 12] {
+                        prefetch_row(kp.add(o), hd);
+                    }
+                }
+                for h in 0..g {
+                    let qh = qp.add(h * hd);
+                    let mut acc = [_mm256_setzero_ps(); 4];
+                    let mut d = 0;
+                    while d < hv {
+                        let qv = _mm256_loadu_ps(qh.add(d));
+                        for (a, r) in acc.iter_mut().zip(&kr) {
+                            *a = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r.add(d)), *a);
+                        }
+                        d += 8;
+                    }
+                    let mut four = [0f32; 4];
+                    _mm_storeu_ps(four.as_mut_ptr(), hsum4(acc[0], acc[1], acc[2], acc[3]));
+                    for (j, (f, r)) in four.iter_mut().zip(&kr).enumerate() {
+                        for d in hv..hd {
+                            *f += *qh.add(d) * *r.add(d);
+                        }
+                        *sp.add(h * ctx + p + j) = *f * scale;
+                    }
+                }
+                p += 4;
+            }
+            while p < ctx {
+                let kr = kp.add(offsets[p]);
+                for h in 0..g {
+                    let qh = qp.add(h * hd);
+                    let mut a = _mm256_setzero_ps();
+                    let mut d = 0;
+                    while d < hv {
+                        a = _mm256_fmadd_ps(
+                            _mm256_loadu_ps(qh.add(d)),
+                            _mm256_loadu_ps(kr.add(d)),
+                            a,
+                        );
+                        d += 8;
+                    }
+                    let mut sdot = hsum(a);
+                    for d in hv..hd {
+                        sdot += *qh.add(d) * *kr.add(d);
+                    }
+                    *sp.add(h * ctx + p) = sdot * scale;
+                }
+                p += 1;
+            }
+            for h in 0..g {
+                softmax(&mut scores[h * ctx..(h + 1) * ctx]);
+            }
+            let sp = scores.as_ptr();
+            let op = out.as_mut_ptr();
+            // Weighted sum of V rows, 32 output dims at a time in registers.
+            for h in 0..g {
+                let wts = sp.add(h * ctx);
+                let oh = op.add(h * hd);
+                let mut d0 = 0;
+                while d0 + 64 <= hv {
+                    let mut acc = [_mm256_setzero_ps(); 8];
+                    for (p, &off) in offsets.iter().enumerate() {
+                        if let Some(&ahead) = offsets.get(p + 8) {
+                            prefetch_row(vp.add(ahead + d0), 64);
+                        }
+                        let wv = _mm256_set1_ps(*wts.add(p));
+                        let vr = vp.add(off + d0);
+                        for (j, a) in acc.iter_mut().enumerate() {
+                            *a = _mm256_fmadd_ps(wv, _mm256_loadu_ps(vr.add(8 * j)), *a);
+                        }
+                    }
+                    for (j, a) in acc.iter().enumerate() {
+                        _mm256_storeu_ps(oh.add(d0 + 8 * j), *a);
+                    }
+                    d0 += 64;
+                }
+                while d0 + 32 <= hv {
+                    let mut acc = [_mm256_setzero_ps(); 4];
+                    for (p, &off) in offsets.iter().enumerate() {
+                        let wv = _mm256_set1_ps(*wts.add(p));
+                        let vr = vp.add(off + d0);
+                        for (j, a) in acc.iter_mut().enumerate() {
+                            *a = _mm256_fmadd_ps(wv, _mm256_loadu_ps(vr.add(8 * j)), *a);
+                        }
+                    }
+                    for (j, a) in acc.iter().enumerate() {
+                        _mm256_storeu_ps(oh.add(d0 + 8 * j), *a);
+                    }
+                    d0 += 32;
+                }
+                while d0 + 8 <= hv {
+                    let mut a = _mm256_setzero_ps();
+                    for (p, &off) in offsets.iter().enumerate() {
+                        a = _mm256_fmadd_ps(
+                            _mm256_set1_ps(*wts.add(p)),
+                            _mm256_loadu_ps(vp.add(off + d0)),
+                            a,
+                        );
+                    }
+                    _mm256_storeu_ps(oh.add(d0), a);
+                    d0 += 8;
+                }
+                for d in hv..hd {
+                    let mut a = 0f32;
+                    for (p, &off) in offsets.iter().enumerate() {
+                        a += *wts.add(p) * *vp.add(off + d);
+                    }
+                    *oh.add(d) = a;
+                }
+            }
+        }
+    }
+
     /// Widens a row of weights to f32 (embedding gather).
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(crate) unsafe fn widen_row<W: Elem>(src: &[W], dst: &mut [f32]) {
@@ -560,16 +703,6 @@ impl Avx2 {
         });
     }
 
-    pub(crate) fn dot(self, a: &[f32], b: &[f32]) -> f32 {
-        // SAFETY: the token proves AVX2/FMA; slices bound every access.
-        unsafe { imp::dot(a, b) }
-    }
-
-    pub(crate) fn axpy(self, alpha: f32, x: &[f32], y: &mut [f32]) {
-        // SAFETY: as above.
-        unsafe { imp::axpy(alpha, x, y) }
-    }
-
     pub(crate) fn silu_mul(self, gate: &[f32], up: &[f32], out: &mut [f32]) {
         // SAFETY: as above.
         unsafe { imp::silu_mul(gate, up, out) }
@@ -583,6 +716,28 @@ impl Avx2 {
     pub(crate) fn softmax(self, x: &mut [f32]) {
         // SAFETY: as above.
         unsafe { imp::softmax(x) }
+    }
+
+    /// See [`imp::attend`]; panics (instead of reading out of bounds) if an offset
+    /// row does not fit in `k`/`v` or `q`/`out` are not `g * hd` long.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn attend(
+        self,
+        q: &[f32],
+        g: usize,
+        hd: usize,
+        k: &[f32],
+        v: &[f32],
+        offsets: &[usize],
+        scale: f32,
+        scores: &mut Vec<f32>,
+        out: &mut [f32],
+    ) {
+        assert!(q.len() == g * hd && out.len() == g * hd);
+        let lim = k.len().min(v.len());
+        assert!(offsets.iter().all(|&o| o + hd <= lim));
+        // SAFETY: the token proves the features; the asserts are the contract.
+        unsafe { imp::attend(q, g, hd, k, v, offsets, scale, scores, out) }
     }
 
     pub(crate) fn widen_row<W: Elem>(self, src: &[W], dst: &mut [f32]) {
