@@ -16,7 +16,16 @@ use std::arch::x86_64::*;
 /// Proof that this CPU has AVX2, FMA and F16C. Only [`Avx2::detect`] creates it, so
 /// holding one makes calling the `target_feature` functions below sound.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct Avx2(());
+pub(crate) struct Avx2(Token);
+
+/// Constructible only where the AVX2 code exists: elsewhere an empty enum, so every
+/// `Avx2` method there is statically unreachable.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy, Debug)]
+struct Token;
+#[cfg(not(target_arch = "x86_64"))]
+#[derive(Clone, Copy, Debug)]
+enum Token {}
 
 impl Avx2 {
     /// `Some` when the running CPU supports AVX2, FMA and F16C (checked once).
@@ -34,18 +43,29 @@ impl Avx2 {
                 false
             }
         });
-        has.then_some(Avx2(()))
+        #[cfg(target_arch = "x86_64")]
+        {
+            has.then_some(Avx2(Token))
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = has;
+            None
+        }
     }
 }
 
 /// A `*mut f32` that may cross threads. Users guarantee that concurrent writers touch
 /// disjoint elements and that the pointee outlives every use.
+#[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
 pub(crate) struct SendPtr(pub(crate) *mut f32);
 // SAFETY: the pointer is only dereferenced under the disjoint-write discipline
 // documented on each use; the type itself carries no aliasing.
+#[cfg(target_arch = "x86_64")]
 unsafe impl Send for SendPtr {}
 // SAFETY: as above.
+#[cfg(target_arch = "x86_64")]
 unsafe impl Sync for SendPtr {}
 
 #[cfg(target_arch = "x86_64")]
@@ -796,3 +816,49 @@ impl Avx2 {
         unsafe { imp::widen_row(src, dst) }
     }
 }
+
+/// Other architectures: no SIMD path; the token cannot exist, so these are never called.
+#[cfg(not(target_arch = "x86_64"))]
+mod fallback {
+    use super::Avx2;
+
+    pub(crate) trait Elem: Copy + Send + Sync + 'static {}
+    impl Elem for f32 {}
+    impl Elem for half::f16 {}
+    impl Elem for half::bf16 {}
+
+    #[allow(clippy::too_many_arguments)]
+    impl Avx2 {
+        pub(crate) fn matmul<W: Elem>(self, _: &[f32], _: usize, _: &[W], _: usize, _: &mut [f32]) {
+            match self.0 {}
+        }
+        pub(crate) fn silu_mul(self, _: &[f32], _: &[f32], _: &mut [f32]) {
+            match self.0 {}
+        }
+        pub(crate) fn rms_norm_row(self, _: &[f32], _: &[f32], _: f32, _: &mut [f32]) {
+            match self.0 {}
+        }
+        pub(crate) fn softmax(self, _: &mut [f32]) {
+            match self.0 {}
+        }
+        pub(crate) fn attend(
+            self,
+            _: &[f32],
+            _: usize,
+            _: usize,
+            _: &[f32],
+            _: &[f32],
+            _: &[usize],
+            _: f32,
+            _: &mut Vec<f32>,
+            _: &mut [f32],
+        ) {
+            match self.0 {}
+        }
+        pub(crate) fn widen_row<W: Elem>(self, _: &[W], _: &mut [f32]) {
+            match self.0 {}
+        }
+    }
+}
+#[cfg(not(target_arch = "x86_64"))]
+pub(crate) use fallback::Elem;
