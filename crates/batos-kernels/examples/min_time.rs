@@ -1,4 +1,4 @@
-//! Minimum-of-N timings of the CPU kernels under each thread backend, interleaved in
+//! Minimum and median timings of the CPU kernels under each thread backend, interleaved in
 //! rounds. On a machine shared with other jobs the minimum is the most repeatable
 //! statistic (criterion's means drift with the neighbours' load); see
 //! docs/perf/kernels.md.
@@ -17,14 +17,12 @@ fn data(n: usize, seed: usize) -> Vec<f32> {
         .collect()
 }
 
-fn min_time(reps: usize, f: &mut dyn FnMut()) -> f64 {
-    (0..reps)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed().as_secs_f64()
-        })
-        .fold(f64::MAX, f64::min)
+fn samples(reps: usize, f: &mut dyn FnMut(), into: &mut Vec<f64>) {
+    for _ in 0..reps {
+        let t = Instant::now();
+        f();
+        into.push(t.elapsed().as_secs_f64());
+    }
 }
 
 type Case = (String, usize, Box<dyn FnMut()>);
@@ -131,26 +129,27 @@ fn main() {
         attention_case(1, 512, 512),
     ];
     println!("implementation: {}", cpu::implementation());
-    let mut best = vec![[f64::MAX; 3]; cases.len()];
+    let mut all: Vec<[Vec<f64>; 3]> = (0..cases.len()).map(|_| Default::default()).collect();
     for _round in 0..3 {
         for (ci, (_, reps, f)) in cases.iter_mut().enumerate() {
             for (bi, (_, b)) in backends.iter().enumerate() {
                 cpu::set_thread_backend(*b);
-                best[ci][bi] = best[ci][bi].min(min_time(*reps, &mut **f));
+                samples(*reps, &mut **f, &mut all[ci][bi]);
             }
         }
     }
     println!(
-        "{:48} {:>12} {:>12} {:>12}",
-        "case (min time)", "serial", "rayon", "spinpool"
+        "{:44} {:>22} {:>22} {:>22}",
+        "case: min / median", "serial", "rayon", "spinpool"
     );
     for (ci, (name, _, _)) in cases.iter().enumerate() {
-        let [s, r, p] = best[ci];
-        println!(
-            "{name:48} {:>10.1}us {:>10.1}us {:>10.1}us",
-            s * 1e6,
-            r * 1e6,
-            p * 1e6
-        );
+        let cols: Vec<String> = all[ci]
+            .iter_mut()
+            .map(|v| {
+                v.sort_by(f64::total_cmp);
+                format!("{:.1} / {:.1} us", v[0] * 1e6, v[v.len() / 2] * 1e6)
+            })
+            .collect();
+        println!("{name:44} {:>22} {:>22} {:>22}", cols[0], cols[1], cols[2]);
     }
 }

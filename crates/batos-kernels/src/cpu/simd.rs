@@ -780,8 +780,9 @@ impl Avx2 {
         let tasks = if flops < 1 << 17 || threads == 1 {
             1
         } else if t < 8 {
-            // Memory-bound: one contiguous stream of weight rows per thread.
-            threads
+            // Memory-bound: contiguous runs of weight rows, a few per thread so a
+            // descheduled thread holds up only a small share.
+            threads * 4
         } else {
             // Compute-bound: finer tasks balance cores shared with other work.
             (threads * 4).min(n.div_ceil(16))
