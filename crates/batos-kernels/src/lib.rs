@@ -1,1 +1,4 @@
 //! batos-kernels: see docs/ARCHITECTURE.md.
+
+#[cfg(feature = "cuda")]
+pub mod cuda;

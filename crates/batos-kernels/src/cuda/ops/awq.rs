@@ -1,0 +1,290 @@
+//! int4 AWQ linear layers (`kernels/awq.cu`), AutoAWQ "GEMM" checkpoint layout.
+
+use half::f16;
+
+use super::super::device::CudaDevice;
+use super::super::error::{CudaError, CudaResult};
+use super::super::pool::DeviceBuffer;
+use super::super::registry::ModuleId;
+use cudarc::driver::PushKernelArg;
+
+use super::{as_i32, as_u32, cfg, kname, launch, Activation};
+
+/// Dimensions of an AWQ linear layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AwqShape {
+    /// Input features (K); a multiple of `group_size` and of 32.
+    pub in_features: usize,
+    /// Output features (N); a multiple of 8.
+    pub out_features: usize,
+    /// Rows of K sharing one scale and zero point.
+    pub group_size: usize,
+}
+
+impl AwqShape {
+    /// Checks the constraints the kernels rely on.
+    pub fn validate(self) -> CudaResult<Self> {
+        let AwqShape {
+            in_features: k,
+            out_features: n,
+            group_size: g,
+        } = self;
+        let bad = |r: String| Err(CudaError::invalid("awq shape", r));
+        if k == 0 || n == 0 || g == 0 {
+            return bad(format!("empty shape {self:?}"));
+        }
+        if n % 8 != 0 {
+            return bad(format!("out_features {n} is not a multiple of 8"));
+        }
+        if k % g != 0 {
+            return bad(format!(
+                "in_features {k} is not a multiple of group_size {g}"
+            ));
+        }
+        if k % 32 != 0 {
+            return bad(format!("in_features {k} is not a multiple of 32"));
+        }
+        as_i32("awq shape", "in*out/8", k * (n / 8))?;
+        Ok(self)
+    }
+
+    /// Elements of `qweight` (u32): in × out/8.
+    pub fn qweight_len(self) -> usize {
+        self.in_features * self.out_features / 8
+    }
+    /// Elements of `qzeros` (u32): in/group × out/8.
+    pub fn qzeros_len(self) -> usize {
+        self.in_features / self.group_size * self.out_features / 8
+    }
+    /// Elements of `scales` (f16): in/group × out.
+    pub fn scales_len(self) -> usize {
+        self.in_features / self.group_size * self.out_features
+    }
+}
+
+/// An AWQ layer resident on the device.
+///
+/// `qweight` int32 [in, out/8] (as u32), `qzeros` int32 [in/group, out/8], `scales`
+/// f16 [in/group, out]; each packed word holds 8 columns in AutoAWQ's nibble order
+/// [0,2,4,6,1,3,5,7]; `W[k,n] = (q - z) * s` and `y = x · W`.
+#[derive(Debug)]
+pub struct AwqWeights {
+    qweight: DeviceBuffer<u32>,
+    qzeros: DeviceBuffer<u32>,
+    scales: DeviceBuffer<f16>,
+    shape: AwqShape,
+}
+
+impl AwqWeights {
+    /// Validates the shapes and uploads the three tensors.
+    pub fn upload(
+        dev: &CudaDevice,
+        shape: AwqShape,
+        qweight: &[u32],
+        qzeros: &[u32],
+        scales: &[f16],
+    ) -> CudaResult<Self> {
+        const OP: &str = "AwqWeights::upload";
+        let shape = shape.validate()?;
+        CudaError::check_len(OP, "qweight", shape.qweight_len(), qweight.len())?;
+        CudaError::check_len(OP, "qzeros", shape.qzeros_len(), qzeros.len())?;
+        CudaError::check_len(OP, "scales", shape.scales_len(), scales.len())?;
+        Ok(AwqWeights {
+            qweight: dev.upload(qweight)?,
+            qzeros: dev.upload(qzeros)?,
+            scales: dev.upload(scales)?,
+            shape,
+        })
+    }
+
+    /// The layer's dimensions.
+    pub fn shape(&self) -> AwqShape {
+        self.shape
+    }
+
+    /// Bytes of the packed weights, zeros and scales (what a matvec must read).
+    pub fn weight_bytes(&self) -> usize {
+        (self.shape.qweight_len() + self.shape.qzeros_len()) * 4 + self.shape.scales_len() * 2
+    }
+}
+
+/// Which AWQ kernel a batch takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AwqKernel {
+    /// Memory-bound split-K matvec, for a few tokens (decode).
+    Gemv,
+    /// Tensor-core tiled matmul (prefill).
+    Gemm,
+}
+
+/// Largest token count the matvec path takes.
+pub const GEMV_MAX_TOKENS: usize = 4;
+
+/// The kernel [`awq_linear`] uses for `tokens` rows.
+pub fn awq_plan(tokens: usize) -> AwqKernel {
+    if tokens <= GEMV_MAX_TOKENS {
+        AwqKernel::Gemv
+    } else {
+        AwqKernel::Gemm
+    }
+}
+
+fn check_io<T: Activation>(
+    op: &'static str,
+    w: &AwqWeights,
+    x: &DeviceBuffer<T>,
+    tokens: usize,
+    y: &DeviceBuffer<T>,
+) -> CudaResult<()> {
+    CudaError::check_len(op, "x", tokens * w.shape.in_features, x.len())?;
+    CudaError::check_len(op, "y", tokens * w.shape.out_features, y.len())?;
+    as_i32(op, "tokens*out", tokens * w.shape.out_features)?;
+    Ok(())
+}
+
+/// `y[tokens, out] = x[tokens, in] · W`, choosing the kernel with [`awq_plan`].
+pub fn awq_linear<T: Activation>(
+    dev: &CudaDevice,
+    w: &AwqWeights,
+    x: &DeviceBuffer<T>,
+    tokens: usize,
+    y: &mut DeviceBuffer<T>,
+) -> CudaResult<()> {
+    match awq_plan(tokens) {
+        AwqKernel::Gemv => awq_gemv(dev, w, x, tokens, y),
+        AwqKernel::Gemm => awq_gemm(dev, w, x, tokens, y),
+    }
+}
+
+const GEMV_THREADS: usize = 128;
+
+/// The split-K matvec for any token count (efficient up to [`GEMV_MAX_TOKENS`]).
+pub fn awq_gemv<T: Activation>(
+    dev: &CudaDevice,
+    w: &AwqWeights,
+    x: &DeviceBuffer<T>,
+    tokens: usize,
+    y: &mut DeviceBuffer<T>,
+) -> CudaResult<()> {
+    const OP: &str = "awq_gemv";
+    check_io(OP, w, x, tokens, y)?;
+    if tokens == 0 {
+        return Ok(());
+    }
+    let s = w.shape;
+    let out8 = s.out_features / 8;
+    let (variant, vec, tok) = if tokens == 1 && out8 % 4 == 0 {
+        ("awq_gemv_t1v4", 4, 1)
+    } else if tokens == 1 {
+        ("awq_gemv_t1v1", 1, 1)
+    } else {
+        ("awq_gemv_t4v1", 1, 4)
+    };
+    let blocks_x = out8.div_ceil(vec * GEMV_THREADS);
+    let blocks_z = tokens.div_ceil(tok);
+    let ngroups = s.in_features / s.group_size;
+    // Enough blocks to fill the GPU several times over; splits are whole groups.
+    let target = dev.multiprocessors() * 16;
+    let want = target.div_ceil(blocks_x * blocks_z).clamp(1, ngroups);
+    let gps = ngroups.div_ceil(want);
+    let splits = ngroups.div_ceil(gps);
+    let mut partial = dev.alloc::<f32>(splits * tokens * s.out_features)?;
+    let grid = (
+        as_u32(OP, "blocks_x", blocks_x)?,
+        as_u32(OP, "splits", splits)?,
+        as_u32(OP, "blocks_z", blocks_z)?,
+    );
+    let (nt, k, n, g, gps_i) = (
+        as_i32(OP, "tokens", tokens)?,
+        as_i32(OP, "in", s.in_features)?,
+        as_i32(OP, "out", s.out_features)?,
+        as_i32(OP, "group", s.group_size)?,
+        as_i32(OP, "groups_per_split", gps)?,
+    );
+    let f = dev.function(ModuleId::Awq, &kname::<T>(variant))?;
+    {
+        let (qv, zv, sv, xv, mut pv) = (
+            w.qweight.view(),
+            w.qzeros.view(),
+            w.scales.view(),
+            x.view(),
+            partial.view_mut(),
+        );
+        let mut args = dev.stream().launch_builder(&f);
+        args.arg(&qv)
+            .arg(&zv)
+            .arg(&sv)
+            .arg(&xv)
+            .arg(&mut pv)
+            .arg(&nt)
+            .arg(&k)
+            .arg(&n)
+            .arg(&g)
+            .arg(&gps_i);
+        // SAFETY: awq_gemv_*(const u32* qw, const u32* qz, const f16* sc, const T* x,
+        // float* partial, int ntok, int in, int out, int group, int gps). Shapes were
+        // validated (out%8, in%group); threads with j0 >= out/8 only stage x; the vec4
+        // variant is chosen only when out/8 % 4 == 0 so its 16-byte loads stay aligned
+        // and in bounds; partial holds splits*tokens*out floats for blockIdx.y < splits.
+        unsafe { launch(OP, &mut args, cfg(grid, GEMV_THREADS as u32, 0))? };
+    }
+    let total = tokens * s.out_features;
+    let blocks = total.div_ceil(256).min(4096) as u32;
+    let (splits_i, n_i) = (as_i32(OP, "splits", splits)?, total as i64);
+    let f = dev.function(ModuleId::Awq, &kname::<T>("awq_reduce"))?;
+    let (pv, mut yv) = (partial.view(), y.view_mut());
+    let mut args = dev.stream().launch_builder(&f);
+    args.arg(&pv).arg(&mut yv).arg(&splits_i).arg(&n_i);
+    // SAFETY: awq_reduce_<T>(const float* partial, T* y, int splits, long long n):
+    // reads partial[s*n + i] for s < splits, i < n (= tokens*out = y.len()).
+    unsafe { launch(OP, &mut args, cfg((blocks, 1, 1), 256, 0)) }
+}
+
+/// The tensor-core matmul (f16 mma, f32 accumulate; activations are rounded to f16).
+pub fn awq_gemm<T: Activation>(
+    dev: &CudaDevice,
+    w: &AwqWeights,
+    x: &DeviceBuffer<T>,
+    tokens: usize,
+    y: &mut DeviceBuffer<T>,
+) -> CudaResult<()> {
+    const OP: &str = "awq_gemm";
+    check_io(OP, w, x, tokens, y)?;
+    if tokens == 0 {
+        return Ok(());
+    }
+    let s = w.shape;
+    let grid = (
+        as_u32(OP, "n tiles", s.out_features.div_ceil(64))?,
+        as_u32(OP, "m tiles", tokens.div_ceil(64))?,
+        1,
+    );
+    let (m, k, n, g) = (
+        as_i32(OP, "tokens", tokens)?,
+        as_i32(OP, "in", s.in_features)?,
+        as_i32(OP, "out", s.out_features)?,
+        as_i32(OP, "group", s.group_size)?,
+    );
+    let f = dev.function(ModuleId::Awq, &kname::<T>("awq_gemm"))?;
+    let (qv, zv, sv, xv, mut yv) = (
+        w.qweight.view(),
+        w.qzeros.view(),
+        w.scales.view(),
+        x.view(),
+        y.view_mut(),
+    );
+    let mut args = dev.stream().launch_builder(&f);
+    args.arg(&qv)
+        .arg(&zv)
+        .arg(&sv)
+        .arg(&xv)
+        .arg(&mut yv)
+        .arg(&m)
+        .arg(&k)
+        .arg(&n)
+        .arg(&g);
+    // SAFETY: awq_gemm_<T>(qw, qz, sc, const T* x, T* y, int M, int in, int out, int
+    // group), 128 threads per 64x64 tile. in % 32 == 0 (validated) keeps every K tile
+    // inside the rows; rows >= M and packed columns >= out/8 are masked in the kernel.
+    unsafe { launch(OP, &mut args, cfg(grid, 128, 0)) }
+}
