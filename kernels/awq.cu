@@ -20,86 +20,85 @@ __device__ __forceinline__ float nibble_f32(u32 w, int m) {
 #define GEMV_KC 128
 
 // grid (ceil(out/8 / (VEC*GEMV_THREADS)), splits, ceil(tokens/TOK)), block GEMV_THREADS.
-// Each thread owns VEC packed columns (VEC*8 outputs) for TOK tokens and a K range of
-// whole groups. Within a group it accumulates sum x*q and sum x, applying the zero and
-// scale once per group: sum x*(q-z)*s = s*(sum x*q - z*sum x).
+// Each thread owns VEC packed columns (VEC*8 outputs) for TOK tokens; block y owns
+// K rows [y*rows_per_split, ..). x is staged through shared memory `chunk` rows at
+// a time (chunk divides group and rows_per_split, so a chunk never straddles two
+// groups). Within a group the thread accumulates sum x*q and sum x and applies zero
+// and scale once: sum x*(q-z)*s = s*(sum x*q - z*sum x).
 template <typename T, int TOK, int VEC>
 __device__ void awq_gemv_impl(const u32* __restrict__ qw, const u32* __restrict__ qz,
                               const f16* __restrict__ scales, const T* __restrict__ x,
                               float* __restrict__ partial, int ntok, int in_dim, int out_dim,
-                              int group, int groups_per_split) {
+                              int group, int rows_per_split, int chunk) {
     __shared__ float xs[TOK][GEMV_KC];
     const int out8 = out_dim >> 3;
     const int j0 = (blockIdx.x * GEMV_THREADS + threadIdx.x) * VEC;
     const bool active = j0 < out8;
     const int t0 = blockIdx.z * TOK;
-    const int ngroups = in_dim / group;
-    const int g_begin = blockIdx.y * groups_per_split;
-    const int g_end = min(ngroups, g_begin + groups_per_split);
+    const int kb = blockIdx.y * rows_per_split;
+    const int ke = min(in_dim, kb + rows_per_split);
     float out_acc[VEC * 8][TOK];
+    float accq[VEC * 8][TOK];
+    float xsum[TOK];
 #pragma unroll
-    for (int c = 0; c < VEC * 8; ++c)
+    for (int t = 0; t < TOK; ++t) {
+        xsum[t] = 0.0f;
 #pragma unroll
-        for (int t = 0; t < TOK; ++t) out_acc[c][t] = 0.0f;
-
-    for (int g = g_begin; g < g_end; ++g) {
-        float accq[VEC * 8][TOK];
-        float xsum[TOK];
-#pragma unroll
-        for (int t = 0; t < TOK; ++t) {
-            xsum[t] = 0.0f;
-#pragma unroll
-            for (int c = 0; c < VEC * 8; ++c) accq[c][t] = 0.0f;
+        for (int c = 0; c < VEC * 8; ++c) { out_acc[c][t] = 0.0f; accq[c][t] = 0.0f; }
+    }
+    for (int k0 = kb; k0 < ke; k0 += chunk) {
+        __syncthreads();
+        for (int idx = threadIdx.x; idx < TOK * chunk; idx += GEMV_THREADS) {
+            const int t = idx / chunk, kk = idx - t * chunk;
+            xs[t][kk] = (t0 + t < ntok) ? to_f32(x[(long long)(t0 + t) * in_dim + k0 + kk]) : 0.0f;
         }
-        for (int c0 = 0; c0 < group; c0 += GEMV_KC) {
-            const int kc = min(GEMV_KC, group - c0);
-            const long long kb = (long long)g * group + c0;
-            __syncthreads();
-            for (int idx = threadIdx.x; idx < TOK * GEMV_KC; idx += GEMV_THREADS) {
-                const int t = idx / GEMV_KC, kk = idx - t * GEMV_KC;
-                xs[t][kk] = (t0 + t < ntok && kk < kc) ? to_f32(x[(long long)(t0 + t) * in_dim + kb + kk]) : 0.0f;
-            }
-            __syncthreads();
-            if (active) {
-                const u32* wp = qw + kb * out8 + j0;
-#pragma unroll 8
-                for (int kk = 0; kk < kc; ++kk) {
-                    u32 w[VEC];
-                    if (VEC == 4) {
-                        const uint4 v = *reinterpret_cast<const uint4*>(wp + (long long)kk * out8);
-                        w[0] = v.x; w[VEC > 1 ? 1 : 0] = v.y; w[VEC > 2 ? 2 : 0] = v.z; w[VEC > 3 ? 3 : 0] = v.w;
-                    } else if (VEC == 2) {
-                        const uint2 v = *reinterpret_cast<const uint2*>(wp + (long long)kk * out8);
-                        w[0] = v.x; w[VEC > 1 ? 1 : 0] = v.y;
-                    } else {
-                        w[0] = wp[(long long)kk * out8];
-                    }
-                    float xv[TOK];
-#pragma unroll
-                    for (int t = 0; t < TOK; ++t) { xv[t] = xs[t][kk]; xsum[t] += xv[t]; }
-#pragma unroll
-                    for (int v = 0; v < VEC; ++v)
-#pragma unroll
-                        for (int m = 0; m < 8; ++m) {
-                            const float q = nibble_f32(w[v], m);
-#pragma unroll
-                            for (int t = 0; t < TOK; ++t) accq[v * 8 + m][t] += xv[t] * q;
-                        }
-                }
-            }
-        }
+        __syncthreads();
         if (active) {
-#pragma unroll
-            for (int v = 0; v < VEC; ++v) {
-                const u32 zw = qz[(long long)g * out8 + j0 + v];
-                const f16* sp = scales + (long long)g * out_dim + (long long)(j0 + v) * 8;
-#pragma unroll
-                for (int m = 0; m < 8; ++m) {
-                    const float z = nibble_f32(zw, m);
-                    const float s = to_f32(sp[m]);
-#pragma unroll
-                    for (int t = 0; t < TOK; ++t) out_acc[v * 8 + m][t] += s * (accq[v * 8 + m][t] - z * xsum[t]);
+            const u32* wp = qw + (long long)k0 * out8 + j0;
+#pragma unroll 8
+            for (int kk = 0; kk < chunk; ++kk) {
+                u32 w[VEC];
+                if (VEC == 4) {
+                    const uint4 v = *reinterpret_cast<const uint4*>(wp + (long long)kk * out8);
+                    w[0] = v.x; w[VEC > 1 ? 1 : 0] = v.y; w[VEC > 2 ? 2 : 0] = v.z; w[VEC > 3 ? 3 : 0] = v.w;
+                } else if (VEC == 2) {
+                    const uint2 v = *reinterpret_cast<const uint2*>(wp + (long long)kk * out8);
+                    w[0] = v.x; w[VEC > 1 ? 1 : 0] = v.y;
+                } else {
+                    w[0] = wp[(long long)kk * out8];
                 }
+                float xv[TOK];
+#pragma unroll
+                for (int t = 0; t < TOK; ++t) { xv[t] = xs[t][kk]; xsum[t] += xv[t]; }
+#pragma unroll
+                for (int v = 0; v < VEC; ++v)
+#pragma unroll
+                    for (int m = 0; m < 8; ++m) {
+                        const float q = nibble_f32(w[v], m);
+#pragma unroll
+                        for (int t = 0; t < TOK; ++t) accq[v * 8 + m][t] += xv[t] * q;
+                    }
+            }
+            const int k1 = k0 + chunk;
+            if (k1 % group == 0 || k1 >= ke) {
+                const int g = k0 / group;
+#pragma unroll
+                for (int v = 0; v < VEC; ++v) {
+                    const u32 zw = qz[(long long)g * out8 + j0 + v];
+                    const f16* sp = scales + (long long)g * out_dim + (long long)(j0 + v) * 8;
+#pragma unroll
+                    for (int m = 0; m < 8; ++m) {
+                        const float z = nibble_f32(zw, m);
+                        const float sc = to_f32(sp[m]);
+#pragma unroll
+                        for (int t = 0; t < TOK; ++t) {
+                            out_acc[v * 8 + m][t] += sc * (accq[v * 8 + m][t] - z * xsum[t]);
+                            accq[v * 8 + m][t] = 0.0f;
+                        }
+                    }
+                }
+#pragma unroll
+                for (int t = 0; t < TOK; ++t) xsum[t] = 0.0f;
             }
         }
     }
@@ -131,10 +130,14 @@ __device__ void awq_reduce_impl(const float* __restrict__ partial, T* __restrict
 #define GEMM_PAD 8
 
 __device__ __forceinline__ void mma_16816(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+#ifdef BATOS_CUDA_EMU
+    emu_mma_16816(c, a0, a1, a2, a3, b0, b1);
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#endif
 }
 
 // grid (ceil(out/64), ceil(M/64)), block 128 (4 warps in a 2x2 arrangement, each
@@ -233,18 +236,18 @@ __device__ void awq_gemm_impl(const u32* __restrict__ qw, const u32* __restrict_
 #define AWQ_ENTRY(T, S)                                                                          \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) awq_gemv_t1v4_##S(                \
         const u32* qw, const u32* qz, const f16* sc, const T* x, float* partial, int ntok,       \
-        int in_dim, int out_dim, int group, int gps) {                                          \
-        awq_gemv_impl<T, 1, 4>(qw, qz, sc, x, partial, ntok, in_dim, out_dim, group, gps);      \
+        int in_dim, int out_dim, int group, int rps, int chunk) {                                          \
+        awq_gemv_impl<T, 1, 4>(qw, qz, sc, x, partial, ntok, in_dim, out_dim, group, rps, chunk);      \
     }                                                                                            \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) awq_gemv_t1v1_##S(                \
         const u32* qw, const u32* qz, const f16* sc, const T* x, float* partial, int ntok,       \
-        int in_dim, int out_dim, int group, int gps) {                                          \
-        awq_gemv_impl<T, 1, 1>(qw, qz, sc, x, partial, ntok, in_dim, out_dim, group, gps);      \
+        int in_dim, int out_dim, int group, int rps, int chunk) {                                          \
+        awq_gemv_impl<T, 1, 1>(qw, qz, sc, x, partial, ntok, in_dim, out_dim, group, rps, chunk);      \
     }                                                                                            \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) awq_gemv_t4v1_##S(                \
         const u32* qw, const u32* qz, const f16* sc, const T* x, float* partial, int ntok,       \
-        int in_dim, int out_dim, int group, int gps) {                                          \
-        awq_gemv_impl<T, 4, 1>(qw, qz, sc, x, partial, ntok, in_dim, out_dim, group, gps);      \
+        int in_dim, int out_dim, int group, int rps, int chunk) {                                          \
+        awq_gemv_impl<T, 4, 1>(qw, qz, sc, x, partial, ntok, in_dim, out_dim, group, rps, chunk);      \
     }                                                                                            \
     extern "C" __global__ void awq_reduce_##S(const float* partial, T* y, int splits, long long n) { \
         awq_reduce_impl<T>(partial, y, splits, n);                                               \

@@ -19,6 +19,11 @@ struct __align__(2) bf16 { u16 bits; };
 #define NEG_INF (__int_as_float(0xff800000))
 #define WARP 32
 
+#ifdef BATOS_CUDA_EMU
+// Host emulation build (scripts/cuda-emu): same semantics without PTX.
+__device__ __forceinline__ float f16_bits_to_f32(u16 h) { return emu_f16_to_f32(h); }
+__device__ __forceinline__ u16 f32_to_f16_bits(float f) { return emu_f32_to_f16(f); }
+#else
 __device__ __forceinline__ float f16_bits_to_f32(u16 h) {
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
@@ -29,6 +34,7 @@ __device__ __forceinline__ u16 f32_to_f16_bits(float f) {
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
     return h;
 }
+#endif
 __device__ __forceinline__ float bf16_bits_to_f32(u16 b) {
     return __uint_as_float(((u32)b) << 16);
 }

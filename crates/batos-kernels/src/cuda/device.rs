@@ -58,6 +58,9 @@ impl Default for CudaDeviceConfig {
 }
 
 /// One GPU: context, compute stream, memory pool, kernel cache.
+///
+/// Every launcher and pooled buffer of this crate works in order on one compute
+/// stream ([`CudaDevice::stream`]); cudarc's cross-stream event tracking is off.
 pub struct CudaDevice {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
@@ -110,6 +113,12 @@ impl CudaDevice {
                     major,
                     minor,
                 })?;
+            // SAFETY: called before this context allocates anything. All pooled
+            // buffers are allocated, used, copied and freed in order on the one compute
+            // stream, so cudarc's per-buffer cross-stream events (a cuEventRecord per
+            // kernel argument) are not needed; `new_stream` documents that callers
+            // synchronise before sharing buffers with another stream.
+            unsafe { ctx.disable_event_tracking() };
             let name = ctx.name().map_err(CudaError::driver("device name"))?;
             let sms = ctx
                 .attribute(

@@ -182,24 +182,32 @@ pub fn awq_gemv<T: Activation>(
     };
     let blocks_x = out8.div_ceil(vec * GEMV_THREADS);
     let blocks_z = tokens.div_ceil(tok);
-    let ngroups = s.in_features / s.group_size;
-    // Enough blocks to fill the GPU several times over; splits are whole groups.
-    let target = dev.multiprocessors() * 16;
-    let want = target.div_ceil(blocks_x * blocks_z).clamp(1, ngroups);
-    let gps = ngroups.div_ceil(want);
-    let splits = ngroups.div_ceil(gps);
+    // x is staged `chunk` rows at a time: the largest power of two <= 128 dividing
+    // the group, so a chunk never straddles two groups.
+    let chunk = (0..=7)
+        .rev()
+        .map(|p| 1usize << p)
+        .find(|c| s.group_size % c == 0)
+        .unwrap_or(1);
+    let chunks = s.in_features / chunk;
+    // Split K so the grid fills the GPU several times over (memory latency hiding).
+    let target = dev.multiprocessors() * 8;
+    let want = target.div_ceil(blocks_x * blocks_z).clamp(1, chunks);
+    let rows_per_split = chunks.div_ceil(want) * chunk;
+    let splits = s.in_features.div_ceil(rows_per_split);
     let mut partial = dev.alloc::<f32>(splits * tokens * s.out_features)?;
     let grid = (
         as_u32(OP, "blocks_x", blocks_x)?,
         as_u32(OP, "splits", splits)?,
         as_u32(OP, "blocks_z", blocks_z)?,
     );
-    let (nt, k, n, g, gps_i) = (
+    let (nt, k, n, g, rps, ch) = (
         as_i32(OP, "tokens", tokens)?,
         as_i32(OP, "in", s.in_features)?,
         as_i32(OP, "out", s.out_features)?,
         as_i32(OP, "group", s.group_size)?,
-        as_i32(OP, "groups_per_split", gps)?,
+        as_i32(OP, "rows_per_split", rows_per_split)?,
+        as_i32(OP, "chunk", chunk)?,
     );
     let f = dev.function(ModuleId::Awq, &kname::<T>(variant))?;
     {
@@ -220,10 +228,12 @@ pub fn awq_gemv<T: Activation>(
             .arg(&k)
             .arg(&n)
             .arg(&g)
-            .arg(&gps_i);
+            .arg(&rps)
+            .arg(&ch);
         // SAFETY: awq_gemv_*(const u32* qw, const u32* qz, const f16* sc, const T* x,
-        // float* partial, int ntok, int in, int out, int group, int gps). Shapes were
-        // validated (out%8, in%group); threads with j0 >= out/8 only stage x; the vec4
+        // float* partial, int ntok, int in, int out, int group, int rows_per_split, int
+        // chunk). Shapes were validated (out%8, in%group); chunk <= 128 (the staging
+        // buffer) divides group and rows_per_split; threads with j0 >= out/8 only stage x; the vec4
         // variant is chosen only when out/8 % 4 == 0 so its 16-byte loads stay aligned
         // and in bounds; partial holds splits*tokens*out floats for blockIdx.y < splits.
         unsafe { launch(OP, &mut args, cfg(grid, GEMV_THREADS as u32, 0))? };
