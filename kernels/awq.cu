@@ -140,12 +140,17 @@ __device__ __forceinline__ void mma_16816(float* c, u32 a0, u32 a1, u32 a2, u32 
 #endif
 }
 
-// grid (ceil(out/64), ceil(M/64)), block 128 (4 warps in a 2x2 arrangement, each
-// a 32x32 sub-tile = 2 m16 x 4 n8 mma tiles). Needs in % 32 == 0 and out % 8 == 0.
+// grid (ceil(out/64), ceil(M/64), ksplits), block 128 (4 warps in a 2x2 arrangement,
+// each a 32x32 sub-tile = 2 m16 x 4 n8 mma tiles). Block z covers K rows
+// [z*k_per_split, ..). The next K tile's global loads are issued into registers
+// before the current tile's mma work, so memory latency overlaps the tensor cores.
+// With one split the result goes to y; otherwise f32 partials [z, M, out] go to
+// `partial` for awq_reduce. Needs in % 32 == 0, out % 8 == 0, k_per_split % 32 == 0.
 template <typename T>
 __device__ void awq_gemm_impl(const u32* __restrict__ qw, const u32* __restrict__ qz,
                               const f16* __restrict__ scales, const T* __restrict__ x,
-                              T* __restrict__ y, int M, int in_dim, int out_dim, int group) {
+                              T* __restrict__ y, float* __restrict__ partial, int M, int in_dim,
+                              int out_dim, int group, int k_per_split) {
     __shared__ __align__(16) u16 As[GEMM_BM][GEMM_BK + GEMM_PAD];
     __shared__ __align__(16) u16 Bs[GEMM_BN][GEMM_BK + GEMM_PAD];  // [n][k]: "col" operand
     const int tid = threadIdx.x, lane = tid & 31, wid = tid >> 5;
@@ -153,6 +158,10 @@ __device__ void awq_gemm_impl(const u32* __restrict__ qw, const u32* __restrict_
     const int gid = lane >> 2, tig = lane & 3;
     const int m0 = blockIdx.y * GEMM_BM, n0 = blockIdx.x * GEMM_BN;
     const int out8 = out_dim >> 3;
+    const int kb = blockIdx.z * k_per_split;
+    const int ke = min(in_dim, kb + k_per_split);
+    constexpr int A_PER = (GEMM_BM * GEMM_BK) / 128;        // activations per thread
+    constexpr int B_PER = (GEMM_BK * GEMM_BN / 8) / 128;    // packed words per thread
     float acc[2][4][4];
 #pragma unroll
     for (int i = 0; i < 2; ++i)
@@ -161,36 +170,58 @@ __device__ void awq_gemm_impl(const u32* __restrict__ qw, const u32* __restrict_
 #pragma unroll
             for (int c = 0; c < 4; ++c) acc[i][j][c] = 0.0f;
 
-    for (int k0 = 0; k0 < in_dim; k0 += GEMM_BK) {
-        // Stage A (activations -> f16).
+    // Register staging of one K tile.
+    float ra[A_PER];
+    u32 rw[B_PER], rz[B_PER];
+    uint4 rs[B_PER];
+    auto load_tile = [&](int k0) {
 #pragma unroll
-        for (int i = 0; i < (GEMM_BM * GEMM_BK) / 128; ++i) {
+        for (int i = 0; i < A_PER; ++i) {
             const int idx = tid + i * 128;
             const int r = idx / GEMM_BK, c = idx - r * GEMM_BK;
-            const float v = (m0 + r < M) ? to_f32(x[(long long)(m0 + r) * in_dim + k0 + c]) : 0.0f;
-            As[r][c] = f32_to_f16_bits(v);
+            ra[i] = (m0 + r < M) ? to_f32(x[(long long)(m0 + r) * in_dim + k0 + c]) : 0.0f;
         }
-        // Stage B: dequantise 32 rows x 8 packed words.
 #pragma unroll
-        for (int i = 0; i < (GEMM_BK * GEMM_BN / 8) / 128; ++i) {
+        for (int i = 0; i < B_PER; ++i) {
             const int idx = tid + i * 128;
             const int kr = idx >> 3, jj = idx & 7;
             const int j = (n0 >> 3) + jj;
             const int k = k0 + kr;
             if (j < out8) {
-                const u32 w = qw[(long long)k * out8 + j];
                 const int g = k / group;
-                const u32 zw = qz[(long long)g * out8 + j];
-                const f16* sp = scales + (long long)g * out_dim + (long long)j * 8;
-#pragma unroll
-                for (int m = 0; m < 8; ++m)
-                    Bs[jj * 8 + m][kr] = f32_to_f16_bits((nibble_f32(w, m) - nibble_f32(zw, m)) * to_f32(sp[m]));
+                rw[i] = qw[(long long)k * out8 + j];
+                rz[i] = qz[(long long)g * out8 + j];
+                rs[i] = *reinterpret_cast<const uint4*>(scales + (long long)g * out_dim + (long long)j * 8);
             } else {
-#pragma unroll
-                for (int m = 0; m < 8; ++m) Bs[jj * 8 + m][kr] = 0;
+                rw[i] = 0u; rz[i] = 0u; rs[i] = make_uint4(0u, 0u, 0u, 0u);
             }
         }
+    };
+    auto store_tile = [&]() {
+#pragma unroll
+        for (int i = 0; i < A_PER; ++i) {
+            const int idx = tid + i * 128;
+            const int r = idx / GEMM_BK, c = idx - r * GEMM_BK;
+            As[r][c] = f32_to_f16_bits(ra[i]);
+        }
+#pragma unroll
+        for (int i = 0; i < B_PER; ++i) {
+            const int idx = tid + i * 128;
+            const int kr = idx >> 3, jj = idx & 7;
+            const u32 sw[4] = {rs[i].x, rs[i].y, rs[i].z, rs[i].w};
+#pragma unroll
+            for (int m = 0; m < 8; ++m) {
+                const float s = f16_bits_to_f32((u16)((m & 1) ? (sw[m >> 1] >> 16) : (sw[m >> 1] & 0xffffu)));
+                Bs[jj * 8 + m][kr] = f32_to_f16_bits((nibble_f32(rw[i], m) - nibble_f32(rz[i], m)) * s);
+            }
+        }
+    };
+
+    if (kb < ke) load_tile(kb);
+    for (int k0 = kb; k0 < ke; k0 += GEMM_BK) {
+        store_tile();
         __syncthreads();
+        if (k0 + GEMM_BK < ke) load_tile(k0 + GEMM_BK);
 #pragma unroll
         for (int kk = 0; kk < GEMM_BK; kk += 16) {
             u32 a[2][4];
@@ -214,6 +245,8 @@ __device__ void awq_gemm_impl(const u32* __restrict__ qw, const u32* __restrict_
         }
         __syncthreads();
     }
+    const bool direct = gridDim.z == 1;
+    float* pz = partial + (long long)blockIdx.z * M * out_dim;
 #pragma unroll
     for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
@@ -221,13 +254,19 @@ __device__ void awq_gemm_impl(const u32* __restrict__ qw, const u32* __restrict_
             const int r = m0 + warp_m * 32 + mi * 16 + gid;
             const int c = n0 + warp_n * 32 + ni * 8 + 2 * tig;
             if (c < out_dim) {
-                if (r < M) {
-                    y[(long long)r * out_dim + c] = from_f32<T>(acc[mi][ni][0]);
-                    y[(long long)r * out_dim + c + 1] = from_f32<T>(acc[mi][ni][1]);
-                }
-                if (r + 8 < M) {
-                    y[(long long)(r + 8) * out_dim + c] = from_f32<T>(acc[mi][ni][2]);
-                    y[(long long)(r + 8) * out_dim + c + 1] = from_f32<T>(acc[mi][ni][3]);
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int rr = r + 8 * h;
+                    if (rr < M) {
+                        const long long o = (long long)rr * out_dim + c;
+                        if (direct) {
+                            y[o] = from_f32<T>(acc[mi][ni][2 * h]);
+                            y[o + 1] = from_f32<T>(acc[mi][ni][2 * h + 1]);
+                        } else {
+                            pz[o] = acc[mi][ni][2 * h];
+                            pz[o + 1] = acc[mi][ni][2 * h + 1];
+                        }
+                    }
                 }
             }
         }
@@ -253,9 +292,9 @@ __device__ void awq_gemm_impl(const u32* __restrict__ qw, const u32* __restrict_
         awq_reduce_impl<T>(partial, y, splits, n);                                               \
     }                                                                                            \
     extern "C" __global__ void __launch_bounds__(128) awq_gemm_##S(                              \
-        const u32* qw, const u32* qz, const f16* sc, const T* x, T* y, int M, int in_dim,        \
-        int out_dim, int group) {                                                                \
-        awq_gemm_impl<T>(qw, qz, sc, x, y, M, in_dim, out_dim, group);                           \
+        const u32* qw, const u32* qz, const f16* sc, const T* x, T* y, float* partial, int M,    \
+        int in_dim, int out_dim, int group, int k_per_split) {                                   \
+        awq_gemm_impl<T>(qw, qz, sc, x, y, partial, M, in_dim, out_dim, group, k_per_split);     \
     }
 
 AWQ_ENTRY(float, f32)

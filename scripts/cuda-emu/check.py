@@ -99,7 +99,7 @@ def gemv(qw, qz, sc, x, T, K, N, G, target=64):
     y = np.zeros((T, N), DT[s]); n = T * N
     launch("awq", "awq_reduce_" + s, (min(-(-n // 256), 4096), 1, 1), 256, 0, part, y, splits, ("ll", n))
     return y, splits, rps
-for (K, N, G) in [(384, 200, 128), (512, 512, 64), (256, 64, 32)]:
+for (K, N, G) in [(384, 200, 128), (512, 512, 64), (256, 64, 32), (1024, 72, 128)]:
     qw, qz, sc, W = awq_case(K, N, G)
     for s in ["f32", "f16"]:
         for T in [1, 3, 5]:
@@ -109,13 +109,21 @@ for (K, N, G) in [(384, 200, 128), (512, 512, 64), (256, 64, 32)]:
                 xd = x.astype(np.float64)
                 OK &= close(f"gemv {s} T={T} {K}x{N} g{G} splits={splits} rps={rps}", y, xd @ W, np.abs(xd) @ np.abs(W), 2e-5 if s == "f32" else 4e-3)
         for T in [1, 5, 64, 70]:
-            x = rng.uniform(-1, 1, (T, K)).astype(DT[s]); y = np.zeros((T, N), DT[s])
-            launch("awq", "awq_gemm_" + s, (-(-N // 64), -(-T // 64), 1), 128, 0, qw, qz, sc, x, y, T, K, N, G)
-            xd = x.astype(np.float64)
-            OK &= close(f"gemm {s} T={T} {K}x{N} g{G}", y, xd @ W, np.abs(xd) @ np.abs(W), 4e-3 if s == "f32" else 6e-3)
+            for sms in [1, 132]:
+                x = rng.uniform(-1, 1, (T, K)).astype(DT[s]); y = np.zeros((T, N), DT[s])
+                nt, mt = -(-N // 64), -(-T // 64); kt = K // 32
+                want = -(-(2 * sms) // (nt * mt)); splits = min(max(want, 1), max(kt // 8, 1))
+                kps = -(-kt // splits) * 32; splits = -(-K // kps)
+                part = np.full((splits, T, N), np.nan, np.float32) if splits > 1 else np.zeros(1, np.float32)
+                launch("awq", "awq_gemm_" + s, (nt, mt, splits), 128, 0, qw, qz, sc, x, y, part, T, K, N, G, kps)
+                if splits > 1:
+                    n = T * N
+                    launch("awq", "awq_reduce_" + s, (min(-(-n // 256), 4096), 1, 1), 256, 0, part, y, splits, ("ll", n))
+                xd = x.astype(np.float64)
+                OK &= close(f"gemm {s} T={T} {K}x{N} g{G} splits={splits}", y, xd @ W, np.abs(xd) @ np.abs(W), 4e-3 if s == "f32" else 6e-3)
 
 # ---- LoRA
-ranks = np.array([8, 16, 0, 4, 16, 1], np.int32); S, R, K, N = 6, 16, 200, 136
+ranks = np.array([8, 16, 0, 4, 16, 1], np.int32); S, R, K, N = 6, 16, 600, 136
 A = rng.uniform(-1, 1, (S, R, K)).astype(np.float32); Bt = rng.uniform(-1, 1, (S, R, N)).astype(np.float32)
 for si in range(S): A[si, ranks[si]:] = 1e6; Bt[si, ranks[si]:] = -1e6
 scales = (2.0 / np.maximum(ranks, 1)).astype(np.float32)
@@ -133,11 +141,11 @@ for s in ["f32", "f16"]:
     for mode, slots in [("bgmv", dec), ("sgmv", pre), ("bgmv", pre), ("sgmv", dec)]:
         T = len(slots); x = rng.uniform(-1, 1, (T, K)).astype(dt); y0 = rng.uniform(-1, 1, (T, N)).astype(dt); y = y0.copy()
         act = [(t, si) for t, si in enumerate(slots) if si is not None]; rows = len(act)
-        h = np.full((rows, R), np.nan, np.float32)
+        ks = -(-K // 256); h = np.full((ks, rows, R), np.nan, np.float32)
         if mode == "bgmv":
             tok = np.array([a for a, _ in act], np.int32); sl = np.array([b for _, b in act], np.int32)
-            launch("lora", "bgmv_shrink_" + s, (rows, -(-R // 4), 1), 128, 0, x, As, tok, sl, ranks, h, K, R)
-            launch("lora", "bgmv_expand_" + s, (rows, -(-N // 256), 1), 256, R * 4, h, Bs, tok, sl, ranks, scales, y, N, R)
+            launch("lora", "bgmv_shrink_" + s, (rows, -(-R // 4), ks), 128, 0, x, As, tok, sl, ranks, h, K, R)
+            launch("lora", "bgmv_expand_" + s, (rows, -(-N // 256), 1), 256, R * 4, h, Bs, tok, sl, ranks, scales, y, N, R, ks)
         else:
             st, ln, tsl, hr = [], [], [], []; t = 0; row = 0
             while t < T:
@@ -146,8 +154,8 @@ for s in ["f32", "f16"]:
                 while e < T and slots[e] == slots[t] and e - t < 16: e += 1
                 st.append(t); ln.append(e - t); tsl.append(slots[t]); hr.append(row); row += e - t; t = e
             st, ln, tsl, hr = [np.array(v, np.int32) for v in (st, ln, tsl, hr)]
-            launch("lora", "sgmv_shrink_" + s, (len(st), 1, 1), 128, 0, x, As, st, ln, tsl, hr, ranks, h, K, R)
-            launch("lora", "sgmv_expand_" + s, (len(st), -(-N // 256), 1), 256, 16 * R * 4, h, Bs, st, ln, tsl, hr, ranks, scales, y, N, R)
+            launch("lora", "sgmv_shrink_" + s, (len(st), ks, 1), 128, 0, x, As, st, ln, tsl, hr, ranks, h, K, R, rows)
+            launch("lora", "sgmv_expand_" + s, (len(st), -(-N // 256), 1), 256, 16 * R * 4, h, Bs, st, ln, tsl, hr, ranks, scales, y, N, R, ks, rows)
         Ar, Br = As.astype(np.float32), Bs.astype(np.float32)
         A_, B_ = A, Bt
         A, Bt = Ar, Br

@@ -603,7 +603,8 @@ fn lora_case(seed: u64) -> LoraCase {
     let shape = LoraShape {
         slots: ranks.len(),
         max_rank: 16,
-        in_features: 200,
+        // > 256 so the shrink splits K over blocks.
+        in_features: 600,
         out_features: 136,
     };
     let mut rng = Rng(seed);

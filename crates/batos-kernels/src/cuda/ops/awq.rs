@@ -264,37 +264,73 @@ pub fn awq_gemm<T: Activation>(
         return Ok(());
     }
     let s = w.shape;
+    let (n_tiles, m_tiles) = (s.out_features.div_ceil(64), tokens.div_ceil(64));
+    // Few output tiles (decode-sized batches): split K so every SM gets work; the
+    // f32 partials are summed by awq_reduce. Each split keeps >= 8 K tiles.
+    let k_tiles = s.in_features / 32;
+    let want = (2 * dev.multiprocessors()).div_ceil(n_tiles * m_tiles);
+    let splits = want.clamp(1, (k_tiles / 8).max(1));
+    let k_per_split = k_tiles.div_ceil(splits) * 32;
+    let splits = s.in_features.div_ceil(k_per_split);
     let grid = (
-        as_u32(OP, "n tiles", s.out_features.div_ceil(64))?,
-        as_u32(OP, "m tiles", tokens.div_ceil(64))?,
-        1,
+        as_u32(OP, "n tiles", n_tiles)?,
+        as_u32(OP, "m tiles", m_tiles)?,
+        as_u32(OP, "k splits", splits)?,
     );
+    // A one-element placeholder when the kernel writes y directly.
+    let mut partial = dev.alloc::<f32>(if splits > 1 {
+        splits * tokens * s.out_features
+    } else {
+        1
+    })?;
+    let kps = as_i32(OP, "k_per_split", k_per_split)?;
     let (m, k, n, g) = (
         as_i32(OP, "tokens", tokens)?,
         as_i32(OP, "in", s.in_features)?,
         as_i32(OP, "out", s.out_features)?,
         as_i32(OP, "group", s.group_size)?,
     );
-    let f = dev.function(ModuleId::Awq, &kname::<T>("awq_gemm"))?;
-    let (qv, zv, sv, xv, mut yv) = (
-        w.qweight.view(),
-        w.qzeros.view(),
-        w.scales.view(),
-        x.view(),
-        y.view_mut(),
-    );
+    {
+        let f = dev.function(ModuleId::Awq, &kname::<T>("awq_gemm"))?;
+        let (qv, zv, sv, xv, mut yv, mut pv) = (
+            w.qweight.view(),
+            w.qzeros.view(),
+            w.scales.view(),
+            x.view(),
+            y.view_mut(),
+            partial.view_mut(),
+        );
+        let mut args = dev.stream().launch_builder(&f);
+        args.arg(&qv)
+            .arg(&zv)
+            .arg(&sv)
+            .arg(&xv)
+            .arg(&mut yv)
+            .arg(&mut pv)
+            .arg(&m)
+            .arg(&k)
+            .arg(&n)
+            .arg(&g)
+            .arg(&kps);
+        // SAFETY: awq_gemm_<T>(qw, qz, sc, const T* x, T* y, float* partial, int M, int in,
+        // int out, int group, int k_per_split), 128 threads per 64x64 tile. in % 32 == 0 and
+        // k_per_split % 32 == 0 keep every K tile inside the rows; rows >= M and packed
+        // columns >= out/8 are masked in the kernel; scales are read 8 at a time at
+        // 16-byte-aligned offsets (out % 8 == 0); partial holds splits*M*out floats
+        // whenever gridDim.z == splits > 1 (else the kernel writes y only).
+        unsafe { launch(OP, &mut args, cfg(grid, 128, 0))? };
+    }
+    if splits == 1 {
+        return Ok(());
+    }
+    let total = tokens * s.out_features;
+    let blocks = total.div_ceil(256).min(4096) as u32;
+    let (splits_i, n_i) = (as_i32(OP, "splits", splits)?, total as i64);
+    let f = dev.function(ModuleId::Awq, &kname::<T>("awq_reduce"))?;
+    let (pv, mut yv) = (partial.view(), y.view_mut());
     let mut args = dev.stream().launch_builder(&f);
-    args.arg(&qv)
-        .arg(&zv)
-        .arg(&sv)
-        .arg(&xv)
-        .arg(&mut yv)
-        .arg(&m)
-        .arg(&k)
-        .arg(&n)
-        .arg(&g);
-    // SAFETY: awq_gemm_<T>(qw, qz, sc, const T* x, T* y, int M, int in, int out, int
-    // group), 128 threads per 64x64 tile. in % 32 == 0 (validated) keeps every K tile
-    // inside the rows; rows >= M and packed columns >= out/8 are masked in the kernel.
-    unsafe { launch(OP, &mut args, cfg(grid, 128, 0)) }
+    args.arg(&pv).arg(&mut yv).arg(&splits_i).arg(&n_i);
+    // SAFETY: awq_reduce_<T>(const float* partial, T* y, int splits, long long n):
+    // reads partial[s*n + i] for s < splits, i < n = tokens*out = y.len().
+    unsafe { launch(OP, &mut args, cfg((blocks, 1, 1), 256, 0)) }
 }

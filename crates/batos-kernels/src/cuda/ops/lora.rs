@@ -20,6 +20,8 @@ use super::{as_i32, as_u32, cfg, kname, launch, Activation};
 pub const SGMV_TILE: usize = 16;
 /// Largest supported rank (shared-memory bound of the expand kernels).
 pub const MAX_RANK: usize = 512;
+/// Input columns per shrink block (must match `LORA_K_CHUNK` in the kernel).
+const K_CHUNK: usize = 256;
 
 /// Dimensions of a stack of hot adapter slots for one linear layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -226,8 +228,18 @@ fn check_plan(
     Ok(())
 }
 
+/// Length of the f32 scratch [`lora_shrink`] fills: K-split partials
+/// `[ceil(in / 256), plan.rows(), max_rank]`.
+pub fn shrink_scratch_len<T: Activation>(stack: &LoraStack<T>, plan: &LoraPlan) -> usize {
+    k_splits(stack.shape.in_features) * plan.rows * stack.shape.max_rank
+}
+
+fn k_splits(in_features: usize) -> usize {
+    in_features.div_ceil(K_CHUNK).max(1)
+}
+
 /// Shrink: `h[row, r] = x[t] · A[s, r]` for every active token (rows in plan order),
-/// `h` is f32 [plan.rows(), max_rank].
+/// as K-split partials in `h` ([`shrink_scratch_len`] floats) that [`lora_expand`] sums.
 pub fn lora_shrink<T: Activation>(
     dev: &CudaDevice,
     stack: &LoraStack<T>,
@@ -238,10 +250,12 @@ pub fn lora_shrink<T: Activation>(
     const OP: &str = "lora_shrink";
     let s = stack.shape;
     check_plan(OP, plan, x.len(), s.in_features, "x")?;
-    CudaError::check_len(OP, "h", plan.rows * s.max_rank, h.len())?;
+    CudaError::check_len(OP, "h", shrink_scratch_len(stack, plan), h.len())?;
     if plan.launches == 0 {
         return Ok(());
     }
+    let ks = as_u32(OP, "k splits", k_splits(s.in_features))?;
+    let rows = as_i32(OP, "rows", plan.rows)?;
     let (k, r) = (
         as_i32(OP, "in", s.in_features)?,
         as_i32(OP, "max_rank", s.max_rank)?,
@@ -261,11 +275,11 @@ pub fn lora_shrink<T: Activation>(
                 .arg(&mut hv)
                 .arg(&k)
                 .arg(&r);
-            let grid = (n, as_u32(OP, "rank blocks", s.max_rank.div_ceil(4))?, 1);
+            let grid = (n, as_u32(OP, "rank blocks", s.max_rank.div_ceil(4))?, ks);
             // SAFETY: bgmv_shrink_<T>(x, a, tok, slot, ranks, h, int in, int max_rank);
             // tok[i] < tokens and slot[i] < slots were checked when the plan was built,
-            // x is [tokens, in], a [slots, max_rank, in], h [rows, max_rank], and warps
-            // with r >= max_rank return before touching memory.
+            // x is [tokens, in], a [slots, max_rank, in], h [ksplits, rows, max_rank] with
+            // blockIdx.z < ksplits, and warps with r >= max_rank return before touching memory.
             unsafe { launch(OP, &mut args, cfg(grid, 128, 0)) }
         }
         LoraMode::Sgmv => {
@@ -286,11 +300,13 @@ pub fn lora_shrink<T: Activation>(
                 .arg(&rv)
                 .arg(&mut hv)
                 .arg(&k)
-                .arg(&r);
+                .arg(&r)
+                .arg(&rows);
             // SAFETY: sgmv_shrink_<T>(x, a, tile_start, tile_len, tile_slot, tile_hrow,
-            // ranks, h, int in, int max_rank); each tile covers len <= SGMV_TILE tokens
-            // inside [0, tokens) and h rows hrow..hrow+len < rows, as built by the plan.
-            unsafe { launch(OP, &mut args, cfg((n, 1, 1), 128, 0)) }
+            // ranks, h, int in, int max_rank, int rows); each tile covers len <= SGMV_TILE
+            // tokens inside [0, tokens) and h rows hrow..hrow+len < rows, as built by the
+            // plan; blockIdx.y < ksplits indexes the partial, h holds ksplits*rows*max_rank.
+            unsafe { launch(OP, &mut args, cfg((n, ks, 1), 128, 0)) }
         }
     }
 }
@@ -306,10 +322,12 @@ pub fn lora_expand<T: Activation>(
     const OP: &str = "lora_expand";
     let s = stack.shape;
     check_plan(OP, plan, y.len(), s.out_features, "y")?;
-    CudaError::check_len(OP, "h", plan.rows * s.max_rank, h.len())?;
+    CudaError::check_len(OP, "h", shrink_scratch_len(stack, plan), h.len())?;
     if plan.launches == 0 {
         return Ok(());
     }
+    let ks = as_i32(OP, "k splits", k_splits(s.in_features))?;
+    let rows = as_i32(OP, "rows", plan.rows)?;
     let (n_out, r) = (
         as_i32(OP, "out", s.out_features)?,
         as_i32(OP, "max_rank", s.max_rank)?,
@@ -336,10 +354,11 @@ pub fn lora_expand<T: Activation>(
                 .arg(&scv)
                 .arg(&mut yv)
                 .arg(&n_out)
-                .arg(&r);
+                .arg(&r)
+                .arg(&ks);
             let shared = (s.max_rank * 4) as u32;
             // SAFETY: bgmv_expand_<T>(h, bt, tok, slot, ranks, scales, y, int out, int
-            // max_rank) with max_rank floats of dynamic shared memory; indices as in
+            // max_rank, int ksplits) with max_rank floats of dynamic shared memory; indices as in
             // the shrink, columns n < out are guarded in the kernel.
             unsafe { launch(OP, &mut args, cfg((n, col_blocks, 1), 256, shared)) }
         }
@@ -362,10 +381,12 @@ pub fn lora_expand<T: Activation>(
                 .arg(&scv)
                 .arg(&mut yv)
                 .arg(&n_out)
-                .arg(&r);
+                .arg(&r)
+                .arg(&ks)
+                .arg(&rows);
             let shared = (SGMV_TILE * s.max_rank * 4) as u32;
             // SAFETY: sgmv_expand_<T>(h, bt, tile lists, ranks, scales, y, int out, int
-            // max_rank) with SGMV_TILE*max_rank floats (<= 32 KiB for max_rank <= 512)
+            // max_rank, int ksplits, int rows) with SGMV_TILE*max_rank floats (<= 32 KiB for max_rank <= 512)
             // of dynamic shared memory; tiles as built by the plan.
             unsafe { launch(OP, &mut args, cfg((n, col_blocks, 1), 256, shared)) }
         }
@@ -383,7 +404,7 @@ pub fn lora_apply<T: Activation>(
     if plan.rows == 0 {
         return Ok(());
     }
-    let mut h = dev.alloc::<f32>(plan.rows * stack.shape.max_rank)?;
+    let mut h = dev.alloc::<f32>(shrink_scratch_len(stack, plan))?;
     lora_shrink(dev, stack, plan, x, &mut h)?;
     lora_expand(dev, stack, plan, &h, y)
 }
