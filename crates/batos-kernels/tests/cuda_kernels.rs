@@ -1042,3 +1042,95 @@ fn pool_reuses_freed_buffers() {
     pool.trim();
     assert_eq!(pool.stats().cached_bytes, 0);
 }
+
+// ---- the Device seam against the shared CPU reference ----------------------------
+
+#[test]
+fn device_cuda_seam_matches_cpu_reference() {
+    use batos_kernels::cpu::reference;
+    use batos_kernels::{
+        AttentionHeads, Device, KernelError, KvCache, KvCacheLayout, Rope, RopeConfig, RopeScaling,
+        SeqAttention,
+    };
+    let gpu = Device::Cuda(0);
+    let Some(_dev) = device() else {
+        // No GPU: the seam answers with a typed error, never a panic.
+        let mut out = [0.0f32; 2];
+        let err = gpu
+            .rms_norm(&[1.0, 2.0], &[1.0, 1.0], 1e-5, &mut out)
+            .unwrap_err();
+        assert!(matches!(err, KernelError::Cuda { .. }), "{err:?}");
+        return;
+    };
+    let mut rng = Rng(77);
+    let close = |what: &str, got: &[f32], want: &[f32], tol: f32| {
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (g - w).abs() <= tol * (1.0 + w.abs()),
+                "{what}[{i}]: gpu {g} vs reference {w}"
+            );
+        }
+    };
+    // rms_norm, silu_mul (tolerance 1e-5 relative).
+    let (rows, d) = (4, 577);
+    let x = rng.vec(rows * d);
+    let w = rng.vec(d);
+    let (mut a, mut b) = (vec![0.0; rows * d], vec![0.0; rows * d]);
+    gpu.rms_norm(&x, &w, 1e-5, &mut a).unwrap();
+    reference::rms_norm(&x, &w, 1e-5, &mut b).unwrap();
+    close("rms_norm", &a, &b, 1e-5);
+    let up = rng.vec(rows * d);
+    gpu.silu_mul(&x, &up, &mut a).unwrap();
+    reference::silu_mul(&x, &up, &mut b).unwrap();
+    close("silu_mul", &a, &b, 1e-5);
+    // rope with Llama-3-free default frequencies (tolerance 1e-5 relative).
+    let heads = AttentionHeads::new(9, 3, 64).unwrap();
+    let rope = Rope::new(&RopeConfig {
+        theta: 10_000.0,
+        head_dim: 64,
+        scaling: RopeScaling::Default,
+    })
+    .unwrap();
+    let positions = [0usize, 3, 100, 2047];
+    let q0 = rng.vec(positions.len() * heads.q_width());
+    let k0 = rng.vec(positions.len() * heads.kv_width());
+    let (mut qg, mut kg, mut qr, mut kr) = (q0.clone(), k0.clone(), q0.clone(), k0.clone());
+    gpu.rope(&rope, &heads, &positions, &mut qg, &mut kg)
+        .unwrap();
+    reference::rope(&rope, &heads, &positions, &mut qr, &mut kr).unwrap();
+    close("rope q", &qg, &qr, 1e-5);
+    close("rope k", &kg, &kr, 1e-5);
+    // paged attention: a decode row and a prefill chunk after cached context
+    // (tolerance 1e-4 relative).
+    let layout = KvCacheLayout::new(16, 3, 64).unwrap();
+    let num_blocks = 40;
+    let kc = rng.vec(num_blocks * layout.block_stride());
+    let vc = rng.vec(num_blocks * layout.block_stride());
+    let t1: Vec<BlockId> = [7u32, 3, 30, 12, 0].map(BlockId).to_vec();
+    let t2: Vec<BlockId> = [5u32, 9, 21].map(BlockId).to_vec();
+    let seqs = [
+        SeqAttention {
+            block_table: &t1,
+            context_len: 70,
+            query_start: 0,
+            query_len: 1,
+        },
+        SeqAttention {
+            block_table: &t2,
+            context_len: 41,
+            query_start: 1,
+            query_len: 19,
+        },
+    ];
+    let q = rng.vec(20 * heads.q_width());
+    let cache = KvCache {
+        k: &kc,
+        v: &vc,
+        layout,
+    };
+    let (mut og, mut or) = (vec![0.0; q.len()], vec![0.0; q.len()]);
+    gpu.paged_attention(&q, &heads, &cache, &seqs, &mut og)
+        .unwrap();
+    reference::paged_attention(&q, &heads, &cache, &seqs, &mut or).unwrap();
+    close("paged_attention", &og, &or, 1e-4);
+}

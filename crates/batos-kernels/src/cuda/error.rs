@@ -132,3 +132,40 @@ impl CudaError {
 
 /// Result alias of the CUDA backend.
 pub type CudaResult<T> = Result<T, CudaError>;
+
+/// A [`CudaError`] behind an `Arc`, so that the crate's `KernelError` (which is
+/// `Clone + PartialEq`) can carry it as its `Cuda` variant's source.
+#[derive(Clone, Debug)]
+pub struct SharedCudaError(pub std::sync::Arc<CudaError>);
+
+impl SharedCudaError {
+    /// The underlying error.
+    pub fn get(&self) -> &CudaError {
+        &self.0
+    }
+}
+
+impl From<CudaError> for SharedCudaError {
+    fn from(e: CudaError) -> Self {
+        SharedCudaError(std::sync::Arc::new(e))
+    }
+}
+
+/// Two shared errors are equal when they are the same error or render the same.
+impl PartialEq for SharedCudaError {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0) || self.0.to_string() == other.0.to_string()
+    }
+}
+
+impl std::fmt::Display for SharedCudaError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for SharedCudaError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.0)
+    }
+}
