@@ -55,7 +55,9 @@ pub struct TopP {
 ///
 /// The nucleus is {i : p_i >= tau} for the largest tau whose mass is >= top_p
 /// (the sorted-prefix nucleus, ties at its edge kept together); the draw is an
-/// inverse CDF over the nucleus in token-index order.
+/// inverse CDF over the nucleus in token-index order. This is the CPU sampler's
+/// rule (`sampling::filtered_probs` + its draw) except at an exact tie of
+/// probabilities on the nucleus edge, where the CPU keeps the lower indices only.
 pub fn top_p_sample<T: Activation>(
     dev: &CudaDevice,
     logits: &DeviceBuffer<T>,
@@ -85,7 +87,13 @@ pub fn top_p_sample<T: Activation>(
     }
     let (grid, v) = (as_u32(OP, "rows", rows)?, as_i32(OP, "vocab", vocab)?);
     let inv_temp = 1.0f32 / params.temperature;
-    let top_p = params.top_p;
+    // top_p = 1 keeps every token: make the kernel's mass test unreachable so float
+    // rounding of the total mass cannot drop the least likely tokens.
+    let top_p = if params.top_p >= 1.0 {
+        f32::INFINITY
+    } else {
+        params.top_p
+    };
     let f = dev.function(ModuleId::Sampling, &kname::<T>("top_p"))?;
     let (lv, uv, mut ov) = (logits.view(), uniforms.view(), out.view_mut());
     let mut args = dev.stream().launch_builder(&f);
