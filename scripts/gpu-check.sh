@@ -96,7 +96,8 @@ echo "compute-sanitizer: ${SANITIZER:-not found}" >> "$ENV"
 PTX_DIR=""
 [ -d "$BIN/ptx" ] && PTX_DIR="$BIN/ptx"
 echo "precompiled PTX: ${PTX_DIR:-none}" >> "$ENV"
-nproc >> "$ENV" 2>&1; free -g >> "$ENV" 2>&1
+nproc >> "$ENV" 2>&1; free -g >> "$ENV" 2>&1; ldd --version 2>&1 | head -n1 >> "$ENV"
+step "test binary starts (--list)" 20 "$ENV" "$BIN/test-cuda_kernels" --list
 
 export BATOS_REQUIRE_GPU=1 RUST_BACKTRACE=1
 
