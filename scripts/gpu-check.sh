@@ -126,7 +126,7 @@ if [ -n "$NVRTC_LD" ]; then
   step "tests (runtime NVRTC: $(basename "$NVRTC_REAL"))" 120 "$TESTS" \
     env -u BATOS_CUDA_PTX_DIR LD_LIBRARY_PATH="$NVRTC_LD${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
     "$BIN/test-cuda_kernels" --test-threads=1 --nocapture
-  step "nvrtc compile check (machine NVRTC)" 60 "$OUT/nvrtc.txt" \
+  step "nvrtc compile check (machine NVRTC)" 90 "$OUT/nvrtc.txt" \
     env LD_LIBRARY_PATH="$NVRTC_LD${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" BATOS_REQUIRE_NVRTC=1 \
     "$BIN/test-cuda_nvrtc" --test-threads=1 --nocapture
 fi
