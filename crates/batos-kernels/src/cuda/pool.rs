@@ -35,7 +35,7 @@ elem!(f32, half::f16, half::bf16, u8, u32, i32, i64);
 const MIN_CLASS: usize = 512;
 const LARGE_CLASS: usize = 32 << 20;
 
-fn size_class(bytes: usize) -> usize {
+pub(crate) fn size_class(bytes: usize) -> usize {
     let b = bytes.max(MIN_CLASS);
     if b <= LARGE_CLASS {
         b.next_power_of_two()
@@ -242,6 +242,9 @@ impl<T: CudaElem> DeviceBuffer<T> {
     /// Overwrites the buffer with `host` (same length).
     pub fn copy_from_host(&mut self, host: &[T]) -> CudaResult<()> {
         CudaError::check_len("copy_from_host", "host", self.len, host.len())?;
+        if host.is_empty() {
+            return Ok(());
+        }
         let stream = self.pool.stream.clone();
         let mut v = self.view_mut();
         stream
@@ -252,6 +255,9 @@ impl<T: CudaElem> DeviceBuffer<T> {
     /// Copies the buffer to a new host vector (waits for the stream).
     pub fn to_host(&self) -> CudaResult<Vec<T>> {
         let mut out = vec![T::default(); self.len];
+        if out.is_empty() {
+            return Ok(out);
+        }
         let stream = self.pool.stream.clone();
         stream
             .memcpy_dtoh(&self.view(), out.as_mut_slice())
@@ -268,5 +274,22 @@ impl<T: CudaElem> DeviceBuffer<T> {
         stream
             .memset_zeros(self.raw_mut())
             .map_err(CudaError::driver("memset"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::size_class;
+
+    #[test]
+    fn size_classes_round_up_and_cover() {
+        assert_eq!(size_class(0), 512);
+        assert_eq!(size_class(513), 1024);
+        assert_eq!(size_class(32 << 20), 32 << 20);
+        assert_eq!(size_class((32 << 20) + 1), 64 << 20);
+        assert_eq!(size_class((100 << 20) + 7), 128 << 20);
+        for b in [1usize, 777, 1 << 20, (1 << 20) + 3, 300 << 20] {
+            assert!(size_class(b) >= b);
+        }
     }
 }

@@ -272,3 +272,46 @@ pub(crate) fn load_precompiled(dir: &Path, id: ModuleId, arch: Arch) -> CudaResu
     }
     Ok(None)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arch_follows_compute_capability() {
+        assert_eq!(Arch::for_compute_capability(7, 5), None);
+        assert_eq!(Arch::for_compute_capability(8, 0), Some(Arch::Sm80));
+        assert_eq!(Arch::for_compute_capability(8, 7), Some(Arch::Sm86));
+        assert_eq!(Arch::for_compute_capability(9, 0), Some(Arch::Sm90));
+        // Newer GPUs run the newest PTX we make (JIT-compiled forward).
+        assert_eq!(Arch::for_compute_capability(12, 0), Some(Arch::Sm90));
+    }
+
+    #[test]
+    fn sources_hold_every_entry_point_and_no_headers() {
+        for id in ModuleId::ALL {
+            let src = id.source();
+            assert!(src.starts_with(PRELUDE));
+            assert!(!src.contains("#include"), "{}: kernels must not need CUDA headers", id.name());
+            for entry in id.entry_points() {
+                let (base, suffix) = entry.rsplit_once('_').expect("name_suffix");
+                // Entry points are stamped out by a macro: `<base>_##S` with S = suffix.
+                assert!(src.contains(&format!("{base}_##S")), "{}: {entry}", id.name());
+                assert!(["f32", "f16", "bf16"].contains(&suffix));
+            }
+        }
+    }
+
+    #[test]
+    fn precompiled_ptx_falls_back_to_older_arch_files() {
+        let dir = std::env::temp_dir().join(format!("batos-ptx-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(ModuleId::Awq.ptx_file_name(Arch::Sm80)), "ptx80").unwrap();
+        assert_eq!(
+            load_precompiled(&dir, ModuleId::Awq, Arch::Sm90).unwrap().as_deref(),
+            Some("ptx80")
+        );
+        assert_eq!(load_precompiled(&dir, ModuleId::Lora, Arch::Sm90).unwrap(), None);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -172,29 +172,14 @@ pub fn awq_gemv<T: Activation>(
         return Ok(());
     }
     let s = w.shape;
-    let out8 = s.out_features / 8;
-    let (variant, vec, tok) = if tokens == 1 && out8 % 4 == 0 {
-        ("awq_gemv_t1v4", 4, 1)
-    } else if tokens == 1 {
-        ("awq_gemv_t1v1", 1, 1)
-    } else {
-        ("awq_gemv_t4v1", 1, 4)
-    };
-    let blocks_x = out8.div_ceil(vec * GEMV_THREADS);
-    let blocks_z = tokens.div_ceil(tok);
-    // x is staged `chunk` rows at a time: the largest power of two <= 128 dividing
-    // the group, so a chunk never straddles two groups.
-    let chunk = (0..=7)
-        .rev()
-        .map(|p| 1usize << p)
-        .find(|c| s.group_size % c == 0)
-        .unwrap_or(1);
-    let chunks = s.in_features / chunk;
-    // Split K so the grid fills the GPU several times over (memory latency hiding).
-    let target = dev.multiprocessors() * 8;
-    let want = target.div_ceil(blocks_x * blocks_z).clamp(1, chunks);
-    let rows_per_split = chunks.div_ceil(want) * chunk;
-    let splits = s.in_features.div_ceil(rows_per_split);
+    let GemvPlan {
+        variant,
+        blocks_x,
+        blocks_z,
+        chunk,
+        rows_per_split,
+        splits,
+    } = gemv_plan(s, tokens, dev.multiprocessors());
     let mut partial = dev.alloc::<f32>(splits * tokens * s.out_features)?;
     let grid = (
         as_u32(OP, "blocks_x", blocks_x)?,
@@ -264,14 +249,12 @@ pub fn awq_gemm<T: Activation>(
         return Ok(());
     }
     let s = w.shape;
-    let (n_tiles, m_tiles) = (s.out_features.div_ceil(64), tokens.div_ceil(64));
-    // Few output tiles (decode-sized batches): split K so every SM gets work; the
-    // f32 partials are summed by awq_reduce. Each split keeps >= 8 K tiles.
-    let k_tiles = s.in_features / 32;
-    let want = (2 * dev.multiprocessors()).div_ceil(n_tiles * m_tiles);
-    let splits = want.clamp(1, (k_tiles / 8).max(1));
-    let k_per_split = k_tiles.div_ceil(splits) * 32;
-    let splits = s.in_features.div_ceil(k_per_split);
+    let GemmPlan {
+        n_tiles,
+        m_tiles,
+        k_per_split,
+        splits,
+    } = gemm_plan(s, tokens, dev.multiprocessors());
     let grid = (
         as_u32(OP, "n tiles", n_tiles)?,
         as_u32(OP, "m tiles", m_tiles)?,
@@ -333,4 +316,132 @@ pub fn awq_gemm<T: Activation>(
     // SAFETY: awq_reduce_<T>(const float* partial, T* y, int splits, long long n):
     // reads partial[s*n + i] for s < splits, i < n = tokens*out = y.len().
     unsafe { launch(OP, &mut args, cfg((blocks, 1, 1), 256, 0)) }
+}
+
+/// Launch geometry of the matvec (pure, so it is tested without a GPU).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct GemvPlan {
+    pub variant: &'static str,
+    pub blocks_x: usize,
+    pub blocks_z: usize,
+    /// Rows of x staged per step: the largest power of two <= 128 dividing the group,
+    /// so a chunk never straddles two groups.
+    pub chunk: usize,
+    pub rows_per_split: usize,
+    pub splits: usize,
+}
+
+pub(crate) fn gemv_plan(s: AwqShape, tokens: usize, sms: usize) -> GemvPlan {
+    let out8 = s.out_features / 8;
+    let (variant, vec, tok) = if tokens == 1 && out8 % 4 == 0 {
+        ("awq_gemv_t1v4", 4, 1)
+    } else if tokens == 1 {
+        ("awq_gemv_t1v1", 1, 1)
+    } else {
+        ("awq_gemv_t4v1", 1, 4)
+    };
+    let blocks_x = out8.div_ceil(vec * GEMV_THREADS);
+    let blocks_z = tokens.div_ceil(tok).max(1);
+    let chunk = (0..=7)
+        .rev()
+        .map(|p| 1usize << p)
+        .find(|c| s.group_size % c == 0)
+        .unwrap_or(1);
+    let chunks = s.in_features / chunk;
+    // Split K so the grid fills the GPU several times over (memory latency hiding).
+    let want = (sms * 8).div_ceil(blocks_x * blocks_z).clamp(1, chunks.max(1));
+    let rows_per_split = chunks.div_ceil(want) * chunk;
+    let splits = s.in_features.div_ceil(rows_per_split);
+    GemvPlan {
+        variant,
+        blocks_x,
+        blocks_z,
+        chunk,
+        rows_per_split,
+        splits,
+    }
+}
+
+/// Launch geometry of the tensor-core GEMM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct GemmPlan {
+    pub n_tiles: usize,
+    pub m_tiles: usize,
+    pub k_per_split: usize,
+    pub splits: usize,
+}
+
+pub(crate) fn gemm_plan(s: AwqShape, tokens: usize, sms: usize) -> GemmPlan {
+    let (n_tiles, m_tiles) = (s.out_features.div_ceil(64), tokens.div_ceil(64).max(1));
+    // Few output tiles (decode-sized batches): split K so every SM gets work; the
+    // f32 partials are summed by awq_reduce. Each split keeps >= 8 K tiles.
+    let k_tiles = s.in_features / 32;
+    let want = (2 * sms).div_ceil(n_tiles * m_tiles);
+    let splits = want.clamp(1, (k_tiles / 8).max(1));
+    let k_per_split = k_tiles.div_ceil(splits) * 32;
+    GemmPlan {
+        n_tiles,
+        m_tiles,
+        k_per_split,
+        splits: s.in_features.div_ceil(k_per_split),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shapes() -> Vec<AwqShape> {
+        let mut v = vec![];
+        for (k, n) in [(576, 1536), (1536, 576), (4096, 4096), (4096, 14336), (384, 200), (64, 8)] {
+            for g in [32, 64, 128] {
+                if k % g == 0 {
+                    v.push(AwqShape {
+                        in_features: k,
+                        out_features: n,
+                        group_size: g,
+                    });
+                }
+            }
+        }
+        v
+    }
+
+    #[test]
+    fn gemv_plan_keeps_chunks_inside_groups_and_covers_k() {
+        for s in shapes() {
+            for tokens in 1..=5 {
+                for sms in [1, 108, 132] {
+                    let p = gemv_plan(s, tokens, sms);
+                    assert!(p.chunk <= 128 && s.group_size % p.chunk == 0, "{s:?} {p:?}");
+                    assert_eq!(p.rows_per_split % p.chunk, 0, "{s:?} {p:?}");
+                    assert!(p.splits * p.rows_per_split >= s.in_features, "{s:?} {p:?}");
+                    assert!((p.splits - 1) * p.rows_per_split < s.in_features, "{s:?} {p:?}");
+                    let vec = if p.variant.ends_with("v4") { 4 } else { 1 };
+                    assert_eq!((s.out_features / 8) % vec, 0, "16-byte loads need out/8 % 4 == 0");
+                    assert!(p.blocks_x * vec * GEMV_THREADS >= s.out_features / 8);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn gemm_plan_splits_k_only_for_small_outputs() {
+        for s in shapes() {
+            for tokens in [1, 5, 64, 97, 2048] {
+                let p = gemm_plan(s, tokens, 132);
+                assert_eq!(p.k_per_split % 32, 0, "{s:?} {p:?}");
+                assert!(p.splits * p.k_per_split >= s.in_features);
+                assert!((p.splits - 1) * p.k_per_split < s.in_features);
+                assert!(p.n_tiles * 64 >= s.out_features && p.m_tiles * 64 >= tokens);
+            }
+        }
+        let big = AwqShape {
+            in_features: 4096,
+            out_features: 4096,
+            group_size: 128,
+        };
+        assert_eq!(gemm_plan(big, 2048, 132).splits, 1);
+        assert!(gemm_plan(big, 64, 132).splits > 1);
+    }
 }

@@ -146,49 +146,12 @@ impl LoraPlan {
             ));
         }
         let rows = token_slots.iter().filter(|s| s.is_some()).count();
-        let (launches, lists) = match mode {
-            LoraMode::Bgmv => {
-                let (tok, slot): (Vec<i32>, Vec<i32>) = token_slots
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(t, s)| s.map(|s| (t as i32, s.index() as i32)))
-                    .unzip();
-                (tok.len(), vec![dev.upload(&tok)?, dev.upload(&slot)?])
-            }
-            LoraMode::Sgmv => {
-                let (mut start, mut len, mut slot, mut hrow) = (vec![], vec![], vec![], vec![]);
-                let mut t = 0;
-                let mut row = 0usize;
-                while t < token_slots.len() {
-                    let Some(s) = token_slots[t] else {
-                        t += 1;
-                        continue;
-                    };
-                    let mut end = t + 1;
-                    while end < token_slots.len()
-                        && token_slots[end] == Some(s)
-                        && end - t < SGMV_TILE
-                    {
-                        end += 1;
-                    }
-                    start.push(t as i32);
-                    len.push((end - t) as i32);
-                    slot.push(s.index() as i32);
-                    hrow.push(row as i32);
-                    row += end - t;
-                    t = end;
-                }
-                (
-                    start.len(),
-                    vec![
-                        dev.upload(&start)?,
-                        dev.upload(&len)?,
-                        dev.upload(&slot)?,
-                        dev.upload(&hrow)?,
-                    ],
-                )
-            }
-        };
+        let host = host_lists(mode, token_slots);
+        let launches = host[0].len();
+        let lists = host
+            .iter()
+            .map(|l| dev.upload(l))
+            .collect::<CudaResult<Vec<_>>>()?;
         Ok(LoraPlan {
             mode,
             tokens: token_slots.len(),
@@ -407,4 +370,70 @@ pub fn lora_apply<T: Activation>(
     let mut h = dev.alloc::<f32>(shrink_scratch_len(stack, plan))?;
     lora_shrink(dev, stack, plan, x, &mut h)?;
     lora_expand(dev, stack, plan, &h, y)
+}
+
+/// The launch lists of a plan, on the host. BGMV: [token, slot] per active token.
+/// SGMV: [start, len, slot, first h row] per tile of <= SGMV_TILE consecutive tokens
+/// sharing a slot. Active tokens take h rows in token order in both modes.
+fn host_lists(mode: LoraMode, token_slots: &[Option<SlotIdx>]) -> Vec<Vec<i32>> {
+    match mode {
+        LoraMode::Bgmv => {
+            let (tok, slot): (Vec<i32>, Vec<i32>) = token_slots
+                .iter()
+                .enumerate()
+                .filter_map(|(t, s)| s.map(|s| (t as i32, s.index() as i32)))
+                .unzip();
+            vec![tok, slot]
+        }
+        LoraMode::Sgmv => {
+            let (mut start, mut len, mut slot, mut hrow) = (vec![], vec![], vec![], vec![]);
+            let (mut t, mut row) = (0, 0usize);
+            while t < token_slots.len() {
+                let Some(s) = token_slots[t] else {
+                    t += 1;
+                    continue;
+                };
+                let mut end = t + 1;
+                while end < token_slots.len() && token_slots[end] == Some(s) && end - t < SGMV_TILE {
+                    end += 1;
+                }
+                start.push(t as i32);
+                len.push((end - t) as i32);
+                slot.push(s.index() as i32);
+                hrow.push(row as i32);
+                row += end - t;
+                t = end;
+            }
+            vec![start, len, slot, hrow]
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slots(v: &[Option<u16>]) -> Vec<Option<SlotIdx>> {
+        v.iter().map(|s| s.map(SlotIdx)).collect()
+    }
+
+    #[test]
+    fn bgmv_lists_skip_tokens_without_adapter() {
+        let l = host_lists(LoraMode::Bgmv, &slots(&[Some(2), None, Some(0), None]));
+        assert_eq!(l, vec![vec![0, 2], vec![2, 0]]);
+    }
+
+    #[test]
+    fn sgmv_tiles_cut_runs_at_slot_changes_gaps_and_tile_size() {
+        let mut v = vec![Some(1); 20];
+        v.extend([None, None, Some(3), Some(3), Some(1)]);
+        let l = host_lists(LoraMode::Sgmv, &slots(&v));
+        // 20 tokens of slot 1 -> tiles of 16 and 4; gap; run of slot 3; run of slot 1.
+        assert_eq!(l[0], vec![0, 16, 22, 24], "starts");
+        assert_eq!(l[1], vec![16, 4, 2, 1], "lengths");
+        assert_eq!(l[2], vec![1, 1, 3, 1], "slots");
+        assert_eq!(l[3], vec![0, 16, 20, 22], "h rows follow the active tokens");
+        let none = host_lists(LoraMode::Sgmv, &slots(&[None, None]));
+        assert!(none.iter().all(|l| l.is_empty()));
+    }
 }
