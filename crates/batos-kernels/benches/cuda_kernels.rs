@@ -57,8 +57,9 @@ fn attr(dev: &CudaDevice, a: CUdevice_attribute) -> i64 {
     dev.context().attribute(a).map(i64::from).unwrap_or(0)
 }
 
-/// Theoretical DRAM bandwidth in bytes/s from the driver's memory clock and bus width.
-fn peak_bandwidth(dev: &CudaDevice) -> f64 {
+/// Theoretical DRAM bandwidth in bytes/s: from the driver's memory clock and bus
+/// width, or, where the driver reports no clock, the datasheet figure by name.
+fn peak_bandwidth(dev: &CudaDevice) -> (f64, &'static str) {
     let khz = attr(
         dev,
         CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MEMORY_CLOCK_RATE,
@@ -67,7 +68,21 @@ fn peak_bandwidth(dev: &CudaDevice) -> f64 {
         dev,
         CUdevice_attribute::CU_DEVICE_ATTRIBUTE_GLOBAL_MEMORY_BUS_WIDTH,
     ) as f64;
-    2.0 * khz * 1e3 * bits / 8.0
+    if khz > 0.0 && bits > 0.0 {
+        return (2.0 * khz * 1e3 * bits / 8.0, "memory clock x bus width");
+    }
+    let name = dev.name();
+    let table: [(&str, f64); 4] = [
+        ("H200", 4.8e12),
+        ("H100 NVL", 3.9e12),
+        ("H100 PCIe", 2.0e12),
+        ("H100", 3.35e12),
+    ];
+    table
+        .iter()
+        .find(|(n, _)| name.contains(n))
+        .map(|(_, bw)| (*bw, "datasheet, by device name"))
+        .unwrap_or((0.0, "unknown"))
 }
 
 fn copy_bandwidth(dev: &CudaDevice) -> f64 {
@@ -381,23 +396,33 @@ fn main() {
         }
     };
     dev.warm_up().expect("compile kernels");
-    let peak = peak_bandwidth(&dev);
+    let (theoretical, source) = peak_bandwidth(&dev);
     let copy = copy_bandwidth(&dev);
+    // Percentages are of the theoretical peak, or of the measured copy rate if the
+    // peak is unknown.
+    let peak = if theoretical > 0.0 { theoretical } else { copy };
     let l2 = attr(&dev, CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE);
     println!(
-        "device: {} ({:?}, {} SMs, L2 {} MiB); peak DRAM {:.0} GB/s (clock x bus width); device-to-device copy {:.0} GB/s (read+write)",
+        "device: {} ({:?}, {} SMs, L2 {} MiB); peak DRAM {:.0} GB/s ({source}); device-to-device copy {:.0} GB/s (read+write, {:.0}% of peak)",
         dev.name(),
         dev.arch(),
         dev.multiprocessors(),
         l2 >> 20,
-        peak / 1e9,
-        copy / 1e9
+        theoretical / 1e9,
+        copy / 1e9,
+        100.0 * copy / peak
     );
     println!("\n| kernel | shape | time | throughput | vs peak |\n|---|---|---|---|---|");
-    bench_awq_gemv::<f16>(&dev, peak, 1);
-    bench_awq_gemv::<f32>(&dev, peak, 1);
-    bench_awq_gemv::<f16>(&dev, peak, 4);
-    bench_awq_gemm(&dev);
-    bench_lora_overhead(&dev);
-    bench_attention(&dev, peak);
+    // Each section runs on its own: a failure is reported and the rest still run.
+    let section = |name: &str, f: &dyn Fn()| {
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).is_err() {
+            println!("| {name} | FAILED (see the panic message above) | | | |");
+        }
+    };
+    section("awq_gemv f16 T=1", &|| bench_awq_gemv::<f16>(&dev, peak, 1));
+    section("awq_gemv f32 T=1", &|| bench_awq_gemv::<f32>(&dev, peak, 1));
+    section("awq_gemv f16 T=4", &|| bench_awq_gemv::<f16>(&dev, peak, 4));
+    section("awq_gemm", &|| bench_awq_gemm(&dev));
+    section("lora overhead", &|| bench_lora_overhead(&dev));
+    section("paged attention", &|| bench_attention(&dev, peak));
 }
