@@ -66,7 +66,7 @@ impl AwqShape {
 ///
 /// `qweight` int32 [in, out/8] (as u32), `qzeros` int32 [in/group, out/8], `scales`
 /// f16 [in/group, out]; each packed word holds 8 columns in AutoAWQ's nibble order
-/// [0,2,4,6,1,3,5,7]; `W[k,n] = (q - z) * s` and `y = x · W`.
+/// `[0,2,4,6,1,3,5,7]`; `W[k,n] = (q - z) * s` and `y = x · W`.
 #[derive(Debug)]
 pub struct AwqWeights {
     qweight: DeviceBuffer<u32>,

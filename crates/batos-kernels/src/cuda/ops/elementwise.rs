@@ -57,7 +57,7 @@ pub struct RopeShape {
 }
 
 /// Rotary embedding in place, HF `rotate_half` convention: for i < hd/2,
-/// angle = positions[t] * inv_freq[i], (x_i, x_{i+hd/2}) rotated by that angle.
+/// `angle = positions[t] * inv_freq[i]`, `(x_i, x_{i+hd/2})` rotated by that angle.
 /// `inv_freq` has `head_dim / 2` entries (Llama-3 scaling is applied by the caller).
 pub fn rope<T: Activation>(
     dev: &CudaDevice,
