@@ -473,7 +473,15 @@ fn awq_case(shape: AwqShape, seed: u64) -> AwqCase {
     }
 }
 
-fn awq_check<T: Elem>(dev: &CudaDevice, case: &AwqCase, tokens: usize, gemm: bool, rtol: f64) {
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum AwqPath {
+    Gemv,
+    Gemm,
+    /// `awq_linear`: the planner picks.
+    Linear,
+}
+
+fn awq_check<T: Elem>(dev: &CudaDevice, case: &AwqCase, tokens: usize, path: AwqPath, rtol: f64) {
     let s = case.shape;
     let (k, n) = (s.in_features, s.out_features);
     let wts = AwqWeights::upload(dev, s, &case.qweight, &case.qzeros, &case.scales).unwrap();
@@ -481,10 +489,10 @@ fn awq_check<T: Elem>(dev: &CudaDevice, case: &AwqCase, tokens: usize, gemm: boo
     let x = rounded::<T>(&rng.vec(tokens * k));
     let xd = dev.upload(&conv::<T>(&x)).unwrap();
     let mut yd = dev.alloc::<T>(tokens * n).unwrap();
-    if gemm {
-        awq::awq_gemm(dev, &wts, &xd, tokens, &mut yd).unwrap();
-    } else {
-        awq::awq_gemv(dev, &wts, &xd, tokens, &mut yd).unwrap();
+    match path {
+        AwqPath::Gemm => awq::awq_gemm(dev, &wts, &xd, tokens, &mut yd).unwrap(),
+        AwqPath::Gemv => awq::awq_gemv(dev, &wts, &xd, tokens, &mut yd).unwrap(),
+        AwqPath::Linear => awq::awq_linear(dev, &wts, &xd, tokens, &mut yd).unwrap(),
     }
     let got: Vec<f32> = yd.to_host().unwrap().into_iter().map(Elem::f32).collect();
     let (mut want, mut scale) = (vec![0.0f64; tokens * n], vec![0.0f64; tokens * n]);
@@ -499,8 +507,8 @@ fn awq_check<T: Elem>(dev: &CudaDevice, case: &AwqCase, tokens: usize, gemm: boo
         }
     }
     let what = format!(
-        "awq_{} {} {}x{}x{} g{}",
-        if gemm { "gemm" } else { "gemv" },
+        "awq {:?} {} {}x{}x{} g{}",
+        path,
         T::SUFFIX,
         tokens,
         k,
@@ -532,10 +540,10 @@ fn awq_gemv_matches_dequantised_reference() {
     );
     for case in [&a, &b] {
         for tokens in [1, 3, 4, 7] {
-            awq_check::<f32>(&dev, case, tokens, false, 2e-5);
+            awq_check::<f32>(&dev, case, tokens, AwqPath::Gemv, 2e-5);
         }
-        awq_check::<f16>(&dev, case, 1, false, 4e-3);
-        awq_check::<bf16>(&dev, case, 2, false, 2e-2);
+        awq_check::<f16>(&dev, case, 1, AwqPath::Gemv, 4e-3);
+        awq_check::<bf16>(&dev, case, 2, AwqPath::Gemv, 2e-2);
     }
 }
 
@@ -560,10 +568,13 @@ fn awq_gemm_matches_dequantised_reference() {
     );
     for case in [&a, &b] {
         for tokens in [1, 5, 64, 97] {
-            awq_check::<f32>(&dev, case, tokens, true, 4e-3);
+            awq_check::<f32>(&dev, case, tokens, AwqPath::Gemm, 4e-3);
         }
-        awq_check::<f16>(&dev, case, 33, true, 6e-3);
-        awq_check::<bf16>(&dev, case, 33, true, 2e-2);
+        awq_check::<f16>(&dev, case, 33, AwqPath::Gemm, 6e-3);
+        awq_check::<bf16>(&dev, case, 33, AwqPath::Gemm, 2e-2);
+        // The planner: 2 tokens take the matvec (f32-exact), 40 the tensor cores.
+        awq_check::<f32>(&dev, case, 2, AwqPath::Linear, 2e-5);
+        awq_check::<f32>(&dev, case, 40, AwqPath::Linear, 4e-3);
     }
     // awq_linear's plan: few tokens -> gemv, many -> gemm.
     assert_eq!(awq::awq_plan(1), awq::AwqKernel::Gemv);
@@ -831,7 +842,8 @@ fn attn_case(
 
 /// Writes random K/V for every position of every sequence (old context through
 /// `write_kv` too), runs attention with the given kernel and compares.
-fn attn_run<T: Elem>(dev: &CudaDevice, c: &AttnCase, kernel: attention::AttentionKernel) {
+/// `kernel`: a specific kernel, or `None` for the planner ([`attention::paged_attention`]).
+fn attn_run<T: Elem>(dev: &CudaDevice, c: &AttnCase, kernel: Option<attention::AttentionKernel>) {
     let l = c.layout;
     let (hd, row) = (l.head_dim, l.row_len());
     let mut rng = Rng(l.num_blocks as u64 * 7 + hd as u64);
@@ -879,10 +891,11 @@ fn attn_run<T: Elem>(dev: &CudaDevice, c: &AttnCase, kernel: attention::Attentio
     let qd = dev.upload(&conv::<T>(&q)).unwrap();
     let mut od = dev.alloc::<T>(tokens * c.heads * hd).unwrap();
     match kernel {
-        attention::AttentionKernel::Decode => {
+        None => attention::paged_attention(dev, &batch, c.heads, &qd, &kc, &vc, &mut od).unwrap(),
+        Some(attention::AttentionKernel::Decode) => {
             attention::paged_attention_decode(dev, &batch, c.heads, &qd, &kc, &vc, &mut od).unwrap()
         }
-        attention::AttentionKernel::Prefill => {
+        Some(attention::AttentionKernel::Prefill) => {
             attention::paged_attention_prefill(dev, &batch, c.heads, &qd, &kc, &vc, &mut od)
                 .unwrap()
         }
@@ -954,14 +967,26 @@ fn paged_decode_matches_reference_across_splits() {
         &[(0, 1), (16, 1), (299, 1), (999, 1), (255, 1), (256, 1)],
         41,
     );
-    attn_run::<f32>(&dev, &c, Decode);
-    attn_run::<f16>(&dev, &c, Decode);
-    attn_run::<bf16>(&dev, &c, Decode);
+    attn_run::<f32>(&dev, &c, Some(Decode));
+    attn_run::<f16>(&dev, &c, Some(Decode));
+    attn_run::<bf16>(&dev, &c, Some(Decode));
     // Wider heads and a bigger group; and a tiny head_dim.
-    attn_run::<f32>(&dev, &attn_case(8, 2, 128, &[(700, 1), (3, 1)], 42), Decode);
-    attn_run::<f32>(&dev, &attn_case(4, 4, 32, &[(40, 1), (513, 1)], 43), Decode);
+    attn_run::<f32>(
+        &dev,
+        &attn_case(8, 2, 128, &[(700, 1), (3, 1)], 42),
+        Some(Decode),
+    );
+    attn_run::<f32>(
+        &dev,
+        &attn_case(4, 4, 32, &[(40, 1), (513, 1)], 43),
+        Some(Decode),
+    );
     // The decode kernel also handles multi-token chunks.
-    attn_run::<f32>(&dev, &attn_case(9, 3, 64, &[(5, 20), (0, 3)], 44), Decode);
+    attn_run::<f32>(
+        &dev,
+        &attn_case(9, 3, 64, &[(5, 20), (0, 3)], 44),
+        Some(Decode),
+    );
 }
 
 #[test]
@@ -976,15 +1001,21 @@ fn paged_prefill_matches_reference_with_chunked_context() {
         &[(0, 37), (40, 20), (5, 3), (0, 16), (300, 17)],
         51,
     );
-    attn_run::<f32>(&dev, &c, Prefill);
-    attn_run::<f16>(&dev, &c, Prefill);
-    attn_run::<bf16>(&dev, &c, Prefill);
+    attn_run::<f32>(&dev, &c, Some(Prefill));
+    attn_run::<f16>(&dev, &c, Some(Prefill));
+    attn_run::<bf16>(&dev, &c, Some(Prefill));
     attn_run::<f32>(
         &dev,
         &attn_case(8, 2, 128, &[(0, 33), (70, 5)], 52),
-        Prefill,
+        Some(Prefill),
     );
-    attn_run::<f32>(&dev, &attn_case(4, 1, 32, &[(17, 40)], 53), Prefill);
+    attn_run::<f32>(&dev, &attn_case(4, 1, 32, &[(17, 40)], 53), Some(Prefill));
+    // Mixed decode + prefill batch through the planner (picks prefill here).
+    attn_run::<f32>(
+        &dev,
+        &attn_case(9, 3, 64, &[(100, 1), (0, 24), (33, 1)], 54),
+        None,
+    );
 }
 
 #[test]
