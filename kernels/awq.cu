@@ -29,7 +29,6 @@ __device__ __forceinline__ float nibble_1p16(u32 w, int m) {
 #define GEMV_THREADS 256
 #define GEMV_WARPS (GEMV_THREADS / WARP)
 #define GEMV_KC 128
-#define GEMV_UNROLL 4
 
 // grid (ceil(out/8 / (VEC*WARP)), splits, ceil(tokens/TOK)), block GEMV_THREADS.
 // Lane l of every warp owns VEC packed columns (VEC*8 outputs) for TOK tokens, so a
@@ -47,6 +46,8 @@ __device__ void awq_gemv_impl(const u32* __restrict__ qw, const u32* __restrict_
                               float* __restrict__ partial, int ntok, int in_dim, int out_dim,
                               int group, int rows_per_split, int chunk) {
     constexpr int NC = VEC * 8;
+    // Row loads in flight per thread: 4 x 16 bytes, or 8 x 4 bytes for scalar columns.
+    constexpr int GEMV_UNROLL = VEC == 1 ? 8 : 4;
     __shared__ float xs[TOK][GEMV_KC];
     __shared__ float red[GEMV_WARPS][NC * TOK][WARP + 1];  // +1: conflict-free both ways
     const int lane = threadIdx.x & (WARP - 1), wy = threadIdx.x / WARP;
