@@ -35,18 +35,18 @@ fn bench(c: &mut Criterion) {
     g.bench_function("allocate_prompt_512_miss+free", |b| {
         let mut kv = manager(256);
         b.iter(|| {
-            let a = kv.allocate_prompt(black_box(&p), None).unwrap();
+            let a = kv.allocate_prompt(black_box(&p), None).unwrap().unwrap();
             kv.free(a.seq).unwrap();
         })
     });
 
     g.bench_function("allocate_prompt_512_hit+free", |b| {
         let mut kv = manager(256);
-        let a = kv.allocate_prompt(&p, None).unwrap();
+        let a = kv.allocate_prompt(&p, None).unwrap().unwrap();
         kv.mark_computed(a.seq, p.len()).unwrap();
         kv.free(a.seq).unwrap();
         b.iter(|| {
-            let a = kv.allocate_prompt(black_box(&p), None).unwrap();
+            let a = kv.allocate_prompt(black_box(&p), None).unwrap().unwrap();
             assert_eq!(a.cached_tokens, 496);
             kv.free(a.seq).unwrap();
         })
@@ -61,7 +61,7 @@ fn bench(c: &mut Criterion) {
                     .map(|s| {
                         let mut q = prompt(100);
                         q[0] = s;
-                        let a = kv.allocate_prompt(&q, None).unwrap();
+                        let a = kv.allocate_prompt(&q, None).unwrap().unwrap();
                         kv.mark_computed(a.seq, q.len()).unwrap();
                         a.seq
                     })
@@ -70,7 +70,7 @@ fn bench(c: &mut Criterion) {
             },
             |(kv, seqs)| {
                 for &s in seqs.iter() {
-                    let slots = kv.append_tokens(s, &[7]).unwrap();
+                    let slots = kv.append_tokens(s, &[7]).unwrap().unwrap();
                     let n = kv.tokens(s).unwrap().len();
                     kv.mark_computed(s, n).unwrap();
                     black_box(slots);
@@ -84,10 +84,10 @@ fn bench(c: &mut Criterion) {
     // one 30-layer block copy.
     g.bench_function("fork+cow_append+free", |b| {
         let mut kv = manager(64);
-        let a = kv.allocate_prompt(&prompt(100), None).unwrap();
+        let a = kv.allocate_prompt(&prompt(100), None).unwrap().unwrap();
         b.iter(|| {
             let f = kv.fork(a.seq).unwrap();
-            black_box(kv.append_tokens(f, &[1]).unwrap());
+            black_box(kv.append_tokens(f, &[1]).unwrap().unwrap());
             kv.free(f).unwrap();
         })
     });

@@ -2,24 +2,32 @@ use batos_types::{BlockId, BudgetError, DType};
 
 use crate::SeqId;
 
-/// Everything that can go wrong in `batos-kv`.
+/// The expected "does not fit" outcome: the request needs more blocks than are free or
+/// evictable right now. Nothing was changed; the scheduler preempts or waits.
 ///
-/// [`KvError::OutOfBlocks`] is an *expected outcome*, not a failure: the pool is full
-/// right now and the scheduler should preempt or wait (see [`KvError::is_out_of_blocks`]).
-/// Every other variant is a caller bug or a configuration problem.
+/// Operations that can run out of blocks return `Result<Result<T, OutOfBlocks>, KvError>`
+/// (as sled's `compare_and_swap` does): the outer error is a failure, the inner one an
+/// answer. `?` converts it into [`KvError::OutOfBlocks`] where it is a failure after all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("KV cache out of blocks: {op} needs {needed} free blocks, {free} available")]
+pub struct OutOfBlocks {
+    /// The operation that was refused.
+    pub op: &'static str,
+    /// Blocks the operation needs.
+    pub needed: usize,
+    /// Blocks that are free or evictable now.
+    pub free: usize,
+}
+
+/// Everything that can go wrong in `batos-kv`. Expected outcomes are not here but in
+/// their own types ([`OutOfBlocks`], and [`BudgetError`] when growing the pool), nested
+/// inside the `Ok` of the operations that can meet them.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum KvError {
-    /// The request does not fit in the free (or evictable) blocks. No state was changed.
-    #[error("KV cache out of blocks: {op} needs {needed} free blocks, {free} available")]
-    OutOfBlocks {
-        /// The operation that was refused.
-        op: &'static str,
-        /// Blocks the operation needs.
-        needed: usize,
-        /// Blocks that are free or evictable now.
-        free: usize,
-    },
+    /// An [`OutOfBlocks`] answer that a caller chose to treat as a failure (via `?`).
+    #[error(transparent)]
+    OutOfBlocks(#[from] OutOfBlocks),
     /// A configuration field is out of range.
     #[error("invalid KV cache config: {field} = {value}: {reason}")]
     InvalidConfig {
@@ -94,8 +102,8 @@ pub enum KvError {
 }
 
 impl KvError {
-    /// True for the expected "does not fit" outcome the scheduler preempts on.
+    /// True for an [`OutOfBlocks`] answer passed up as an error.
     pub fn is_out_of_blocks(&self) -> bool {
-        matches!(self, KvError::OutOfBlocks { .. })
+        matches!(self, KvError::OutOfBlocks(_))
     }
 }

@@ -16,8 +16,9 @@
 //!   ([`BlockHash`]) over (parent hash, adapter generation, token ids), so a hit never
 //!   crosses adapters or differs in a token. Freed blocks stay cached until a fresh
 //!   block is needed, then the least recently released goes first.
-//! - "Does not fit" is [`KvError::OutOfBlocks`], an expected outcome the scheduler
-//!   preempts on; it never panics and changes nothing.
+//! - "Does not fit" is [`OutOfBlocks`], an expected outcome the scheduler preempts on,
+//!   kept apart from failures: `Result<Result<T, OutOfBlocks>, KvError>`. It never panics
+//!   and changes nothing.
 //!
 //! Invariant: `kv` never sees adapter weights, only [`AdapterGeneration`](batos_types::AdapterGeneration)
 //! in hashes.
@@ -31,7 +32,7 @@ mod storage;
 mod table;
 
 pub use config::{KvCacheConfig, KvLayout, KvShape};
-pub use error::KvError;
+pub use error::{KvError, OutOfBlocks};
 pub use hash::BlockHash;
 pub use manager::{KvCacheManager, KvStats, PromptAllocation, SeqId};
 pub use pool::BlockPool;

@@ -1,8 +1,10 @@
 use std::collections::HashMap;
 
-use batos_types::{AdapterGeneration, BlockId, MemoryBudget};
+use batos_types::{AdapterGeneration, BlockId, BudgetError, MemoryBudget};
 
-use crate::{BlockHash, BlockPool, BlockTable, KvCacheConfig, KvError, KvLayout, KvStorage};
+use crate::{
+    BlockHash, BlockPool, BlockTable, KvCacheConfig, KvError, KvLayout, KvStorage, OutOfBlocks,
+};
 
 /// Id of one sequence in a [`KvCacheManager`]; a request with `n > 1` owns several
 /// (see [`KvCacheManager::fork`]). Ids are assigned by the manager and never reused.
@@ -80,27 +82,34 @@ struct Sequence {
 /// never reads K/V that has not been written yet.
 ///
 /// ```
-/// use batos_kv::{KvCacheConfig, KvCacheManager, KvShape};
+/// use batos_kv::{KvCacheConfig, KvCacheManager, KvError, KvShape};
 /// use batos_types::MemoryBudget;
+/// # fn main() -> Result<(), KvError> {
 /// let shape = KvShape { num_layers: 2, num_kv_heads: 1, head_dim: 4 };
-/// let cfg = KvCacheConfig::new(shape, 1 << 20).unwrap().with_block_size(4).unwrap();
+/// let cfg = KvCacheConfig::new(shape, 1 << 20)?.with_block_size(4)?;
 /// let budget = MemoryBudget::new("host", 1 << 20);
-/// let mut kv = KvCacheManager::new(cfg, &budget).unwrap();
+/// let mut kv = KvCacheManager::new(cfg, &budget)?;
 ///
 /// let prompt = [10, 11, 12, 13, 14, 15, 16, 17, 18];
-/// let a = kv.allocate_prompt(&prompt, None).unwrap();
+/// // The outer `?` passes failures up; a scheduler matches the inner answer.
+/// let a = match kv.allocate_prompt(&prompt, None)? {
+///     Ok(a) => a,
+///     Err(full) => unreachable!("an empty pool has room: {full}"),
+/// };
 /// assert_eq!((a.cached_tokens, a.slots.len()), (0, 9));
 /// // ... the model writes K/V into a.slots ...
-/// kv.mark_computed(a.seq, prompt.len()).unwrap();
+/// kv.mark_computed(a.seq, prompt.len())?;
 ///
 /// // Same prompt again: the two full blocks come from the cache.
-/// let b = kv.allocate_prompt(&prompt, None).unwrap();
+/// let b = kv.allocate_prompt(&prompt, None)??; // `??`: out of blocks as an error
 /// assert_eq!(b.cached_tokens, 8);
-/// let next = kv.append_tokens(b.seq, &[19]).unwrap();
+/// let next = kv.append_tokens(b.seq, &[19])??;
 /// assert_eq!(next.len(), 1);
-/// kv.free(a.seq).unwrap();
-/// kv.free(b.seq).unwrap();
+/// kv.free(a.seq)?;
+/// kv.free(b.seq)?;
 /// assert_eq!(kv.stats().used_blocks, 0);
+/// # Ok(())
+/// # }
 /// ```
 #[derive(Debug)]
 pub struct KvCacheManager {
@@ -190,12 +199,12 @@ impl KvCacheManager {
     /// Starts a sequence for `prompt` under `adapter` (`None`: the base model). Reuses
     /// the longest run of cached full blocks with the same tokens and adapter, leaving
     /// at least the last prompt token to compute, and allocates the rest.
-    /// [`KvError::OutOfBlocks`] if the rest does not fit (nothing changes).
+    /// `Ok(Err(OutOfBlocks))` if the rest does not fit (nothing changes).
     pub fn allocate_prompt(
         &mut self,
         prompt: &[u32],
         adapter: Option<AdapterGeneration>,
-    ) -> Result<PromptAllocation, KvError> {
+    ) -> Result<Result<PromptAllocation, OutOfBlocks>, KvError> {
         const OP: &str = "allocate_prompt";
         if prompt.is_empty() {
             return Err(KvError::EmptyPrompt);
@@ -215,11 +224,11 @@ impl KvCacheManager {
         let new = prompt.len().div_ceil(bs) - hits.len();
         let available = self.pool.num_available() - idle_hits;
         if new > available {
-            return Err(KvError::OutOfBlocks {
+            return Ok(Err(OutOfBlocks {
                 op: OP,
                 needed: new,
                 free: available,
-            });
+            }));
         }
         // Retain the hits first: allocating may evict, and must not evict these.
         for &b in &hits {
@@ -248,26 +257,30 @@ impl KvCacheManager {
                 registered: cached_blocks,
             },
         );
-        Ok(PromptAllocation {
+        Ok(Ok(PromptAllocation {
             seq,
             cached_tokens,
             slots,
-        })
+        }))
     }
 
     /// Appends `tokens` to `seq` and returns their slots. A shared, partly filled last
     /// block is first copied (all layers, K and V) into a private block. All or nothing:
-    /// [`KvError::OutOfBlocks`] changes nothing.
-    pub fn append_tokens(&mut self, seq: SeqId, tokens: &[u32]) -> Result<Vec<usize>, KvError> {
+    /// `Ok(Err(OutOfBlocks))` changes nothing.
+    pub fn append_tokens(
+        &mut self,
+        seq: SeqId,
+        tokens: &[u32],
+    ) -> Result<Result<Vec<usize>, OutOfBlocks>, KvError> {
         const OP: &str = "append_tokens";
         let s = self.seq(seq, OP)?;
         let (needed, cow) = self.append_cost(s, tokens.len())?;
         if needed > self.pool.num_available() {
-            return Err(KvError::OutOfBlocks {
+            return Ok(Err(OutOfBlocks {
                 op: OP,
                 needed,
                 free: self.pool.num_available(),
-            });
+            }));
         }
         let bs = self.block_size();
         let mut fresh = self.pool.allocate(OP, needed)?;
@@ -285,9 +298,8 @@ impl KvCacheManager {
         s.tokens.extend_from_slice(tokens);
         s.table.set_num_tokens(s.tokens.len());
         extend_chain(&mut s.hashes, &s.tokens, bs, s.adapter.as_ref());
-        Ok(s.table
-            .slots(old..s.tokens.len())
-            .expect("range lies within the table"))
+        let slots = s.table.slots(old..s.tokens.len());
+        Ok(Ok(slots.expect("range lies within the table")))
     }
 
     /// Records that the K/V of `seq`'s first `num_computed` tokens are written. Full
@@ -377,9 +389,9 @@ impl KvCacheManager {
         }
     }
 
-    /// Adds `n` blocks, reserving their bytes from the budget first
-    /// ([`KvError::Budget`] if they do not fit; nothing changes then).
-    pub fn grow_blocks(&mut self, n: usize) -> Result<(), KvError> {
+    /// Adds `n` blocks, reserving their bytes from the budget first. `Ok(Err(_))` if the
+    /// budget cannot grant them (an expected answer; nothing changes then).
+    pub fn grow_blocks(&mut self, n: usize) -> Result<Result<(), BudgetError>, KvError> {
         if self.pool.num_blocks() + n > u32::MAX as usize {
             return Err(KvError::InvalidConfig {
                 field: "num_blocks",
@@ -387,9 +399,11 @@ impl KvCacheManager {
                 reason: "more blocks than a BlockId (u32) can address",
             });
         }
-        self.storage.grow(n)?;
+        if let Err(e) = self.storage.grow(n) {
+            return Ok(Err(e));
+        }
         self.pool.grow(n);
-        Ok(())
+        Ok(Ok(()))
     }
 
     /// Gives back up to `max` blocks from the top of the pool while they are free or

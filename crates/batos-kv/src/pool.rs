@@ -2,7 +2,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use batos_types::BlockId;
 
-use crate::{BlockHash, KvError};
+use crate::{BlockHash, KvError, OutOfBlocks};
 
 #[derive(Clone, Debug, Default)]
 struct BlockMeta {
@@ -33,7 +33,7 @@ struct BlockMeta {
 /// let both = pool.allocate("demo", 2).unwrap(); // needs every block: evicts `b`
 /// assert_eq!(both.len(), 2);
 /// assert_eq!(pool.lookup(&h), None);
-/// assert!(pool.allocate("demo", 1).unwrap_err().is_out_of_blocks());
+/// assert_eq!(pool.allocate("demo", 1).unwrap_err().free, 0);
 /// ```
 #[derive(Debug, Default)]
 pub struct BlockPool {
@@ -107,10 +107,10 @@ impl BlockPool {
 
     /// Takes `n` blocks (reference count 1 each), from the free list first, then by
     /// evicting the least recently released cached blocks. All or nothing: on
-    /// [`KvError::OutOfBlocks`] (tagged with `op`) nothing changes.
-    pub fn allocate(&mut self, op: &'static str, n: usize) -> Result<Vec<BlockId>, KvError> {
+    /// [`OutOfBlocks`] (tagged with `op`) nothing changes.
+    pub fn allocate(&mut self, op: &'static str, n: usize) -> Result<Vec<BlockId>, OutOfBlocks> {
         if n > self.num_available() {
-            return Err(KvError::OutOfBlocks {
+            return Err(OutOfBlocks {
                 op,
                 needed: n,
                 free: self.num_available(),
@@ -257,7 +257,7 @@ mod tests {
         let err = p.allocate("t", 1).unwrap_err();
         assert_eq!(
             err,
-            KvError::OutOfBlocks {
+            OutOfBlocks {
                 op: "t",
                 needed: 1,
                 free: 0

@@ -1,4 +1,4 @@
-use batos_types::{BlockId, MemoryBudget, Reservation, ReservationKind};
+use batos_types::{BlockId, BudgetError, MemoryBudget, Reservation, ReservationKind};
 
 use crate::{KvCacheConfig, KvError, KvLayout};
 
@@ -127,16 +127,10 @@ impl KvStorage {
         Ok(())
     }
 
-    /// Adds `n` zeroed blocks at the end, reserving their bytes first.
-    pub fn grow(&mut self, n: usize) -> Result<(), KvError> {
-        let bytes = n as u64 * self.bytes_per_block;
-        self.reservation
-            .grow(bytes)
-            .map_err(|source| KvError::Budget {
-                blocks: self.layout.num_blocks + n,
-                bytes: self.reservation.bytes() + bytes,
-                source,
-            })?;
+    /// Adds `n` zeroed blocks at the end, reserving their bytes first; if the budget
+    /// cannot grant them, nothing changes.
+    pub fn grow(&mut self, n: usize) -> Result<(), BudgetError> {
+        self.reservation.grow(n as u64 * self.bytes_per_block)?;
         self.layout.num_blocks += n;
         let len = self.layout.layer_elems();
         for l in &mut self.layers {

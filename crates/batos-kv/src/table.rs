@@ -64,7 +64,7 @@ impl BlockTable {
     /// let shape = KvShape { num_layers: 1, num_kv_heads: 1, head_dim: 8 };
     /// let cfg = KvCacheConfig::new(shape, 1 << 20).unwrap().with_block_size(4).unwrap();
     /// let mut kv = KvCacheManager::new(cfg, &MemoryBudget::new("host", 1 << 20)).unwrap();
-    /// let a = kv.allocate_prompt(&[1, 2, 3, 4, 5, 6], None).unwrap();
+    /// let a = kv.allocate_prompt(&[1, 2, 3, 4, 5, 6], None).unwrap().unwrap();
     /// let t = kv.block_table(a.seq).unwrap();
     /// let b = t.blocks();
     /// let expect: Vec<usize> = (0..6).map(|p| b[p / 4].index() * 4 + p % 4).collect();

@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 
-use batos_kv::{KvCacheManager, KvError, SeqId};
+use batos_kv::{KvCacheManager, OutOfBlocks, SeqId};
 use batos_types::{AdapterGeneration, BlockId, MemoryBudget, ReservationKind};
 use proptest::prelude::*;
 
@@ -170,7 +170,7 @@ fn run(block_size: usize, blocks: usize, ops: Vec<Op>) -> Coverage {
                 tokens.extend(tail);
                 let adapter = ADAPTERS[adapter];
                 let fits = kv.can_allocate(tokens.len());
-                match kv.allocate_prompt(&tokens, adapter) {
+                match kv.allocate_prompt(&tokens, adapter).unwrap() {
                     Ok(a) => {
                         assert!(
                             a.cached_tokens % block_size == 0 && a.cached_tokens < tokens.len()
@@ -182,13 +182,12 @@ fn run(block_size: usize, blocks: usize, ops: Vec<Op>) -> Coverage {
                         model.live.push((a.seq, adapter));
                         compute(&mut kv, a.seq, adapter, a.cached_tokens);
                     }
-                    Err(KvError::OutOfBlocks { needed, free, .. }) => {
+                    Err(OutOfBlocks { needed, free, .. }) => {
                         assert!(!fits, "refused a prompt that can_allocate accepted");
                         assert!(needed > free);
                         assert_eq!(kv.stats(), before);
                         cov.out_of_blocks += 1;
                     }
-                    Err(e) => panic!("unexpected error {e}"),
                 }
             }
             Op::Append { pick, tokens } => {
@@ -198,7 +197,7 @@ fn run(block_size: usize, blocks: usize, ops: Vec<Op>) -> Coverage {
                 let needed = kv.blocks_needed_to_append(seq, tokens.len()).unwrap();
                 let old = kv.tokens(seq).unwrap().len();
                 let old_table = kv.block_table(seq).unwrap().clone();
-                match kv.append_tokens(seq, &tokens) {
+                match kv.append_tokens(seq, &tokens).unwrap() {
                     Ok(slots) => {
                         let last = old_table.blocks().len() - 1;
                         if kv.block_table(seq).unwrap().blocks()[last] != old_table.blocks()[last] {
@@ -216,7 +215,7 @@ fn run(block_size: usize, blocks: usize, ops: Vec<Op>) -> Coverage {
                         check_contents(&kv, seq, adapter);
                         compute(&mut kv, seq, adapter, old);
                     }
-                    Err(KvError::OutOfBlocks {
+                    Err(OutOfBlocks {
                         needed: n, free, ..
                     }) => {
                         assert_eq!(n, needed);
@@ -225,7 +224,6 @@ fn run(block_size: usize, blocks: usize, ops: Vec<Op>) -> Coverage {
                         assert_eq!(kv.tokens(seq).unwrap().len(), old);
                         cov.out_of_blocks += 1;
                     }
-                    Err(e) => panic!("unexpected error {e}"),
                 }
             }
             Op::Fork { pick } => {
@@ -247,14 +245,13 @@ fn run(block_size: usize, blocks: usize, ops: Vec<Op>) -> Coverage {
             }
             Op::Grow { n } => {
                 let room = (budget.available() / cfg.bytes_per_block()) as usize;
-                match kv.grow_blocks(n) {
+                match kv.grow_blocks(n).unwrap() {
                     Ok(()) => assert!(n <= room),
-                    Err(KvError::Budget { .. }) => {
-                        assert!(n > room);
+                    Err(refused) => {
+                        assert!(n > room, "{refused}");
                         assert_eq!(kv.stats(), before);
                         cov.budget_refusals += 1;
                     }
-                    Err(e) => panic!("unexpected error {e}"),
                 }
             }
             Op::Shrink { n } => {
