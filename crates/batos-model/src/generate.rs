@@ -234,7 +234,8 @@ impl<'m> SimpleGenerator<'m> {
                     source,
                 }
             })?;
-            let alloc = self.kv.allocate_prompt(&req.prompt, None)?;
+            // The harness does not preempt: running out of blocks ends the run.
+            let alloc = self.kv.allocate_prompt(&req.prompt, None)??;
             running.push(Running {
                 seq: alloc.seq,
                 prompt: req.prompt.clone(),
@@ -376,7 +377,7 @@ impl<'m> SimpleGenerator<'m> {
             }
             r.finish = finish_check(r, decoder, self.model.dims().max_position)?;
             if r.finish.is_none() {
-                self.kv.append_tokens(r.seq, &[token])?;
+                self.kv.append_tokens(r.seq, &[token])??;
             }
         }
         Ok(())

@@ -162,7 +162,7 @@ fn greedy_continuations_match_reference() {
 }
 
 /// 16 sequences of different lengths (the reference prompts among them), stepped
-/// together with 16-token prefill chunks under a 48-token step budget, so long prompts
+/// together with 8-token prefill chunks under a 32-token step budget, so long prompts
 /// are still prefilling while short ones decode.
 #[test]
 fn mixed_batch_of_16_matches_alone() {
@@ -208,7 +208,7 @@ fn mixed_batch_of_16_matches_alone() {
     assert_eq!(requests.len(), 16);
 
     let batch: Vec<GenerationRequest> = requests.iter().map(|(r, _)| r.clone()).collect();
-    let mut gen = generator(&real.model, 96, 16, 48);
+    let mut gen = generator(&real.model, 96, 8, 32);
     let mixed = gen.generate_batch(&batch, None).unwrap();
     assert!(gen.stats().mixed_steps > 0, "{:?}", gen.stats());
 

@@ -75,10 +75,13 @@ pub enum ForwardError {
         #[source]
         source: batos_kernels::KernelError,
     },
-    /// The paged KV cache refused an operation of the generation harness (out of
-    /// blocks included: the harness does not preempt).
+    /// The paged KV cache failed an operation of the generation harness.
     #[error("KV cache: {0}")]
     Kv(#[from] batos_kv::KvError),
+    /// The generation harness ran out of KV blocks (it does not preempt; the engine's
+    /// scheduler does).
+    #[error("generation harness: {0}")]
+    OutOfBlocks(#[from] batos_kv::OutOfBlocks),
     /// A generation request with no prompt tokens.
     #[error("request {request}: the prompt is empty")]
     EmptyPrompt { request: usize },
