@@ -216,3 +216,23 @@ fn bad_requests_are_typed_errors() {
         4
     );
 }
+
+/// A repeated prompt reuses the cached K/V of its full blocks and continues the same.
+#[test]
+fn prefix_cache_hit_gives_the_same_tokens() {
+    let synth = SyntheticLlama::new(LlamaConfig::new(tiny_params()).unwrap(), 27);
+    let model = synth.model(WeightDType::F32).unwrap();
+    let d = *model.dims();
+    let prompt = tokens(41, 6, d.vocab_size);
+    let params = GenerationParams::greedy(10);
+    let mut gen = SimpleGenerator::new(&model, kv_manager(&d, 16, 8), config(16, 64));
+    let first = gen.generate(&prompt, &params, None).unwrap();
+    assert_eq!(first.cached_prompt_tokens, 0);
+    let again = gen.generate(&prompt, &params, None).unwrap();
+    assert_eq!(
+        again.cached_prompt_tokens, 40,
+        "five full blocks of 8 reused"
+    );
+    assert_eq!(gen.stats().prefill_tokens, 41 + 1);
+    assert_eq!(again.tokens, first.tokens);
+}
