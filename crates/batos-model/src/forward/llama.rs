@@ -139,7 +139,7 @@ pub struct LlamaModel {
     lm_head: Option<Matrix>,
 }
 
-/// Per-step activations, allocated once per call.
+/// Per-step activations `[rows, width]`, allocated once per call.
 struct Scratch {
     x: Vec<f32>,
     h: Vec<f32>,
@@ -159,7 +159,11 @@ struct Scratch {
 struct Step<'a> {
     kern: &'a dyn Kernels,
     plan: &'a StepPlan,
+    /// Attention of every new token.
     seqs: &'a [SeqAttention<'a>],
+    /// Attention of the tokens that need logits, numbered by output row (the last
+    /// layer computes only these; see [`Scratch::keep_rows`]).
+    logits_seqs: &'a [SeqAttention<'a>],
     layout: KvCacheLayout,
 }
 
@@ -396,10 +400,23 @@ impl LlamaModel {
                 query_len: rows.len(),
             })
             .collect();
+        let logits_seqs: Vec<SeqAttention<'_>> = batch
+            .seqs
+            .iter()
+            .zip(&plan.output_rows)
+            .filter(|(_, rows)| !rows.is_empty())
+            .map(|(step, rows)| SeqAttention {
+                block_table: &step.block_table,
+                context_len: step.context_len(),
+                query_start: rows.start,
+                query_len: rows.len(),
+            })
+            .collect();
         let step = Step {
             kern,
             plan: &plan,
             seqs: &seqs,
+            logits_seqs: &logits_seqs,
             layout,
         };
 
@@ -411,18 +428,24 @@ impl LlamaModel {
                 expected: self.dims.num_layers,
                 got: i,
             })?;
-            self.attention_block(&step, layer, (k_cache, v_cache), &mut s)?;
-            self.mlp_block(kern, layer, &mut s)?;
+            let last = i + 1 == self.layers.len();
+            self.attention_block(&step, layer, (k_cache, v_cache), &mut s, last)?;
+            if !s.x.is_empty() {
+                self.mlp_block(kern, layer, &mut s)?;
+            }
         }
         self.logits(kern, &plan, &s.x)
     }
 
+    /// Attention and its residual. In the `last` layer only the tokens that need
+    /// logits go on past the K/V write: nothing after it reads the others.
     fn attention_block(
         &self,
         step: &Step<'_>,
         layer: &LlamaLayer,
         (k_cache, v_cache): (&mut [f32], &mut [f32]),
         s: &mut Scratch,
+        last: bool,
     ) -> Result<(), ForwardError> {
         let (d, kern, plan) = (&self.dims, step.kern, step.plan);
         let (qw, kvw) = (d.q_width(), d.kv_width());
@@ -440,12 +463,20 @@ impl LlamaModel {
             .map_err(kernel("rope"))?;
         kern.write_kv(&s.k, &s.v, &plan.slots, k_cache, v_cache, &step.layout)
             .map_err(kernel("write_kv"))?;
+        let mut seqs = step.seqs;
+        if last && plan.logits_rows.len() < plan.token_ids.len() {
+            s.keep_rows(&plan.logits_rows, d);
+            seqs = step.logits_seqs;
+            if s.x.is_empty() {
+                return Ok(());
+            }
+        }
         let cache = KvCache {
             k: k_cache,
             v: v_cache,
             layout: step.layout,
         };
-        kern.paged_attention(&s.q, &self.heads, &cache, step.seqs, &mut s.attn)
+        kern.paged_attention(&s.q, &self.heads, &cache, seqs, &mut s.attn)
             .map_err(kernel("paged_attention"))?;
         kern.matmul(&s.attn, &layer.o_proj.view(), &mut s.proj)
             .map_err(kernel("o_proj"))?;
@@ -477,7 +508,8 @@ impl LlamaModel {
         Ok(())
     }
 
-    /// Final norm and the output projection, only for the rows that asked for logits.
+    /// Final norm and the output projection. `x` holds exactly the rows that asked
+    /// for logits, in output order (the last layer kept only those).
     fn logits(
         &self,
         kern: &dyn Kernels,
@@ -485,16 +517,12 @@ impl LlamaModel {
         x: &[f32],
     ) -> Result<ForwardOutput, ForwardError> {
         let d = &self.dims;
-        let hid = d.hidden_size;
         let rows = plan.logits_rows.len();
-        let mut picked = Vec::with_capacity(rows * hid);
-        for &r in &plan.logits_rows {
-            picked.extend_from_slice(&x[r * hid..(r + 1) * hid]);
-        }
-        let mut normed = vec![0.0; rows * hid];
+        debug_assert_eq!(x.len(), rows * d.hidden_size);
+        let mut normed = vec![0.0; x.len()];
         let mut logits = vec![0.0; rows * d.vocab_size];
         if rows > 0 {
-            kern.rms_norm(&picked, &self.final_norm, d.rms_norm_eps, &mut normed)
+            kern.rms_norm(x, &self.final_norm, d.rms_norm_eps, &mut normed)
                 .map_err(kernel("final rms_norm"))?;
             let head = self.lm_head.as_ref().unwrap_or(&self.embed);
             kern.matmul(&normed, &head.view(), &mut logits)
@@ -505,6 +533,30 @@ impl LlamaModel {
             vocab_size: d.vocab_size,
             seq_rows: plan.output_rows.clone(),
         })
+    }
+}
+
+impl Scratch {
+    /// Keeps rows `rows` (ascending) of the residual stream and the queries, moved to
+    /// the front, and shrinks every buffer to that many rows.
+    fn keep_rows(&mut self, rows: &[usize], d: &LlamaDims) {
+        let (hid, qw) = (d.hidden_size, d.q_width());
+        for (dst, &src) in rows.iter().enumerate() {
+            // Ascending rows: `src >= dst`, so each copy reads a row not yet overwritten.
+            self.x.copy_within(src * hid..(src + 1) * hid, dst * hid);
+            self.q.copy_within(src * qw..(src + 1) * qw, dst * qw);
+        }
+        let n = rows.len();
+        let ffn = d.intermediate_size;
+        self.x.truncate(n * hid);
+        self.h.truncate(n * hid);
+        self.q.truncate(n * qw);
+        self.attn.truncate(n * qw);
+        self.proj.truncate(n * hid);
+        self.gate_up.truncate(n * 2 * ffn);
+        self.gate.truncate(n * ffn);
+        self.up.truncate(n * ffn);
+        self.act.truncate(n * ffn);
     }
 }
 
