@@ -10,7 +10,8 @@ use crate::KvCache;
 use std::cell::RefCell;
 
 thread_local! {
-    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// Per-thread scratch: attention scores and K/V row offsets.
+    static SCRATCH: RefCell<(Vec<f32>, Vec<usize>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// Same contract as [`super::reference::paged_attention`]; arguments already checked.
@@ -43,29 +44,12 @@ pub(crate) fn paged_attention(
         let Some((si, pos)) = owner[row] else { return };
         let s = &seqs[si];
         let ctx = pos + 1;
-        SCORES.with(|cell| {
-            let mut scores = cell.borrow_mut();
-            scores.clear();
-            scores.resize(g * ctx, 0.0);
+        SCRATCH.with(|cell| {
+            let (scores, offsets) = &mut *cell.borrow_mut();
+            offsets.clear();
+            offsets.extend((0..ctx).map(|p| kv_offset(&cache.layout, s, p, kv_head)));
             let qrow = &q[row * qw + kv_head * chunk..][..chunk];
-            for p in 0..ctx {
-                let base = kv_offset(&cache.layout, s, p, kv_head);
-                let k = &cache.k[base..base + hd];
-                for h in 0..g {
-                    scores[h * ctx + p] = avx.dot(&qrow[h * hd..(h + 1) * hd], k) * scale;
-                }
-            }
-            for h in 0..g {
-                avx.softmax(&mut scores[h * ctx..(h + 1) * ctx]);
-            }
-            o.fill(0.0);
-            for p in 0..ctx {
-                let base = kv_offset(&cache.layout, s, p, kv_head);
-                let v = &cache.v[base..base + hd];
-                for h in 0..g {
-                    avx.axpy(scores[h * ctx + p], v, &mut o[h * hd..(h + 1) * hd]);
-                }
-            }
+            avx.attend(qrow, g, hd, cache.k, cache.v, offsets, scale, scores, o);
         });
     });
 }

@@ -16,7 +16,16 @@ use std::arch::x86_64::*;
 /// Proof that this CPU has AVX2, FMA and F16C. Only [`Avx2::detect`] creates it, so
 /// holding one makes calling the `target_feature` functions below sound.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct Avx2(());
+pub(crate) struct Avx2(Token);
+
+/// Constructible only where the AVX2 code exists: elsewhere an empty enum, so every
+/// `Avx2` method there is statically unreachable.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy, Debug)]
+struct Token;
+#[cfg(not(target_arch = "x86_64"))]
+#[derive(Clone, Copy, Debug)]
+enum Token {}
 
 impl Avx2 {
     /// `Some` when the running CPU supports AVX2, FMA and F16C (checked once).
@@ -34,18 +43,29 @@ impl Avx2 {
                 false
             }
         });
-        has.then_some(Avx2(()))
+        #[cfg(target_arch = "x86_64")]
+        {
+            has.then_some(Avx2(Token))
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = has;
+            None
+        }
     }
 }
 
 /// A `*mut f32` that may cross threads. Users guarantee that concurrent writers touch
 /// disjoint elements and that the pointee outlives every use.
+#[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
 pub(crate) struct SendPtr(pub(crate) *mut f32);
 // SAFETY: the pointer is only dereferenced under the disjoint-write discipline
 // documented on each use; the type itself carries no aliasing.
+#[cfg(target_arch = "x86_64")]
 unsafe impl Send for SendPtr {}
 // SAFETY: as above.
+#[cfg(target_arch = "x86_64")]
 unsafe impl Sync for SendPtr {}
 
 #[cfg(target_arch = "x86_64")]
@@ -60,8 +80,6 @@ mod imp {
         /// `p..p+8` must be readable and the CPU must have AVX2/F16C.
         unsafe fn load8(p: *const Self) -> __m256;
         fn widen(self) -> f32;
-        /// Whether this is already f32 (no conversion pass worth doing).
-        const IS_F32: bool;
     }
 
     impl Elem for f32 {
@@ -73,7 +91,6 @@ mod imp {
         fn widen(self) -> f32 {
             self
         }
-        const IS_F32: bool = true;
     }
 
     impl Elem for f16 {
@@ -85,7 +102,6 @@ mod imp {
         fn widen(self) -> f32 {
             self.to_f32()
         }
-        const IS_F32: bool = false;
     }
 
     impl Elem for bf16 {
@@ -101,7 +117,6 @@ mod imp {
         fn widen(self) -> f32 {
             self.to_f32()
         }
-        const IS_F32: bool = false;
     }
 
     /// Sum of the 8 lanes.
@@ -201,13 +216,29 @@ mod imp {
         j1: usize,
         out: SendPtr,
     ) {
-        let convert = !W::IS_F32 && t >= 4;
-        let mut scratch: Vec<f32> = if convert {
-            vec![0.0; 4 * k]
-        } else {
-            Vec::new()
-        };
         let xp = x.as_ptr();
+        if t < 4 {
+            // Decode-sized batches are bound by DRAM bandwidth: stream one weight row
+            // at a time (strictly sequential reads; interleaving several rows measured
+            // 2-3x slower from DRAM here) against all `t` tokens.
+            for j in j0..j1 {
+                let wr = w[j * k..(j + 1) * k].as_ptr();
+                // SAFETY: forwarded from this function's contract.
+                unsafe {
+                    let o = out.0.add(j);
+                    match t {
+                        1 => row_dots::<W, 1>(xp, k, wr, o, n),
+                        2 => row_dots::<W, 2>(xp, k, wr, o, n),
+                        _ => row_dots::<W, 3>(xp, k, wr, o, n),
+                    }
+                }
+            }
+            return;
+        }
+        // Larger batches are compute-bound: widen (or copy) four weight rows at a time
+        // into an L1-resident f32 panel, read sequentially, and run register-blocked
+        // 3x4 tiles over a block of tokens.
+        let mut scratch = vec![0.0f32; 4 * k];
         let mut tb0 = 0;
         while tb0 < t {
             let tb1 = (tb0 + TB).min(t);
@@ -215,22 +246,59 @@ mod imp {
             while j < j1 {
                 let nr = (j1 - j).min(4);
                 let wrows = &w[j * k..(j + nr) * k];
-                if convert {
-                    for (d, s) in scratch.iter_mut().zip(wrows) {
-                        *d = s.widen();
-                    }
-                    // SAFETY: forwarded from this function's contract; the scratch
-                    // holds `nr` rows of `k` floats.
-                    unsafe {
-                        row_group::<f32>(xp, k, scratch.as_ptr(), nr, tb0, tb1, out.0.add(j), n)
-                    };
-                } else {
-                    // SAFETY: forwarded from this function's contract.
-                    unsafe { row_group::<W>(xp, k, wrows.as_ptr(), nr, tb0, tb1, out.0.add(j), n) };
-                }
+                // SAFETY: features as promised by this function's contract.
+                unsafe { widen_row(wrows, &mut scratch[..nr * k]) };
+                // SAFETY: forwarded from this function's contract; the scratch holds
+                // `nr` rows of `k` floats.
+                unsafe { row_group::<f32>(xp, k, scratch.as_ptr(), nr, tb0, tb1, out.0.add(j), n) };
                 j += nr;
             }
             tb0 = tb1;
+        }
+    }
+
+    /// `out[i*ldo] = x[i]·w` for the `MR` token rows of `x` and one weight row `w`,
+    /// 16 elements per step in two accumulator chains per token.
+    ///
+    /// # Safety
+    /// AVX2/FMA/F16C present; `x` has `MR` rows of `k`, `w` has `k` elements, `out`
+    /// has `MR` writable elements at stride `ldo` no other thread touches.
+    #[inline(always)]
+    unsafe fn row_dots<W: Elem, const MR: usize>(
+        x: *const f32,
+        k: usize,
+        w: *const W,
+        out: *mut f32,
+        ldo: usize,
+    ) {
+        // SAFETY: offsets stay inside the rows the caller vouched for.
+        unsafe {
+            let mut acc = [[_mm256_setzero_ps(); 2]; MR];
+            let mut p = 0;
+            while p + 16 <= k {
+                let w0 = W::load8(w.add(p));
+                let w1 = W::load8(w.add(p + 8));
+                for (i, a) in acc.iter_mut().enumerate() {
+                    let xi = x.add(i * k + p);
+                    a[0] = _mm256_fmadd_ps(_mm256_loadu_ps(xi), w0, a[0]);
+                    a[1] = _mm256_fmadd_ps(_mm256_loadu_ps(xi.add(8)), w1, a[1]);
+                }
+                p += 16;
+            }
+            if p + 8 <= k {
+                let w0 = W::load8(w.add(p));
+                for (i, a) in acc.iter_mut().enumerate() {
+                    a[0] = _mm256_fmadd_ps(_mm256_loadu_ps(x.add(i * k + p)), w0, a[0]);
+                }
+                p += 8;
+            }
+            for (i, a) in acc.iter().enumerate() {
+                let mut sum = hsum(_mm256_add_ps(a[0], a[1]));
+                for q in p..k {
+                    sum += *x.add(i * k + q) * (*w.add(q)).widen();
+                }
+                *out.add(i * ldo) = sum;
+            }
         }
     }
 
@@ -309,27 +377,6 @@ mod imp {
                 i += 1;
             }
             sum
-        }
-    }
-
-    /// `y[i] += alpha · x[i]`.
-    #[target_feature(enable = "avx2,fma")]
-    pub(crate) unsafe fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
-        let n = x.len().min(y.len());
-        // SAFETY: offsets stay below n.
-        unsafe {
-            let (px, py) = (x.as_ptr(), y.as_mut_ptr());
-            let a = _mm256_set1_ps(alpha);
-            let mut i = 0;
-            while i + 8 <= n {
-                let v = _mm256_fmadd_ps(a, _mm256_loadu_ps(px.add(i)), _mm256_loadu_ps(py.add(i)));
-                _mm256_storeu_ps(py.add(i), v);
-                i += 8;
-            }
-            while i < n {
-                *py.add(i) += alpha * *px.add(i);
-                i += 1;
-            }
         }
     }
 
@@ -480,6 +527,171 @@ mod imp {
         }
     }
 
+    /// Hints the cache lines of `len` floats at `p` into L1 (a hint: never faults).
+    #[inline(always)]
+    unsafe fn prefetch_row(p: *const f32, len: usize) {
+        let mut o = 0;
+        while o < len {
+            // SAFETY: prefetch never faults, whatever the address.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(o) as *const i8) };
+            o += 16;
+        }
+    }
+
+    /// Attention of the `g` query heads of one KV head for one query row:
+    /// `out[h] = softmax(scale · q[h]·K) · V` over the positions whose K/V rows start
+    /// at `offsets` in `k` / `v`. `scores` is scratch.
+    ///
+    /// # Safety
+    /// AVX2/FMA present. `q` and `out` hold `g * hd` floats; every `offsets[p] + hd`
+    /// is within both `k` and `v` (checked by the caller's validation).
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn attend(
+        q: &[f32],
+        g: usize,
+        hd: usize,
+        k: &[f32],
+        v: &[f32],
+        offsets: &[usize],
+        scale: f32,
+        scores: &mut Vec<f32>,
+        out: &mut [f32],
+    ) {
+        let ctx = offsets.len();
+        scores.clear();
+        scores.resize(g * ctx, 0.0);
+        let hv = hd & !7;
+        // SAFETY: q/out are g*hd long; k/v rows are hd long at each offset (contract);
+        // score indices are < g*ctx.
+        unsafe {
+            let (kp, vp, qp) = (k.as_ptr(), v.as_ptr(), q.as_ptr());
+            let sp = scores.as_mut_ptr();
+            // Scores, four positions at a time: four independent FMA chains per head
+            // and one horizontal reduction for all four.
+            let mut p = 0;
+            while p + 4 <= ctx {
+                let kr = [
+                    kp.add(offsets[p]),
+                    kp.add(offsets[p + 1]),
+                    kp.add(offsets[p + 2]),
+                    kp.add(offsets[p + 3]),
+                ];
+                // Pull K rows a few positions ahead into cache: paged rows are
+                // scattered, so the hardware prefetcher cannot guess them.
+                if p + 12 <= ctx {
+                    for &o in &offsets[p + 8..p + 12] {
+                        prefetch_row(kp.add(o), hd);
+                    }
+                }
+                for h in 0..g {
+                    let qh = qp.add(h * hd);
+                    let mut acc = [_mm256_setzero_ps(); 4];
+                    let mut d = 0;
+                    while d < hv {
+                        let qv = _mm256_loadu_ps(qh.add(d));
+                        for (a, r) in acc.iter_mut().zip(&kr) {
+                            *a = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r.add(d)), *a);
+                        }
+                        d += 8;
+                    }
+                    let mut four = [0f32; 4];
+                    _mm_storeu_ps(four.as_mut_ptr(), hsum4(acc[0], acc[1], acc[2], acc[3]));
+                    for (j, (f, r)) in four.iter_mut().zip(&kr).enumerate() {
+                        for d in hv..hd {
+                            *f += *qh.add(d) * *r.add(d);
+                        }
+                        *sp.add(h * ctx + p + j) = *f * scale;
+                    }
+                }
+                p += 4;
+            }
+            while p < ctx {
+                let kr = kp.add(offsets[p]);
+                for h in 0..g {
+                    let qh = qp.add(h * hd);
+                    let mut a = _mm256_setzero_ps();
+                    let mut d = 0;
+                    while d < hv {
+                        a = _mm256_fmadd_ps(
+                            _mm256_loadu_ps(qh.add(d)),
+                            _mm256_loadu_ps(kr.add(d)),
+                            a,
+                        );
+                        d += 8;
+                    }
+                    let mut sdot = hsum(a);
+                    for d in hv..hd {
+                        sdot += *qh.add(d) * *kr.add(d);
+                    }
+                    *sp.add(h * ctx + p) = sdot * scale;
+                }
+                p += 1;
+            }
+            for h in 0..g {
+                softmax(&mut scores[h * ctx..(h + 1) * ctx]);
+            }
+            let sp = scores.as_ptr();
+            let op = out.as_mut_ptr();
+            // Weighted sum of V rows, 32 output dims at a time in registers.
+            for h in 0..g {
+                let wts = sp.add(h * ctx);
+                let oh = op.add(h * hd);
+                let mut d0 = 0;
+                while d0 + 64 <= hv {
+                    let mut acc = [_mm256_setzero_ps(); 8];
+                    for (p, &off) in offsets.iter().enumerate() {
+                        if let Some(&ahead) = offsets.get(p + 8) {
+                            prefetch_row(vp.add(ahead + d0), 64);
+                        }
+                        let wv = _mm256_set1_ps(*wts.add(p));
+                        let vr = vp.add(off + d0);
+                        for (j, a) in acc.iter_mut().enumerate() {
+                            *a = _mm256_fmadd_ps(wv, _mm256_loadu_ps(vr.add(8 * j)), *a);
+                        }
+                    }
+                    for (j, a) in acc.iter().enumerate() {
+                        _mm256_storeu_ps(oh.add(d0 + 8 * j), *a);
+                    }
+                    d0 += 64;
+                }
+                while d0 + 32 <= hv {
+                    let mut acc = [_mm256_setzero_ps(); 4];
+                    for (p, &off) in offsets.iter().enumerate() {
+                        let wv = _mm256_set1_ps(*wts.add(p));
+                        let vr = vp.add(off + d0);
+                        for (j, a) in acc.iter_mut().enumerate() {
+                            *a = _mm256_fmadd_ps(wv, _mm256_loadu_ps(vr.add(8 * j)), *a);
+                        }
+                    }
+                    for (j, a) in acc.iter().enumerate() {
+                        _mm256_storeu_ps(oh.add(d0 + 8 * j), *a);
+                    }
+                    d0 += 32;
+                }
+                while d0 + 8 <= hv {
+                    let mut a = _mm256_setzero_ps();
+                    for (p, &off) in offsets.iter().enumerate() {
+                        a = _mm256_fmadd_ps(
+                            _mm256_set1_ps(*wts.add(p)),
+                            _mm256_loadu_ps(vp.add(off + d0)),
+                            a,
+                        );
+                    }
+                    _mm256_storeu_ps(oh.add(d0), a);
+                    d0 += 8;
+                }
+                for d in hv..hd {
+                    let mut a = 0f32;
+                    for (p, &off) in offsets.iter().enumerate() {
+                        a += *wts.add(p) * *vp.add(off + d);
+                    }
+                    *oh.add(d) = a;
+                }
+            }
+        }
+    }
+
     /// Widens a row of weights to f32 (embedding gather).
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(crate) unsafe fn widen_row<W: Elem>(src: &[W], dst: &mut [f32]) {
@@ -540,7 +752,9 @@ impl Avx2 {
         let threads = super::par::num_threads();
         let flops = t * n * k;
         // Small products are not worth waking threads for.
-        let tasks = if flops < 1 << 16 || threads == 1 {
+        // Waking a thread costs ~10 µs here; below ~128K multiply-adds (a 192x576
+        // matvec) one thread finishes sooner.
+        let tasks = if flops < 1 << 17 || threads == 1 {
             1
         } else if t < 8 {
             // Memory-bound: one contiguous stream of weight rows per thread.
@@ -560,16 +774,6 @@ impl Avx2 {
         });
     }
 
-    pub(crate) fn dot(self, a: &[f32], b: &[f32]) -> f32 {
-        // SAFETY: the token proves AVX2/FMA; slices bound every access.
-        unsafe { imp::dot(a, b) }
-    }
-
-    pub(crate) fn axpy(self, alpha: f32, x: &[f32], y: &mut [f32]) {
-        // SAFETY: as above.
-        unsafe { imp::axpy(alpha, x, y) }
-    }
-
     pub(crate) fn silu_mul(self, gate: &[f32], up: &[f32], out: &mut [f32]) {
         // SAFETY: as above.
         unsafe { imp::silu_mul(gate, up, out) }
@@ -585,8 +789,76 @@ impl Avx2 {
         unsafe { imp::softmax(x) }
     }
 
+    /// See [`imp::attend`]; panics (instead of reading out of bounds) if an offset
+    /// row does not fit in `k`/`v` or `q`/`out` are not `g * hd` long.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn attend(
+        self,
+        q: &[f32],
+        g: usize,
+        hd: usize,
+        k: &[f32],
+        v: &[f32],
+        offsets: &[usize],
+        scale: f32,
+        scores: &mut Vec<f32>,
+        out: &mut [f32],
+    ) {
+        assert!(q.len() == g * hd && out.len() == g * hd);
+        let lim = k.len().min(v.len());
+        assert!(offsets.iter().all(|&o| o + hd <= lim));
+        // SAFETY: the token proves the features; the asserts are the contract.
+        unsafe { imp::attend(q, g, hd, k, v, offsets, scale, scores, out) }
+    }
+
     pub(crate) fn widen_row<W: Elem>(self, src: &[W], dst: &mut [f32]) {
         // SAFETY: as above (F16C included in the token).
         unsafe { imp::widen_row(src, dst) }
     }
 }
+
+/// Other architectures: no SIMD path; the token cannot exist, so these are never called.
+#[cfg(not(target_arch = "x86_64"))]
+mod fallback {
+    use super::Avx2;
+
+    pub(crate) trait Elem: Copy + Send + Sync + 'static {}
+    impl Elem for f32 {}
+    impl Elem for half::f16 {}
+    impl Elem for half::bf16 {}
+
+    #[allow(clippy::too_many_arguments)]
+    impl Avx2 {
+        pub(crate) fn matmul<W: Elem>(self, _: &[f32], _: usize, _: &[W], _: usize, _: &mut [f32]) {
+            match self.0 {}
+        }
+        pub(crate) fn silu_mul(self, _: &[f32], _: &[f32], _: &mut [f32]) {
+            match self.0 {}
+        }
+        pub(crate) fn rms_norm_row(self, _: &[f32], _: &[f32], _: f32, _: &mut [f32]) {
+            match self.0 {}
+        }
+        pub(crate) fn softmax(self, _: &mut [f32]) {
+            match self.0 {}
+        }
+        pub(crate) fn attend(
+            self,
+            _: &[f32],
+            _: usize,
+            _: usize,
+            _: &[f32],
+            _: &[f32],
+            _: &[usize],
+            _: f32,
+            _: &mut Vec<f32>,
+            _: &mut [f32],
+        ) {
+            match self.0 {}
+        }
+        pub(crate) fn widen_row<W: Elem>(self, _: &[W], _: &mut [f32]) {
+            match self.0 {}
+        }
+    }
+}
+#[cfg(not(target_arch = "x86_64"))]
+pub(crate) use fallback::Elem;
