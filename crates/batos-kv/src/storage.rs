@@ -129,7 +129,8 @@ impl KvStorage {
 
     /// Adds `n` zeroed blocks at the end, reserving their bytes first; if the budget
     /// cannot grant them, nothing changes.
-    pub fn grow(&mut self, n: usize) -> Result<(), BudgetError> {
+    // Crate-only: the pool must grow in step (see `KvCacheManager::grow_blocks`).
+    pub(crate) fn grow(&mut self, n: usize) -> Result<(), BudgetError> {
         self.reservation.grow(n as u64 * self.bytes_per_block)?;
         self.layout.num_blocks += n;
         let len = self.layout.layer_elems();
@@ -141,7 +142,7 @@ impl KvStorage {
     }
 
     /// Drops the last `n` blocks (at most all of them) and returns their bytes.
-    pub fn shrink(&mut self, n: usize) {
+    pub(crate) fn shrink(&mut self, n: usize) {
         let n = n.min(self.layout.num_blocks);
         self.layout.num_blocks -= n;
         let len = self.layout.layer_elems();
