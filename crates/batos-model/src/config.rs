@@ -35,9 +35,11 @@ pub enum RopeScaling {
     Llama3 {
         /// Scale for low frequencies.
         factor: f32,
-        /// Wavelength bound (as a fraction of the original context) below which...
+        /// Wavelengths longer than `original_max_position_embeddings / low_freq_factor` are
+        /// divided by `factor`.
         low_freq_factor: f32,
-        /// ...and above which frequencies are interpolated smoothly.
+        /// Wavelengths shorter than `original_max_position_embeddings / high_freq_factor` are
+        /// kept; those in between are interpolated smoothly.
         high_freq_factor: f32,
         /// The pre-training context length.
         original_max_position_embeddings: usize,

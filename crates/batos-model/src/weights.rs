@@ -318,7 +318,9 @@ pub struct ModelWeights {
 
 impl ModelWeights {
     /// Assembles weights from `(role, tensor)` pairs (any order), checking that every tensor
-    /// the config needs is present with the implied shape. `source` names where the tensors
+    /// the config needs is present with the implied shape. This is also how to build a
+    /// synthetic model in code (iterate [`TensorRole::all_for`] and
+    /// [`TensorRole::expected_shape`]), or to rebuild one read back from storage. `source` names where the tensors
     /// came from, for error messages. A `LmHead` for a tied config is dropped (some
     /// checkpoints store the tied copy).
     pub fn from_tensors(

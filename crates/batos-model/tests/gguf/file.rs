@@ -124,6 +124,20 @@ fn round_trip_metadata_and_tensors() {
 }
 
 #[test]
+fn version_2_files_are_read() {
+    // v2 and v3 share the little-endian layout (v3 only added big-endian files).
+    let dir = tempfile::tempdir().unwrap();
+    let mut b = sample_writer().to_bytes();
+    b[4..8].copy_from_slice(&2u32.to_le_bytes());
+    let g = GgufFile::open(write(dir.path(), "v2.gguf", &b)).unwrap();
+    assert_eq!(g.version(), 2);
+    assert_eq!(
+        g.tensor_f32(g.tensor("b").unwrap()).unwrap(),
+        vec![0.5, -1.0, 2.0]
+    );
+}
+
+#[test]
 fn custom_alignment_is_honoured() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("t.gguf");
