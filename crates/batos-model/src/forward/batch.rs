@@ -35,7 +35,9 @@ pub struct SeqStep {
     /// The sequence's blocks, covering at least `num_cached + token_ids.len()` tokens.
     pub block_table: Vec<BlockId>,
     /// The hot LoRA slot every token of this sequence uses; `None` runs the base model.
-    /// Flattened to one entry per token by [`ForwardBatch::token_adapters`].
+    /// Flattened to one entry per token by [`ForwardBatch::token_adapters`]. Until the
+    /// batched LoRA kernels land, a step naming a slot is refused
+    /// ([`ForwardError::AdapterUnsupported`]) rather than silently run on the base.
     pub adapter: Option<SlotIdx>,
     /// Which new tokens get logits.
     pub logits: LogitsRows,
@@ -156,6 +158,9 @@ impl StepPlan {
             let n = step.token_ids.len();
             if n == 0 {
                 return Err(ForwardError::NoNewTokens { seq });
+            }
+            if let Some(slot) = step.adapter {
+                return Err(ForwardError::AdapterUnsupported { seq, slot });
             }
             let context_len = step.context_len();
             if context_len > limits.max_position {
@@ -331,6 +336,15 @@ mod tests {
                 SeqStep::new(vec![1], 0, vec![BlockId(0)]),
             ])),
             ForwardError::SlotWrittenTwice { seq: 1, slot: 0 }
+        ));
+        let mut lora = SeqStep::new(vec![1], 0, vec![BlockId(0)]);
+        lora.adapter = Some(SlotIdx(3));
+        assert!(matches!(
+            err(ForwardBatch::new(vec![lora])),
+            ForwardError::AdapterUnsupported {
+                seq: 0,
+                slot: SlotIdx(3)
+            }
         ));
     }
 }
