@@ -236,20 +236,23 @@ impl ForwardOutput {
         self.seq_rows.last().map_or(0, |r| r.end)
     }
 
-    /// One row of logits.
-    pub fn row(&self, row: usize) -> &[f32] {
-        &self.logits[row * self.vocab_size..(row + 1) * self.vocab_size]
+    /// One row of logits; `None` past the last row.
+    pub fn row(&self, row: usize) -> Option<&[f32]> {
+        self.logits
+            .get(row * self.vocab_size..(row + 1) * self.vocab_size)
     }
 
-    /// The logits rows of sequence `seq` (empty when it asked for none).
-    pub fn seq_logits(&self, seq: usize) -> impl ExactSizeIterator<Item = &[f32]> {
-        self.seq_rows[seq].clone().map(|r| self.row(r))
+    /// The logits rows of sequence `seq` (empty when it asked for none); `None` when the
+    /// batch had no sequence `seq`.
+    pub fn seq_logits(&self, seq: usize) -> Option<impl ExactSizeIterator<Item = &[f32]>> {
+        let rows = self.seq_rows.get(seq)?.clone();
+        Some(rows.map(|r| &self.logits[r * self.vocab_size..(r + 1) * self.vocab_size]))
     }
 
     /// The logits of sequence `seq`'s last new token, when it asked for any.
     pub fn last_logits(&self, seq: usize) -> Option<&[f32]> {
         let rows = self.seq_rows.get(seq)?;
-        (!rows.is_empty()).then(|| self.row(rows.end - 1))
+        rows.clone().last().and_then(|r| self.row(r))
     }
 }
 
