@@ -136,7 +136,7 @@ where
         Some(Node::Leaf {
             keys,
             vals,
-            next: cn.clone(),
+            next: *cn,
         })
     }
 }

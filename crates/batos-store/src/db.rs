@@ -338,14 +338,7 @@ impl Db {
             .write(true)
             .open(&lock_path)
             .map_err(|e| StoreError::io("open lock file", &lock_path, e))?;
-        match fs4::fs_std::FileExt::try_lock_exclusive(&lock) {
-            Ok(true) => {}
-            Ok(false) => return Err(StoreError::Locked { path }),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                return Err(StoreError::Locked { path })
-            }
-            Err(e) => return Err(StoreError::io("lock image", &lock_path, e)),
-        }
+        lock_image(&lock, &lock_path, &path)?;
         let log_dir = path.join("log");
         let blob_dir = path.join("blobs");
         let tmp_dir = blob_dir.join("tmp");
@@ -560,6 +553,28 @@ impl Db {
     /// end to end. Returns the first problem as a typed error.
     pub fn verify(&self) -> Result<VerifyReport> {
         self.inner.verify()
+    }
+}
+
+/// Takes the image's exclusive lock. A forked child shares our lock until it execs (or
+/// exits), so a lock that was just released may still look held for a moment: retry
+/// briefly before reporting another opener.
+fn lock_image(lock: &File, lock_path: &Path, image: &Path) -> Result<()> {
+    const PATIENCE: std::time::Duration = std::time::Duration::from_millis(250);
+    let started = std::time::Instant::now();
+    loop {
+        let held = match fs4::fs_std::FileExt::try_lock_exclusive(lock) {
+            Ok(true) => return Ok(()),
+            Ok(false) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => true,
+            Err(e) => return Err(StoreError::io("lock image", lock_path, e)),
+        };
+        if held && started.elapsed() >= PATIENCE {
+            return Err(StoreError::Locked {
+                path: image.to_path_buf(),
+            });
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
     }
 }
 

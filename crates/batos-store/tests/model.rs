@@ -164,8 +164,8 @@ impl Harness {
     fn check_committed(&self, m: &Model) {
         let t = self.db().begin();
         assert_eq!(t.snapshot().get(), m.last_tid);
-        for k in 0..KEYS {
-            assert_eq!(t.get::<u64>(self.oids[k]).unwrap(), m.vals[k], "key {k}");
+        for (k, (oid, want)) in self.oids.iter().zip(m.vals).enumerate() {
+            assert_eq!(t.get::<u64>(*oid).unwrap(), want, "key {k}");
         }
     }
 }
@@ -247,8 +247,8 @@ fn run(ops: Vec<Op>) {
                     assert!(matches!(r, Err(StoreError::SnapshotPacked { .. })), "{r:?}");
                 } else {
                     let snap = r.unwrap();
-                    for k in 0..KEYS {
-                        assert_eq!(snap.get::<u64>(h.oids[k]).unwrap(), vals[k]);
+                    for (oid, want) in h.oids.iter().zip(vals) {
+                        assert_eq!(snap.get::<u64>(*oid).unwrap(), want);
                     }
                 }
             }
