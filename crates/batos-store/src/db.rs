@@ -345,6 +345,10 @@ impl Db {
         for d in [&log_dir, &blob_dir, &tmp_dir] {
             std::fs::create_dir_all(d).map_err(|e| StoreError::io("create directory", d, e))?;
         }
+        // The subdirectories' entries must survive power loss before anything in them
+        // is acknowledged.
+        fsync_dir(&path)?;
+        fsync_dir(&blob_dir)?;
         // Unfinished blob writes of a previous run: never referenced by any commit.
         for e in std::fs::read_dir(&tmp_dir).map_err(|e| StoreError::io("list", &tmp_dir, e))? {
             let e = e.map_err(|e| StoreError::io("list", &tmp_dir, e))?;
@@ -386,6 +390,11 @@ impl Db {
             retired: AtomicBool::new(false),
         });
         let (end, last_tid, next_oid) = recover(&seg, config.progress)?;
+        // Records written by a process that died before its fsync are still in the page
+        // cache: make them durable before anyone can read them.
+        seg.file
+            .sync_data()
+            .map_err(|e| StoreError::io("fsync segment", &seg.path, e))?;
         let inner = Arc::new(DbInner {
             path: path.clone(),
             config,
