@@ -109,11 +109,14 @@ impl Drop for DbInner {
     }
 }
 
+/// Index key of one revision. The tid is stored inverted so that an object's newest
+/// revisions sort first: "newest revision <= snapshot" is a forward seek, which sled
+/// does much faster than reverse iteration.
 fn okey(oid: Oid, tid: u64) -> [u8; 17] {
     let mut k = [0u8; 17];
     k[0] = b'o';
     k[1..9].copy_from_slice(&oid.get().to_be_bytes());
-    k[9..17].copy_from_slice(&tid.to_be_bytes());
+    k[9..17].copy_from_slice(&(!tid).to_be_bytes());
     k
 }
 
@@ -123,7 +126,7 @@ fn parse_okey(k: &[u8]) -> Option<(Oid, Tid)> {
     }
     Some((
         Oid::new(u64::from_be_bytes(k[1..9].try_into().ok()?))?,
-        Tid::new(u64::from_be_bytes(k[9..17].try_into().ok()?))?,
+        Tid::new(!u64::from_be_bytes(k[9..17].try_into().ok()?))?,
     ))
 }
 
@@ -520,12 +523,13 @@ impl Db {
     pub fn history(&self, oid: Oid) -> Result<Vec<Tid>> {
         let seg = self.inner.current.read().clone();
         let mut out = Vec::new();
-        for kv in seg.tree.range(okey(oid, 1)..=okey(oid, u64::MAX)) {
+        for kv in seg.tree.range(okey(oid, u64::MAX)..=okey(oid, 1)) {
             let (k, _) = kv.map_err(|e| StoreError::index("read history", e))?;
             if let Some((_, tid)) = parse_okey(&k) {
                 out.push(tid);
             }
         }
+        out.reverse();
         Ok(out)
     }
 
@@ -850,7 +854,7 @@ impl DbInner {
 
     /// The newest revision of `oid` with tid <= `upto`, from `seg`.
     fn lookup(seg: &Segment, oid: Oid, upto: u64) -> Result<Option<(Tid, EntryLoc)>> {
-        match seg.tree.range(okey(oid, 1)..=okey(oid, upto)).next_back() {
+        match seg.tree.range(okey(oid, upto)..=okey(oid, 1)).next() {
             None => Ok(None),
             Some(kv) => {
                 let (k, v) = kv.map_err(|e| StoreError::index("look up object", e))?;
@@ -1136,7 +1140,7 @@ impl DbInner {
         let mut total_revisions = 0u64;
         while let Some(oid) = stack.pop() {
             let mut revs: Vec<(Tid, EntryLoc)> = Vec::new();
-            for kv in old.tree.range(okey(oid, 1)..=okey(oid, u64::MAX)) {
+            for kv in old.tree.range(okey(oid, u64::MAX)..=okey(oid, 1)) {
                 let (k, v) = kv.map_err(|e| StoreError::index("pack scan", e))?;
                 let (_, tid) = parse_okey(&k).ok_or_else(|| StoreError::IndexInconsistent {
                     detail: format!("malformed index key for {oid}"),
@@ -1146,6 +1150,7 @@ impl DbInner {
                 })?;
                 revs.push((tid, loc));
             }
+            revs.reverse(); // oldest first
             let first_kept = revs.iter().rposition(|(t, _)| *t <= horizon).unwrap_or(0);
             for &(tid, loc) in revs.iter().skip(first_kept) {
                 let e = read_entry(&old.file, &old.path, loc, oid, tid)?;
