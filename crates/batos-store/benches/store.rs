@@ -128,7 +128,15 @@ fn btree_inserts(c: &mut Criterion) {
     g.sample_size(20);
     g.measurement_time(Duration::from_secs(8));
     let dir = bench_dir();
-    let db = Db::open(dir.path().join("img"), cfg()).unwrap();
+    // Eight committers inserting random keys conflict on leaf splits: let them retry.
+    let db = Db::open(
+        dir.path().join("img"),
+        StoreConfig {
+            max_attempts: 10_000,
+            ..cfg()
+        },
+    )
+    .unwrap();
     let tree = db
         .transact(|t| -> Result<_, StoreError> { BTree::<String, String>::named(t, "tree") })
         .unwrap();
