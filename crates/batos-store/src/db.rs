@@ -1040,7 +1040,7 @@ impl DbInner {
             }
         }
         drop(cs);
-        self.wait_durable(end)?;
+        self.wait_durable(seg.gen, end)?;
         Ok(tid)
     }
 
@@ -1073,9 +1073,9 @@ impl DbInner {
         while self.visible.load(Ordering::Acquire) < tid.get() && s.failed.is_none() {
             if !s.syncing && s.written_end > s.synced_end {
                 // Nobody is syncing the winner's record: do it ourselves.
-                let end = s.written_end;
+                let (gen, end) = (s.seg.gen, s.written_end);
                 drop(s);
-                let _ = self.wait_durable(end);
+                let _ = self.wait_durable(gen, end);
                 s = self.sync.lock();
                 continue;
             }
@@ -1085,7 +1085,10 @@ impl DbInner {
 
     /// Group commit: returns once the log is fsynced past `end`. One waiter at a time
     /// runs `fdatasync`; everyone whose record it covers returns together.
-    fn wait_durable(&self, end: u64) -> Result<()> {
+    ///
+    /// `gen` is the segment the caller's record is in: pack switches segments only after
+    /// fsyncing everything in the old one, so a newer generation means "durable".
+    fn wait_durable(&self, gen: u64, end: u64) -> Result<()> {
         let mut s = self.sync.lock();
         loop {
             if let Some(cause) = &s.failed {
@@ -1093,7 +1096,7 @@ impl DbInner {
                     cause: cause.clone(),
                 });
             }
-            if s.synced_end >= end {
+            if s.seg.gen != gen || s.synced_end >= end {
                 return Ok(());
             }
             if s.syncing {
@@ -1106,7 +1109,9 @@ impl DbInner {
             s.syncing = false;
             match res {
                 Ok(()) => {
-                    s.synced_end = s.synced_end.max(target_end);
+                    if s.seg.gen == seg.gen {
+                        s.synced_end = s.synced_end.max(target_end);
+                    }
                     self.visible.fetch_max(target_tid.get(), Ordering::AcqRel);
                 }
                 Err(e) => {
@@ -1124,7 +1129,7 @@ impl DbInner {
         let _span = tracing::info_span!("pack", before = before.get()).entered();
         let mut cs = self.commit.lock();
         let end = cs.end;
-        self.wait_durable(end)?;
+        self.wait_durable(cs.seg.gen, end)?;
         let last = cs.last_tid;
         let horizon = before.min(last);
         let old = cs.seg.clone();
