@@ -320,7 +320,11 @@ mod imp {
         unsafe {
             let mut i = tb0;
             while i < tb1 {
-                let mr = (tb1 - i).min(3);
+                // Four left: two 2-row tiles beat a 3-row tile plus a 1-row one.
+                let mr = match tb1 - i {
+                    4 => 2,
+                    left => left.min(3),
+                };
                 let xi = x.add(i * k);
                 let oi = out.add(i * ldo);
                 match (mr, nr) {
