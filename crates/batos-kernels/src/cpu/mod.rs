@@ -1,6 +1,6 @@
 //! CPU kernels. The functions here validate their arguments, then run the fastest
 //! implementation this CPU supports: AVX2+FMA(+F16C) when detected at run time,
-//! otherwise the scalar [`reference`] kernels. Results agree with the reference within
+//! otherwise the scalar [`reference`](mod@reference) kernels. Results agree with the reference within
 //! the tolerances stated in `tests/`.
 
 mod attention;
