@@ -116,6 +116,30 @@ pub fn softmax(x: &mut [f32]) {
     }
 }
 
+/// `softmax(beta · x)` in place (`beta > 0`; the sampler's temperature).
+pub(crate) fn softmax_scaled(x: &mut [f32], beta: f32) {
+    match Avx2::detect() {
+        Some(avx) => avx.softmax_scaled(x, beta),
+        None => {
+            x.iter_mut().for_each(|v| *v *= beta);
+            reference::softmax(x)
+        }
+    }
+}
+
+/// `log Σ exp(x)` of a row with at least one finite entry (the sampler's
+/// normaliser; relative error ~1e-6).
+pub(crate) fn log_sum_exp(x: &[f32]) -> f32 {
+    let (max, sum) = match Avx2::detect() {
+        Some(avx) => avx.max_and_sum_exp(x),
+        None => {
+            let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            (max, x.iter().map(|&v| (v - max).exp()).sum())
+        }
+    };
+    max + sum.ln()
+}
+
 /// Index of the largest value, first on ties, NaNs skipped; `None` if there is none.
 pub fn argmax(x: &[f32]) -> Option<usize> {
     reference::argmax(x)
