@@ -318,6 +318,41 @@ fn paged_attention_matches_reference() {
 }
 
 #[test]
+fn paged_attention_with_descending_and_repeated_stride_tables() {
+    // Block size 1 with blocks in descending order: K/V rows evenly spaced but going
+    // backwards, which the 4-position tiles must not take for a forward stride.
+    let mut rng = TestRng::new(33);
+    let heads = AttentionHeads::new(6, 2, 16).unwrap();
+    let layout = KvCacheLayout::new(1, 2, 16).unwrap();
+    let ctx = 13;
+    let mut k_cache = vec![0.0f32; 20 * layout.block_stride()];
+    let mut v_cache = k_cache.clone();
+    let table: Vec<BlockId> = (0..ctx as u32).rev().map(|b| BlockId(b + 3)).collect();
+    let slots: Vec<usize> = (0..ctx).map(|p| layout.slot(&table, p).unwrap()).collect();
+    let (k, v) = (
+        rng.vec(ctx * heads.kv_width()),
+        rng.vec(ctx * heads.kv_width()),
+    );
+    cpu::write_kv(&k, &v, &slots, &mut k_cache, &mut v_cache, &layout).unwrap();
+    let q = rng.vec(3 * heads.q_width());
+    let seqs = [SeqAttention {
+        block_table: &table,
+        context_len: ctx,
+        query_start: 0,
+        query_len: 3,
+    }];
+    let cache = KvCache {
+        k: &k_cache,
+        v: &v_cache,
+        layout,
+    };
+    let (mut got, mut want) = (vec![0.0f32; q.len()], vec![0.0f32; q.len()]);
+    r::paged_attention(&q, &heads, &cache, &seqs, &mut want).unwrap();
+    cpu::paged_attention(&q, &heads, &cache, &seqs, &mut got).unwrap();
+    assert_close(&got, &want, 0.0, 2e-5, "descending table");
+}
+
+#[test]
 fn paged_attention_leaves_unnamed_rows_untouched() {
     let mut rng = TestRng::new(32);
     let b = random_batch(

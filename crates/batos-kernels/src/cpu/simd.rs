@@ -635,9 +635,11 @@ mod imp {
                     // Four positions share a tile when their rows are evenly spaced
                     // (same cache block); otherwise one at a time.
                     let four = p + 4 <= ctx && {
-                        let st = offsets[p + 1].wrapping_sub(offsets[p]);
-                        offsets[p + 2].wrapping_sub(offsets[p + 1]) == st
-                            && offsets[p + 3].wrapping_sub(offsets[p + 2]) == st
+                        let o = &offsets[p..p + 4];
+                        o[1] > o[0] && o[2] > o[1] && o[3] > o[2] && {
+                            let st = o[1] - o[0];
+                            o[2] - o[1] == st && o[3] - o[2] == st
+                        }
                     };
                     if p + 12 <= ctx && h0 == 0 {
                         // Paged rows are scattered: fetch a few positions ahead.
@@ -648,7 +650,7 @@ mod imp {
                     let kr = kp.add(offsets[p]);
                     let o = sp.add(h0 * ctx + p);
                     if four {
-                        let ldw = offsets[p + 1].wrapping_sub(offsets[p]);
+                        let ldw = offsets[p + 1] - offsets[p];
                         match hc {
                             3 => tile::<f32, 3, 4>(qh, hd, kr, ldw, hd, o, ctx),
                             2 => tile::<f32, 2, 4>(qh, hd, kr, ldw, hd, o, ctx),
