@@ -108,6 +108,23 @@ pub fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) -> Result<()> {
     Ok(())
 }
 
+/// `out = silu(gate) * up` for a fused `gate_up [T, 2·ffn]` whose rows are
+/// `[gate | up]`, into `out [T, ffn]` (saves splitting the fused projection).
+pub fn silu_mul_fused(gate_up: &[f32], ffn: usize, out: &mut [f32]) -> Result<()> {
+    let t = check::silu_mul_fused(gate_up, ffn, out)?;
+    let Some(avx) = Avx2::detect() else {
+        return reference::silu_mul_fused(gate_up, ffn, out);
+    };
+    let per = rows_per_task(t, ffn);
+    par::for_each_chunk_mut(out, per * ffn, &|i, o| {
+        let rows = &gate_up[i * per * 2 * ffn..][..o.len() * 2];
+        for (gu, or) in rows.chunks_exact(2 * ffn).zip(o.chunks_exact_mut(ffn)) {
+            avx.silu_mul(&gu[..ffn], &gu[ffn..], or);
+        }
+    });
+    Ok(())
+}
+
 /// Softmax of one row in place (see [`reference::softmax`] for the edge cases).
 pub fn softmax(x: &mut [f32]) {
     match Avx2::detect() {
