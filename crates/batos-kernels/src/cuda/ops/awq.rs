@@ -199,7 +199,10 @@ impl<T: Activation> AwqGemvPlan<T> {
         const OP: &str = "AwqGemvPlan::new";
         let shape = shape.validate()?;
         if tokens == 0 {
-            return Err(CudaError::invalid(OP, "a matvec plan needs at least one token"));
+            return Err(CudaError::invalid(
+                OP,
+                "a matvec plan needs at least one token",
+            ));
         }
         as_i32(OP, "tokens*out", tokens * shape.out_features)?;
         let plan = gemv_plan(shape, tokens, dev.multiprocessors());
@@ -208,7 +211,11 @@ impl<T: Activation> AwqGemvPlan<T> {
         as_u32(OP, "splits", plan.splits)?;
         as_u32(OP, "blocks_z", plan.blocks_z)?;
         as_i32(OP, "in", shape.in_features)?;
-        as_i32(OP, "splits*tokens*out", plan.splits * tokens * shape.out_features)?;
+        as_i32(
+            OP,
+            "splits*tokens*out",
+            plan.splits * tokens * shape.out_features,
+        )?;
         Ok(AwqGemvPlan {
             shape,
             tokens,
@@ -242,7 +249,10 @@ impl<T: Activation> AwqGemvPlan<T> {
         if w.shape != self.shape {
             return Err(CudaError::invalid(
                 OP,
-                format!("layer {:?} does not match the plan's {:?}", w.shape, self.shape),
+                format!(
+                    "layer {:?} does not match the plan's {:?}",
+                    w.shape, self.shape
+                ),
             ));
         }
         check_io(OP, w, x, self.tokens, y)?;
@@ -467,7 +477,14 @@ mod tests {
 
     fn shapes() -> Vec<AwqShape> {
         let mut v = vec![];
-        for (k, n) in [(576, 1536), (1536, 576), (4096, 4096), (4096, 14336), (384, 200), (64, 8)] {
+        for (k, n) in [
+            (576, 1536),
+            (1536, 576),
+            (4096, 4096),
+            (4096, 14336),
+            (384, 200),
+            (64, 8),
+        ] {
             for g in [32, 64, 128] {
                 if k % g == 0 {
                     v.push(AwqShape {
@@ -490,9 +507,16 @@ mod tests {
                     assert!(p.chunk <= 128 && s.group_size % p.chunk == 0, "{s:?} {p:?}");
                     assert_eq!(p.rows_per_split % p.chunk, 0, "{s:?} {p:?}");
                     assert!(p.splits * p.rows_per_split >= s.in_features, "{s:?} {p:?}");
-                    assert!((p.splits - 1) * p.rows_per_split < s.in_features, "{s:?} {p:?}");
+                    assert!(
+                        (p.splits - 1) * p.rows_per_split < s.in_features,
+                        "{s:?} {p:?}"
+                    );
                     let vec = if p.variant.ends_with("v4") { 4 } else { 1 };
-                    assert_eq!((s.out_features / 8) % vec, 0, "16-byte loads need out/8 % 4 == 0");
+                    assert_eq!(
+                        (s.out_features / 8) % vec,
+                        0,
+                        "16-byte loads need out/8 % 4 == 0"
+                    );
                     assert!(p.blocks_x * vec * 32 >= s.out_features / 8);
                 }
             }
