@@ -219,8 +219,8 @@ enum LeafInsert<K, V> {
 
 impl<K, V> BTree<K, V>
 where
-    K: Ord + Clone + Serialize + DeserializeOwned + Send + 'static,
-    V: Clone + PartialEq + Serialize + DeserializeOwned + Send + 'static,
+    K: Ord + Clone + Serialize + DeserializeOwned + Send + Sync + 'static,
+    V: Clone + PartialEq + Serialize + DeserializeOwned + Send + Sync + 'static,
 {
     fn resolver() -> Option<crate::db::Resolver> {
         Some(crate::resolve::resolver_for::<Node<K, V>>())

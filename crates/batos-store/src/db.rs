@@ -21,6 +21,7 @@ use crate::log::{
     encode_entry, later_acknowledged_record, read_entry, read_record_at, Entry, EntryLoc, NewBlob,
     ReadOutcome, Record, RecordBuilder, SegmentHeader, SegmentReader, MAX_RECORD, SEG_HEADER_LEN,
 };
+use crate::nodecache::{NodeCache, SharedValue, NODE_CACHE_ENTRIES};
 use crate::txn::{RootMap, Txn, TxnMode};
 
 const MARKER: &str = "BATOS-IMAGE";
@@ -53,6 +54,23 @@ pub(crate) struct Segment {
     sled: sled::Db,
     tree_name: String,
     retired: AtomicBool,
+    /// The newest revision of recently committed oids, so hot lookups skip the sled seek.
+    latest: Mutex<HashMap<Oid, (Tid, EntryLoc)>>,
+}
+
+/// Entries of `Segment::latest` kept at most (it is emptied when full).
+const LATEST_ENTRIES: usize = 262_144;
+
+impl Segment {
+    /// Records that `oid`'s newest revision in this segment is `tid` at `loc`. Callers hold
+    /// the commit lock and have just read or written the index, so the fact is current.
+    fn note_latest(&self, oid: Oid, tid: Tid, loc: EntryLoc) {
+        let mut latest = self.latest.lock();
+        if latest.len() >= LATEST_ENTRIES && !latest.contains_key(&oid) {
+            latest.clear();
+        }
+        latest.insert(oid, (tid, loc));
+    }
 }
 
 impl Drop for Segment {
@@ -98,6 +116,8 @@ pub(crate) struct DbInner {
     pack_horizon: AtomicU64,
     maintenance: Mutex<()>,
     poisoned: Mutex<Option<String>>,
+    /// Decoded revisions shared by all transactions (B-tree nodes).
+    nodes: Mutex<NodeCache>,
 }
 
 impl Drop for DbInner {
@@ -391,6 +411,7 @@ impl Db {
             sled: sled.clone(),
             tree_name: tname,
             retired: AtomicBool::new(false),
+            latest: Mutex::new(HashMap::new()),
         });
         let (end, last_tid, next_oid) = recover(&seg, config.progress)?;
         // Records written by a process that died before its fsync are still in the page
@@ -424,6 +445,7 @@ impl Db {
             pack_horizon: AtomicU64::new(header.pack_horizon.map_or(0, Tid::get)),
             maintenance: Mutex::new(()),
             poisoned: Mutex::new(None),
+            nodes: Mutex::new(NodeCache::new(NODE_CACHE_ENTRIES)),
         });
         let db = Db { inner };
         if last_tid.is_none() {
@@ -853,7 +875,30 @@ impl DbInner {
     }
 
     /// The newest revision of `oid` with tid <= `upto`, from `seg`.
+    ///
+    /// `seg.latest` holds, for the oids it lists, the newest revision in the whole
+    /// segment: when that one is within the snapshot it is the answer, without a seek.
     fn lookup(seg: &Segment, oid: Oid, upto: u64) -> Result<Option<(Tid, EntryLoc)>> {
+        if let Some(&(tid, loc)) = seg.latest.lock().get(&oid) {
+            if tid.get() <= upto {
+                return Ok(Some((tid, loc)));
+            }
+        }
+        Self::lookup_index(seg, oid, upto)
+    }
+
+    /// The newest revision of `oid` in the whole segment; the caller holds the commit
+    /// lock, so the answer is current and is remembered in `seg.latest`.
+    fn lookup_latest_locked(seg: &Segment, oid: Oid) -> Result<Option<(Tid, EntryLoc)>> {
+        let found = Self::lookup(seg, oid, u64::MAX)?;
+        if let Some((tid, loc)) = found {
+            seg.note_latest(oid, tid, loc);
+        }
+        Ok(found)
+    }
+
+    /// Like `lookup`, from the sled index only (what `verify` checks).
+    fn lookup_index(seg: &Segment, oid: Oid, upto: u64) -> Result<Option<(Tid, EntryLoc)>> {
         match seg.tree.range(okey(oid, upto)..=okey(oid, 1)).next() {
             None => Ok(None),
             Some(kv) => {
@@ -879,6 +924,37 @@ impl DbInner {
         }
     }
 
+    /// Loads the revision of `oid` visible at `snapshot`, decoded as a `T`, through the
+    /// shared cache of decoded revisions.
+    pub(crate) fn load_shared<T>(&self, oid: Oid, snapshot: Tid) -> Result<Option<SharedValue>>
+    where
+        T: serde::de::DeserializeOwned + Send + Sync + 'static,
+    {
+        self.check_horizon(snapshot)?;
+        let seg = self.current.read().clone();
+        let Some((tid, loc)) = Self::lookup(&seg, oid, snapshot.get())? else {
+            return Ok(None);
+        };
+        if let Some(v) = self.nodes.lock().get(oid, tid) {
+            if v.is::<T>() {
+                return Ok(Some(v));
+            }
+        }
+        let e = read_entry(&seg.file, &seg.path, loc, oid, tid)?;
+        let value: T = crate::codec::decode(oid, e.type_fp, &e.data)?;
+        let value: SharedValue = Arc::new(value);
+        self.nodes.lock().insert(oid, tid, value.clone());
+        Ok(Some(value))
+    }
+
+    /// Offers decoded revisions that a commit just wrote (as `tid`) to the shared cache.
+    pub(crate) fn cache_committed(&self, tid: Tid, values: Vec<(Oid, SharedValue)>) {
+        let mut nodes = self.nodes.lock();
+        for (oid, v) in values {
+            nodes.insert(oid, tid, v);
+        }
+    }
+
     fn poison(&self, cause: String) {
         let mut p = self.poisoned.lock();
         if p.is_none() {
@@ -900,7 +976,18 @@ impl DbInner {
     pub(crate) fn commit_writes(
         &self,
         snapshot: Option<Tid>,
+        ws: WriteSet,
+    ) -> std::result::Result<Tid, CommitError> {
+        self.commit_writes_resolved(snapshot, ws, &mut Vec::new())
+    }
+
+    /// The commit pipeline; `resolved` receives the oids whose state a conflict resolver
+    /// replaced (what was committed for them is not what the transaction wrote).
+    pub(crate) fn commit_writes_resolved(
+        &self,
+        snapshot: Option<Tid>,
         mut ws: WriteSet,
+        resolved: &mut Vec<Oid>,
     ) -> std::result::Result<Tid, CommitError> {
         let mut cs = self.commit.lock();
         self.check_poison()?;
@@ -915,7 +1002,7 @@ impl DbInner {
                 .into());
             }
             for &oid in &ws.read_current {
-                if let Some((latest, _)) = Self::lookup(&seg, oid, u64::MAX)? {
+                if let Some((latest, _)) = Self::lookup_latest_locked(&seg, oid)? {
                     if latest > snap {
                         return Err(ConflictError::Read {
                             oid,
@@ -930,7 +1017,7 @@ impl DbInner {
                 if w.is_new {
                     continue;
                 }
-                let Some((latest, loc)) = Self::lookup(&seg, oid, u64::MAX)? else {
+                let Some((latest, loc)) = Self::lookup_latest_locked(&seg, oid)? else {
                     continue;
                 };
                 if latest <= snap {
@@ -953,6 +1040,7 @@ impl DbInner {
                     Some(merged) => {
                         tracing::debug!(%oid, "conflict resolved by the object's resolver");
                         w.enc = merged;
+                        resolved.push(oid);
                     }
                     None => return Err(conflict.into()),
                 }
@@ -1000,12 +1088,14 @@ impl DbInner {
         }
         let crc = u32::from_le_bytes(bytes[bytes.len() - 4..].try_into().expect("4"));
         let mut batch = sled::Batch::default();
+        let mut locs = Vec::with_capacity(offsets.len());
         for (oid, off, len) in &offsets {
             let loc = EntryLoc {
                 offset: start + off,
                 len: *len,
             };
             batch.insert(&okey(*oid, tid.get())[..], &loc_value(loc)[..]);
+            locs.push((*oid, loc));
         }
         batch.insert(
             META_APPLIED,
@@ -1024,6 +1114,9 @@ impl DbInner {
         if let Err(e) = seg.tree.apply_batch(batch) {
             self.poison(format!("index update failed after a log append: {e}"));
             return Err(StoreError::index("index commit", e).into());
+        }
+        for (oid, loc) in locs {
+            seg.note_latest(oid, tid, loc);
         }
         cs.end = start + bytes.len() as u64;
         cs.last_tid = tid;
@@ -1053,7 +1146,7 @@ impl DbInner {
         let cs = self.commit.lock();
         self.check_poison()?;
         for &oid in &ws.read_current {
-            if let Some((latest, _)) = Self::lookup(&cs.seg, oid, u64::MAX)? {
+            if let Some((latest, _)) = Self::lookup_latest_locked(&cs.seg, oid)? {
                 if latest > snapshot {
                     return Err(ConflictError::Read {
                         oid,
@@ -1272,6 +1365,7 @@ impl DbInner {
             sled: self.sled.clone(),
             tree_name: tname,
             retired: AtomicBool::new(false),
+            latest: Mutex::new(HashMap::new()),
         });
         let (new_end, new_last, _) = recover(&seg, self.config.progress)?;
         if new_last != Some(last) || new_end != pos {
@@ -1373,7 +1467,7 @@ impl DbInner {
             }
             last = Some(rec.tid);
             for (loc, e) in &rec.entries {
-                match Self::lookup(&seg, e.oid, e.tid.get())? {
+                match Self::lookup_index(&seg, e.oid, e.tid.get())? {
                     Some((t, l)) if t == e.tid && l == *loc => {}
                     other => {
                         return Err(StoreError::IndexInconsistent {

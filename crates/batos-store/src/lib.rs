@@ -25,6 +25,7 @@ mod db;
 mod error;
 mod ids;
 mod log;
+mod nodecache;
 mod resolve;
 mod sys;
 mod txn;

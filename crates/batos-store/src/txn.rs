@@ -15,6 +15,7 @@ use crate::db::{DbInner, PendingWrite, WriteSet};
 use crate::error::{CommitError, Result, StoreError};
 use crate::ids::{BlobRef, Oid, Ref, Tid};
 use crate::log::Entry;
+use crate::nodecache::SharedValue;
 use crate::resolve::{resolver_for, ResolveConflict};
 
 /// The root object (`Oid::ROOT`): named roots, each an oid.
@@ -51,11 +52,55 @@ pub struct Txn {
 type EncodeAny = fn(&dyn Any) -> Result<Encoded>;
 
 struct Cached {
-    value: Box<dyn Any + Send>,
+    value: CachedValue,
     /// Set once modified: how to encode it at commit.
     dirty: Option<EncodeAny>,
     resolver: Option<crate::db::Resolver>,
     is_new: bool,
+}
+
+/// A decoded object in a transaction's cache.
+enum CachedValue {
+    /// An unmodified committed revision, shared with other transactions.
+    Shared(SharedValue),
+    /// This transaction's own state (modified or new).
+    Owned(Box<dyn Any + Send + Sync>),
+}
+
+impl CachedValue {
+    fn as_any(&self) -> &(dyn Any + Send + Sync) {
+        match self {
+            CachedValue::Shared(v) => &**v,
+            CachedValue::Owned(v) => &**v,
+        }
+    }
+
+    fn is<T: 'static>(&self) -> bool {
+        self.as_any().is::<T>()
+    }
+
+    fn downcast_ref<T: 'static>(&self) -> Option<&T> {
+        self.as_any().downcast_ref::<T>()
+    }
+
+    /// The value for modification: a shared revision is copied first.
+    fn downcast_mut<T: Clone + Send + Sync + 'static>(&mut self) -> Option<&mut T> {
+        if let CachedValue::Shared(v) = self {
+            let owned: T = v.downcast_ref::<T>()?.clone();
+            *self = CachedValue::Owned(Box::new(owned));
+        }
+        match self {
+            CachedValue::Owned(v) => v.downcast_mut::<T>(),
+            CachedValue::Shared(_) => None,
+        }
+    }
+
+    fn into_shared(self) -> SharedValue {
+        match self {
+            CachedValue::Shared(v) => v,
+            CachedValue::Owned(v) => SharedValue::from(v),
+        }
+    }
 }
 
 /// Clean cache entries beyond this are dropped (dirty ones stay until commit).
@@ -125,7 +170,7 @@ impl Txn {
     fn raw(&self, oid: Oid) -> Result<Option<(u64, RawData<'_>)>> {
         if let Some(c) = self.cache.borrow().get(&oid) {
             if let Some(enc) = c.dirty {
-                let e = enc(&*c.value)?;
+                let e = enc(c.value.as_any())?;
                 return Ok(Some((e.type_fp, RawData::Owned(e.data))));
             }
         }
@@ -239,16 +284,31 @@ impl Txn {
     }
 
     /// Makes sure `oid` is decoded in the cache as a `T`.
-    fn cache_load<T: DeserializeOwned + Send + 'static>(&self, oid: Oid) -> Result<()> {
+    fn cache_load<T: DeserializeOwned + Send + Sync + 'static>(&self, oid: Oid) -> Result<()> {
         let mut cache = self.cache.borrow_mut();
-        if let Some(c) = cache.get(&oid) {
-            if c.value.is::<T>() {
-                return Ok(());
-            }
-        }
+        let in_txn = match cache.get(&oid) {
+            Some(c) if c.value.is::<T>() => return Ok(()),
+            Some(_) => true,
+            None => self.writes.contains_key(&oid),
+        };
         drop(cache);
-        // Not cached as a T: decode the bytes (which reports a type mismatch).
-        let value: T = self.get(oid)?;
+        let value = if in_txn {
+            // This transaction's own state: decode it (which reports a type mismatch).
+            CachedValue::Owned(Box::new(self.get::<T>(oid)?))
+        } else {
+            // A committed revision: decoded once for the whole Db.
+            match self.db.load_shared::<T>(oid, self.snapshot)? {
+                Some(v) if v.is::<T>() => CachedValue::Shared(v),
+                // Stored as another type: decoding reports it.
+                Some(_) => CachedValue::Owned(Box::new(self.get::<T>(oid)?)),
+                None => {
+                    return Err(StoreError::ObjectNotFound {
+                        oid,
+                        snapshot: self.snapshot,
+                    })
+                }
+            }
+        };
         cache = self.cache.borrow_mut();
         if cache.len() >= CACHE_CLEAN_LIMIT {
             cache.retain(|_, c| c.dirty.is_some());
@@ -268,7 +328,7 @@ impl Txn {
         cache.insert(
             oid,
             Cached {
-                value: Box::new(value),
+                value,
                 dirty: None,
                 resolver,
                 is_new,
@@ -280,7 +340,7 @@ impl Txn {
     /// Reads `oid` as a `T` through the transaction's decoded-object cache.
     pub(crate) fn cached_read<T, R>(&self, oid: Oid, f: impl FnOnce(&T) -> R) -> Result<R>
     where
-        T: DeserializeOwned + Send + 'static,
+        T: DeserializeOwned + Send + Sync + 'static,
     {
         self.cache_load::<T>(oid)?;
         let cache = self.cache.borrow();
@@ -299,7 +359,7 @@ impl Txn {
         f: impl FnOnce(&mut T) -> R,
     ) -> Result<R>
     where
-        T: Serialize + DeserializeOwned + Send + 'static,
+        T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
     {
         self.check_writable()?;
         self.cache_load::<T>(oid)?;
@@ -324,14 +384,14 @@ impl Txn {
         resolver: Option<crate::db::Resolver>,
     ) -> Result<()>
     where
-        T: Serialize + Send + 'static,
+        T: Serialize + Send + Sync + 'static,
     {
         self.check_writable()?;
         self.writes.remove(&oid);
         self.cache.get_mut().insert(
             oid,
             Cached {
-                value: Box::new(value),
+                value: CachedValue::Owned(Box::new(value)),
                 dirty: Some(encode_any::<T>),
                 resolver,
                 is_new: true,
@@ -340,21 +400,24 @@ impl Txn {
         Ok(())
     }
 
-    /// Moves dirty cache entries into the write set (before commit).
-    fn flush_cache(&mut self) -> Result<()> {
+    /// Moves dirty cache entries into the write set (before commit). Returns their
+    /// decoded values, for the shared cache once the commit's tid is known.
+    fn flush_cache(&mut self) -> Result<Vec<(Oid, SharedValue)>> {
+        let mut decoded = Vec::new();
         for (oid, c) in self.cache.get_mut().drain() {
             if let Some(enc) = c.dirty {
                 self.writes.insert(
                     oid,
                     PendingWrite {
-                        enc: enc(&*c.value)?,
+                        enc: enc(c.value.as_any())?,
                         resolver: c.resolver,
                         is_new: c.is_new,
                     },
                 );
+                decoded.push((oid, c.value.into_shared()));
             }
         }
-        Ok(())
+        Ok(decoded)
     }
 
     fn root_map(&self) -> Result<RootMap> {
@@ -441,10 +504,13 @@ impl Txn {
         if self.mode == TxnMode::ReadOnly {
             return Ok(self.snapshot);
         }
-        if let Err(e) = self.flush_cache() {
-            self.db.discard_blobs(&blobs);
-            return Err(e.into());
-        }
+        let decoded = match self.flush_cache() {
+            Ok(d) => d,
+            Err(e) => {
+                self.db.discard_blobs(&blobs);
+                return Err(e.into());
+            }
+        };
         let ws = WriteSet {
             writes: std::mem::take(&mut self.writes),
             read_current: std::mem::take(&mut self.read_current),
@@ -459,7 +525,18 @@ impl Txn {
             };
             return self.db.validate_only(self.snapshot, ws_check);
         }
-        let res = self.db.commit_writes(Some(self.snapshot), ws);
+        let mut resolved = Vec::new();
+        let res = self
+            .db
+            .commit_writes_resolved(Some(self.snapshot), ws, &mut resolved);
+        if let Ok(tid) = res {
+            // What a resolver merged differs from what this transaction decoded.
+            let committed = decoded
+                .into_iter()
+                .filter(|(oid, _)| !resolved.contains(oid))
+                .collect();
+            self.db.cache_committed(tid, committed);
+        }
         if matches!(res, Err(CommitError::Conflict(_))) {
             // Certainly not committed: the blobs can go now. After a fail-stop error the
             // outcome is unknown, so they stay for pack to judge.

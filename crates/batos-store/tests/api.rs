@@ -296,6 +296,12 @@ fn btree_concurrent_inserts_into_one_leaf_merge() {
     tree.insert(&mut b, 2, 2).unwrap();
     a.commit().unwrap();
     b.commit().unwrap();
+    // Point reads go through the shared cache of decoded nodes: it must hold the merged
+    // leaf, not the one `b` wrote before the resolver merged `a`'s key in.
+    let t = db.begin();
+    assert_eq!(tree.get(&t, &1).unwrap(), Some(1));
+    assert_eq!(tree.get(&t, &2).unwrap(), Some(2));
+    drop(t);
     // The same key on both sides conflicts.
     let mut a = db.begin();
     let mut b = db.begin();
