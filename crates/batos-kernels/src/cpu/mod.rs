@@ -4,6 +4,7 @@
 //! the tolerances stated in `tests/`.
 
 pub(crate) mod check;
+pub mod lora;
 pub mod reference;
 
 use crate::error::Result;
