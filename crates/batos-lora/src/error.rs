@@ -67,7 +67,19 @@ pub enum LoraError {
 
     /// The living image failed underneath the cold tier.
     #[error("adapter repository: {0}")]
-    Store(String),
+    Store(#[from] batos_store::StoreError),
+
+    /// The warm tier is at its count or byte bound and every entry is in use.
+    #[error(
+        "cannot make '{name}' warm: the warm tier holds {count} adapters / {bytes} bytes          (max_cpu_loras {max_count}, max {max_bytes} bytes) and all are in use"
+    )]
+    WarmFull {
+        name: String,
+        count: usize,
+        bytes: u64,
+        max_count: usize,
+        max_bytes: u64,
+    },
 
     /// A stored adapter record or blob is damaged (bad encoding, checksum mismatch).
     #[error("adapter '{name}' in the image is corrupt: {reason}")]

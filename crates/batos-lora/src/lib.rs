@@ -14,8 +14,12 @@ pub mod adapter;
 pub mod audit;
 pub mod config;
 mod error;
+mod manager;
 pub mod peft;
+mod prefetch;
+pub mod repo;
 mod shapes;
+mod tiers;
 
 pub use adapter::{generation_of, LoraAdapter, LoraPair, LoraWeights};
 pub use audit::{
@@ -25,4 +29,10 @@ pub use audit::{
 pub use batos_kernels::cpu::lora::{LoraSlot, LoraSlots};
 pub use config::{LoraConfig, TargetModules};
 pub use error::{LoraError, Result};
+pub use manager::{
+    AdapterLease, AdapterManager, HotPin, HotStorage, LoraStats, ManagerConfig, MaterialisedAdapter,
+};
+pub use prefetch::{PrefetchPolicy, PrefetchStats, TransitionModel};
+pub use repo::{AdapterRecord, AdapterRepository, Expect};
 pub use shapes::{BaseShapes, Projection};
+pub use tiers::{HotSnapshot, Resident};
