@@ -77,7 +77,7 @@ fn run(storage: HotStorage) {
         for t in 0..6u64 {
             let (mgr, budget, uses, seeds, refusals) = (&mgr, &budget, &uses, &seeds, &refusals);
             s.spawn(move || {
-                let mut rng = Rng(0x9E37_79B9 ^ (t + 1) * 0x1234_5678_9ABC);
+                let mut rng = Rng(0x9E37_79B9 ^ ((t + 1) * 0x1234_5678_9ABC));
                 let base = tiny_base();
                 for _ in 0..150 {
                     let name = NAMES[rng.below(NAMES.len() as u64) as usize];

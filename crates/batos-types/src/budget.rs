@@ -263,7 +263,10 @@ mod tests {
         let _a = budget.reserve(ReservationKind::KvCache, 60).unwrap();
         let err = budget.reserve(ReservationKind::AdapterHot, 50).unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("gpu0") && msg.contains("adapter-hot") && msg.contains("40 of 100"), "{msg}");
+        assert!(
+            msg.contains("gpu0") && msg.contains("adapter-hot") && msg.contains("40 of 100"),
+            "{msg}"
+        );
     }
 
     #[test]
