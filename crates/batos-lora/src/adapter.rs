@@ -63,6 +63,32 @@ impl LoraWeights {
         self.pairs[i] = Some(pair);
     }
 
+    /// Puts `pair` at `(layer, p)` (for building adapters in code, e.g. a trainer);
+    /// checks the layer and that `A`/`B` are whole `rank`-wide matrices. Shapes
+    /// against a base model are the audit's job: in-code adapters enter the tiers
+    /// through [`crate::AdapterManager::add_files`] like any other.
+    pub fn insert(&mut self, layer: usize, p: Projection, pair: LoraPair) -> crate::Result<()> {
+        let bad = |reason: String| {
+            Err(crate::LoraError::InvalidConfig {
+                what: "LoRA pair",
+                reason,
+            })
+        };
+        if layer >= self.num_layers {
+            return bad(format!("layer {layer} of {}", self.num_layers));
+        }
+        if pair.rank == 0 || pair.a.len() % pair.rank != 0 || pair.b.len() % pair.rank != 0 {
+            return bad(format!(
+                "rank {} does not divide A ({}) and B ({})",
+                pair.rank,
+                pair.a.len(),
+                pair.b.len()
+            ));
+        }
+        self.set(layer, p, pair);
+        Ok(())
+    }
+
     /// Number of layers the weights were built for.
     pub fn num_layers(&self) -> usize {
         self.num_layers
@@ -111,6 +137,20 @@ impl LoraAdapter {
     /// Builds an adapter from decoded parts, computing its generation.
     pub fn new(config: LoraConfig, weights: LoraWeights) -> Self {
         let generation = generation_of(&config, &weights);
+        LoraAdapter {
+            generation,
+            config,
+            weights,
+        }
+    }
+
+    /// An adapter whose generation is already known (the cold tier: the record's
+    /// generation, bound to the blob by the store's content hash).
+    pub(crate) fn with_generation(
+        config: LoraConfig,
+        weights: LoraWeights,
+        generation: AdapterGeneration,
+    ) -> Self {
         LoraAdapter {
             generation,
             config,

@@ -399,26 +399,30 @@ fn last_segment(s: &str) -> String {
         .to_ascii_lowercase()
 }
 
-/// Decodes an f32/f16/bf16 little-endian tensor to f32.
-fn decode(dtype: Dtype, data: &[u8]) -> Option<Vec<f32>> {
-    match dtype {
-        Dtype::F32 => Some(
-            data.chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-        ),
-        Dtype::F16 => Some(
-            data.chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-        ),
-        Dtype::BF16 => Some(
-            data.chunks_exact(2)
-                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-        ),
-        _ => None,
-    }
+/// Decodes an f32/f16/bf16 little-endian tensor to f32, counting non-finite values
+/// in the same pass.
+fn decode(dtype: Dtype, data: &[u8]) -> Option<(Vec<f32>, usize)> {
+    let mut bad = 0usize;
+    let mut check = |v: f32| {
+        bad += usize::from(!v.is_finite());
+        v
+    };
+    let values: Vec<f32> = match dtype {
+        Dtype::F32 => data
+            .chunks_exact(4)
+            .map(|c| check(f32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+            .collect(),
+        Dtype::F16 => data
+            .chunks_exact(2)
+            .map(|c| check(half::f16::from_le_bytes([c[0], c[1]]).to_f32()))
+            .collect(),
+        Dtype::BF16 => data
+            .chunks_exact(2)
+            .map(|c| check(half::bf16::from_le_bytes([c[0], c[1]]).to_f32()))
+            .collect(),
+        _ => return None,
+    };
+    Some((values, bad))
 }
 
 struct HalfTensor {
@@ -434,6 +438,17 @@ pub fn audit(
     base: &BaseShapes,
     policy: &AuditPolicy,
 ) -> std::result::Result<(LoraAdapter, AuditReport), AuditReport> {
+    let (config, weights, report) = audit_parts(files, base, policy)?;
+    Ok((LoraAdapter::new(config, weights), report))
+}
+
+/// The audit without the generation hash: for the cold tier, whose blob's content hash
+/// the store has already checked against the record.
+pub(crate) fn audit_parts(
+    files: &AdapterFiles,
+    base: &BaseShapes,
+    policy: &AuditPolicy,
+) -> std::result::Result<(LoraConfig, LoraWeights, AuditReport), AuditReport> {
     let mut problems = files.problems.clone();
     let mut warnings = Vec::new();
 
@@ -498,7 +513,7 @@ pub fn audit(
                             value: key,
                         }),
                         KeyKind::Pair { layer, proj, half } => {
-                            let Some(values) = decode(view.dtype(), view.data()) else {
+                            let Some((values, bad)) = decode(view.dtype(), view.data()) else {
                                 undecodable.insert((layer, proj));
                                 problems.push(AuditProblem::UnsupportedDType {
                                     key,
@@ -506,7 +521,6 @@ pub fn audit(
                                 });
                                 continue;
                             };
-                            let bad = values.iter().filter(|v| !v.is_finite()).count();
                             if bad > 0 {
                                 problems.push(AuditProblem::NonFinite {
                                     key: key.clone(),
@@ -646,7 +660,7 @@ pub fn audit(
 
     let report = AuditReport { problems, warnings };
     match config {
-        Some(config) if report.is_clean() => Ok((LoraAdapter::new(config, weights), report)),
+        Some(config) if report.is_clean() => Ok((config, weights, report)),
         _ => {
             let mut report = report;
             if report.problems.is_empty() {

@@ -8,7 +8,7 @@
 //! until a pack removes them; [`AdapterRepository::history`] walks them.
 
 use crate::adapter::LoraAdapter;
-use crate::audit::{audit, AdapterFiles, AuditPolicy};
+use crate::audit::{audit_parts, AdapterFiles, AuditPolicy};
 use crate::error::{LoraError, Result};
 use crate::peft::to_safetensors;
 use crate::shapes::BaseShapes;
@@ -138,7 +138,6 @@ impl AdapterRepository {
         expect: Expect,
     ) -> Result<AdapterRecord> {
         let blob_bytes = to_safetensors(&adapter.weights)?;
-        let checksum = *blake3::hash(&blob_bytes).as_bytes();
         let record = self.db.transact(|txn| {
             let current = self.tree.get(txn, &name.to_string())?;
             expect.check(name, current.as_ref())?;
@@ -147,7 +146,8 @@ impl AdapterRepository {
                 generation: adapter.generation.0,
                 config_json: config_json.to_vec(),
                 blob,
-                checksum,
+                // The store computed the content's BLAKE3 while writing the blob.
+                checksum: blob.hash(),
                 created_unix_ms: now_ms(),
                 lineage: Lineage {
                     source: source.into(),
@@ -220,23 +220,23 @@ impl AdapterRepository {
             name: name.into(),
             reason,
         };
-        // The reader checks each chunk's checksum and the blob's BLAKE3 at the end.
+        // The record's checksum must be the blob's content hash, and the reader checks
+        // each chunk's CRC and that BLAKE3 at the end: the bytes are the ones audited
+        // and hashed when the record was written.
+        if record.checksum != record.blob.hash() {
+            return Err(corrupt(
+                "record checksum differs from its blob's hash".into(),
+            ));
+        }
         let bytes = txn.open_blob(&record.blob)?.read_all()?;
-        if *blake3::hash(&bytes).as_bytes() != record.checksum {
-            return Err(corrupt("blob checksum differs from the record".into()));
-        }
         let files = AdapterFiles::from_bytes(record.config_json.clone(), bytes);
-        let (adapter, _) = audit(&files, base, policy).map_err(|report| LoraError::Rejected {
-            name: name.into(),
-            report,
-        })?;
-        if adapter.generation.0 != record.generation {
-            return Err(corrupt(format!(
-                "weights decode to generation {}, the record says {}",
-                adapter.generation.short(),
-                record.generation().short()
-            )));
-        }
+        // Audited again: the base or the policy may have changed since it was stored.
+        let (config, weights, _) =
+            audit_parts(&files, base, policy).map_err(|report| LoraError::Rejected {
+                name: name.into(),
+                report,
+            })?;
+        let adapter = LoraAdapter::with_generation(config, weights, record.generation());
         Ok(adapter)
     }
 

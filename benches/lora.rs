@@ -1,0 +1,282 @@
+//! Multi-LoRA benches at SmolLM2-135M's shapes (30 layers, hidden 576, q 576, kv 192,
+//! MLP 1536), CPU:
+//!
+//! - `lora/cold_to_hot/r{8,16,64}`: an adapter in the image (not in memory) until it
+//!   sits pinned in a hot slot: blob read + checksum, audit, decode, generation hash,
+//!   budget reservation, slot fill.
+//! - `lora/warm_to_hot/{shared,copy}/r16`: a decoded adapter into a hot slot (evicting
+//!   another): shared = the slot refers to host memory; copy = a device-style copy.
+//! - `lora/decode/...`: one decoder layer's seven projections for a decode batch,
+//!   base matmuls alone vs base + per-token LoRA (16 sequences over 4 adapters; 64
+//!   sequences over 64 adapters).
+//! - `lora/prefill/...`: 2 × 64-token prefill runs, segmented (SGMV) vs gathered (BGMV).
+//!
+//! Run: `cargo bench --bench lora` (figures in docs/perf/lora.md).
+
+use batos::kernels::cpu::{self, lora as k};
+use batos::kernels::WeightView;
+use batos::lora::{
+    AdapterFiles, AdapterManager, BaseShapes, Expect, HotStorage, LoraPair, LoraWeights,
+    ManagerConfig, PrefetchPolicy, Projection,
+};
+use batos::store::{Db, StoreConfig};
+use batos::types::{MemoryBudget, SlotIdx};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use std::hint::black_box;
+
+struct Lcg(u64);
+impl Lcg {
+    fn vec(&mut self, n: usize, amp: f32) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                self.0 = self
+                    .0
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((self.0 >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * amp
+            })
+            .collect()
+    }
+}
+
+fn adapter_files(base: &BaseShapes, r: usize, seed: u64) -> AdapterFiles {
+    let mut rng = Lcg(seed);
+    let mut w = LoraWeights::empty(base.num_layers);
+    for layer in 0..base.num_layers {
+        for p in Projection::ALL {
+            let (i, o) = base.dims(p);
+            let pair = LoraPair {
+                rank: r,
+                scale: 2.0,
+                a: rng.vec(r * i, 0.02),
+                b: rng.vec(o * r, 0.02),
+            };
+            w.insert(layer, p, pair).unwrap();
+        }
+    }
+    let config = format!(
+        r#"{{"peft_type":"LORA","r":{r},"lora_alpha":{},"target_modules":["q_proj","k_proj","v_proj","o_proj","gate_proj","up_proj","down_proj"],"bias":"none","use_dora":false,"base_model_name_or_path":"{}"}}"#,
+        2 * r,
+        base.model_name
+    );
+    let weights = batos::lora::peft::to_safetensors(&w).unwrap();
+    AdapterFiles::from_bytes(config.into_bytes(), weights)
+}
+
+fn manager(dir: &std::path::Path, max_loras: usize, storage: HotStorage) -> AdapterManager {
+    let db = Db::open(dir.join("image"), StoreConfig::default()).unwrap();
+    let cfg = ManagerConfig {
+        max_loras,
+        max_cpu_loras: 8,
+        hot_storage: storage,
+        prefetch: PrefetchPolicy::Off,
+        ..ManagerConfig::default()
+    };
+    AdapterManager::open(
+        &db,
+        BaseShapes::smollm2_135m(),
+        MemoryBudget::new("bench", 8 << 30),
+        cfg,
+    )
+    .unwrap()
+}
+
+fn cold_to_hot(c: &mut Criterion) {
+    let base = BaseShapes::smollm2_135m();
+    let mut g = c.benchmark_group("lora/cold_to_hot");
+    g.sample_size(20);
+    for r in [8usize, 16, 64] {
+        let dir = tempfile::tempdir().unwrap();
+        let mgr = manager(dir.path(), 4, HotStorage::SharedHost);
+        mgr.add_files(
+            "a",
+            adapter_files(&base, r, r as u64),
+            "bench",
+            Expect::Absent,
+        )
+        .unwrap();
+        g.bench_function(BenchmarkId::from_parameter(format!("r{r}")), |b| {
+            b.iter(|| {
+                mgr.unload("a"); // back to cold
+                let lease = mgr.acquire("a").unwrap();
+                let pin = mgr.pin_hot(&lease).unwrap();
+                black_box(pin.slot());
+            })
+        });
+    }
+    g.finish();
+}
+
+fn warm_to_hot(c: &mut Criterion) {
+    let base = BaseShapes::smollm2_135m();
+    let mut g = c.benchmark_group("lora/warm_to_hot");
+    for (label, storage) in [
+        ("shared", HotStorage::SharedHost),
+        ("copy", HotStorage::Copy),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        // One slot, two warm adapters: every pin evicts the other and fills the slot.
+        let mgr = manager(dir.path(), 1, storage);
+        mgr.add_files("a", adapter_files(&base, 16, 1), "bench", Expect::Absent)
+            .unwrap();
+        mgr.add_files("b", adapter_files(&base, 16, 2), "bench", Expect::Absent)
+            .unwrap();
+        let leases = [mgr.acquire("a").unwrap(), mgr.acquire("b").unwrap()];
+        let mut turn = 0usize;
+        g.bench_function(BenchmarkId::new(label, "r16"), |b| {
+            b.iter(|| {
+                turn ^= 1;
+                let pin = mgr.pin_hot(&leases[turn]).unwrap();
+                black_box(pin.slot());
+            })
+        });
+    }
+    g.finish();
+}
+
+/// One layer's seven projections: base weights and `n` adapters of rank `r`.
+struct Layer {
+    base: Vec<(Projection, Vec<f32>)>,
+    adapters: Vec<Vec<(Vec<f32>, Vec<f32>)>>, // [adapter][proj] -> (A, B)
+}
+
+fn layer(base: &BaseShapes, n: usize, r: usize) -> Layer {
+    let mut rng = Lcg(7);
+    Layer {
+        base: Projection::ALL
+            .iter()
+            .map(|&p| {
+                let (i, o) = base.dims(p);
+                (p, rng.vec(i * o, 0.05))
+            })
+            .collect(),
+        adapters: (0..n)
+            .map(|_| {
+                Projection::ALL
+                    .iter()
+                    .map(|&p| {
+                        let (i, o) = base.dims(p);
+                        (rng.vec(r * i, 0.02), rng.vec(o * r, 0.02))
+                    })
+                    .collect()
+            })
+            .collect(),
+    }
+}
+
+fn run_layer(
+    base: &BaseShapes,
+    l: &Layer,
+    r: usize,
+    tokens: &[Option<SlotIdx>],
+    x: &[Vec<f32>],
+    y: &mut [Vec<f32>],
+    with_lora: bool,
+) {
+    for (pi, (p, w)) in l.base.iter().enumerate() {
+        let (i, o) = base.dims(*p);
+        cpu::matmul(&x[pi], &WeightView::f32(w, o, i).unwrap(), &mut y[pi]).unwrap();
+        if with_lora {
+            let table: Vec<_> = l
+                .adapters
+                .iter()
+                .map(|a| Some(k::LoraSlot::new(&a[pi].0, &a[pi].1, r, 2.0)))
+                .collect();
+            let slots = k::LoraSlots::new(i, o, &table).unwrap();
+            k::apply(&x[pi], tokens, &slots, &mut y[pi]).unwrap();
+        }
+    }
+}
+
+fn decode(c: &mut Criterion) {
+    let base = BaseShapes::smollm2_135m();
+    let mut g = c.benchmark_group("lora/decode");
+    g.sample_size(20);
+    for (seqs, adapters) in [(16usize, 4usize), (64, 64)] {
+        let r = 16;
+        let l = layer(&base, adapters, r);
+        let tokens: Vec<Option<SlotIdx>> = (0..seqs)
+            .map(|s| Some(SlotIdx((s % adapters) as u16)))
+            .collect();
+        let mut rng = Lcg(3);
+        let x: Vec<Vec<f32>> = Projection::ALL
+            .iter()
+            .map(|&p| rng.vec(seqs * base.dims(p).0, 1.0))
+            .collect();
+        let mut y: Vec<Vec<f32>> = Projection::ALL
+            .iter()
+            .map(|&p| vec![0f32; seqs * base.dims(p).1])
+            .collect();
+        for with_lora in [false, true] {
+            let id = format!(
+                "{seqs}seq_{adapters}adapters_r{r}/{}",
+                if with_lora { "base+lora" } else { "base" }
+            );
+            g.bench_function(id, |b| {
+                b.iter(|| run_layer(&base, &l, r, &tokens, &x, &mut y, with_lora))
+            });
+        }
+        // The LoRA part alone.
+        g.bench_function(
+            format!("{seqs}seq_{adapters}adapters_r{r}/lora_only"),
+            |b| {
+                b.iter(|| {
+                    for (pi, (p, _)) in l.base.iter().enumerate() {
+                        let (i, o) = base.dims(*p);
+                        let table: Vec<_> = l
+                            .adapters
+                            .iter()
+                            .map(|a| Some(k::LoraSlot::new(&a[pi].0, &a[pi].1, r, 2.0)))
+                            .collect();
+                        let slots = k::LoraSlots::new(i, o, &table).unwrap();
+                        k::bgmv(&x[pi], &tokens, &slots, &mut y[pi]).unwrap();
+                    }
+                })
+            },
+        );
+    }
+    g.finish();
+}
+
+fn prefill(c: &mut Criterion) {
+    let base = BaseShapes::smollm2_135m();
+    let mut g = c.benchmark_group("lora/prefill");
+    g.sample_size(20);
+    let r = 16;
+    let l = layer(&base, 2, r);
+    let tokens: Vec<Option<SlotIdx>> = (0..128).map(|t| Some(SlotIdx((t / 64) as u16))).collect();
+    let segs = k::segments(&tokens);
+    let mut rng = Lcg(5);
+    let x: Vec<Vec<f32>> = Projection::ALL
+        .iter()
+        .map(|&p| rng.vec(128 * base.dims(p).0, 1.0))
+        .collect();
+    let mut y: Vec<Vec<f32>> = Projection::ALL
+        .iter()
+        .map(|&p| vec![0f32; 128 * base.dims(p).1])
+        .collect();
+    for mode in ["sgmv", "bgmv"] {
+        g.bench_function(format!("2x64tok_r{r}/{mode}"), |b| {
+            b.iter(|| {
+                for (pi, (p, _)) in l.base.iter().enumerate() {
+                    let (i, o) = base.dims(*p);
+                    let table: Vec<_> = l
+                        .adapters
+                        .iter()
+                        .map(|a| Some(k::LoraSlot::new(&a[pi].0, &a[pi].1, r, 2.0)))
+                        .collect();
+                    let slots = k::LoraSlots::new(i, o, &table).unwrap();
+                    if mode == "sgmv" {
+                        k::sgmv(&x[pi], &segs, &slots, &mut y[pi]).unwrap();
+                    } else {
+                        k::bgmv(&x[pi], &tokens, &slots, &mut y[pi]).unwrap();
+                    }
+                }
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, cold_to_hot, warm_to_hot, decode, prefill);
+criterion_main!(benches);
