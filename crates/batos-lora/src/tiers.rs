@@ -310,8 +310,9 @@ impl Hot {
 }
 
 /// A consistent view of the hot slots for one forward step: the data stays alive for
-/// as long as the snapshot does, whatever the manager does meanwhile.
-#[derive(Clone, Debug)]
+/// as long as the snapshot does, whatever the manager does meanwhile. The default
+/// snapshot has no slots.
+#[derive(Clone, Debug, Default)]
 pub struct HotSnapshot {
     slots: Vec<Option<Arc<SlotData>>>,
 }
