@@ -11,6 +11,10 @@
 //!   sequences over 64 adapters).
 //! - `lora/prefill/...`: 2 × 64-token prefill runs, segmented (SGMV) vs gathered (BGMV).
 //!
+//! - `lora/real_decode_f32/...`: one decode step of the real model (f32 weights) for
+//!   16 sequences over 4 adapters and 64 sequences over 64 adapters (r16), base vs
+//!   adapters; skipped with a message when the model cannot be fetched.
+//!
 //! Run: `cargo bench --bench lora` (figures in docs/perf/lora.md).
 
 use batos::kernels::cpu::{self, lora as k};
@@ -300,5 +304,132 @@ fn prefill(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, cold_to_hot, warm_to_hot, decode, prefill);
+/// One decode step of the real model for `seqs` sequences whose 64-token prompts are
+/// cached, without adapters and with sequence `i` on hot slot `i % adapters`.
+fn real_decode(c: &mut Criterion) {
+    use batos::kv::{KvCacheConfig, KvCacheManager, KvShape};
+    use batos::model::forward::{ForwardBatch, LlamaModel, SeqStep, WeightDType};
+    use batos::model::gguf::GgufFile;
+    use batos::model::{LlamaConfig, LoadOptions, ModelWeights};
+    use batos::types::BlockId;
+
+    let path = match batos::model::fetch::smollm2_gguf() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("lora/real_decode: real model unavailable ({e}); nothing measured");
+            return;
+        }
+    };
+    let gguf = GgufFile::open(&path).expect("open GGUF");
+    let config = LlamaConfig::from_gguf(&gguf).expect("config");
+    let weights = ModelWeights::from_gguf(&gguf, &config, &LoadOptions::default()).expect("load");
+    let model = LlamaModel::from_weights(&config, &weights, WeightDType::F32).expect("model");
+    let base = BaseShapes::smollm2_135m();
+    let mut g = c.benchmark_group("lora/real_decode_f32");
+    g.sample_size(10)
+        .warm_up_time(std::time::Duration::from_millis(500))
+        .measurement_time(std::time::Duration::from_secs(4));
+    for (seqs, adapters) in [(16usize, 4usize), (64, 64)] {
+        let dir = tempfile::tempdir().unwrap();
+        let mgr = manager_sized(dir.path(), adapters);
+        let mut pins = Vec::new();
+        for a in 0..adapters {
+            let name = format!("a{a}");
+            mgr.add_files(
+                &name,
+                adapter_files(&base, 16, 100 + a as u64),
+                "bench",
+                Expect::Absent,
+            )
+            .unwrap();
+            let lease = mgr.acquire(&name).unwrap();
+            pins.push((mgr.pin_hot(&lease).unwrap(), lease));
+        }
+        let snapshot = mgr.hot_snapshot();
+        let d = model.dims();
+        let shape = KvShape {
+            num_layers: d.num_layers,
+            num_kv_heads: d.num_kv_heads,
+            head_dim: d.head_dim,
+        };
+        let blocks_per_seq = 5; // 64 prompt tokens + the decode token, blocks of 16
+        let kv_config = KvCacheConfig::new(shape, 1 << 20)
+            .and_then(|c| c.with_num_blocks(seqs * blocks_per_seq))
+            .expect("cache config");
+        let mut kv =
+            KvCacheManager::new(kv_config, &MemoryBudget::new("kv", 1 << 34)).expect("cache");
+        let tables: Vec<Vec<BlockId>> = (0..seqs)
+            .map(|i| {
+                (0..blocks_per_seq)
+                    .map(|b| BlockId((i * blocks_per_seq + b) as u32))
+                    .collect()
+            })
+            .collect();
+        let prompt = |i: usize| {
+            (0..64u32)
+                .map(|t| (t * 7919 + i as u32 * 104_729) % 49_152)
+                .collect::<Vec<u32>>()
+        };
+        let prefill = ForwardBatch::new(
+            (0..seqs)
+                .map(|i| SeqStep::new(prompt(i), 0, tables[i].clone()))
+                .collect(),
+        );
+        model.forward(&prefill, kv.storage_mut()).expect("prefill");
+        for with_lora in [false, true] {
+            let batch = ForwardBatch::new(
+                (0..seqs)
+                    .map(|i| {
+                        let mut s = SeqStep::new(vec![42], 64, tables[i].clone());
+                        if with_lora {
+                            s.adapter = Some(pins[i % adapters].0.slot());
+                        }
+                        s
+                    })
+                    .collect(),
+            );
+            g.throughput(criterion::Throughput::Elements(seqs as u64));
+            let id = format!(
+                "{seqs}seq_{adapters}adapters_r16/{}",
+                if with_lora { "lora" } else { "base" }
+            );
+            g.bench_function(id, |b| {
+                b.iter(|| {
+                    black_box(
+                        model
+                            .forward_with_adapters(&batch, kv.storage_mut(), &snapshot)
+                            .expect("decode"),
+                    )
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
+fn manager_sized(dir: &std::path::Path, adapters: usize) -> AdapterManager {
+    let db = Db::open(dir.join("image"), StoreConfig::default()).unwrap();
+    let cfg = ManagerConfig {
+        max_loras: adapters,
+        max_cpu_loras: adapters,
+        prefetch: PrefetchPolicy::Off,
+        ..ManagerConfig::default()
+    };
+    AdapterManager::open(
+        &db,
+        BaseShapes::smollm2_135m(),
+        MemoryBudget::new("bench", 8 << 30),
+        cfg,
+    )
+    .unwrap()
+}
+
+criterion_group!(
+    benches,
+    cold_to_hot,
+    warm_to_hot,
+    decode,
+    prefill,
+    real_decode
+);
 criterion_main!(benches);

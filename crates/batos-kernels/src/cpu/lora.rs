@@ -397,7 +397,8 @@ fn run_tiles(x: &[f32], slots: &LoraSlots<'_>, tiles: Vec<Tile<'_, '_>>) {
         apply_tile(simd, x_rows, slots, &tile.slot, tile.y);
     };
     if macs >= PAR_MIN_MACS && tiles.len() > 1 {
-        tiles.into_par_iter().for_each(work);
+        // A few tiles per task: decode tiles are one token, too small to send alone.
+        tiles.into_par_iter().with_min_len(4).for_each(work);
     } else {
         tiles.into_iter().for_each(work);
     }
@@ -441,11 +442,26 @@ fn apply_tile(simd: bool, x: &[f32], slots: &LoraSlots<'_>, s: &LoraSlot<'_>, y:
     let (n_in, n_out, r) = (slots.in_features, slots.out_features, s.rank);
     let n = y.len() / n_out;
     let mut h = vec![0f32; n * r];
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: `simd` is true only when AVX2 and FMA were detected; the slices have
+        // the lengths the tile functions assert (checked when the slots and the call
+        // were validated).
+        unsafe {
+            avx2::shrink_tile(x, s.a, n_in, r, n, &mut h);
+            for v in &mut h {
+                *v *= s.scale;
+            }
+            avx2::expand_tile(&h, s.b, r, n, n_out, y);
+        }
+        return;
+    }
+    let _ = simd;
     // Shrink: each A row is read once for the whole tile.
     for j in 0..r {
         let a = &s.a[j * n_in..(j + 1) * n_in];
         for t in 0..n {
-            h[t * r + j] = dot(simd, &x[t * n_in..(t + 1) * n_in], a);
+            h[t * r + j] = dot_scalar(&x[t * n_in..(t + 1) * n_in], a);
         }
     }
     // Fold the scale into h once rather than into every output.
@@ -456,7 +472,7 @@ fn apply_tile(simd: bool, x: &[f32], slots: &LoraSlots<'_>, s: &LoraSlot<'_>, y:
     for o in 0..n_out {
         let b = &s.b[o * r..(o + 1) * r];
         for t in 0..n {
-            y[t * n_out + o] += dot(simd, &h[t * r..(t + 1) * r], b);
+            y[t * n_out + o] += dot_scalar(&h[t * r..(t + 1) * r], b);
         }
     }
 }
@@ -505,6 +521,132 @@ fn dot_scalar(a: &[f32], b: &[f32]) -> f32 {
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
+
+    /// The eight horizontal sums of `acc[0..8]`, in order.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn reduce8(acc: [__m256; 8]) -> __m256 {
+        let t0 = _mm256_hadd_ps(acc[0], acc[1]);
+        let t1 = _mm256_hadd_ps(acc[2], acc[3]);
+        let t2 = _mm256_hadd_ps(acc[4], acc[5]);
+        let t3 = _mm256_hadd_ps(acc[6], acc[7]);
+        let u0 = _mm256_hadd_ps(t0, t1);
+        let u1 = _mm256_hadd_ps(t2, t3);
+        let lo = _mm256_permute2f128_ps(u0, u1, 0x20);
+        let hi = _mm256_permute2f128_ps(u0, u1, 0x31);
+        _mm256_add_ps(lo, hi)
+    }
+
+    /// `h[t·r + j] = x[t] · a[j]` for `t < n`, `j < r`: `x` is `[n, n_in]`, `a`
+    /// `[r, n_in]`, `h` `[n, r]`. Eight rows of `a` share each load of `x`.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn shrink_tile(
+        x: &[f32],
+        a: &[f32],
+        n_in: usize,
+        r: usize,
+        n: usize,
+        h: &mut [f32],
+    ) {
+        assert!(x.len() >= n * n_in && a.len() >= r * n_in && h.len() >= n * r);
+        let (px, pa) = (x.as_ptr(), a.as_ptr());
+        let mut j = 0;
+        while j + 8 <= r {
+            for t in 0..n {
+                let xt = t * n_in;
+                let mut acc = [_mm256_setzero_ps(); 8];
+                let mut i = 0;
+                // SAFETY: i + 8 <= n_in, so every load stays inside row t of x and
+                // rows j..j+8 of a (lengths asserted above).
+                unsafe {
+                    while i + 8 <= n_in {
+                        let xv = _mm256_loadu_ps(px.add(xt + i));
+                        for (k, acc) in acc.iter_mut().enumerate() {
+                            let av = _mm256_loadu_ps(pa.add((j + k) * n_in + i));
+                            *acc = _mm256_fmadd_ps(av, xv, *acc);
+                        }
+                        i += 8;
+                    }
+                }
+                let mut sums = [0f32; 8];
+                // SAFETY: `sums` holds exactly 8 floats.
+                unsafe { _mm256_storeu_ps(sums.as_mut_ptr(), reduce8(acc)) };
+                for (k, s) in sums.iter_mut().enumerate() {
+                    for ii in i..n_in {
+                        *s += a[(j + k) * n_in + ii] * x[xt + ii];
+                    }
+                    h[t * r + j + k] = *s;
+                }
+            }
+            j += 8;
+        }
+        for jj in j..r {
+            let row = &a[jj * n_in..(jj + 1) * n_in];
+            for t in 0..n {
+                // SAFETY: AVX2 and FMA are available (this function's contract).
+                h[t * r + jj] = unsafe { dot(&x[t * n_in..(t + 1) * n_in], row) };
+            }
+        }
+    }
+
+    /// `y[t·n_out + o] += h[t] · b[o]` for `t < n`, `o < n_out`: `h` is `[n, r]`, `b`
+    /// `[n_out, r]`, `y` `[n, n_out]`. Eight outputs are reduced together.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn expand_tile(
+        h: &[f32],
+        b: &[f32],
+        r: usize,
+        n: usize,
+        n_out: usize,
+        y: &mut [f32],
+    ) {
+        assert!(h.len() >= n * r && b.len() >= n_out * r && y.len() >= n * n_out);
+        let (ph, pb) = (h.as_ptr(), b.as_ptr());
+        let mut o = 0;
+        while o + 8 <= n_out {
+            for t in 0..n {
+                let ht = t * r;
+                let mut acc = [_mm256_setzero_ps(); 8];
+                let mut c = 0;
+                // SAFETY: c + 8 <= r, so the loads stay inside row t of h and rows
+                // o..o+8 of b (lengths asserted above).
+                unsafe {
+                    while c + 8 <= r {
+                        let hv = _mm256_loadu_ps(ph.add(ht + c));
+                        for (k, acc) in acc.iter_mut().enumerate() {
+                            let bv = _mm256_loadu_ps(pb.add((o + k) * r + c));
+                            *acc = _mm256_fmadd_ps(bv, hv, *acc);
+                        }
+                        c += 8;
+                    }
+                }
+                let mut sums = [0f32; 8];
+                // SAFETY: `sums` holds exactly 8 floats.
+                unsafe { _mm256_storeu_ps(sums.as_mut_ptr(), reduce8(acc)) };
+                let yt = &mut y[t * n_out + o..t * n_out + o + 8];
+                for (k, (s, yv)) in sums.iter_mut().zip(yt).enumerate() {
+                    for cc in c..r {
+                        *s += b[(o + k) * r + cc] * h[ht + cc];
+                    }
+                    *yv += *s;
+                }
+            }
+            o += 8;
+        }
+        for oo in o..n_out {
+            let row = &b[oo * r..(oo + 1) * r];
+            for t in 0..n {
+                // SAFETY: AVX2 and FMA are available (this function's contract).
+                y[t * n_out + oo] += unsafe { dot(&h[t * r..(t + 1) * r], row) };
+            }
+        }
+    }
 
     /// Dot product of the common prefix of `a` and `b`.
     ///
