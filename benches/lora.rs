@@ -6,12 +6,12 @@
 //!   budget reservation, slot fill.
 //! - `lora/warm_to_hot/{shared,copy}/r16`: a decoded adapter into a hot slot (evicting
 //!   another): shared = the slot refers to host memory; copy = a device-style copy.
-//! - `lora/decode/...`: one decoder layer's seven projections for a decode batch,
+//! - `lora/decode_cpu/...` (process CPU time): one decoder layer's seven projections for a decode batch,
 //!   base matmuls alone vs base + per-token LoRA (16 sequences over 4 adapters; 64
 //!   sequences over 64 adapters).
 //! - `lora/prefill/...`: 2 × 64-token prefill runs, segmented (SGMV) vs gathered (BGMV).
 //!
-//! - `lora/real_decode_f32/...`: one decode step of the real model (f32 weights) for
+//! - `lora/real_decode_f32_cpu/...` (process CPU time): one decode step of the real model (f32 weights) for
 //!   16 sequences over 4 adapters and 64 sequences over 64 adapters (r16), base vs
 //!   adapters; skipped with a message when the model cannot be fetched.
 //!
@@ -28,16 +28,37 @@ use batos::types::{MemoryBudget, SlotIdx};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use std::hint::black_box;
 
-/// CPU time consumed by the calling thread.
-fn thread_cpu() -> std::time::Duration {
+fn cpu_clock(clock: libc::clockid_t) -> std::time::Duration {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
-    // SAFETY: `ts` is a valid, writable timespec; CLOCK_THREAD_CPUTIME_ID is supported
-    // on Linux, and on failure `ts` stays zero (the bench then reports zero).
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    // SAFETY: `ts` is a valid, writable timespec; the thread and process CPU clocks are
+    // supported on Linux, and on failure `ts` stays zero (the bench then reports zero).
+    unsafe { libc::clock_gettime(clock, &mut ts) };
     std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// CPU time consumed by the calling thread.
+fn thread_cpu() -> std::time::Duration {
+    cpu_clock(libc::CLOCK_THREAD_CPUTIME_ID)
+}
+
+/// CPU time consumed by every thread of the process (the kernels run on a pool).
+fn process_cpu() -> std::time::Duration {
+    cpu_clock(libc::CLOCK_PROCESS_CPUTIME_ID)
+}
+
+/// Benches `f` in process CPU time: on a loaded machine wall time mostly measures
+/// waiting for a core, while CPU time is what the work costs.
+fn bench_cpu(b: &mut criterion::Bencher<'_>, mut f: impl FnMut()) {
+    b.iter_custom(|iters| {
+        let start = process_cpu();
+        for _ in 0..iters {
+            f();
+        }
+        process_cpu() - start
+    })
 }
 
 struct Lcg(u64);
@@ -216,7 +237,8 @@ fn run_layer(
 
 fn decode(c: &mut Criterion) {
     let base = BaseShapes::smollm2_135m();
-    let mut g = c.benchmark_group("lora/decode");
+    // Process CPU time (see `bench_cpu`).
+    let mut g = c.benchmark_group("lora/decode_cpu");
     g.sample_size(20);
     for (seqs, adapters) in [(16usize, 4usize), (64, 64)] {
         let r = 16;
@@ -239,14 +261,16 @@ fn decode(c: &mut Criterion) {
                 if with_lora { "base+lora" } else { "base" }
             );
             g.bench_function(id, |b| {
-                b.iter(|| run_layer(&base, &l, r, &tokens, &x, &mut y, with_lora))
+                bench_cpu(b, || {
+                    run_layer(&base, &l, r, &tokens, &x, &mut y, with_lora)
+                })
             });
         }
         // The LoRA part alone.
         g.bench_function(
             format!("{seqs}seq_{adapters}adapters_r{r}/lora_only"),
             |b| {
-                b.iter(|| {
+                bench_cpu(b, || {
                     for (pi, (p, _)) in l.base.iter().enumerate() {
                         let (i, o) = base.dims(*p);
                         let table: Vec<_> = l
@@ -325,7 +349,8 @@ fn real_decode(c: &mut Criterion) {
     let weights = ModelWeights::from_gguf(&gguf, &config, &LoadOptions::default()).expect("load");
     let model = LlamaModel::from_weights(&config, &weights, WeightDType::F32).expect("model");
     let base = BaseShapes::smollm2_135m();
-    let mut g = c.benchmark_group("lora/real_decode_f32");
+    // Process CPU time (see `bench_cpu`).
+    let mut g = c.benchmark_group("lora/real_decode_f32_cpu");
     g.sample_size(10)
         .warm_up_time(std::time::Duration::from_millis(500))
         .measurement_time(std::time::Duration::from_secs(4));
@@ -394,12 +419,12 @@ fn real_decode(c: &mut Criterion) {
                 if with_lora { "lora" } else { "base" }
             );
             g.bench_function(id, |b| {
-                b.iter(|| {
+                bench_cpu(b, || {
                     black_box(
                         model
                             .forward_with_adapters(&batch, kv.storage_mut(), &snapshot)
                             .expect("decode"),
-                    )
+                    );
                 })
             });
         }
