@@ -16,7 +16,7 @@ mod forward_common;
 use std::sync::OnceLock;
 
 use batos_lora::{AdapterManager, BaseShapes, Expect, HotSnapshot, ManagerConfig, PrefetchPolicy};
-use batos_model::forward::{ForwardBatch, LlamaModel, SeqStep, WeightDType};
+use batos_model::forward::{ForwardBatch, ForwardError, LlamaModel, SeqStep, WeightDType};
 use batos_model::gguf::GgufFile;
 use batos_model::{LlamaConfig, LoadOptions, ModelWeights};
 use batos_store::{Db, StoreConfig};
@@ -245,6 +245,19 @@ fn batch_naming_an_unfilled_slot_is_a_typed_error() {
     let mut s = SeqStep::new(vec![1, 2, 3], 0, vec![BlockId(0)]);
     s.adapter = Some(SlotIdx(3));
     let batch = ForwardBatch::new(vec![s]);
+    // The base-only forward refuses any slot.
     let err = real.model.forward(&batch, &mut cache).unwrap_err();
-    assert!(err.to_string().contains("lora"), "{err}");
+    assert!(
+        matches!(err, ForwardError::AdapterUnsupported { seq: 0, .. }),
+        "{err}"
+    );
+    // With adapters, a slot the snapshot does not fill is a kernel error naming it.
+    let err = real
+        .model
+        .forward_with_adapters(&batch, &mut cache, &HotSnapshot::default())
+        .unwrap_err();
+    let ForwardError::Kernel { source, .. } = &err else {
+        panic!("expected a kernel error, got {err}");
+    };
+    assert!(source.to_string().contains("slot 3"), "{source}");
 }

@@ -12,7 +12,7 @@ use batos_types::SlotIdx;
 use crate::config::RopeScaling as ConfigRopeScaling;
 use crate::{LlamaConfig, ModelWeights, Tensor};
 
-use super::batch::{BatchLimits, ForwardBatch, ForwardOutput, StepPlan};
+use super::batch::{AdapterSupport, BatchLimits, ForwardBatch, ForwardOutput, StepPlan};
 use super::cache::KvCacheMut;
 use super::error::ForwardError;
 use super::weights::{Matrix, WeightDType};
@@ -431,6 +431,10 @@ impl LlamaModel {
                 max_position: self.dims.max_position,
                 block_size: layout.block_size(),
                 num_blocks: cache.num_blocks(),
+                adapters: match adapters {
+                    Some(_) => AdapterSupport::HotSlots,
+                    None => AdapterSupport::BaseOnly,
+                },
             },
         )?;
         let d = self.dims;
