@@ -22,9 +22,25 @@ pub fn tiny_base() -> BaseShapes {
 
 /// The shipped reference adapter directory.
 pub fn reference_dir(name: &str) -> PathBuf {
+    reference_root().join("adapters").join(name)
+}
+
+/// `$BATOS_REFERENCE_DIR`, else the first `shared/reference` found walking up from the
+/// crate (the repository sits beside `shared/` in CI and in the developers' checkouts).
+fn reference_root() -> PathBuf {
+    if let Some(dir) = std::env::var_os("BATOS_REFERENCE_DIR") {
+        return PathBuf::from(dir);
+    }
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../../../shared/reference/adapters")
-        .join(name)
+        .ancestors()
+        .map(|a| a.join("shared/reference"))
+        .find(|p| p.is_dir())
+        .unwrap_or_else(|| {
+            panic!(
+                "shared/reference not found above {}",
+                env!("CARGO_MANIFEST_DIR")
+            )
+        })
 }
 
 /// One tensor: key, dtype, shape, values (encoded to the dtype when written).
