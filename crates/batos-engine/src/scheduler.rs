@@ -820,14 +820,48 @@ fn next_text(r: &mut Request, decoder: &dyn TokenDecoder) -> Result<(String, Opt
         Some((at, s)) => (text[..at].to_owned(), Some(s.clone())),
         None => (text, None),
     };
-    let complete = stop.is_some() || !visible.ends_with('\u{FFFD}');
-    let delta = if complete && visible.len() >= r.sent && visible.is_char_boundary(r.sent) {
-        let d = visible[r.sent..].to_owned();
-        r.sent = visible.len();
+    // Hold back an incomplete character, and a tail that may begin a stop string.
+    let ready = if stop.is_some() {
+        visible.len()
+    } else if visible.ends_with('\u{FFFD}') {
+        r.sent
+    } else {
+        visible.len() - stop_prefix_len(&visible, &r.params.stop_strings)
+    };
+    let delta = if ready > r.sent && visible.is_char_boundary(r.sent) {
+        let d = visible[r.sent..ready].to_owned();
+        r.sent = ready;
         d
     } else {
         String::new()
     };
     r.text = visible;
     Ok((delta, stop))
+}
+
+/// The longest tail of `text` that is a proper prefix of a stop string.
+fn stop_prefix_len(text: &str, stops: &[String]) -> usize {
+    stops
+        .iter()
+        .flat_map(|s| {
+            s.char_indices()
+                .map(|(i, _)| i)
+                .filter(|&k| k > 0 && text.ends_with(&s[..k]))
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::stop_prefix_len;
+
+    #[test]
+    fn held_back_tail_is_a_stop_prefix() {
+        let stops = vec!["<|im_end|>".to_string(), "END".to_string()];
+        assert_eq!(stop_prefix_len("hello <|im", &stops), 4);
+        assert_eq!(stop_prefix_len("hello EN", &stops), 2);
+        assert_eq!(stop_prefix_len("hello", &stops), 0);
+        assert_eq!(stop_prefix_len("", &stops), 0);
+    }
 }
