@@ -19,7 +19,7 @@ use batos_types::{MemoryBudget, RequestId};
 use crate::adapters::{AdapterInfo, AdapterResidency, AdapterSource, AdapterTicket, BaseOnly};
 use crate::error::{EngineError, Result};
 use crate::metrics::{LatencyHistogram, MetricsSnapshot, ITL_BUCKETS, TTFT_BUCKETS};
-use crate::request::{GenerateRequest, GenerationParams, Prompt, StopReason, StreamEvent};
+use crate::request::{GenerateRequest, GenerationParams, Prompt, StopReason, StreamEvent, Timings};
 use crate::scheduler::{RequestEvent, RequestLimits, Scheduler, SchedulerConfig};
 use crate::stream::{channel, Sink, TokenStream};
 
@@ -495,6 +495,7 @@ impl Drop for Engine {
 struct SinkState {
     sink: Sink,
     submitted: Instant,
+    first_token: Option<Instant>,
     last_token: Option<Instant>,
 }
 
@@ -570,6 +571,7 @@ impl Worker {
                             SinkState {
                                 sink,
                                 submitted,
+                                first_token: None,
                                 last_token: None,
                             },
                         );
@@ -580,6 +582,7 @@ impl Worker {
                         },
                         usage: Default::default(),
                         text: None,
+                        timings: None,
                     })),
                 }
             }
@@ -664,15 +667,26 @@ impl Worker {
 
     fn dispatch(&mut self, events: Vec<RequestEvent>) {
         let now = Instant::now();
-        for RequestEvent { request, event } in events {
+        for RequestEvent { request, mut event } in events {
             let finished = matches!(event, StreamEvent::Finished(_));
             if let Some(s) = self.sinks.get_mut(&request) {
-                if let StreamEvent::Token(_) = &event {
-                    match s.last_token {
-                        None => self.ttft.observe(now - s.submitted),
-                        Some(t) => self.itl.observe(now - t),
+                match &mut event {
+                    StreamEvent::Token(_) => {
+                        match s.last_token {
+                            None => {
+                                self.ttft.observe(now - s.submitted);
+                                s.first_token = Some(now);
+                            }
+                            Some(t) => self.itl.observe(now - t),
+                        }
+                        s.last_token = Some(now);
                     }
-                    s.last_token = Some(now);
+                    StreamEvent::Finished(f) => {
+                        f.timings = Some(Timings {
+                            time_to_first_token: s.first_token.map(|t| t - s.submitted),
+                            total: now - s.submitted,
+                        });
+                    }
                 }
                 s.sink.push(event);
             }

@@ -50,7 +50,7 @@ pub use error::{EngineError, Result, SlotsBusy};
 pub use metrics::{LatencyHistogram, MetricsSnapshot};
 pub use request::{
     Completion, FinishEvent, FinishReason, GenerateRequest, GenerationParams, Prompt, StopReason,
-    StreamEvent, TokenEvent, Usage,
+    StreamEvent, Timings, TokenEvent, Usage,
 };
 pub use scheduler::{
     PlannedSeq, QueueCounts, RequestEvent, RequestLimits, Scheduler, SchedulerConfig,

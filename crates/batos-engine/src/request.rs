@@ -93,6 +93,19 @@ pub struct FinishEvent {
     /// The whole output text, cut before a stop string, when the engine has a
     /// tokenizer.
     pub text: Option<String>,
+    /// Latencies measured by the engine's step loop (`None` from a bare
+    /// [`crate::Scheduler`], which knows no clocks).
+    pub timings: Option<Timings>,
+}
+
+/// Latencies of one request, taken in the step loop when events are produced (not when
+/// a reader gets to them).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Timings {
+    /// From submission to the first token, if one came.
+    pub time_to_first_token: Option<Duration>,
+    /// From submission to the finish.
+    pub total: Duration,
 }
 
 /// What a [`crate::TokenStream`] yields: tokens, then exactly one finish.

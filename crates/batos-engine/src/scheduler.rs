@@ -694,6 +694,7 @@ impl Scheduler {
                 reason: StopReason::Cancelled,
                 usage,
                 text,
+                timings: None,
             }),
         }))
     }
@@ -714,6 +715,7 @@ impl Scheduler {
                         reason: reason.clone(),
                         usage,
                         text,
+                        timings: None,
                     }),
                 });
             }
@@ -797,6 +799,7 @@ impl Scheduler {
                         reason: StopReason::Finished(finish),
                         usage,
                         text,
+                        timings: None,
                     }),
                 });
             }

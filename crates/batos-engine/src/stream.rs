@@ -248,15 +248,16 @@ impl Collector {
         let c = &mut self.completion;
         match event {
             StreamEvent::Token(t) => {
-                if c.tokens.is_empty() {
-                    c.time_to_first_token = Some(self.submitted.elapsed());
-                }
                 c.tokens.push(t.token);
                 if let Some(lp) = t.logprobs {
                     c.logprobs.get_or_insert_with(Vec::new).push(lp);
                 }
             }
             StreamEvent::Finished(f) => {
+                if let Some(t) = f.timings {
+                    c.time_to_first_token = t.time_to_first_token;
+                    c.total_time = t.total;
+                }
                 c.reason = f.reason;
                 c.usage = f.usage;
                 c.text = f.text;
@@ -266,7 +267,10 @@ impl Collector {
     }
 
     fn finish(mut self) -> Completion {
-        self.completion.total_time = self.submitted.elapsed();
+        if !self.finished {
+            // No finish event (the engine stopped): the time until the stream closed.
+            self.completion.total_time = self.submitted.elapsed();
+        }
         self.completion
     }
 }
