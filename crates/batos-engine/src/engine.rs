@@ -4,10 +4,10 @@
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use batos_kernels::Device;
 use batos_kv::{KvCacheConfig, KvCacheManager, KvShape};
@@ -296,11 +296,15 @@ impl EngineBuilder {
             residency,
             tokenizer,
             limits,
+            max_loras,
             accepting: AtomicBool::new(true),
             next_id: AtomicU64::new(1),
         })
     }
 }
+
+/// How long the step loop waits before planning again after an empty plan.
+const STALL_WAIT: Duration = Duration::from_millis(2);
 
 /// A request on its way to the step loop.
 pub(crate) struct Submission {
@@ -334,6 +338,7 @@ pub struct Engine {
     residency: Arc<dyn AdapterResidency>,
     tokenizer: Option<Arc<ModelTokenizer>>,
     limits: RequestLimits,
+    max_loras: usize,
     accepting: AtomicBool,
     next_id: AtomicU64,
 }
@@ -382,6 +387,12 @@ impl Engine {
         };
         self.limits.check(&prompt, &request.params)?;
         let adapter = match &request.adapter {
+            Some(name) if self.max_loras == 0 && self.residency.hot_slots() > 0 => {
+                return Err(EngineError::InvalidRequest {
+                    field: "adapter",
+                    reason: format!("'{name}': this engine runs no adapters (max_loras = 0)"),
+                })
+            }
             Some(name) => Some(self.residency.acquire(name)?),
             None => None,
         };
@@ -522,11 +533,23 @@ impl Worker {
         let mut drain_reply: Option<Sender<()>> = None;
         loop {
             loop {
-                let idle = !self.scheduler.has_work() || self.stalled;
-                let cmd = if idle && drain_reply.is_none() {
+                let cmd = if !self.scheduler.has_work() && drain_reply.is_none() {
                     match self.rx.recv() {
                         Ok(c) => c,
                         Err(_) => return self.abort(StopReason::Cancelled),
+                    }
+                } else if self.stalled {
+                    // Nothing could be admitted (slots pinned outside this engine): wait
+                    // a little for a command, then plan again.
+                    match self.rx.recv_timeout(STALL_WAIT) {
+                        Ok(c) => c,
+                        Err(RecvTimeoutError::Timeout) => {
+                            self.stalled = false;
+                            break;
+                        }
+                        Err(RecvTimeoutError::Disconnected) => {
+                            return self.abort(StopReason::Cancelled)
+                        }
                     }
                 } else {
                     match self.rx.try_recv() {

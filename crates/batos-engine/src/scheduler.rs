@@ -423,6 +423,14 @@ impl Scheduler {
             release(&adapter);
             return Err(e);
         }
+        if let (Some(t), 0) = (&adapter, self.config.max_loras) {
+            let name = t.name.to_string();
+            release(&adapter);
+            return Err(EngineError::InvalidRequest {
+                field: "adapter",
+                reason: format!("'{name}': this engine runs no adapters (max_loras = 0)"),
+            });
+        }
         if self.requests.contains_key(&id) {
             release(&adapter);
             return Err(EngineError::InvalidRequest {

@@ -300,6 +300,26 @@ fn builder_and_request_errors_are_typed() {
         "{err}"
     );
 
+    let no_loras = Engine::builder()
+        .runtime_model(model(), None)
+        .adapters(TestAdapters::new(&["a"], 2))
+        .max_loras(0)
+        .build()
+        .unwrap();
+    let err = no_loras
+        .generate(request(vec![1, 2], GenerationParams::greedy(2)).with_adapter("a"))
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            EngineError::InvalidRequest {
+                field: "adapter",
+                ..
+            }
+        ),
+        "{err}"
+    );
+
     let engine = engine(8, 2);
     let err = engine
         .generate(GenerateRequest::new(
