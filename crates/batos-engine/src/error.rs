@@ -33,6 +33,12 @@ pub enum EngineError {
         /// The name asked for.
         name: String,
     },
+    /// Loading a name that is already loaded (use replace).
+    #[error("adapter '{name}' is already loaded (replace it to load a new version)")]
+    AdapterExists {
+        /// The name.
+        name: String,
+    },
     /// This engine serves the base model only: it was built without an adapter manager.
     #[error("adapter '{name}': this engine serves the base model only (no adapter manager)")]
     AdaptersUnsupported {

@@ -273,41 +273,55 @@ fn alone(model: &LlamaModel, prompt: &[u32], params: &GenerationParams) -> Vec<u
 #[test]
 fn preemption_by_recompute_keeps_outputs() {
     let model = model();
-    // 12 blocks of 4 tokens; three requests of 8 + 16 tokens need 18 blocks at the end.
-    let mut sched = scheduler(&model, config(8, 64, 8, 0), 12, 4, Arc::new(BaseOnly));
-    let mut reqs = Vec::new();
-    for i in 0..3u64 {
-        let mut params = GenerationParams::greedy(16);
-        if i == 1 {
-            params.sampling = seeded(7);
+    // Base model, then every request on one of two adapters (pins dropped on
+    // preemption and taken again on readmission).
+    for with_adapters in [false, true] {
+        let adapters = TestAdapters::new(&["a", "b"], 2);
+        let residency: Arc<dyn AdapterResidency> = if with_adapters {
+            adapters.clone()
+        } else {
+            Arc::new(BaseOnly)
+        };
+        // 12 blocks of 4 tokens; three requests of 8 + 16 tokens need 18 at the end.
+        let loras = if with_adapters { 2 } else { 0 };
+        let mut sched = scheduler(&model, config(8, 64, 8, loras), 12, 4, residency.clone());
+        let mut reqs = Vec::new();
+        for i in 0..3u64 {
+            let mut params = GenerationParams::greedy(16);
+            if i == 1 {
+                params.sampling = seeded(7);
+            }
+            let prompt = tokens(8, 40 + i as u32, 256);
+            let ticket =
+                with_adapters.then(|| residency.acquire(["a", "b"][i as usize % 2]).unwrap());
+            sched
+                .add(RequestId(i), prompt.clone(), params.clone(), ticket)
+                .unwrap();
+            reqs.push((prompt, params));
         }
-        let prompt = tokens(8, 40 + i as u32, 256);
-        sched
-            .add(RequestId(i), prompt.clone(), params.clone(), None)
-            .unwrap();
-        reqs.push((prompt, params));
-    }
-    let mut out = Outputs::default();
-    run_to_end(&mut sched, &model, &BaseOnly, &mut out);
-    assert!(
-        sched.counters().preemptions > 0,
-        "the pool was big enough: no preemption"
-    );
-    let preempted: u32 = out.finish.values().map(|(_, u)| u.preemptions).sum();
-    assert_eq!(u64::from(preempted), sched.counters().preemptions);
-    for (i, (prompt, params)) in reqs.iter().enumerate() {
-        let id = RequestId(i as u64);
-        assert_eq!(
-            out.tokens[&id],
-            alone(&model, prompt, params),
-            "request {i}"
+        let mut out = Outputs::default();
+        run_to_end(&mut sched, &model, residency.as_ref(), &mut out);
+        assert!(
+            sched.counters().preemptions > 0,
+            "the pool was big enough: no preemption"
         );
-        let (reason, usage) = &out.finish[&id];
-        assert_eq!(*reason, StopReason::Finished(FinishReason::Length));
-        assert_eq!((usage.prompt_tokens, usage.completion_tokens), (8, 16));
+        let preempted: u32 = out.finish.values().map(|(_, u)| u.preemptions).sum();
+        assert_eq!(u64::from(preempted), sched.counters().preemptions);
+        for (i, (prompt, params)) in reqs.iter().enumerate() {
+            let id = RequestId(i as u64);
+            assert_eq!(
+                out.tokens[&id],
+                alone(&model, prompt, params),
+                "request {i}"
+            );
+            let (reason, usage) = &out.finish[&id];
+            assert_eq!(*reason, StopReason::Finished(FinishReason::Length));
+            assert_eq!((usage.prompt_tokens, usage.completion_tokens), (8, 16));
+        }
+        let kv = sched.kv_stats();
+        assert_eq!((kv.used_blocks, kv.sequences), (0, 0));
+        assert_eq!((adapters.live_leases(), adapters.live_pins()), (0, 0));
     }
-    let kv = sched.kv_stats();
-    assert_eq!((kv.used_blocks, kv.sequences), (0, 0));
 }
 
 #[test]
