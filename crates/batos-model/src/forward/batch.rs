@@ -35,9 +35,10 @@ pub struct SeqStep {
     /// The sequence's blocks, covering at least `num_cached + token_ids.len()` tokens.
     pub block_table: Vec<BlockId>,
     /// The hot LoRA slot every token of this sequence uses; `None` runs the base model.
-    /// Flattened to one entry per token by [`ForwardBatch::token_adapters`]. Until the
-    /// batched LoRA kernels land, a step naming a slot is refused
-    /// ([`ForwardError::AdapterUnsupported`]) rather than silently run on the base.
+    /// Flattened to one entry per token by [`ForwardBatch::token_adapters`]. Slots index
+    /// the hot snapshot given to `LlamaModel::forward_with_adapters`; the base-only
+    /// `LlamaModel::forward` refuses a step naming a slot
+    /// ([`ForwardError::AdapterUnsupported`]) rather than silently run the base.
     pub adapter: Option<SlotIdx>,
     /// Which new tokens get logits.
     pub logits: LogitsRows,
@@ -120,6 +121,16 @@ pub(crate) struct BatchLimits {
     pub max_position: usize,
     pub block_size: usize,
     pub num_blocks: usize,
+    pub adapters: AdapterSupport,
+}
+
+/// Whether the step may name LoRA slots.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum AdapterSupport {
+    /// `LlamaModel::forward`: a step naming a slot is refused.
+    BaseOnly,
+    /// `LlamaModel::forward_with_adapters`: slots index the given hot snapshot.
+    HotSlots,
 }
 
 /// A validated batch, flattened into the per-token arrays the kernels consume.
@@ -159,7 +170,7 @@ impl StepPlan {
             if n == 0 {
                 return Err(ForwardError::NoNewTokens { seq });
             }
-            if let Some(slot) = step.adapter {
+            if let (Some(slot), AdapterSupport::BaseOnly) = (step.adapter, limits.adapters) {
                 return Err(ForwardError::AdapterUnsupported { seq, slot });
             }
             let context_len = step.context_len();
@@ -266,6 +277,7 @@ mod tests {
             max_position: 64,
             block_size: 4,
             num_blocks: 8,
+            adapters: AdapterSupport::BaseOnly,
         }
     }
 

@@ -5,10 +5,14 @@ use batos_kernels::{
     RopeConfig, RopeScaling, SeqAttention,
 };
 
+use batos_kernels::cpu::lora as lora_kernels;
+use batos_lora::{HotSnapshot, LoraSlots, Projection};
+use batos_types::SlotIdx;
+
 use crate::config::RopeScaling as ConfigRopeScaling;
 use crate::{LlamaConfig, ModelWeights, Tensor};
 
-use super::batch::{BatchLimits, ForwardBatch, ForwardOutput, StepPlan};
+use super::batch::{AdapterSupport, BatchLimits, ForwardBatch, ForwardOutput, StepPlan};
 use super::cache::KvCacheMut;
 use super::error::ForwardError;
 use super::weights::{Matrix, WeightDType};
@@ -165,6 +169,40 @@ struct Step<'a> {
     /// layer computes only these; see [`Scratch::keep_rows`]).
     logits_seqs: &'a [SeqAttention<'a>],
     layout: KvCacheLayout,
+    /// Per-token adapters of this step, when any token uses one.
+    lora: Option<LoraStep<'a>>,
+}
+
+/// The adapters of one step: the hot slots' tables and each token's slot.
+struct LoraStep<'a> {
+    slots: &'a HotSnapshot,
+    /// One entry per new token, in batch order.
+    tokens: Vec<Option<SlotIdx>>,
+    /// One entry per token that gets logits (the rows the last layer keeps).
+    kept: Vec<Option<SlotIdx>>,
+}
+
+impl LoraStep<'_> {
+    /// `y += scale · (x · Aᵀ) · Bᵀ` for every token with an adapter that adapts
+    /// `proj` of `layer`. `x`/`y` hold all new tokens or only the kept rows.
+    fn apply(
+        &self,
+        layer: usize,
+        proj: Projection,
+        (n_in, n_out): (usize, usize),
+        x: &[f32],
+        y: &mut [f32],
+    ) -> Result<(), ForwardError> {
+        let rows = y.len() / n_out;
+        let tokens = if rows == self.tokens.len() {
+            &self.tokens
+        } else {
+            &self.kept
+        };
+        let table = self.slots.table(layer, proj);
+        let slots = LoraSlots::new(n_in, n_out, &table).map_err(kernel("lora slots"))?;
+        lora_kernels::apply(x, tokens, &slots, y).map_err(kernel("lora"))
+    }
 }
 
 impl LlamaModel {
@@ -357,6 +395,29 @@ impl LlamaModel {
         batch: &ForwardBatch,
         cache: &mut dyn KvCacheMut,
     ) -> Result<ForwardOutput, ForwardError> {
+        self.run(batch, cache, None)
+    }
+
+    /// [`LlamaModel::forward`] with LoRA adapters: a sequence whose
+    /// [`SeqStep::adapter`](super::SeqStep::adapter) is `Some(slot)` gets
+    /// `y += scale · (x · Aᵀ) · Bᵀ` on every projection that hot slot `slot` of
+    /// `adapters` adapts; sequences without an adapter cost nothing extra. A batch that
+    /// names a slot `adapters` does not fill fails with [`ForwardError::Kernel`].
+    pub fn forward_with_adapters(
+        &self,
+        batch: &ForwardBatch,
+        cache: &mut dyn KvCacheMut,
+        adapters: &HotSnapshot,
+    ) -> Result<ForwardOutput, ForwardError> {
+        self.run(batch, cache, Some(adapters))
+    }
+
+    fn run(
+        &self,
+        batch: &ForwardBatch,
+        cache: &mut dyn KvCacheMut,
+        adapters: Option<&HotSnapshot>,
+    ) -> Result<ForwardOutput, ForwardError> {
         self.check_cache(cache)?;
         let kern = self
             .device
@@ -370,6 +431,10 @@ impl LlamaModel {
                 max_position: self.dims.max_position,
                 block_size: layout.block_size(),
                 num_blocks: cache.num_blocks(),
+                adapters: match adapters {
+                    Some(_) => AdapterSupport::HotSlots,
+                    None => AdapterSupport::BaseOnly,
+                },
             },
         )?;
         let d = self.dims;
@@ -412,12 +477,20 @@ impl LlamaModel {
                 query_len: rows.len(),
             })
             .collect();
+        let tokens = batch.token_adapters();
+        let no_slots = HotSnapshot::default();
+        let lora = tokens.iter().any(Option::is_some).then(|| LoraStep {
+            slots: adapters.unwrap_or(&no_slots),
+            kept: plan.logits_rows.iter().map(|&r| tokens[r]).collect(),
+            tokens,
+        });
         let step = Step {
             kern,
             plan: &plan,
             seqs: &seqs,
             logits_seqs: &logits_seqs,
             layout,
+            lora,
         };
 
         kern.embedding(&self.embed.view(), &plan.token_ids, &mut s.x)
@@ -429,9 +502,9 @@ impl LlamaModel {
                 got: i,
             })?;
             let last = i + 1 == self.layers.len();
-            self.attention_block(&step, layer, (k_cache, v_cache), &mut s, last)?;
+            self.attention_block(&step, (i, layer), (k_cache, v_cache), &mut s, last)?;
             if !s.x.is_empty() {
-                self.mlp_block(kern, layer, &mut s)?;
+                self.mlp_block(kern, (i, layer), step.lora.as_ref(), &mut s)?;
             }
         }
         self.logits(kern, &plan, &s.x)
@@ -442,7 +515,7 @@ impl LlamaModel {
     fn attention_block(
         &self,
         step: &Step<'_>,
-        layer: &LlamaLayer,
+        (index, layer): (usize, &LlamaLayer),
         (k_cache, v_cache): (&mut [f32], &mut [f32]),
         s: &mut Scratch,
         last: bool,
@@ -458,6 +531,12 @@ impl LlamaModel {
             s.q[r * qw..(r + 1) * qw].copy_from_slice(&fused[..qw]);
             s.k[r * kvw..(r + 1) * kvw].copy_from_slice(&fused[qw..qw + kvw]);
             s.v[r * kvw..(r + 1) * kvw].copy_from_slice(&fused[qw + kvw..]);
+        }
+        if let Some(l) = &step.lora {
+            let hid = d.hidden_size;
+            l.apply(index, Projection::Q, (hid, qw), &s.h, &mut s.q)?;
+            l.apply(index, Projection::K, (hid, kvw), &s.h, &mut s.k)?;
+            l.apply(index, Projection::V, (hid, kvw), &s.h, &mut s.v)?;
         }
         kern.rope(&self.rope, &self.heads, &plan.positions, &mut s.q, &mut s.k)
             .map_err(kernel("rope"))?;
@@ -480,6 +559,15 @@ impl LlamaModel {
             .map_err(kernel("paged_attention"))?;
         kern.matmul(&s.attn, &layer.o_proj.view(), &mut s.proj)
             .map_err(kernel("o_proj"))?;
+        if let Some(l) = &step.lora {
+            l.apply(
+                index,
+                Projection::O,
+                (qw, d.hidden_size),
+                &s.attn,
+                &mut s.proj,
+            )?;
+        }
         add_assign(&mut s.x, &s.proj);
         Ok(())
     }
@@ -487,7 +575,8 @@ impl LlamaModel {
     fn mlp_block(
         &self,
         kern: &dyn Kernels,
-        layer: &LlamaLayer,
+        (index, layer): (usize, &LlamaLayer),
+        lora: Option<&LoraStep<'_>>,
         s: &mut Scratch,
     ) -> Result<(), ForwardError> {
         let d = &self.dims;
@@ -500,10 +589,24 @@ impl LlamaModel {
             s.gate[r * ffn..(r + 1) * ffn].copy_from_slice(&fused[..ffn]);
             s.up[r * ffn..(r + 1) * ffn].copy_from_slice(&fused[ffn..]);
         }
+        if let Some(l) = lora {
+            let hid = d.hidden_size;
+            l.apply(index, Projection::Gate, (hid, ffn), &s.h, &mut s.gate)?;
+            l.apply(index, Projection::Up, (hid, ffn), &s.h, &mut s.up)?;
+        }
         kern.silu_mul(&s.gate, &s.up, &mut s.act)
             .map_err(kernel("silu_mul"))?;
         kern.matmul(&s.act, &layer.down.view(), &mut s.proj)
             .map_err(kernel("down_proj"))?;
+        if let Some(l) = lora {
+            l.apply(
+                index,
+                Projection::Down,
+                (ffn, d.hidden_size),
+                &s.act,
+                &mut s.proj,
+            )?;
+        }
         add_assign(&mut s.x, &s.proj);
         Ok(())
     }
