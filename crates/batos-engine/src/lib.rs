@@ -37,6 +37,7 @@
 pub mod adapters;
 mod engine;
 mod error;
+mod lora;
 pub mod metrics;
 mod request;
 pub mod scheduler;
@@ -47,6 +48,7 @@ pub use adapters::{
 };
 pub use engine::{Engine, EngineBuilder, KvPoolSize, ModelSource, ShutdownMode};
 pub use error::{EngineError, Result, SlotsBusy};
+pub use lora::LoraResidency;
 pub use metrics::{LatencyHistogram, MetricsSnapshot};
 pub use request::{
     Completion, FinishEvent, FinishReason, GenerateRequest, GenerationParams, Prompt, StopReason,
