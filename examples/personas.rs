@@ -6,16 +6,26 @@
 //! ```
 //!
 //! Fetches SmolLM2-135M-Instruct into the cache on first use (`batos_model::fetch`).
-//! A persona whose adapter the engine does not serve runs on the base model, and the
-//! example says so.
+//! Adapters live in a throwaway living image served by `batos-lora`; the reference
+//! PEFT adapter (`../shared/reference/adapters/lora_r16`, or `--adapter-dir DIR`) is
+//! loaded as the pirate's adapter. A persona whose adapter the engine does not serve
+//! runs on the base model, and the example says so.
 
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use batos::engine::{GenerateRequest, GenerationParams, Prompt, ShutdownMode, StopReason};
+use batos::engine::{
+    AdapterSource, GenerateRequest, GenerationParams, LoraResidency, Prompt, ShutdownMode,
+    StopReason,
+};
+use batos::lora::{AdapterManager, BaseShapes, ManagerConfig};
 use batos::model::chat_template::{ChatMessage, GenerationPrompt};
 use batos::model::forward::WeightDType;
 use batos::model::{LoadOptions, LoadedModel};
+use batos::store::{Db, StoreConfig};
+use batos::types::MemoryBudget;
 use batos::Engine;
 
 struct Persona {
@@ -64,14 +74,19 @@ const PERSONAS: &[Persona] = &[
     },
 ];
 
+fn arg(name: &str) -> Option<String> {
+    std::env::args().skip_while(|a| a != name).nth(1)
+}
+
 fn main() -> Result<()> {
-    let max_tokens = std::env::args()
-        .skip_while(|a| a != "--max-tokens")
-        .nth(1)
+    let max_tokens = arg("--max-tokens")
         .map(|v| v.parse::<usize>())
         .transpose()
         .context("--max-tokens takes a number")?
         .unwrap_or(48);
+    let adapter_dir = arg("--adapter-dir").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/reference/adapters/lora_r16")
+    });
 
     let t = Instant::now();
     let path = batos::model::fetch::smollm2_gguf().context("fetching SmolLM2-135M-Instruct")?;
@@ -80,14 +95,49 @@ fn main() -> Result<()> {
         .chat_template
         .clone()
         .context("the model has no chat template")?;
+    let c = &model.config;
+    let shapes = BaseShapes {
+        model_name: "SmolLM2-135M-Instruct".into(),
+        num_layers: c.num_hidden_layers,
+        hidden: c.hidden_size,
+        intermediate: c.intermediate_size,
+        q_dim: c.q_dim(),
+        kv_dim: c.kv_dim(),
+    };
+    let image = tempfile::tempdir()?;
+    let db = Db::open(image.path().join("image"), StoreConfig::default())?;
+    let manager = AdapterManager::open(
+        &db,
+        shapes,
+        MemoryBudget::new("adapters", 1 << 30),
+        ManagerConfig {
+            max_loras: 2,
+            ..ManagerConfig::default()
+        },
+    )?;
     let engine = Engine::builder()
         .model(model)
+        .adapters(Arc::new(LoraResidency::new(manager)))
         .weight_dtype(WeightDType::F16)
         .kv_pool_bytes(64 << 20)
         .max_num_seqs(16)
         .max_batch_tokens(256)
         .prefill_chunk(128)
         .build()?;
+    if adapter_dir.is_dir() {
+        let t = Instant::now();
+        engine.load_adapter("pirate", &AdapterSource::PeftDir(adapter_dir.clone()))?;
+        println!(
+            "adapter 'pirate' <- {} in {:.2?}",
+            adapter_dir.display(),
+            t.elapsed()
+        );
+    } else {
+        println!(
+            "no adapter at {} (pass --adapter-dir DIR)",
+            adapter_dir.display()
+        );
+    }
     println!("model loaded and engine started in {:.2?}", t.elapsed());
 
     let served: Vec<String> = engine
