@@ -7,8 +7,8 @@
 //! [`AdapterResidency::acquire`], on the submitting thread, so a request for a cold
 //! adapter never stalls the step loop; only the cheap warm → hot pin runs there.
 //!
-//! [`BaseOnly`] serves the base model and refuses every adapter. `batos-lora`'s
-//! `AdapterManager` implements the trait once it is on main.
+//! [`BaseOnly`] serves the base model and refuses every adapter;
+//! [`LoraResidency`](crate::LoraResidency) serves `batos-lora`'s `AdapterManager`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
