@@ -3,9 +3,12 @@
 //!
 //! This facade re-exports the workspace crates; see `docs/ARCHITECTURE.md`.
 
+pub use batos_engine as engine;
 pub use batos_kernels as kernels;
 pub use batos_kv as kv;
 pub use batos_lora as lora;
 pub use batos_model as model;
 pub use batos_store as store;
 pub use batos_types as types;
+
+pub use batos_engine::{Engine, EngineBuilder};
