@@ -25,6 +25,7 @@ pub mod config;
 mod error;
 pub mod fetch;
 pub mod gguf;
+pub mod image;
 mod mmap;
 mod model;
 pub mod safetensors_io;
