@@ -11,6 +11,7 @@
 //! Logs go to stderr, filtered by `RUST_LOG` (default `warn`); generated text goes to
 //! stdout as it is produced. Errors print their whole cause chain and exit with status 1.
 
+mod bench;
 mod generate;
 mod import;
 mod info;
@@ -41,6 +42,8 @@ enum Command {
     Info(info::InfoArgs),
     /// Generate text with the image's model, streaming it to stdout.
     Generate(generate::GenerateArgs),
+    /// Measure prefill and decode throughput and peak memory end to end.
+    Bench(bench::BenchArgs),
 }
 
 /// Element type for stored or runtime weights.
@@ -97,6 +100,7 @@ fn main() -> ExitCode {
         Command::Import { source } => import::run(source),
         Command::Info(args) => info::run(&args),
         Command::Generate(args) => generate::run(&args),
+        Command::Bench(args) => bench::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
