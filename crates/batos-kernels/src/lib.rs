@@ -13,6 +13,14 @@
 //! f32 `[num_blocks, block_size, num_kv_heads, head_dim]`.
 //!
 //! This crate does no IO and knows nothing of requests.
+//!
+//! ## For the CUDA backend
+//! With the `cuda` feature, `crate::cuda` must provide
+//! `pub fn kernels(ordinal: usize) -> Result<&'static dyn Kernels, KernelError>`;
+//! [`Device::Cuda`] dispatches every operation through it, so model code that calls
+//! `device.matmul(..)` etc. does not change. (`#[rustfmt::skip]` on the declaration
+//! below only keeps `cargo fmt` working while `src/cuda/` does not exist yet on this
+//! branch; drop it once it does.)
 
 pub mod cpu;
 #[cfg(feature = "cuda")]

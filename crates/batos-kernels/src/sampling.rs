@@ -148,11 +148,22 @@ fn check_logits(logits: &[f32], history: &TokenHistory<'_>) -> Result<()> {
             reason: "empty logits row".into(),
         });
     }
+    // -inf is a legitimate mask; NaN or +inf means the forward pass went wrong.
+    if let Some(i) = logits
+        .iter()
+        .position(|v| v.is_nan() || *v == f32::INFINITY)
+    {
+        return Err(KernelError::InvalidShape {
+            op: "sample",
+            what: "logits",
+            reason: format!("logit {i} is {}", logits[i]),
+        });
+    }
     if !logits.iter().any(|v| v.is_finite()) {
         return Err(KernelError::InvalidShape {
             op: "sample",
             what: "logits",
-            reason: format!("none of the {} logits is finite", logits.len()),
+            reason: format!("all {} logits are -inf", logits.len()),
         });
     }
     if let Some(&id) = history
@@ -171,7 +182,7 @@ fn check_logits(logits: &[f32], history: &TokenHistory<'_>) -> Result<()> {
 }
 
 /// Applies repetition, frequency and presence penalties in place (step 1 above).
-/// Token ids in `history` must be `< logits.len()`.
+/// Rejects empty rows, NaN or `+inf` logits, and history ids `≥ logits.len()`.
 pub fn apply_penalties(
     logits: &mut [f32],
     params: &SamplingParams,

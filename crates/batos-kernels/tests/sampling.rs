@@ -67,9 +67,12 @@ fn invalid_params_are_typed_errors() {
 fn bad_logits_and_history_are_typed_errors() {
     let mut s = Sampler::new(SamplingParams::greedy()).unwrap();
     assert!(s.sample(&[], &TokenHistory::default()).is_err());
-    assert!(s
-        .sample(&[f32::NAN, f32::NEG_INFINITY], &TokenHistory::default())
-        .is_err());
+    let none = TokenHistory::default();
+    assert!(s.sample(&[f32::NAN, 1.0], &none).is_err());
+    assert!(s.sample(&[f32::INFINITY, 1.0], &none).is_err());
+    assert!(s.sample(&[f32::NEG_INFINITY; 2], &none).is_err());
+    // -inf is a mask, not an error.
+    assert_eq!(s.sample(&[f32::NEG_INFINITY, 1.0], &none).unwrap().token, 1);
     let history = TokenHistory {
         prompt: &[9],
         output: &[],

@@ -293,6 +293,16 @@ fn paged_attention_matches_reference() {
             vec![(1, 1), (40, 40), (77, 1), (33, 7), (17, 1)],
         );
         check_attention(&b);
+        // Group sizes 4 and 8 (heads split 3+1 and 3+3+2 in the fast path).
+        for &(nh, nkv) in &[(8usize, 2usize), (8, 1)] {
+            let b = random_batch(
+                &mut rng,
+                AttentionHeads::new(nh, nkv, 40).unwrap(),
+                8,
+                vec![(21, 21), (30, 1)],
+            );
+            check_attention(&b);
+        }
         // Odd head_dim, MHA, block size 1 and 5.
         for &(hd, block) in &[(7usize, 1usize), (17, 5), (65, 3)] {
             let b = random_batch(

@@ -4,7 +4,8 @@
 //! - identical 32-token greedy continuations (and the stop-at-EOS variant) for every
 //!   reference prompt, raw and chat;
 //! - the same tokens for a prompt alone and inside a mixed batch of 16 sequences at
-//!   different positions and lengths.
+//!   different positions and lengths;
+//! - with weights stored as f16: logits within 2e-2 and the same greedy ids.
 //!
 //! Token ids of the reference strings are checked by `tests/real_model.rs`. Each test
 //! fetches the model into the cache (`batos_model::fetch`) and prints a SKIP line when
@@ -27,6 +28,8 @@ use forward_common::kv_manager;
 
 struct Real {
     model: LlamaModel,
+    config: LlamaConfig,
+    weights: ModelWeights,
     tokenizer: ModelTokenizer,
     base: serde_json::Value,
 }
@@ -46,6 +49,8 @@ fn real(test: &str) -> Option<&'static Real> {
         let tokenizer = ModelTokenizer::from_gguf(gguf.metadata()).expect("tokenizer");
         Some(Real {
             model,
+            config,
+            weights,
             tokenizer,
             base,
         })
@@ -237,4 +242,45 @@ fn mixed_batch_of_16_matches_alone() {
         gen.stats().steps,
         gen.stats().mixed_steps
     );
+}
+
+/// Weights stored as f16 (half the memory and bandwidth) stay within 2e-2 of the
+/// reference's top-10 logits and keep every greedy continuation.
+#[test]
+fn f16_weights_keep_reference_greedy() {
+    let Some(real) = real("f16_weights_keep_reference_greedy") else {
+        return;
+    };
+    let model = LlamaModel::from_weights(&real.config, &real.weights, WeightDType::F16).unwrap();
+    let mut gen = generator(&model, 64, 64, 256);
+    let mut worst = 0.0f32;
+    for p in prompts(real) {
+        let name = p["name"].as_str().unwrap();
+        let input = ids(&p["input_ids"]);
+        let mut kv = kv_manager(model.dims(), 4, 16);
+        let table = (0..4).map(batos_types::BlockId).collect();
+        let out = model
+            .forward(
+                &ForwardBatch::new(vec![SeqStep::new(input.clone(), 0, table)]),
+                kv.storage_mut(),
+            )
+            .unwrap();
+        let logits = out.last_logits(0).unwrap();
+        let err = ids(&p["step1_top10"]["ids"])
+            .iter()
+            .zip(p["step1_top10"]["values"].as_array().unwrap())
+            .map(|(&id, v)| (logits[id as usize] - v.as_f64().unwrap() as f32).abs())
+            .fold(0.0f32, f32::max);
+        worst = worst.max(err);
+        let greedy = gen
+            .generate(&input, &GenerationParams::greedy(32), None)
+            .unwrap();
+        assert_eq!(
+            greedy.tokens,
+            ids(&p["greedy_ids_32"]),
+            "{name}: f16 greedy ids"
+        );
+        println!("{name}: f16 weights, step-1 top-10 max error {err:.2e}, greedy 32 identical");
+    }
+    assert!(worst < 2e-2, "f16 top-10 logit error {worst} >= 2e-2");
 }

@@ -148,7 +148,7 @@ fn chunked_prefill_and_decode_match_dense_reference() {
                 .forward(&ForwardBatch::new(vec![step]), &mut cache)
                 .unwrap();
             assert_eq!(out.num_rows(), chunk);
-            for (i, row) in out.seq_logits(0).enumerate() {
+            for (i, row) in out.seq_logits(0).unwrap().enumerate() {
                 worst = worst.max(max_abs_diff(row, &reference[done + i]));
             }
             done += chunk;
@@ -221,8 +221,9 @@ fn mixed_step_rows_equal_solo_rows() {
             LogitsRows::All => 0,
             _ => lens[s] - 1,
         };
-        assert_eq!(mixed.seq_logits(s).len(), solo.seq_logits(0).len());
-        for (i, (a, b)) in mixed.seq_logits(s).zip(solo.seq_logits(0)).enumerate() {
+        let (mixed_rows, solo_rows) = (mixed.seq_logits(s).unwrap(), solo.seq_logits(0).unwrap());
+        assert_eq!(mixed_rows.len(), solo_rows.len());
+        for (i, (a, b)) in mixed_rows.zip(solo_rows).enumerate() {
             let diff = a
                 .iter()
                 .zip(b)

@@ -174,3 +174,44 @@ fn worker(s: &Shared) {
         s.active.fetch_sub(1, SeqCst);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Pool;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn every_task_runs_exactly_once_across_many_jobs() {
+        let pool = Pool::new(3);
+        for n in [0usize, 1, 2, 3, 7, 64, 1000] {
+            for _ in 0..50 {
+                let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+                pool.run(n, &|i| {
+                    hits[i].fetch_add(1, Ordering::Relaxed);
+                });
+                assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1), "n={n}");
+            }
+        }
+    }
+
+    #[test]
+    fn nested_and_concurrent_submissions_complete() {
+        let pool = Pool::new(2);
+        let total = AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    for _ in 0..100 {
+                        // Nested: the inner call finds the pool busy and runs inline.
+                        pool.run(4, &|_| {
+                            pool.run(3, &|_| {
+                                total.fetch_add(1, Ordering::Relaxed);
+                            });
+                        });
+                    }
+                });
+            }
+        });
+        assert_eq!(total.load(Ordering::Relaxed), 4 * 100 * 4 * 3);
+    }
+}

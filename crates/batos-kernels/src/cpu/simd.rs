@@ -484,9 +484,16 @@ mod imp {
         }
     }
 
-    /// Softmax of one row in place; returns nothing, edge cases as the reference.
+    /// Softmax of one row in place; edge cases as the reference.
     #[target_feature(enable = "avx2,fma")]
     pub(crate) unsafe fn softmax(x: &mut [f32]) {
+        // SAFETY: same features.
+        unsafe { softmax_scaled(x, 1.0) }
+    }
+
+    /// `softmax(beta · x)` in place, for `beta > 0`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) unsafe fn softmax_scaled(x: &mut [f32], beta: f32) {
         let n = x.len();
         // SAFETY: offsets stay below n.
         unsafe {
@@ -508,17 +515,21 @@ mod imp {
                 return;
             }
             let vm = _mm256_set1_ps(max);
+            let vs = _mm256_set1_ps(beta);
             let mut vsum = _mm256_setzero_ps();
             i = 0;
             while i + 8 <= n {
-                let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), vm));
+                let e = exp8(_mm256_mul_ps(
+                    _mm256_sub_ps(_mm256_loadu_ps(p.add(i)), vm),
+                    vs,
+                ));
                 _mm256_storeu_ps(p.add(i), e);
                 vsum = _mm256_add_ps(vsum, e);
                 i += 8;
             }
             let mut sum = hsum(vsum);
             while i < n {
-                let e = (*p.add(i) - max).exp();
+                let e = ((*p.add(i) - max) * beta).exp();
                 *p.add(i) = e;
                 sum += e;
                 i += 1;
@@ -542,10 +553,13 @@ mod imp {
     /// `out[h] = softmax(scale · q[h]·K) · V` over the positions whose K/V rows start
     /// at `offsets` in `k` / `v`. `scores` is scratch.
     ///
+    /// Heads go three at a time, so each K or V row loaded serves up to three heads:
+    /// scores in 3x4 (heads x positions) register tiles, the weighted V sum in 3x32.
+    ///
     /// # Safety
     /// AVX2/FMA present. `q` and `out` hold `g * hd` floats; every `offsets[p] + hd`
     /// is within both `k` and `v` (checked by the caller's validation).
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     #[allow(clippy::too_many_arguments)]
     pub(crate) unsafe fn attend(
         q: &[f32],
@@ -561,134 +575,143 @@ mod imp {
         let ctx = offsets.len();
         scores.clear();
         scores.resize(g * ctx, 0.0);
-        let hv = hd & !7;
         // SAFETY: q/out are g*hd long; k/v rows are hd long at each offset (contract);
         // score indices are < g*ctx.
         unsafe {
             let (kp, vp, qp) = (k.as_ptr(), v.as_ptr(), q.as_ptr());
             let sp = scores.as_mut_ptr();
-            // Scores, four positions at a time: four independent FMA chains per head
-            // and one horizontal reduction for all four.
-            let mut p = 0;
-            while p + 4 <= ctx {
-                let kr = [
-                    kp.add(offsets[p]),
-                    kp.add(offsets[p + 1]),
-                    kp.add(offsets[p + 2]),
-                    kp.add(offsets[p + 3]),
-                ];
-                // Pull K rows a few positions ahead into cache: paged rows are
-                // scattered, so the hardware prefetcher cannot guess them.
-                if p + 12 <= ctx {
-                    for &o in &offsets[p + 8..p + 12] {
-                        prefetch_row(kp.add(o), hd);
-                    }
-                }
-                for h in 0..g {
-                    let qh = qp.add(h * hd);
-                    let mut acc = [_mm256_setzero_ps(); 4];
-                    let mut d = 0;
-                    while d < hv {
-                        let qv = _mm256_loadu_ps(qh.add(d));
-                        for (a, r) in acc.iter_mut().zip(&kr) {
-                            *a = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r.add(d)), *a);
+            let mut h0 = 0;
+            while h0 < g {
+                let hc = (g - h0).min(3);
+                let qh = qp.add(h0 * hd);
+                let mut p = 0;
+                while p < ctx {
+                    // Four positions share a tile when their rows are evenly spaced
+                    // (same cache block); otherwise one at a time.
+                    let four = p + 4 <= ctx && {
+                        let st = offsets[p + 1].wrapping_sub(offsets[p]);
+                        offsets[p + 2].wrapping_sub(offsets[p + 1]) == st
+                            && offsets[p + 3].wrapping_sub(offsets[p + 2]) == st
+                    };
+                    if p + 12 <= ctx && h0 == 0 {
+                        // Paged rows are scattered: fetch a few positions ahead.
+                        for &o in &offsets[p + 8..p + 12] {
+                            prefetch_row(kp.add(o), hd);
                         }
-                        d += 8;
                     }
-                    let mut four = [0f32; 4];
-                    _mm_storeu_ps(four.as_mut_ptr(), hsum4(acc[0], acc[1], acc[2], acc[3]));
-                    for (j, (f, r)) in four.iter_mut().zip(&kr).enumerate() {
-                        for d in hv..hd {
-                            *f += *qh.add(d) * *r.add(d);
+                    let kr = kp.add(offsets[p]);
+                    let o = sp.add(h0 * ctx + p);
+                    if four {
+                        let ldw = offsets[p + 1].wrapping_sub(offsets[p]);
+                        match hc {
+                            3 => tile::<f32, 3, 4>(qh, hd, kr, ldw, hd, o, ctx),
+                            2 => tile::<f32, 2, 4>(qh, hd, kr, ldw, hd, o, ctx),
+                            _ => tile::<f32, 1, 4>(qh, hd, kr, ldw, hd, o, ctx),
                         }
-                        *sp.add(h * ctx + p + j) = *f * scale;
+                        p += 4;
+                    } else {
+                        match hc {
+                            3 => tile::<f32, 3, 1>(qh, hd, kr, 0, hd, o, ctx),
+                            2 => tile::<f32, 2, 1>(qh, hd, kr, 0, hd, o, ctx),
+                            _ => tile::<f32, 1, 1>(qh, hd, kr, 0, hd, o, ctx),
+                        }
+                        p += 1;
                     }
                 }
-                p += 4;
-            }
-            while p < ctx {
-                let kr = kp.add(offsets[p]);
-                for h in 0..g {
-                    let qh = qp.add(h * hd);
-                    let mut a = _mm256_setzero_ps();
-                    let mut d = 0;
-                    while d < hv {
-                        a = _mm256_fmadd_ps(
-                            _mm256_loadu_ps(qh.add(d)),
-                            _mm256_loadu_ps(kr.add(d)),
-                            a,
-                        );
-                        d += 8;
-                    }
-                    let mut sdot = hsum(a);
-                    for d in hv..hd {
-                        sdot += *qh.add(d) * *kr.add(d);
-                    }
-                    *sp.add(h * ctx + p) = sdot * scale;
-                }
-                p += 1;
+                h0 += hc;
             }
             for h in 0..g {
-                softmax(&mut scores[h * ctx..(h + 1) * ctx]);
+                softmax_scaled(&mut scores[h * ctx..(h + 1) * ctx], scale);
             }
             let sp = scores.as_ptr();
             let op = out.as_mut_ptr();
-            // Weighted sum of V rows, 32 output dims at a time in registers.
-            for h in 0..g {
-                let wts = sp.add(h * ctx);
-                let oh = op.add(h * hd);
+            let mut h0 = 0;
+            while h0 < g {
+                let hc = (g - h0).min(3);
                 let mut d0 = 0;
-                while d0 + 64 <= hv {
-                    let mut acc = [_mm256_setzero_ps(); 8];
-                    for (p, &off) in offsets.iter().enumerate() {
-                        if let Some(&ahead) = offsets.get(p + 8) {
-                            prefetch_row(vp.add(ahead + d0), 64);
-                        }
-                        let wv = _mm256_set1_ps(*wts.add(p));
-                        let vr = vp.add(off + d0);
-                        for (j, a) in acc.iter_mut().enumerate() {
-                            *a = _mm256_fmadd_ps(wv, _mm256_loadu_ps(vr.add(8 * j)), *a);
-                        }
-                    }
-                    for (j, a) in acc.iter().enumerate() {
-                        _mm256_storeu_ps(oh.add(d0 + 8 * j), *a);
-                    }
-                    d0 += 64;
+                while d0 < hd {
+                    let w = sp.add(h0 * ctx);
+                    let o = op.add(h0 * hd + d0);
+                    let (vr, left) = (vp.add(d0), hd - d0);
+                    d0 += match (hc, left) {
+                        (3, 32..) => weighted_sum::<3, 4>(w, ctx, vr, offsets, o, hd),
+                        (2, 32..) => weighted_sum::<2, 4>(w, ctx, vr, offsets, o, hd),
+                        (_, 32..) => weighted_sum::<1, 4>(w, ctx, vr, offsets, o, hd),
+                        (3, 8..) => weighted_sum::<3, 1>(w, ctx, vr, offsets, o, hd),
+                        (2, 8..) => weighted_sum::<2, 1>(w, ctx, vr, offsets, o, hd),
+                        (_, 8..) => weighted_sum::<1, 1>(w, ctx, vr, offsets, o, hd),
+                        _ => weighted_sum_scalar(hc, w, ctx, vr, offsets, o, hd, left),
+                    };
                 }
-                while d0 + 32 <= hv {
-                    let mut acc = [_mm256_setzero_ps(); 4];
-                    for (p, &off) in offsets.iter().enumerate() {
-                        let wv = _mm256_set1_ps(*wts.add(p));
-                        let vr = vp.add(off + d0);
-                        for (j, a) in acc.iter_mut().enumerate() {
-                            *a = _mm256_fmadd_ps(wv, _mm256_loadu_ps(vr.add(8 * j)), *a);
-                        }
-                    }
-                    for (j, a) in acc.iter().enumerate() {
-                        _mm256_storeu_ps(oh.add(d0 + 8 * j), *a);
-                    }
-                    d0 += 32;
+                h0 += hc;
+            }
+        }
+    }
+
+    /// `o[h*ld + 8j + l] = Σ_p w[h*ctx + p] · v[offsets[p] + 8j + l]` for `h < HC`,
+    /// `j < DV`, `l < 8`; returns the `8·DV` dims done.
+    #[inline(always)]
+    unsafe fn weighted_sum<const HC: usize, const DV: usize>(
+        w: *const f32,
+        ctx: usize,
+        v: *const f32,
+        offsets: &[usize],
+        o: *mut f32,
+        ld: usize,
+    ) -> usize {
+        // SAFETY: the caller (attend) guarantees HC score rows of ctx, V rows with 8·DV
+        // dims left at every offset, and HC output rows of that many dims.
+        unsafe {
+            let mut acc = [[_mm256_setzero_ps(); DV]; HC];
+            for (p, &off) in offsets.iter().enumerate() {
+                if let Some(&ahead) = offsets.get(p + 8) {
+                    prefetch_row(v.add(ahead), 8 * DV);
                 }
-                while d0 + 8 <= hv {
-                    let mut a = _mm256_setzero_ps();
-                    for (p, &off) in offsets.iter().enumerate() {
-                        a = _mm256_fmadd_ps(
-                            _mm256_set1_ps(*wts.add(p)),
-                            _mm256_loadu_ps(vp.add(off + d0)),
-                            a,
-                        );
-                    }
-                    _mm256_storeu_ps(oh.add(d0), a);
-                    d0 += 8;
+                let vr = v.add(off);
+                let mut vv = [_mm256_setzero_ps(); DV];
+                for (j, x) in vv.iter_mut().enumerate() {
+                    *x = _mm256_loadu_ps(vr.add(8 * j));
                 }
-                for d in hv..hd {
-                    let mut a = 0f32;
-                    for (p, &off) in offsets.iter().enumerate() {
-                        a += *wts.add(p) * *vp.add(off + d);
+                for (h, a) in acc.iter_mut().enumerate() {
+                    let wv = _mm256_set1_ps(*w.add(h * ctx + p));
+                    for (x, y) in a.iter_mut().zip(&vv) {
+                        *x = _mm256_fmadd_ps(wv, *y, *x);
                     }
-                    *oh.add(d) = a;
                 }
             }
+            for (h, a) in acc.iter().enumerate() {
+                for (j, x) in a.iter().enumerate() {
+                    _mm256_storeu_ps(o.add(h * ld + 8 * j), *x);
+                }
+            }
+            8 * DV
+        }
+    }
+
+    /// Scalar tail of [`weighted_sum`] for the last `left < 8` dims.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn weighted_sum_scalar(
+        hc: usize,
+        w: *const f32,
+        ctx: usize,
+        v: *const f32,
+        offsets: &[usize],
+        o: *mut f32,
+        ld: usize,
+        left: usize,
+    ) -> usize {
+        // SAFETY: as for `weighted_sum`, with `left` dims.
+        unsafe {
+            for h in 0..hc {
+                for d in 0..left {
+                    let mut a = 0f32;
+                    for (p, &off) in offsets.iter().enumerate() {
+                        a += *w.add(h * ctx + p) * *v.add(off + d);
+                    }
+                    *o.add(h * ld + d) = a;
+                }
+            }
+            left
         }
     }
 
@@ -757,8 +780,9 @@ impl Avx2 {
         let tasks = if flops < 1 << 17 || threads == 1 {
             1
         } else if t < 8 {
-            // Memory-bound: one contiguous stream of weight rows per thread.
-            threads
+            // Memory-bound: contiguous runs of weight rows, a few per thread so a
+            // descheduled thread holds up only a small share.
+            threads * 4
         } else {
             // Compute-bound: finer tasks balance cores shared with other work.
             (threads * 4).min(n.div_ceil(16))

@@ -35,7 +35,9 @@ pub struct SeqStep {
     /// The sequence's blocks, covering at least `num_cached + token_ids.len()` tokens.
     pub block_table: Vec<BlockId>,
     /// The hot LoRA slot every token of this sequence uses; `None` runs the base model.
-    /// Flattened to one entry per token by [`ForwardBatch::token_adapters`].
+    /// Flattened to one entry per token by [`ForwardBatch::token_adapters`]. Until the
+    /// batched LoRA kernels land, a step naming a slot is refused
+    /// ([`ForwardError::AdapterUnsupported`]) rather than silently run on the base.
     pub adapter: Option<SlotIdx>,
     /// Which new tokens get logits.
     pub logits: LogitsRows,
@@ -157,6 +159,9 @@ impl StepPlan {
             if n == 0 {
                 return Err(ForwardError::NoNewTokens { seq });
             }
+            if let Some(slot) = step.adapter {
+                return Err(ForwardError::AdapterUnsupported { seq, slot });
+            }
             let context_len = step.context_len();
             if context_len > limits.max_position {
                 return Err(ForwardError::ContextTooLong {
@@ -231,20 +236,23 @@ impl ForwardOutput {
         self.seq_rows.last().map_or(0, |r| r.end)
     }
 
-    /// One row of logits.
-    pub fn row(&self, row: usize) -> &[f32] {
-        &self.logits[row * self.vocab_size..(row + 1) * self.vocab_size]
+    /// One row of logits; `None` past the last row.
+    pub fn row(&self, row: usize) -> Option<&[f32]> {
+        self.logits
+            .get(row * self.vocab_size..(row + 1) * self.vocab_size)
     }
 
-    /// The logits rows of sequence `seq` (empty when it asked for none).
-    pub fn seq_logits(&self, seq: usize) -> impl ExactSizeIterator<Item = &[f32]> {
-        self.seq_rows[seq].clone().map(|r| self.row(r))
+    /// The logits rows of sequence `seq` (empty when it asked for none); `None` when the
+    /// batch had no sequence `seq`.
+    pub fn seq_logits(&self, seq: usize) -> Option<impl ExactSizeIterator<Item = &[f32]>> {
+        let rows = self.seq_rows.get(seq)?.clone();
+        Some(rows.map(|r| &self.logits[r * self.vocab_size..(r + 1) * self.vocab_size]))
     }
 
     /// The logits of sequence `seq`'s last new token, when it asked for any.
     pub fn last_logits(&self, seq: usize) -> Option<&[f32]> {
         let rows = self.seq_rows.get(seq)?;
-        (!rows.is_empty()).then(|| self.row(rows.end - 1))
+        rows.clone().last().and_then(|r| self.row(r))
     }
 }
 
@@ -331,6 +339,15 @@ mod tests {
                 SeqStep::new(vec![1], 0, vec![BlockId(0)]),
             ])),
             ForwardError::SlotWrittenTwice { seq: 1, slot: 0 }
+        ));
+        let mut lora = SeqStep::new(vec![1], 0, vec![BlockId(0)]);
+        lora.adapter = Some(SlotIdx(3));
+        assert!(matches!(
+            err(ForwardBatch::new(vec![lora])),
+            ForwardError::AdapterUnsupported {
+                seq: 0,
+                slot: SlotIdx(3)
+            }
         ));
     }
 }

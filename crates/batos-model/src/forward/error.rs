@@ -1,6 +1,6 @@
 //! Errors of the forward pass and the generation harness.
 
-use batos_types::BlockId;
+use batos_types::{BlockId, SlotIdx};
 
 /// Why a forward step or a generation could not run.
 ///
@@ -51,6 +51,9 @@ pub enum ForwardError {
     /// Two new tokens of the batch map to the same cache slot.
     #[error("sequence {seq}: cache slot {slot} is written twice in one step")]
     SlotWrittenTwice { seq: usize, slot: usize },
+    /// A sequence names a LoRA slot, which this forward pass cannot apply yet.
+    #[error("sequence {seq}: LoRA slot {slot:?} requested, but the forward pass runs the base model only")]
+    AdapterUnsupported { seq: usize, slot: SlotIdx },
     /// The cache's shape does not match the model.
     #[error("KV cache {what}: expected {expected}, got {got}")]
     CacheMismatch {
