@@ -40,6 +40,10 @@ pub struct BlobWriter {
     hasher: blake3::Hasher,
     len: u64,
     chunks: u64,
+    /// Bytes of the file written so far (header and chunks).
+    file_pos: u64,
+    /// File offset up to which writeback was started.
+    flushed_to: u64,
     finished_into: Arc<parking_lot::Mutex<Vec<BlobRef>>>,
 }
 
@@ -55,7 +59,9 @@ impl BlobWriter {
             .create_new(true)
             .open(&tmp_path)
             .map_err(|e| StoreError::io("create blob", &tmp_path, e))?;
-        let mut out = BufWriter::with_capacity(CHUNK + 64, file);
+        // A small buffer: it gathers the header and trailer, while whole chunks bypass it
+        // (no extra copy of the content).
+        let mut out = BufWriter::with_capacity(4096, file);
         let mut h = [0u8; HEADER_LEN];
         h[0..8].copy_from_slice(BLOB_MAGIC);
         h[8..12].copy_from_slice(&BLOB_VERSION.to_le_bytes());
@@ -72,6 +78,8 @@ impl BlobWriter {
             hasher: blake3::Hasher::new(),
             len: 0,
             chunks: 0,
+            file_pos: HEADER_LEN as u64,
+            flushed_to: 0,
             finished_into,
         })
     }
@@ -85,18 +93,32 @@ impl BlobWriter {
         if self.chunk.is_empty() {
             return Ok(());
         }
+        let chunk = std::mem::take(&mut self.chunk);
+        let res = self.write_chunk(&chunk);
+        self.chunk = chunk;
+        self.chunk.clear();
+        res
+    }
+
+    /// Writes one chunk (at most `CHUNK` bytes) with its header.
+    fn write_chunk(&mut self, data: &[u8]) -> io::Result<()> {
         let out = self
             .out
             .as_mut()
             .ok_or_else(|| io::Error::other("blob writer already finished"))?;
         let mut h = [0u8; 8];
-        h[0..4].copy_from_slice(&(self.chunk.len() as u32).to_le_bytes());
-        h[4..8].copy_from_slice(&crate::log::crc(&self.chunk).to_le_bytes());
+        h[0..4].copy_from_slice(&(data.len() as u32).to_le_bytes());
+        h[4..8].copy_from_slice(&crate::log::crc(data).to_le_bytes());
         out.write_all(&h)?;
-        out.write_all(&self.chunk)?;
-        self.hasher.update(&self.chunk);
+        out.write_all(data)?;
+        // The chunk is larger than the small write buffer, so it (and the header before
+        // it) is in the kernel now: let the disk start on it while we hash and checksum.
+        let end = self.file_pos + 8 + data.len() as u64;
+        crate::sys::start_writeback(out.get_ref(), self.flushed_to, end - self.flushed_to);
+        self.file_pos = end;
+        self.flushed_to = end;
+        self.hasher.update(data);
         self.chunks += 1;
-        self.chunk.clear();
         Ok(())
     }
 
@@ -151,6 +173,12 @@ impl Write for BlobWriter {
     fn write(&mut self, mut buf: &[u8]) -> io::Result<usize> {
         let n = buf.len();
         while !buf.is_empty() {
+            if self.chunk.is_empty() && buf.len() >= CHUNK {
+                // Whole chunks straight from the caller's buffer: no copy.
+                self.write_chunk(&buf[..CHUNK])?;
+                buf = &buf[CHUNK..];
+                continue;
+            }
             let room = CHUNK - self.chunk.len();
             let take = room.min(buf.len());
             self.chunk.extend_from_slice(&buf[..take]);

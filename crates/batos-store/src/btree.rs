@@ -205,11 +205,27 @@ impl<K, V> BTree<K, V> {
     }
 }
 
+/// What happened to a leaf during an insert.
+enum LeafInsert<K, V> {
+    Replaced(V),
+    Inserted,
+    /// The leaf overflowed: these entries move to a new right sibling.
+    Split {
+        keys: Vec<K>,
+        vals: Vec<V>,
+        next: Option<Oid>,
+    },
+}
+
 impl<K, V> BTree<K, V>
 where
-    K: Ord + Clone + Serialize + DeserializeOwned,
-    V: Clone + PartialEq + Serialize + DeserializeOwned,
+    K: Ord + Clone + Serialize + DeserializeOwned + Send + 'static,
+    V: Clone + PartialEq + Serialize + DeserializeOwned + Send + 'static,
 {
+    fn resolver() -> Option<crate::db::Resolver> {
+        Some(crate::resolve::resolver_for::<Node<K, V>>())
+    }
+
     /// Creates an empty tree. It is garbage unless something reachable refers to it.
     pub fn create(txn: &mut Txn) -> Result<Self> {
         let leaf: Node<K, V> = Node::Leaf {
@@ -217,12 +233,11 @@ where
             vals: Vec::new(),
             next: None,
         };
-        let root = txn.insert_new_resolvable(&leaf)?;
-        let header = txn.insert_new(&TreeHeader {
-            root: root.oid(),
-            depth: 0,
-        })?;
-        Ok(Self::from_oid(header.oid()))
+        let root = txn.new_oid()?;
+        txn.cached_insert(root, leaf, Self::resolver())?;
+        let header = txn.new_oid()?;
+        txn.cached_insert(header, TreeHeader { root, depth: 0 }, None)?;
+        Ok(Self::from_oid(header))
     }
 
     /// The tree registered under `name` in the root, created there if absent.
@@ -235,38 +250,6 @@ where
         Ok(t)
     }
 
-    fn node(&self, txn: &Txn, oid: Oid) -> Result<Node<K, V>> {
-        txn.get(oid)
-    }
-
-    fn put_node(&self, txn: &mut Txn, oid: Oid, node: &Node<K, V>) -> Result<()> {
-        txn.put_resolvable(oid, node)
-    }
-
-    /// The leaf that would hold `key`, with the path of (branch oid, branch, child index).
-    #[allow(clippy::type_complexity)]
-    fn descend(
-        &self,
-        txn: &Txn,
-        key: &K,
-    ) -> Result<(Oid, Node<K, V>, Vec<(Oid, Node<K, V>, usize)>)> {
-        let h: TreeHeader = txn.get(self.header)?;
-        let mut oid = h.root;
-        let mut path = Vec::with_capacity(h.depth as usize);
-        loop {
-            let node = self.node(txn, oid)?;
-            match &node {
-                Node::Branch { keys, children } => {
-                    let i = keys.partition_point(|k| k <= key);
-                    let child = *children.get(i).ok_or_else(|| self.malformed(oid))?;
-                    path.push((oid, node, i));
-                    oid = child;
-                }
-                Node::Leaf { .. } => return Ok((oid, node, path)),
-            }
-        }
-    }
-
     fn malformed(&self, oid: Oid) -> StoreError {
         StoreError::Decode {
             oid,
@@ -275,13 +258,36 @@ where
         }
     }
 
+    /// The leaf that would hold `key`, and the path of (branch oid, child index) to it.
+    fn descend(&self, txn: &Txn, key: &K) -> Result<(Oid, Vec<(Oid, usize)>)> {
+        let (mut oid, depth) = txn.cached_read(self.header, |h: &TreeHeader| (h.root, h.depth))?;
+        let mut path = Vec::with_capacity(depth as usize);
+        loop {
+            let step = txn.cached_read(oid, |n: &Node<K, V>| match n {
+                Node::Branch { keys, children } => {
+                    let i = keys.partition_point(|k| k <= key);
+                    Some(children.get(i).map(|c| (i, *c)))
+                }
+                Node::Leaf { .. } => None,
+            })?;
+            match step {
+                None => return Ok((oid, path)),
+                Some(None) => return Err(self.malformed(oid)),
+                Some(Some((i, child))) => {
+                    path.push((oid, i));
+                    oid = child;
+                }
+            }
+        }
+    }
+
     /// The value under `key`.
     pub fn get(&self, txn: &Txn, key: &K) -> Result<Option<V>> {
-        let (_, leaf, _) = self.descend(txn, key)?;
-        let Node::Leaf { keys, vals, .. } = leaf else {
-            unreachable!("descend ends at a leaf")
-        };
-        Ok(keys.binary_search(key).ok().map(|i| vals[i].clone()))
+        let (leaf, _) = self.descend(txn, key)?;
+        txn.cached_read(leaf, |n: &Node<K, V>| match n {
+            Node::Leaf { keys, vals, .. } => keys.binary_search(key).ok().map(|i| vals[i].clone()),
+            Node::Branch { .. } => None,
+        })
     }
 
     /// True if `key` is present.
@@ -291,154 +297,157 @@ where
 
     /// Inserts or replaces; returns the previous value.
     pub fn insert(&self, txn: &mut Txn, key: K, val: V) -> Result<Option<V>> {
-        let (leaf_oid, leaf, mut path) = self.descend(txn, &key)?;
-        let Node::Leaf {
-            mut keys,
-            mut vals,
-            next,
-        } = leaf
-        else {
-            unreachable!("descend ends at a leaf")
-        };
-        match keys.binary_search(&key) {
-            Ok(i) => {
-                if vals[i] == val {
-                    return Ok(Some(val));
+        let (leaf, mut path) = self.descend(txn, &key)?;
+        let unchanged = txn.cached_read(leaf, |n: &Node<K, V>| match n {
+            Node::Leaf { keys, vals, .. } => keys
+                .binary_search(&key)
+                .ok()
+                .filter(|&i| vals[i] == val)
+                .map(|i| vals[i].clone()),
+            Node::Branch { .. } => None,
+        })?;
+        if let Some(v) = unchanged {
+            return Ok(Some(v));
+        }
+        let outcome = txn.cached_write(leaf, Self::resolver(), |n: &mut Node<K, V>| {
+            let Node::Leaf { keys, vals, next } = n else {
+                unreachable!("descend ends at a leaf")
+            };
+            match keys.binary_search(&key) {
+                Ok(i) => LeafInsert::Replaced(std::mem::replace(&mut vals[i], val)),
+                Err(i) => {
+                    keys.insert(i, key);
+                    vals.insert(i, val);
+                    if keys.len() <= MAX_LEAF {
+                        LeafInsert::Inserted
+                    } else {
+                        let mid = keys.len() / 2;
+                        LeafInsert::Split {
+                            keys: keys.split_off(mid),
+                            vals: vals.split_off(mid),
+                            next: *next,
+                        }
+                    }
                 }
-                let old = std::mem::replace(&mut vals[i], val);
-                self.put_node(txn, leaf_oid, &Node::Leaf { keys, vals, next })?;
-                return Ok(Some(old));
             }
-            Err(i) => {
-                keys.insert(i, key);
-                vals.insert(i, val);
-            }
-        }
-        if keys.len() <= MAX_LEAF {
-            self.put_node(txn, leaf_oid, &Node::Leaf { keys, vals, next })?;
-            return Ok(None);
-        }
+        })?;
+        let (rkeys, rvals, rnext) = match outcome {
+            LeafInsert::Replaced(old) => return Ok(Some(old)),
+            LeafInsert::Inserted => return Ok(None),
+            LeafInsert::Split { keys, vals, next } => (keys, vals, next),
+        };
         // Split the leaf and carry a separator up.
-        let mid = keys.len() / 2;
-        let rkeys = keys.split_off(mid);
-        let rvals = vals.split_off(mid);
-        let right_oid = txn.new_oid()?;
+        let right = txn.new_oid()?;
         let mut sep = rkeys[0].clone();
-        self.put_node(
-            txn,
-            right_oid,
-            &Node::Leaf {
+        txn.cached_insert(
+            right,
+            Node::Leaf {
                 keys: rkeys,
                 vals: rvals,
-                next,
+                next: rnext,
             },
+            Self::resolver(),
         )?;
-        self.put_node(
-            txn,
-            leaf_oid,
-            &Node::Leaf {
-                keys,
-                vals,
-                next: Some(right_oid),
-            },
-        )?;
-        let mut new_child = right_oid;
-        let mut left_child = leaf_oid;
-        while let Some((poid, pnode, i)) = path.pop() {
-            let Node::Branch {
-                mut keys,
-                mut children,
-            } = pnode
-            else {
-                unreachable!("path holds branches")
-            };
-            keys.insert(i, sep);
-            children.insert(i + 1, new_child);
-            if keys.len() <= MAX_BRANCH {
-                self.put_node(txn, poid, &Node::Branch { keys, children })?;
-                return Ok(None);
+        txn.cached_write(leaf, Self::resolver(), |n: &mut Node<K, V>| {
+            if let Node::Leaf { next, .. } = n {
+                *next = Some(right);
             }
-            let mid = keys.len() / 2;
-            let rkeys = keys.split_off(mid + 1);
-            let up = keys.pop().expect("mid < len");
-            let rchildren = children.split_off(mid + 1);
+        })?;
+        let mut new_child = right;
+        let mut left_child = leaf;
+        while let Some((parent, i)) = path.pop() {
+            let split = txn.cached_write(parent, Self::resolver(), |n: &mut Node<K, V>| {
+                let Node::Branch { keys, children } = n else {
+                    unreachable!("the path holds branches")
+                };
+                keys.insert(i, sep.clone());
+                children.insert(i + 1, new_child);
+                if keys.len() <= MAX_BRANCH {
+                    return None;
+                }
+                let mid = keys.len() / 2;
+                let rkeys = keys.split_off(mid + 1);
+                let up = keys.pop().expect("mid < len");
+                let rchildren = children.split_off(mid + 1);
+                Some((up, rkeys, rchildren))
+            })?;
+            let Some((up, rkeys, rchildren)) = split else {
+                return Ok(None);
+            };
             let roid = txn.new_oid()?;
-            self.put_node(
-                txn,
+            txn.cached_insert(
                 roid,
-                &Node::Branch {
+                Node::<K, V>::Branch {
                     keys: rkeys,
                     children: rchildren,
                 },
+                Self::resolver(),
             )?;
-            self.put_node(txn, poid, &Node::Branch { keys, children })?;
             sep = up;
             new_child = roid;
-            left_child = poid;
+            left_child = parent;
         }
         // The root split: grow the tree by one level.
-        let mut h: TreeHeader = txn.get(self.header)?;
         let root = txn.new_oid()?;
-        self.put_node(
-            txn,
+        txn.cached_insert(
             root,
-            &Node::Branch {
+            Node::<K, V>::Branch {
                 keys: vec![sep],
                 children: vec![left_child, new_child],
             },
+            Self::resolver(),
         )?;
-        h.root = root;
-        h.depth += 1;
-        txn.put(self.header, &h)?;
+        txn.cached_write(self.header, None, |h: &mut TreeHeader| {
+            h.root = root;
+            h.depth += 1;
+        })?;
         Ok(None)
     }
 
     /// Removes `key`; returns its value.
     pub fn remove(&self, txn: &mut Txn, key: &K) -> Result<Option<V>> {
-        let (leaf_oid, leaf, _) = self.descend(txn, key)?;
-        let Node::Leaf {
-            mut keys,
-            mut vals,
-            next,
-        } = leaf
-        else {
-            unreachable!("descend ends at a leaf")
-        };
-        match keys.binary_search(key) {
-            Ok(i) => {
-                keys.remove(i);
-                let old = vals.remove(i);
-                self.put_node(txn, leaf_oid, &Node::Leaf { keys, vals, next })?;
-                Ok(Some(old))
-            }
-            Err(_) => Ok(None),
+        let (leaf, _) = self.descend(txn, key)?;
+        let present = txn.cached_read(leaf, |n: &Node<K, V>| match n {
+            Node::Leaf { keys, .. } => keys.binary_search(key).is_ok(),
+            Node::Branch { .. } => false,
+        })?;
+        if !present {
+            return Ok(None);
         }
+        txn.cached_write(leaf, Self::resolver(), |n: &mut Node<K, V>| match n {
+            Node::Leaf { keys, vals, .. } => keys.binary_search(key).ok().map(|i| {
+                keys.remove(i);
+                vals.remove(i)
+            }),
+            Node::Branch { .. } => None,
+        })
     }
 
-    /// Iterates `range` in key order, loading one leaf at a time.
+    /// Iterates `range` in key order, loading one leaf at a time (leaves read by a scan
+    /// are not kept in the transaction's cache, so scans of huge trees stay small).
     pub fn range<'t, R: RangeBounds<K>>(&self, txn: &'t Txn, range: R) -> Result<Range<'t, K, V>> {
         let start = range.start_bound().cloned();
         let end = range.end_bound().cloned();
-        let (keys, vals, next) = match &start {
+        let leaf = match &start {
             Bound::Unbounded => {
-                let h: TreeHeader = txn.get(self.header)?;
-                let mut oid = h.root;
+                let mut oid = txn.cached_read(self.header, |h: &TreeHeader| h.root)?;
                 loop {
-                    match self.node(txn, oid)? {
-                        Node::Branch { children, .. } => {
-                            oid = *children.first().ok_or_else(|| self.malformed(oid))?
-                        }
-                        Node::Leaf { keys, vals, next } => break (keys, vals, next),
+                    let child = txn.cached_read(oid, |n: &Node<K, V>| match n {
+                        Node::Branch { children, .. } => Some(children.first().copied()),
+                        Node::Leaf { .. } => None,
+                    })?;
+                    match child {
+                        None => break oid,
+                        Some(None) => return Err(self.malformed(oid)),
+                        Some(Some(c)) => oid = c,
                     }
                 }
             }
-            Bound::Included(k) | Bound::Excluded(k) => {
-                let (_, leaf, _) = self.descend(txn, k)?;
-                let Node::Leaf { keys, vals, next } = leaf else {
-                    unreachable!("descend ends at a leaf")
-                };
-                (keys, vals, next)
-            }
+            Bound::Included(k) | Bound::Excluded(k) => self.descend(txn, k)?.0,
+        };
+        let (keys, vals, next) = match txn.get::<Node<K, V>>(leaf)? {
+            Node::Leaf { keys, vals, next } => (keys, vals, next),
+            Node::Branch { .. } => return Err(self.malformed(leaf)),
         };
         let pos = match &start {
             Bound::Unbounded => 0,

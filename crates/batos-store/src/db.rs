@@ -109,11 +109,14 @@ impl Drop for DbInner {
     }
 }
 
+/// Index key of one revision. The tid is stored inverted so that an object's newest
+/// revisions sort first: "newest revision <= snapshot" is a forward seek, which sled
+/// does much faster than reverse iteration.
 fn okey(oid: Oid, tid: u64) -> [u8; 17] {
     let mut k = [0u8; 17];
     k[0] = b'o';
     k[1..9].copy_from_slice(&oid.get().to_be_bytes());
-    k[9..17].copy_from_slice(&tid.to_be_bytes());
+    k[9..17].copy_from_slice(&(!tid).to_be_bytes());
     k
 }
 
@@ -123,7 +126,7 @@ fn parse_okey(k: &[u8]) -> Option<(Oid, Tid)> {
     }
     Some((
         Oid::new(u64::from_be_bytes(k[1..9].try_into().ok()?))?,
-        Tid::new(u64::from_be_bytes(k[9..17].try_into().ok()?))?,
+        Tid::new(!u64::from_be_bytes(k[9..17].try_into().ok()?))?,
     ))
 }
 
@@ -345,6 +348,10 @@ impl Db {
         for d in [&log_dir, &blob_dir, &tmp_dir] {
             std::fs::create_dir_all(d).map_err(|e| StoreError::io("create directory", d, e))?;
         }
+        // The subdirectories' entries must survive power loss before anything in them
+        // is acknowledged.
+        fsync_dir(&path)?;
+        fsync_dir(&blob_dir)?;
         // Unfinished blob writes of a previous run: never referenced by any commit.
         for e in std::fs::read_dir(&tmp_dir).map_err(|e| StoreError::io("list", &tmp_dir, e))? {
             let e = e.map_err(|e| StoreError::io("list", &tmp_dir, e))?;
@@ -386,6 +393,11 @@ impl Db {
             retired: AtomicBool::new(false),
         });
         let (end, last_tid, next_oid) = recover(&seg, config.progress)?;
+        // Records written by a process that died before its fsync are still in the page
+        // cache: make them durable before anyone can read them.
+        seg.file
+            .sync_data()
+            .map_err(|e| StoreError::io("fsync segment", &seg.path, e))?;
         let inner = Arc::new(DbInner {
             path: path.clone(),
             config,
@@ -511,12 +523,13 @@ impl Db {
     pub fn history(&self, oid: Oid) -> Result<Vec<Tid>> {
         let seg = self.inner.current.read().clone();
         let mut out = Vec::new();
-        for kv in seg.tree.range(okey(oid, 1)..=okey(oid, u64::MAX)) {
+        for kv in seg.tree.range(okey(oid, u64::MAX)..=okey(oid, 1)) {
             let (k, _) = kv.map_err(|e| StoreError::index("read history", e))?;
             if let Some((_, tid)) = parse_okey(&k) {
                 out.push(tid);
             }
         }
+        out.reverse();
         Ok(out)
     }
 
@@ -841,7 +854,7 @@ impl DbInner {
 
     /// The newest revision of `oid` with tid <= `upto`, from `seg`.
     fn lookup(seg: &Segment, oid: Oid, upto: u64) -> Result<Option<(Tid, EntryLoc)>> {
-        match seg.tree.range(okey(oid, 1)..=okey(oid, upto)).next_back() {
+        match seg.tree.range(okey(oid, upto)..=okey(oid, 1)).next() {
             None => Ok(None),
             Some(kv) => {
                 let (k, v) = kv.map_err(|e| StoreError::index("look up object", e))?;
@@ -1027,7 +1040,7 @@ impl DbInner {
             }
         }
         drop(cs);
-        self.wait_durable(end)?;
+        self.wait_durable(seg.gen, end)?;
         Ok(tid)
     }
 
@@ -1060,9 +1073,9 @@ impl DbInner {
         while self.visible.load(Ordering::Acquire) < tid.get() && s.failed.is_none() {
             if !s.syncing && s.written_end > s.synced_end {
                 // Nobody is syncing the winner's record: do it ourselves.
-                let end = s.written_end;
+                let (gen, end) = (s.seg.gen, s.written_end);
                 drop(s);
-                let _ = self.wait_durable(end);
+                let _ = self.wait_durable(gen, end);
                 s = self.sync.lock();
                 continue;
             }
@@ -1072,7 +1085,10 @@ impl DbInner {
 
     /// Group commit: returns once the log is fsynced past `end`. One waiter at a time
     /// runs `fdatasync`; everyone whose record it covers returns together.
-    fn wait_durable(&self, end: u64) -> Result<()> {
+    ///
+    /// `gen` is the segment the caller's record is in: pack switches segments only after
+    /// fsyncing everything in the old one, so a newer generation means "durable".
+    fn wait_durable(&self, gen: u64, end: u64) -> Result<()> {
         let mut s = self.sync.lock();
         loop {
             if let Some(cause) = &s.failed {
@@ -1080,7 +1096,7 @@ impl DbInner {
                     cause: cause.clone(),
                 });
             }
-            if s.synced_end >= end {
+            if s.seg.gen != gen || s.synced_end >= end {
                 return Ok(());
             }
             if s.syncing {
@@ -1093,7 +1109,9 @@ impl DbInner {
             s.syncing = false;
             match res {
                 Ok(()) => {
-                    s.synced_end = s.synced_end.max(target_end);
+                    if s.seg.gen == seg.gen {
+                        s.synced_end = s.synced_end.max(target_end);
+                    }
                     self.visible.fetch_max(target_tid.get(), Ordering::AcqRel);
                 }
                 Err(e) => {
@@ -1111,7 +1129,7 @@ impl DbInner {
         let _span = tracing::info_span!("pack", before = before.get()).entered();
         let mut cs = self.commit.lock();
         let end = cs.end;
-        self.wait_durable(end)?;
+        self.wait_durable(cs.seg.gen, end)?;
         let last = cs.last_tid;
         let horizon = before.min(last);
         let old = cs.seg.clone();
@@ -1127,7 +1145,7 @@ impl DbInner {
         let mut total_revisions = 0u64;
         while let Some(oid) = stack.pop() {
             let mut revs: Vec<(Tid, EntryLoc)> = Vec::new();
-            for kv in old.tree.range(okey(oid, 1)..=okey(oid, u64::MAX)) {
+            for kv in old.tree.range(okey(oid, u64::MAX)..=okey(oid, 1)) {
                 let (k, v) = kv.map_err(|e| StoreError::index("pack scan", e))?;
                 let (_, tid) = parse_okey(&k).ok_or_else(|| StoreError::IndexInconsistent {
                     detail: format!("malformed index key for {oid}"),
@@ -1137,6 +1155,7 @@ impl DbInner {
                 })?;
                 revs.push((tid, loc));
             }
+            revs.reverse(); // oldest first
             let first_kept = revs.iter().rposition(|(t, _)| *t <= horizon).unwrap_or(0);
             for &(tid, loc) in revs.iter().skip(first_kept) {
                 let e = read_entry(&old.file, &old.path, loc, oid, tid)?;

@@ -26,6 +26,7 @@ mod error;
 mod ids;
 mod log;
 mod resolve;
+mod sys;
 mod txn;
 
 pub use blob::{BlobReader, BlobWriter};

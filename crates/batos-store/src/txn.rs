@@ -1,6 +1,8 @@
 //! Transactions: a snapshot to read from and a write set to commit.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::any::Any;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -40,7 +42,30 @@ pub struct Txn {
     writes: BTreeMap<Oid, PendingWrite>,
     read_current: BTreeSet<Oid>,
     blobs: Arc<Mutex<Vec<BlobRef>>>,
+    /// Decoded objects used by structures such as the B-tree, so a transaction that
+    /// touches a node many times decodes it once and encodes it once, at commit.
+    cache: RefCell<HashMap<Oid, Cached>>,
     done: bool,
+}
+
+type EncodeAny = fn(&dyn Any) -> Result<Encoded>;
+
+struct Cached {
+    value: Box<dyn Any + Send>,
+    /// Set once modified: how to encode it at commit.
+    dirty: Option<EncodeAny>,
+    resolver: Option<crate::db::Resolver>,
+    is_new: bool,
+}
+
+/// Clean cache entries beyond this are dropped (dirty ones stay until commit).
+const CACHE_CLEAN_LIMIT: usize = 16_384;
+
+fn encode_any<T: Serialize + 'static>(v: &dyn Any) -> Result<Encoded> {
+    let v = v
+        .downcast_ref::<T>()
+        .expect("cache entries are encoded with their own type's encoder");
+    encode(v)
 }
 
 impl std::fmt::Debug for Txn {
@@ -62,6 +87,7 @@ impl Txn {
             writes: BTreeMap::new(),
             read_current: BTreeSet::new(),
             blobs: Arc::new(Mutex::new(Vec::new())),
+            cache: RefCell::new(HashMap::new()),
             done: false,
         }
     }
@@ -78,7 +104,12 @@ impl Txn {
 
     /// Number of objects written so far.
     pub fn write_count(&self) -> usize {
+        let cache = self.cache.borrow();
         self.writes.len()
+            + cache
+                .iter()
+                .filter(|(oid, c)| c.dirty.is_some() && !self.writes.contains_key(oid))
+                .count()
     }
 
     fn check_writable(&self) -> Result<()> {
@@ -92,6 +123,12 @@ impl Txn {
 
     /// Raw state of `oid` as this transaction sees it.
     fn raw(&self, oid: Oid) -> Result<Option<(u64, RawData<'_>)>> {
+        if let Some(c) = self.cache.borrow().get(&oid) {
+            if let Some(enc) = c.dirty {
+                let e = enc(&*c.value)?;
+                return Ok(Some((e.type_fp, RawData::Owned(e.data))));
+            }
+        }
         if let Some(w) = self.writes.get(&oid) {
             return Ok(Some((w.enc.type_fp, RawData::Borrowed(&w.enc.data))));
         }
@@ -128,7 +165,8 @@ impl Txn {
     }
 
     fn put_encoded(&mut self, oid: Oid, enc: Encoded, resolver: Option<crate::db::Resolver>) {
-        let is_new = self.writes.get(&oid).is_some_and(|w| w.is_new);
+        let cached_new = self.cache.get_mut().remove(&oid).is_some_and(|c| c.is_new);
+        let is_new = cached_new || self.writes.get(&oid).is_some_and(|w| w.is_new);
         self.writes.insert(
             oid,
             PendingWrite {
@@ -198,6 +236,125 @@ impl Txn {
     /// `ConflictError::Read` if `oid` changed after this transaction's snapshot.
     pub fn read_current(&mut self, oid: Oid) {
         self.read_current.insert(oid);
+    }
+
+    /// Makes sure `oid` is decoded in the cache as a `T`.
+    fn cache_load<T: DeserializeOwned + Send + 'static>(&self, oid: Oid) -> Result<()> {
+        let mut cache = self.cache.borrow_mut();
+        if let Some(c) = cache.get(&oid) {
+            if c.value.is::<T>() {
+                return Ok(());
+            }
+        }
+        drop(cache);
+        // Not cached as a T: decode the bytes (which reports a type mismatch).
+        let value: T = self.get(oid)?;
+        cache = self.cache.borrow_mut();
+        if cache.len() >= CACHE_CLEAN_LIMIT {
+            cache.retain(|_, c| c.dirty.is_some());
+        }
+        let (is_new, resolver) = match (cache.get(&oid), self.writes.get(&oid)) {
+            (Some(c), _) => (c.is_new, c.resolver),
+            (None, Some(w)) => (w.is_new, w.resolver),
+            (None, None) => (false, None),
+        };
+        let dirty = cache.get(&oid).and_then(|c| c.dirty);
+        if dirty.is_some() {
+            // A dirty entry of another type: `get` above would have failed.
+            return Err(StoreError::IndexInconsistent {
+                detail: format!("{oid} cached as two types in one transaction"),
+            });
+        }
+        cache.insert(
+            oid,
+            Cached {
+                value: Box::new(value),
+                dirty: None,
+                resolver,
+                is_new,
+            },
+        );
+        Ok(())
+    }
+
+    /// Reads `oid` as a `T` through the transaction's decoded-object cache.
+    pub(crate) fn cached_read<T, R>(&self, oid: Oid, f: impl FnOnce(&T) -> R) -> Result<R>
+    where
+        T: DeserializeOwned + Send + 'static,
+    {
+        self.cache_load::<T>(oid)?;
+        let cache = self.cache.borrow();
+        let v = cache[&oid]
+            .value
+            .downcast_ref::<T>()
+            .expect("cache_load stored a T");
+        Ok(f(v))
+    }
+
+    /// Modifies `oid` in place through the cache; it is encoded once, at commit.
+    pub(crate) fn cached_write<T, R>(
+        &mut self,
+        oid: Oid,
+        resolver: Option<crate::db::Resolver>,
+        f: impl FnOnce(&mut T) -> R,
+    ) -> Result<R>
+    where
+        T: Serialize + DeserializeOwned + Send + 'static,
+    {
+        self.check_writable()?;
+        self.cache_load::<T>(oid)?;
+        // The cache entry is now the authoritative pending state.
+        let pending = self.writes.remove(&oid);
+        let cache = self.cache.get_mut();
+        let c = cache.get_mut(&oid).expect("cache_load inserted it");
+        if let Some(w) = pending {
+            c.is_new |= w.is_new;
+        }
+        c.dirty = Some(encode_any::<T>);
+        c.resolver = resolver;
+        let v = c.value.downcast_mut::<T>().expect("cache_load stored a T");
+        Ok(f(v))
+    }
+
+    /// Adds a new object to the cache (dirty).
+    pub(crate) fn cached_insert<T>(
+        &mut self,
+        oid: Oid,
+        value: T,
+        resolver: Option<crate::db::Resolver>,
+    ) -> Result<()>
+    where
+        T: Serialize + Send + 'static,
+    {
+        self.check_writable()?;
+        self.writes.remove(&oid);
+        self.cache.get_mut().insert(
+            oid,
+            Cached {
+                value: Box::new(value),
+                dirty: Some(encode_any::<T>),
+                resolver,
+                is_new: true,
+            },
+        );
+        Ok(())
+    }
+
+    /// Moves dirty cache entries into the write set (before commit).
+    fn flush_cache(&mut self) -> Result<()> {
+        for (oid, c) in self.cache.get_mut().drain() {
+            if let Some(enc) = c.dirty {
+                self.writes.insert(
+                    oid,
+                    PendingWrite {
+                        enc: enc(&*c.value)?,
+                        resolver: c.resolver,
+                        is_new: c.is_new,
+                    },
+                );
+            }
+        }
+        Ok(())
     }
 
     fn root_map(&self) -> Result<RootMap> {
@@ -283,6 +440,10 @@ impl Txn {
         let blobs = std::mem::take(&mut *self.blobs.lock());
         if self.mode == TxnMode::ReadOnly {
             return Ok(self.snapshot);
+        }
+        if let Err(e) = self.flush_cache() {
+            self.db.discard_blobs(&blobs);
+            return Err(e.into());
         }
         let ws = WriteSet {
             writes: std::mem::take(&mut self.writes),

@@ -454,3 +454,61 @@ fn db_is_send_and_sync() {
     check_send::<batos_store::BlobReader>();
     let _ = Oid::ROOT;
 }
+
+#[test]
+fn pack_while_committers_and_readers_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = open(&dir);
+    let refs: Vec<Ref<u64>> = db
+        .transact(|t| -> Result<_, StoreError> {
+            let v: Vec<Ref<u64>> = (0..4)
+                .map(|_| t.insert_new(&0u64))
+                .collect::<Result<_, _>>()?;
+            let list = t.insert_new(&v)?;
+            t.set_named_root("list", list)?;
+            Ok(v)
+        })
+        .unwrap();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let refs = &refs;
+    std::thread::scope(|s| {
+        for r in refs {
+            let (db, stop) = (&db, &stop);
+            s.spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let mut t = db.begin();
+                    n += 1;
+                    t.set(*r, &n).unwrap();
+                    match t.commit() {
+                        Ok(_) | Err(CommitError::Conflict(ConflictError::Packed { .. })) => {}
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+            });
+        }
+        let (db, stop) = (&db, &stop);
+        s.spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let t = db.begin();
+                for r in refs {
+                    match t.load(*r) {
+                        Ok(_) | Err(StoreError::SnapshotPacked { .. }) => {}
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+            }
+        });
+        for _ in 0..5 {
+            std::thread::sleep(std::time::Duration::from_millis(30));
+            db.pack(db.last_tid()).unwrap();
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    db.verify().unwrap();
+    let last = db.last_tid();
+    drop(db);
+    let db = open(&dir);
+    assert_eq!(db.last_tid(), last);
+    db.verify().unwrap();
+}
