@@ -63,6 +63,13 @@ pub enum KernelError {
         "{op}: CUDA device {ordinal} requested, but batos-kernels was built without the `cuda` feature"
     )]
     CudaNotCompiled { op: &'static str, ordinal: usize },
+    /// The CUDA backend failed: no driver or device, NVRTC, or a driver call.
+    #[cfg(feature = "cuda")]
+    #[error("{op}: {source}")]
+    Cuda {
+        op: &'static str,
+        source: crate::cuda::SharedCudaError,
+    },
 }
 
 /// Shorthand used throughout the crate.

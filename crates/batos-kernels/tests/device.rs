@@ -1,6 +1,8 @@
 //! The device seam: CPU runs the kernels, CUDA without the feature is a typed error.
 
-use batos_kernels::{Device, KernelError, WeightView};
+#[cfg(not(feature = "cuda"))]
+use batos_kernels::KernelError;
+use batos_kernels::{Device, WeightView};
 use batos_types::DeviceKind;
 
 #[test]

@@ -1,0 +1,447 @@
+//! int4 AWQ linear layers (`kernels/awq.cu`), AutoAWQ "GEMM" checkpoint layout.
+
+use half::f16;
+
+use super::super::device::CudaDevice;
+use super::super::error::{CudaError, CudaResult};
+use super::super::pool::DeviceBuffer;
+use super::super::registry::ModuleId;
+use cudarc::driver::PushKernelArg;
+
+use super::{as_i32, as_u32, cfg, kname, launch, Activation};
+
+/// Dimensions of an AWQ linear layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AwqShape {
+    /// Input features (K); a multiple of `group_size` and of 32.
+    pub in_features: usize,
+    /// Output features (N); a multiple of 8.
+    pub out_features: usize,
+    /// Rows of K sharing one scale and zero point.
+    pub group_size: usize,
+}
+
+impl AwqShape {
+    /// Checks the constraints the kernels rely on.
+    pub fn validate(self) -> CudaResult<Self> {
+        let AwqShape {
+            in_features: k,
+            out_features: n,
+            group_size: g,
+        } = self;
+        let bad = |r: String| Err(CudaError::invalid("awq shape", r));
+        if k == 0 || n == 0 || g == 0 {
+            return bad(format!("empty shape {self:?}"));
+        }
+        if n % 8 != 0 {
+            return bad(format!("out_features {n} is not a multiple of 8"));
+        }
+        if k % g != 0 {
+            return bad(format!(
+                "in_features {k} is not a multiple of group_size {g}"
+            ));
+        }
+        if k % 32 != 0 {
+            return bad(format!("in_features {k} is not a multiple of 32"));
+        }
+        as_i32("awq shape", "in*out/8", k * (n / 8))?;
+        Ok(self)
+    }
+
+    /// Elements of `qweight` (u32): in × out/8.
+    pub fn qweight_len(self) -> usize {
+        self.in_features * self.out_features / 8
+    }
+    /// Elements of `qzeros` (u32): in/group × out/8.
+    pub fn qzeros_len(self) -> usize {
+        self.in_features / self.group_size * self.out_features / 8
+    }
+    /// Elements of `scales` (f16): in/group × out.
+    pub fn scales_len(self) -> usize {
+        self.in_features / self.group_size * self.out_features
+    }
+}
+
+/// An AWQ layer resident on the device.
+///
+/// `qweight` int32 [in, out/8] (as u32), `qzeros` int32 [in/group, out/8], `scales`
+/// f16 [in/group, out]; each packed word holds 8 columns in AutoAWQ's nibble order
+/// `[0,2,4,6,1,3,5,7]`; `W[k,n] = (q - z) * s` and `y = x · W`.
+#[derive(Debug)]
+pub struct AwqWeights {
+    qweight: DeviceBuffer<u32>,
+    qzeros: DeviceBuffer<u32>,
+    scales: DeviceBuffer<f16>,
+    shape: AwqShape,
+}
+
+impl AwqWeights {
+    /// Validates the shapes and uploads the three tensors.
+    pub fn upload(
+        dev: &CudaDevice,
+        shape: AwqShape,
+        qweight: &[u32],
+        qzeros: &[u32],
+        scales: &[f16],
+    ) -> CudaResult<Self> {
+        const OP: &str = "AwqWeights::upload";
+        let shape = shape.validate()?;
+        CudaError::check_len(OP, "qweight", shape.qweight_len(), qweight.len())?;
+        CudaError::check_len(OP, "qzeros", shape.qzeros_len(), qzeros.len())?;
+        CudaError::check_len(OP, "scales", shape.scales_len(), scales.len())?;
+        Ok(AwqWeights {
+            qweight: dev.upload(qweight)?,
+            qzeros: dev.upload(qzeros)?,
+            scales: dev.upload(scales)?,
+            shape,
+        })
+    }
+
+    /// The layer's dimensions.
+    pub fn shape(&self) -> AwqShape {
+        self.shape
+    }
+
+    /// Bytes of the packed weights, zeros and scales (what a matvec must read).
+    pub fn weight_bytes(&self) -> usize {
+        (self.shape.qweight_len() + self.shape.qzeros_len()) * 4 + self.shape.scales_len() * 2
+    }
+}
+
+/// Which AWQ kernel a batch takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AwqKernel {
+    /// Memory-bound split-K matvec, for a few tokens (decode).
+    Gemv,
+    /// Tensor-core tiled matmul (prefill).
+    Gemm,
+}
+
+/// Largest token count the matvec path takes.
+pub const GEMV_MAX_TOKENS: usize = 4;
+
+/// The kernel [`awq_linear`] uses for `tokens` rows.
+pub fn awq_plan(tokens: usize) -> AwqKernel {
+    if tokens <= GEMV_MAX_TOKENS {
+        AwqKernel::Gemv
+    } else {
+        AwqKernel::Gemm
+    }
+}
+
+fn check_io<T: Activation>(
+    op: &'static str,
+    w: &AwqWeights,
+    x: &DeviceBuffer<T>,
+    tokens: usize,
+    y: &DeviceBuffer<T>,
+) -> CudaResult<()> {
+    CudaError::check_len(op, "x", tokens * w.shape.in_features, x.len())?;
+    CudaError::check_len(op, "y", tokens * w.shape.out_features, y.len())?;
+    as_i32(op, "tokens*out", tokens * w.shape.out_features)?;
+    Ok(())
+}
+
+/// `y[tokens, out] = x[tokens, in] · W`, choosing the kernel with [`awq_plan`].
+pub fn awq_linear<T: Activation>(
+    dev: &CudaDevice,
+    w: &AwqWeights,
+    x: &DeviceBuffer<T>,
+    tokens: usize,
+    y: &mut DeviceBuffer<T>,
+) -> CudaResult<()> {
+    match awq_plan(tokens) {
+        AwqKernel::Gemv => awq_gemv(dev, w, x, tokens, y),
+        AwqKernel::Gemm => awq_gemm(dev, w, x, tokens, y),
+    }
+}
+
+const GEMV_THREADS: usize = 128;
+
+/// The split-K matvec for any token count (efficient up to [`GEMV_MAX_TOKENS`]).
+pub fn awq_gemv<T: Activation>(
+    dev: &CudaDevice,
+    w: &AwqWeights,
+    x: &DeviceBuffer<T>,
+    tokens: usize,
+    y: &mut DeviceBuffer<T>,
+) -> CudaResult<()> {
+    const OP: &str = "awq_gemv";
+    check_io(OP, w, x, tokens, y)?;
+    if tokens == 0 {
+        return Ok(());
+    }
+    let s = w.shape;
+    let GemvPlan {
+        variant,
+        blocks_x,
+        blocks_z,
+        chunk,
+        rows_per_split,
+        splits,
+    } = gemv_plan(s, tokens, dev.multiprocessors());
+    let mut partial = dev.alloc::<f32>(splits * tokens * s.out_features)?;
+    let grid = (
+        as_u32(OP, "blocks_x", blocks_x)?,
+        as_u32(OP, "splits", splits)?,
+        as_u32(OP, "blocks_z", blocks_z)?,
+    );
+    let (nt, k, n, g, rps, ch) = (
+        as_i32(OP, "tokens", tokens)?,
+        as_i32(OP, "in", s.in_features)?,
+        as_i32(OP, "out", s.out_features)?,
+        as_i32(OP, "group", s.group_size)?,
+        as_i32(OP, "rows_per_split", rows_per_split)?,
+        as_i32(OP, "chunk", chunk)?,
+    );
+    let f = dev.function(ModuleId::Awq, &kname::<T>(variant))?;
+    {
+        let (qv, zv, sv, xv, mut pv) = (
+            w.qweight.view(),
+            w.qzeros.view(),
+            w.scales.view(),
+            x.view(),
+            partial.view_mut(),
+        );
+        let mut args = dev.stream().launch_builder(&f);
+        args.arg(&qv)
+            .arg(&zv)
+            .arg(&sv)
+            .arg(&xv)
+            .arg(&mut pv)
+            .arg(&nt)
+            .arg(&k)
+            .arg(&n)
+            .arg(&g)
+            .arg(&rps)
+            .arg(&ch);
+        // SAFETY: awq_gemv_*(const u32* qw, const u32* qz, const f16* sc, const T* x,
+        // float* partial, int ntok, int in, int out, int group, int rows_per_split, int
+        // chunk). Shapes were validated (out%8, in%group); chunk <= 128 (the staging
+        // buffer) divides group and rows_per_split; threads with j0 >= out/8 only stage x; the vec4
+        // variant is chosen only when out/8 % 4 == 0 so its 16-byte loads stay aligned
+        // and in bounds; partial holds splits*tokens*out floats for blockIdx.y < splits.
+        unsafe { launch(OP, &mut args, cfg(grid, GEMV_THREADS as u32, 0))? };
+    }
+    let total = tokens * s.out_features;
+    let blocks = total.div_ceil(256).min(4096) as u32;
+    let (splits_i, n_i) = (as_i32(OP, "splits", splits)?, total as i64);
+    let f = dev.function(ModuleId::Awq, &kname::<T>("awq_reduce"))?;
+    let (pv, mut yv) = (partial.view(), y.view_mut());
+    let mut args = dev.stream().launch_builder(&f);
+    args.arg(&pv).arg(&mut yv).arg(&splits_i).arg(&n_i);
+    // SAFETY: awq_reduce_<T>(const float* partial, T* y, int splits, long long n):
+    // reads partial[s*n + i] for s < splits, i < n (= tokens*out = y.len()).
+    unsafe { launch(OP, &mut args, cfg((blocks, 1, 1), 256, 0)) }
+}
+
+/// The tensor-core matmul (f16 mma, f32 accumulate; activations are rounded to f16).
+pub fn awq_gemm<T: Activation>(
+    dev: &CudaDevice,
+    w: &AwqWeights,
+    x: &DeviceBuffer<T>,
+    tokens: usize,
+    y: &mut DeviceBuffer<T>,
+) -> CudaResult<()> {
+    const OP: &str = "awq_gemm";
+    check_io(OP, w, x, tokens, y)?;
+    if tokens == 0 {
+        return Ok(());
+    }
+    let s = w.shape;
+    let GemmPlan {
+        n_tiles,
+        m_tiles,
+        k_per_split,
+        splits,
+    } = gemm_plan(s, tokens, dev.multiprocessors());
+    let grid = (
+        as_u32(OP, "n tiles", n_tiles)?,
+        as_u32(OP, "m tiles", m_tiles)?,
+        as_u32(OP, "k splits", splits)?,
+    );
+    // A one-element placeholder when the kernel writes y directly.
+    let mut partial = dev.alloc::<f32>(if splits > 1 {
+        splits * tokens * s.out_features
+    } else {
+        1
+    })?;
+    let kps = as_i32(OP, "k_per_split", k_per_split)?;
+    let (m, k, n, g) = (
+        as_i32(OP, "tokens", tokens)?,
+        as_i32(OP, "in", s.in_features)?,
+        as_i32(OP, "out", s.out_features)?,
+        as_i32(OP, "group", s.group_size)?,
+    );
+    {
+        let f = dev.function(ModuleId::Awq, &kname::<T>("awq_gemm"))?;
+        let (qv, zv, sv, xv, mut yv, mut pv) = (
+            w.qweight.view(),
+            w.qzeros.view(),
+            w.scales.view(),
+            x.view(),
+            y.view_mut(),
+            partial.view_mut(),
+        );
+        let mut args = dev.stream().launch_builder(&f);
+        args.arg(&qv)
+            .arg(&zv)
+            .arg(&sv)
+            .arg(&xv)
+            .arg(&mut yv)
+            .arg(&mut pv)
+            .arg(&m)
+            .arg(&k)
+            .arg(&n)
+            .arg(&g)
+            .arg(&kps);
+        // SAFETY: awq_gemm_<T>(qw, qz, sc, const T* x, T* y, float* partial, int M, int in,
+        // int out, int group, int k_per_split), 128 threads per 64x64 tile. in % 32 == 0 and
+        // k_per_split % 32 == 0 keep every K tile inside the rows; rows >= M and packed
+        // columns >= out/8 are masked in the kernel; scales are read 8 at a time at
+        // 16-byte-aligned offsets (out % 8 == 0); partial holds splits*M*out floats
+        // whenever gridDim.z == splits > 1 (else the kernel writes y only).
+        unsafe { launch(OP, &mut args, cfg(grid, 128, 0))? };
+    }
+    if splits == 1 {
+        return Ok(());
+    }
+    let total = tokens * s.out_features;
+    let blocks = total.div_ceil(256).min(4096) as u32;
+    let (splits_i, n_i) = (as_i32(OP, "splits", splits)?, total as i64);
+    let f = dev.function(ModuleId::Awq, &kname::<T>("awq_reduce"))?;
+    let (pv, mut yv) = (partial.view(), y.view_mut());
+    let mut args = dev.stream().launch_builder(&f);
+    args.arg(&pv).arg(&mut yv).arg(&splits_i).arg(&n_i);
+    // SAFETY: awq_reduce_<T>(const float* partial, T* y, int splits, long long n):
+    // reads partial[s*n + i] for s < splits, i < n = tokens*out = y.len().
+    unsafe { launch(OP, &mut args, cfg((blocks, 1, 1), 256, 0)) }
+}
+
+/// Launch geometry of the matvec (pure, so it is tested without a GPU).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct GemvPlan {
+    pub variant: &'static str,
+    pub blocks_x: usize,
+    pub blocks_z: usize,
+    /// Rows of x staged per step: the largest power of two <= 128 dividing the group,
+    /// so a chunk never straddles two groups.
+    pub chunk: usize,
+    pub rows_per_split: usize,
+    pub splits: usize,
+}
+
+pub(crate) fn gemv_plan(s: AwqShape, tokens: usize, sms: usize) -> GemvPlan {
+    let out8 = s.out_features / 8;
+    let (variant, vec, tok) = if tokens == 1 && out8 % 4 == 0 {
+        ("awq_gemv_t1v4", 4, 1)
+    } else if tokens == 1 {
+        ("awq_gemv_t1v1", 1, 1)
+    } else {
+        ("awq_gemv_t4v1", 1, 4)
+    };
+    let blocks_x = out8.div_ceil(vec * GEMV_THREADS);
+    let blocks_z = tokens.div_ceil(tok).max(1);
+    let chunk = (0..=7)
+        .rev()
+        .map(|p| 1usize << p)
+        .find(|c| s.group_size % c == 0)
+        .unwrap_or(1);
+    let chunks = s.in_features / chunk;
+    // Split K so the grid fills the GPU several times over (memory latency hiding).
+    let want = (sms * 8).div_ceil(blocks_x * blocks_z).clamp(1, chunks.max(1));
+    let rows_per_split = chunks.div_ceil(want) * chunk;
+    let splits = s.in_features.div_ceil(rows_per_split);
+    GemvPlan {
+        variant,
+        blocks_x,
+        blocks_z,
+        chunk,
+        rows_per_split,
+        splits,
+    }
+}
+
+/// Launch geometry of the tensor-core GEMM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct GemmPlan {
+    pub n_tiles: usize,
+    pub m_tiles: usize,
+    pub k_per_split: usize,
+    pub splits: usize,
+}
+
+pub(crate) fn gemm_plan(s: AwqShape, tokens: usize, sms: usize) -> GemmPlan {
+    let (n_tiles, m_tiles) = (s.out_features.div_ceil(64), tokens.div_ceil(64).max(1));
+    // Few output tiles (decode-sized batches): split K so every SM gets work; the
+    // f32 partials are summed by awq_reduce. Each split keeps >= 8 K tiles.
+    let k_tiles = s.in_features / 32;
+    let want = (2 * sms).div_ceil(n_tiles * m_tiles);
+    let splits = want.clamp(1, (k_tiles / 8).max(1));
+    let k_per_split = k_tiles.div_ceil(splits) * 32;
+    GemmPlan {
+        n_tiles,
+        m_tiles,
+        k_per_split,
+        splits: s.in_features.div_ceil(k_per_split),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shapes() -> Vec<AwqShape> {
+        let mut v = vec![];
+        for (k, n) in [(576, 1536), (1536, 576), (4096, 4096), (4096, 14336), (384, 200), (64, 8)] {
+            for g in [32, 64, 128] {
+                if k % g == 0 {
+                    v.push(AwqShape {
+                        in_features: k,
+                        out_features: n,
+                        group_size: g,
+                    });
+                }
+            }
+        }
+        v
+    }
+
+    #[test]
+    fn gemv_plan_keeps_chunks_inside_groups_and_covers_k() {
+        for s in shapes() {
+            for tokens in 1..=5 {
+                for sms in [1, 108, 132] {
+                    let p = gemv_plan(s, tokens, sms);
+                    assert!(p.chunk <= 128 && s.group_size % p.chunk == 0, "{s:?} {p:?}");
+                    assert_eq!(p.rows_per_split % p.chunk, 0, "{s:?} {p:?}");
+                    assert!(p.splits * p.rows_per_split >= s.in_features, "{s:?} {p:?}");
+                    assert!((p.splits - 1) * p.rows_per_split < s.in_features, "{s:?} {p:?}");
+                    let vec = if p.variant.ends_with("v4") { 4 } else { 1 };
+                    assert_eq!((s.out_features / 8) % vec, 0, "16-byte loads need out/8 % 4 == 0");
+                    assert!(p.blocks_x * vec * GEMV_THREADS >= s.out_features / 8);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn gemm_plan_splits_k_only_for_small_outputs() {
+        for s in shapes() {
+            for tokens in [1, 5, 64, 97, 2048] {
+                let p = gemm_plan(s, tokens, 132);
+                assert_eq!(p.k_per_split % 32, 0, "{s:?} {p:?}");
+                assert!(p.splits * p.k_per_split >= s.in_features);
+                assert!((p.splits - 1) * p.k_per_split < s.in_features);
+                assert!(p.n_tiles * 64 >= s.out_features && p.m_tiles * 64 >= tokens);
+            }
+        }
+        let big = AwqShape {
+            in_features: 4096,
+            out_features: 4096,
+            group_size: 128,
+        };
+        assert_eq!(gemm_plan(big, 2048, 132).splits, 1);
+        assert!(gemm_plan(big, 64, 132).splits > 1);
+    }
+}

@@ -1,0 +1,439 @@
+//! Batched multi-LoRA for mixed batches (`kernels/lora.cu`).
+//!
+//! Semantics (the spec the CPU reference also follows): for every token `t`
+//! whose slot is `Some(s)`,
+//! `y[t] += scale[s] * (x[t] · A[s]ᵀ) · B[s]ᵀ` with `A[s]` of shape [rank_s, in]
+//! and `B[s]` of shape [out, rank_s]; tokens whose slot is `None` are left as
+//! they are and cost nothing (they never enter a launch).
+
+use batos_types::SlotIdx;
+
+use super::super::device::CudaDevice;
+use super::super::error::{CudaError, CudaResult};
+use super::super::pool::DeviceBuffer;
+use super::super::registry::ModuleId;
+use cudarc::driver::PushKernelArg;
+
+use super::{as_i32, as_u32, cfg, kname, launch, Activation};
+
+/// Tokens per SGMV tile (must match `SGMV_TILE` in `kernels/lora.cu`).
+pub const SGMV_TILE: usize = 16;
+/// Largest supported rank (shared-memory bound of the expand kernels).
+pub const MAX_RANK: usize = 512;
+/// Input columns per shrink block (must match `LORA_K_CHUNK` in the kernel).
+const K_CHUNK: usize = 256;
+
+/// Dimensions of a stack of hot adapter slots for one linear layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoraShape {
+    /// Number of hot slots.
+    pub slots: usize,
+    /// Rank every slot is padded to.
+    pub max_rank: usize,
+    /// Input features of the layer.
+    pub in_features: usize,
+    /// Output features of the layer.
+    pub out_features: usize,
+}
+
+/// The stacked adapter weights of all hot slots for one layer:
+/// `a` [slots, max_rank, in] (PEFT `lora_A` rows, zero padded) and
+/// `bt` [slots, max_rank, out] (PEFT `lora_B` transposed), with per-slot ranks
+/// (mixed ranks are fine) and scales (alpha / rank, or whatever the adapter says).
+#[derive(Debug)]
+pub struct LoraStack<T: Activation> {
+    a: DeviceBuffer<T>,
+    bt: DeviceBuffer<T>,
+    ranks: DeviceBuffer<i32>,
+    scales: DeviceBuffer<f32>,
+    shape: LoraShape,
+}
+
+impl<T: Activation> LoraStack<T> {
+    /// Validates and uploads a stack.
+    pub fn upload(
+        dev: &CudaDevice,
+        shape: LoraShape,
+        a: &[T],
+        bt: &[T],
+        ranks: &[usize],
+        scales: &[f32],
+    ) -> CudaResult<Self> {
+        const OP: &str = "LoraStack::upload";
+        let LoraShape {
+            slots,
+            max_rank,
+            in_features,
+            out_features,
+        } = shape;
+        if max_rank == 0 || max_rank > MAX_RANK {
+            return Err(CudaError::invalid(
+                OP,
+                format!("max_rank {max_rank} must be in 1..={MAX_RANK}"),
+            ));
+        }
+        CudaError::check_len(OP, "a", slots * max_rank * in_features, a.len())?;
+        CudaError::check_len(OP, "bt", slots * max_rank * out_features, bt.len())?;
+        CudaError::check_len(OP, "ranks", slots, ranks.len())?;
+        CudaError::check_len(OP, "scales", slots, scales.len())?;
+        if let Some((s, r)) = ranks.iter().enumerate().find(|(_, r)| **r > max_rank) {
+            return Err(CudaError::invalid(
+                OP,
+                format!("slot {s} has rank {r} > max_rank {max_rank}"),
+            ));
+        }
+        as_i32(OP, "in", in_features)?;
+        as_i32(OP, "out", out_features)?;
+        let ranks_i: Vec<i32> = ranks.iter().map(|r| *r as i32).collect();
+        Ok(LoraStack {
+            a: dev.upload(a)?,
+            bt: dev.upload(bt)?,
+            ranks: dev.upload(&ranks_i)?,
+            scales: dev.upload(scales)?,
+            shape,
+        })
+    }
+
+    /// The stack's dimensions.
+    pub fn shape(&self) -> LoraShape {
+        self.shape
+    }
+}
+
+/// Which kernel family a plan launches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoraMode {
+    /// Gather by slot, one block per active token (decode).
+    Bgmv,
+    /// Segments of consecutive tokens sharing a slot, cut into tiles (prefill).
+    Sgmv,
+}
+
+/// Device-side launch lists for one batch, built on the host from the per-token
+/// slots. Reusable for every LoRA layer of the forward pass.
+#[derive(Debug)]
+pub struct LoraPlan {
+    mode: LoraMode,
+    tokens: usize,
+    rows: usize,
+    launches: usize,
+    /// BGMV: token index and slot per active token. SGMV: per tile
+    /// (start token, length, slot, first h row).
+    lists: Vec<DeviceBuffer<i32>>,
+}
+
+impl LoraPlan {
+    /// Builds the plan for `token_slots` (one entry per token of the batch).
+    pub fn new(
+        dev: &CudaDevice,
+        mode: LoraMode,
+        slots: usize,
+        token_slots: &[Option<SlotIdx>],
+    ) -> CudaResult<Self> {
+        const OP: &str = "LoraPlan::new";
+        as_i32(OP, "tokens", token_slots.len())?;
+        if let Some((t, s)) = token_slots
+            .iter()
+            .enumerate()
+            .find_map(|(t, s)| s.filter(|s| s.index() >= slots).map(|s| (t, s)))
+        {
+            return Err(CudaError::invalid(
+                OP,
+                format!(
+                    "token {t} uses slot {} but the stack has {slots} slots",
+                    s.index()
+                ),
+            ));
+        }
+        let rows = token_slots.iter().filter(|s| s.is_some()).count();
+        let host = host_lists(mode, token_slots);
+        let launches = host[0].len();
+        let lists = host
+            .iter()
+            .map(|l| dev.upload(l))
+            .collect::<CudaResult<Vec<_>>>()?;
+        Ok(LoraPlan {
+            mode,
+            tokens: token_slots.len(),
+            rows,
+            launches,
+            lists,
+        })
+    }
+
+    /// Tokens that carry an adapter (rows of the shrink output).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Tokens in the batch.
+    pub fn tokens(&self) -> usize {
+        self.tokens
+    }
+
+    /// The kernel family.
+    pub fn mode(&self) -> LoraMode {
+        self.mode
+    }
+}
+
+fn check_plan(
+    op: &'static str,
+    plan: &LoraPlan,
+    x_or_y_len: usize,
+    width: usize,
+    what: &'static str,
+) -> CudaResult<()> {
+    CudaError::check_len(op, what, plan.tokens * width, x_or_y_len)?;
+    if plan.lists.is_empty() {
+        return Err(CudaError::invalid(op, "plan has no launch lists"));
+    }
+    Ok(())
+}
+
+/// Length of the f32 scratch [`lora_shrink`] fills: K-split partials
+/// `[ceil(in / 256), plan.rows(), max_rank]`.
+pub fn shrink_scratch_len<T: Activation>(stack: &LoraStack<T>, plan: &LoraPlan) -> usize {
+    k_splits(stack.shape.in_features) * plan.rows * stack.shape.max_rank
+}
+
+fn k_splits(in_features: usize) -> usize {
+    in_features.div_ceil(K_CHUNK).max(1)
+}
+
+/// Shrink: `h[row, r] = x[t] · A[s, r]` for every active token (rows in plan order),
+/// as K-split partials in `h` ([`shrink_scratch_len`] floats) that [`lora_expand`] sums.
+pub fn lora_shrink<T: Activation>(
+    dev: &CudaDevice,
+    stack: &LoraStack<T>,
+    plan: &LoraPlan,
+    x: &DeviceBuffer<T>,
+    h: &mut DeviceBuffer<f32>,
+) -> CudaResult<()> {
+    const OP: &str = "lora_shrink";
+    let s = stack.shape;
+    check_plan(OP, plan, x.len(), s.in_features, "x")?;
+    CudaError::check_len(OP, "h", shrink_scratch_len(stack, plan), h.len())?;
+    if plan.launches == 0 {
+        return Ok(());
+    }
+    let ks = as_u32(OP, "k splits", k_splits(s.in_features))?;
+    let rows = as_i32(OP, "rows", plan.rows)?;
+    let (k, r) = (
+        as_i32(OP, "in", s.in_features)?,
+        as_i32(OP, "max_rank", s.max_rank)?,
+    );
+    let n = as_u32(OP, "launches", plan.launches)?;
+    let (xv, av, rv, mut hv) = (x.view(), stack.a.view(), stack.ranks.view(), h.view_mut());
+    match plan.mode {
+        LoraMode::Bgmv => {
+            let f = dev.function(ModuleId::Lora, &kname::<T>("bgmv_shrink"))?;
+            let (tv, sv) = (plan.lists[0].view(), plan.lists[1].view());
+            let mut args = dev.stream().launch_builder(&f);
+            args.arg(&xv)
+                .arg(&av)
+                .arg(&tv)
+                .arg(&sv)
+                .arg(&rv)
+                .arg(&mut hv)
+                .arg(&k)
+                .arg(&r);
+            let grid = (n, as_u32(OP, "rank blocks", s.max_rank.div_ceil(4))?, ks);
+            // SAFETY: bgmv_shrink_<T>(x, a, tok, slot, ranks, h, int in, int max_rank);
+            // tok[i] < tokens and slot[i] < slots were checked when the plan was built,
+            // x is [tokens, in], a [slots, max_rank, in], h [ksplits, rows, max_rank] with
+            // blockIdx.z < ksplits, and warps with r >= max_rank return before touching memory.
+            unsafe { launch(OP, &mut args, cfg(grid, 128, 0)) }
+        }
+        LoraMode::Sgmv => {
+            let f = dev.function(ModuleId::Lora, &kname::<T>("sgmv_shrink"))?;
+            let (ts, tl, tsl, th) = (
+                plan.lists[0].view(),
+                plan.lists[1].view(),
+                plan.lists[2].view(),
+                plan.lists[3].view(),
+            );
+            let mut args = dev.stream().launch_builder(&f);
+            args.arg(&xv)
+                .arg(&av)
+                .arg(&ts)
+                .arg(&tl)
+                .arg(&tsl)
+                .arg(&th)
+                .arg(&rv)
+                .arg(&mut hv)
+                .arg(&k)
+                .arg(&r)
+                .arg(&rows);
+            // SAFETY: sgmv_shrink_<T>(x, a, tile_start, tile_len, tile_slot, tile_hrow,
+            // ranks, h, int in, int max_rank, int rows); each tile covers len <= SGMV_TILE
+            // tokens inside [0, tokens) and h rows hrow..hrow+len < rows, as built by the
+            // plan; blockIdx.y < ksplits indexes the partial, h holds ksplits*rows*max_rank.
+            unsafe { launch(OP, &mut args, cfg((n, ks, 1), 128, 0)) }
+        }
+    }
+}
+
+/// Expand: `y[t] += scale[s] * h[row] · Bt[s]` for every active token.
+pub fn lora_expand<T: Activation>(
+    dev: &CudaDevice,
+    stack: &LoraStack<T>,
+    plan: &LoraPlan,
+    h: &DeviceBuffer<f32>,
+    y: &mut DeviceBuffer<T>,
+) -> CudaResult<()> {
+    const OP: &str = "lora_expand";
+    let s = stack.shape;
+    check_plan(OP, plan, y.len(), s.out_features, "y")?;
+    CudaError::check_len(OP, "h", shrink_scratch_len(stack, plan), h.len())?;
+    if plan.launches == 0 {
+        return Ok(());
+    }
+    let ks = as_i32(OP, "k splits", k_splits(s.in_features))?;
+    let rows = as_i32(OP, "rows", plan.rows)?;
+    let (n_out, r) = (
+        as_i32(OP, "out", s.out_features)?,
+        as_i32(OP, "max_rank", s.max_rank)?,
+    );
+    let n = as_u32(OP, "launches", plan.launches)?;
+    let col_blocks = as_u32(OP, "column blocks", s.out_features.div_ceil(256))?;
+    let (hv, bv, rv, scv, mut yv) = (
+        h.view(),
+        stack.bt.view(),
+        stack.ranks.view(),
+        stack.scales.view(),
+        y.view_mut(),
+    );
+    match plan.mode {
+        LoraMode::Bgmv => {
+            let f = dev.function(ModuleId::Lora, &kname::<T>("bgmv_expand"))?;
+            let (tv, sv) = (plan.lists[0].view(), plan.lists[1].view());
+            let mut args = dev.stream().launch_builder(&f);
+            args.arg(&hv)
+                .arg(&bv)
+                .arg(&tv)
+                .arg(&sv)
+                .arg(&rv)
+                .arg(&scv)
+                .arg(&mut yv)
+                .arg(&n_out)
+                .arg(&r)
+                .arg(&ks);
+            let shared = (s.max_rank * 4) as u32;
+            // SAFETY: bgmv_expand_<T>(h, bt, tok, slot, ranks, scales, y, int out, int
+            // max_rank, int ksplits) with max_rank floats of dynamic shared memory; indices as in
+            // the shrink, columns n < out are guarded in the kernel.
+            unsafe { launch(OP, &mut args, cfg((n, col_blocks, 1), 256, shared)) }
+        }
+        LoraMode::Sgmv => {
+            let f = dev.function(ModuleId::Lora, &kname::<T>("sgmv_expand"))?;
+            let (ts, tl, tsl, th) = (
+                plan.lists[0].view(),
+                plan.lists[1].view(),
+                plan.lists[2].view(),
+                plan.lists[3].view(),
+            );
+            let mut args = dev.stream().launch_builder(&f);
+            args.arg(&hv)
+                .arg(&bv)
+                .arg(&ts)
+                .arg(&tl)
+                .arg(&tsl)
+                .arg(&th)
+                .arg(&rv)
+                .arg(&scv)
+                .arg(&mut yv)
+                .arg(&n_out)
+                .arg(&r)
+                .arg(&ks)
+                .arg(&rows);
+            let shared = (SGMV_TILE * s.max_rank * 4) as u32;
+            // SAFETY: sgmv_expand_<T>(h, bt, tile lists, ranks, scales, y, int out, int
+            // max_rank, int ksplits, int rows) with SGMV_TILE*max_rank floats (<= 32 KiB for max_rank <= 512)
+            // of dynamic shared memory; tiles as built by the plan.
+            unsafe { launch(OP, &mut args, cfg((n, col_blocks, 1), 256, shared)) }
+        }
+    }
+}
+
+/// Shrink then expand: `y += LoRA(x)` for every token that has a slot.
+pub fn lora_apply<T: Activation>(
+    dev: &CudaDevice,
+    stack: &LoraStack<T>,
+    plan: &LoraPlan,
+    x: &DeviceBuffer<T>,
+    y: &mut DeviceBuffer<T>,
+) -> CudaResult<()> {
+    if plan.rows == 0 {
+        return Ok(());
+    }
+    let mut h = dev.alloc::<f32>(shrink_scratch_len(stack, plan))?;
+    lora_shrink(dev, stack, plan, x, &mut h)?;
+    lora_expand(dev, stack, plan, &h, y)
+}
+
+/// The launch lists of a plan, on the host. BGMV: [token, slot] per active token.
+/// SGMV: [start, len, slot, first h row] per tile of <= SGMV_TILE consecutive tokens
+/// sharing a slot. Active tokens take h rows in token order in both modes.
+fn host_lists(mode: LoraMode, token_slots: &[Option<SlotIdx>]) -> Vec<Vec<i32>> {
+    match mode {
+        LoraMode::Bgmv => {
+            let (tok, slot): (Vec<i32>, Vec<i32>) = token_slots
+                .iter()
+                .enumerate()
+                .filter_map(|(t, s)| s.map(|s| (t as i32, s.index() as i32)))
+                .unzip();
+            vec![tok, slot]
+        }
+        LoraMode::Sgmv => {
+            let (mut start, mut len, mut slot, mut hrow) = (vec![], vec![], vec![], vec![]);
+            let (mut t, mut row) = (0, 0usize);
+            while t < token_slots.len() {
+                let Some(s) = token_slots[t] else {
+                    t += 1;
+                    continue;
+                };
+                let mut end = t + 1;
+                while end < token_slots.len() && token_slots[end] == Some(s) && end - t < SGMV_TILE {
+                    end += 1;
+                }
+                start.push(t as i32);
+                len.push((end - t) as i32);
+                slot.push(s.index() as i32);
+                hrow.push(row as i32);
+                row += end - t;
+                t = end;
+            }
+            vec![start, len, slot, hrow]
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slots(v: &[Option<u16>]) -> Vec<Option<SlotIdx>> {
+        v.iter().map(|s| s.map(SlotIdx)).collect()
+    }
+
+    #[test]
+    fn bgmv_lists_skip_tokens_without_adapter() {
+        let l = host_lists(LoraMode::Bgmv, &slots(&[Some(2), None, Some(0), None]));
+        assert_eq!(l, vec![vec![0, 2], vec![2, 0]]);
+    }
+
+    #[test]
+    fn sgmv_tiles_cut_runs_at_slot_changes_gaps_and_tile_size() {
+        let mut v = vec![Some(1); 20];
+        v.extend([None, None, Some(3), Some(3), Some(1)]);
+        let l = host_lists(LoraMode::Sgmv, &slots(&v));
+        // 20 tokens of slot 1 -> tiles of 16 and 4; gap; run of slot 3; run of slot 1.
+        assert_eq!(l[0], vec![0, 16, 22, 24], "starts");
+        assert_eq!(l[1], vec![16, 4, 2, 1], "lengths");
+        assert_eq!(l[2], vec![1, 1, 3, 1], "slots");
+        assert_eq!(l[3], vec![0, 16, 20, 22], "h rows follow the active tokens");
+        let none = host_lists(LoraMode::Sgmv, &slots(&[None, None]));
+        assert!(none.iter().all(|l| l.is_empty()));
+    }
+}

@@ -1,0 +1,200 @@
+// Batched multi-LoRA for mixed batches (punica-style semantics):
+//   h[t, r] = sum_k x[t, k] * A[s, r, k]              (shrink, r < rank[s])
+//   y[t, n] += scale[s] * sum_r h[t, r] * Bt[s, r, n]  (expand)
+// where s is the slot of token t. Adapter weights are stacked per hot slot:
+//   A  [slots, max_rank, in]   (PEFT lora_A rows, zero-padded to max_rank)
+//   Bt [slots, max_rank, out]  (PEFT lora_B transposed, so expand reads rows)
+// Tokens with no adapter are simply absent from the launch lists, so they cost
+// nothing. The shrink splits K over blocks (grid dimension `ks`, LORA_K_CHUNK
+// columns each) and writes f32 partials h [ksplits, rows, max_rank]; the expand
+// sums the partials as it stages h in shared memory (deterministic, no atomics).
+//
+// BGMV (decode): one block per active token, gathered by `tok[i]`/`slot[i]`.
+// SGMV (prefill): one block per tile of <= SGMV_TILE consecutive tokens that
+// share a slot (the host cuts segments into tiles): tile_start/tile_len/tile_slot,
+// and the tile's h rows are tile_hrow[i] .. +tile_len[i].
+
+#define SGMV_TILE 16
+#define SHRINK_KC 256
+#define LORA_K_CHUNK 256
+
+// ---- BGMV ---------------------------------------------------------------
+// grid (n_active, ceil(max_rank / warps), ksplits), block = warps * 32. One warp per
+// (rank row, K chunk).
+template <typename T>
+__device__ void bgmv_shrink_impl(const T* __restrict__ x, const T* __restrict__ a,
+                                 const i32* __restrict__ tok, const i32* __restrict__ slot,
+                                 const i32* __restrict__ ranks, float* __restrict__ h,
+                                 int in_dim, int max_rank) {
+    const int i = blockIdx.x;
+    const int s = slot[i];
+    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+    const int r = blockIdx.y * (blockDim.x >> 5) + wid;
+    if (r >= max_rank) return;
+    const int ks = blockIdx.z;
+    const int kb = ks * LORA_K_CHUNK, ke = min(in_dim, kb + LORA_K_CHUNK);
+    float acc = 0.0f;
+    if (r < ranks[s]) {
+        const T* xr = x + (long long)tok[i] * in_dim;
+        const T* ar = a + ((long long)s * max_rank + r) * in_dim;
+        for (int k = kb + lane; k < ke; k += 32) acc += to_f32(xr[k]) * to_f32(ar[k]);
+        acc = warp_sum(acc);
+    }
+    if (lane == 0) h[((long long)ks * gridDim.x + i) * max_rank + r] = acc;
+}
+
+// grid (n_active, ceil(out / blockDim)); thread per output column.
+template <typename T>
+__device__ void bgmv_expand_impl(const float* __restrict__ h, const T* __restrict__ bt,
+                                 const i32* __restrict__ tok, const i32* __restrict__ slot,
+                                 const i32* __restrict__ ranks, const float* __restrict__ scales,
+                                 T* __restrict__ y, int out_dim, int max_rank, int ksplits) {
+    extern __shared__ float hs[];
+    const int i = blockIdx.x;
+    const int s = slot[i];
+    const int rank = ranks[s];
+    for (int r = threadIdx.x; r < rank; r += blockDim.x) {
+        float v = 0.0f;
+        for (int k = 0; k < ksplits; ++k) v += h[((long long)k * gridDim.x + i) * max_rank + r];
+        hs[r] = v;
+    }
+    __syncthreads();
+    const int n = blockIdx.y * blockDim.x + threadIdx.x;
+    if (n >= out_dim) return;
+    const T* b = bt + (long long)s * max_rank * out_dim + n;
+    float acc = 0.0f;
+    for (int r = 0; r < rank; ++r) acc += hs[r] * to_f32(b[(long long)r * out_dim]);
+    T* yr = y + (long long)tok[i] * out_dim + n;
+    *yr = from_f32<T>(to_f32(*yr) + scales[s] * acc);
+}
+
+// ---- SGMV ---------------------------------------------------------------
+// grid (n_tiles, ksplits), block = warps * 32. x tile staged through shared memory
+// in SHRINK_KC pieces of the block's K chunk; each warp owns rank rows r = wid,
+// wid + warps, ...
+template <typename T>
+__device__ void sgmv_shrink_impl(const T* __restrict__ x, const T* __restrict__ a,
+                                 const i32* __restrict__ tile_start, const i32* __restrict__ tile_len,
+                                 const i32* __restrict__ tile_slot, const i32* __restrict__ tile_hrow,
+                                 const i32* __restrict__ ranks, float* __restrict__ h,
+                                 int in_dim, int max_rank, int rows) {
+    __shared__ float xs[SGMV_TILE][SHRINK_KC];
+    const int ks = blockIdx.y;
+    const int kb = ks * LORA_K_CHUNK, ke = min(in_dim, kb + LORA_K_CHUNK);
+    const int tile = blockIdx.x;
+    const int t0 = tile_start[tile], len = tile_len[tile], s = tile_slot[tile];
+    const int hrow = tile_hrow[tile];
+    const int rank = ranks[s];
+    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    // Each warp handles at most MAXR rank rows in registers per pass.
+    for (int rbase = 0; rbase < max_rank; rbase += nw * 4) {
+        float acc[4][SGMV_TILE];
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int t = 0; t < SGMV_TILE; ++t) acc[j][t] = 0.0f;
+        for (int k0 = kb; k0 < ke; k0 += SHRINK_KC) {
+            const int kc = min(SHRINK_KC, ke - k0);
+            __syncthreads();
+            for (int idx = threadIdx.x; idx < SGMV_TILE * SHRINK_KC; idx += blockDim.x) {
+                const int t = idx / SHRINK_KC, k = idx - t * SHRINK_KC;
+                xs[t][k] = (t < len && k < kc) ? to_f32(x[(long long)(t0 + t) * in_dim + k0 + k]) : 0.0f;
+            }
+            __syncthreads();
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const int r = rbase + j * nw + wid;
+                if (r < rank) {
+                    const T* ar = a + ((long long)s * max_rank + r) * in_dim + k0;
+                    for (int k = lane; k < kc; k += 32) {
+                        const float av = to_f32(ar[k]);
+#pragma unroll
+                        for (int t = 0; t < SGMV_TILE; ++t) acc[j][t] += av * xs[t][k];
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int r = rbase + j * nw + wid;
+#pragma unroll
+            for (int t = 0; t < SGMV_TILE; ++t) {
+                const float v = warp_sum(acc[j][t]);
+                if (lane == 0 && r < max_rank && t < len)
+                    h[((long long)ks * rows + hrow + t) * max_rank + r] = (r < rank) ? v : 0.0f;
+            }
+        }
+    }
+}
+
+// grid (n_tiles, ceil(out / blockDim)); thread per output column, SGMV_TILE accumulators.
+template <typename T>
+__device__ void sgmv_expand_impl(const float* __restrict__ h, const T* __restrict__ bt,
+                                 const i32* __restrict__ tile_start, const i32* __restrict__ tile_len,
+                                 const i32* __restrict__ tile_slot, const i32* __restrict__ tile_hrow,
+                                 const i32* __restrict__ ranks, const float* __restrict__ scales,
+                                 T* __restrict__ y, int out_dim, int max_rank, int ksplits,
+                                 int rows) {
+    extern __shared__ float hs[];  // [SGMV_TILE][max_rank]
+    const int tile = blockIdx.x;
+    const int t0 = tile_start[tile], len = tile_len[tile], s = tile_slot[tile];
+    const int hrow = tile_hrow[tile];
+    const int rank = ranks[s];
+    for (int idx = threadIdx.x; idx < SGMV_TILE * max_rank; idx += blockDim.x) {
+        const int t = idx / max_rank, r = idx - t * max_rank;
+        float v = 0.0f;
+        if (t < len && r < rank)
+            for (int k = 0; k < ksplits; ++k) v += h[((long long)k * rows + hrow + t) * max_rank + r];
+        hs[idx] = v;
+    }
+    __syncthreads();
+    const int n = blockIdx.y * blockDim.x + threadIdx.x;
+    if (n >= out_dim) return;
+    float acc[SGMV_TILE];
+#pragma unroll
+    for (int t = 0; t < SGMV_TILE; ++t) acc[t] = 0.0f;
+    const T* b = bt + (long long)s * max_rank * out_dim + n;
+    for (int r = 0; r < rank; ++r) {
+        const float bv = to_f32(b[(long long)r * out_dim]);
+#pragma unroll
+        for (int t = 0; t < SGMV_TILE; ++t) acc[t] += hs[t * max_rank + r] * bv;
+    }
+    const float sc = scales[s];
+#pragma unroll
+    for (int t = 0; t < SGMV_TILE; ++t) {
+        if (t < len) {
+            T* yr = y + (long long)(t0 + t) * out_dim + n;
+            *yr = from_f32<T>(to_f32(*yr) + sc * acc[t]);
+        }
+    }
+}
+
+#define LORA_ENTRY(T, S)                                                                         \
+    extern "C" __global__ void bgmv_shrink_##S(const T* x, const T* a, const i32* tok,          \
+                                               const i32* slot, const i32* ranks, float* h,     \
+                                               int in_dim, int max_rank) {                      \
+        bgmv_shrink_impl<T>(x, a, tok, slot, ranks, h, in_dim, max_rank);                       \
+    }                                                                                            \
+    extern "C" __global__ void bgmv_expand_##S(const float* h, const T* bt, const i32* tok,     \
+                                               const i32* slot, const i32* ranks,               \
+                                               const float* scales, T* y, int out_dim,          \
+                                               int max_rank, int ksplits) {                     \
+        bgmv_expand_impl<T>(h, bt, tok, slot, ranks, scales, y, out_dim, max_rank, ksplits);    \
+    }                                                                                            \
+    extern "C" __global__ void sgmv_shrink_##S(const T* x, const T* a, const i32* ts,           \
+                                               const i32* tl, const i32* tsl, const i32* th,    \
+                                               const i32* ranks, float* h, int in_dim,          \
+                                               int max_rank, int rows) {                        \
+        sgmv_shrink_impl<T>(x, a, ts, tl, tsl, th, ranks, h, in_dim, max_rank, rows);           \
+    }                                                                                            \
+    extern "C" __global__ void sgmv_expand_##S(const float* h, const T* bt, const i32* ts,      \
+                                               const i32* tl, const i32* tsl, const i32* th,    \
+                                               const i32* ranks, const float* scales, T* y,     \
+                                               int out_dim, int max_rank, int ksplits, int rows) { \
+        sgmv_expand_impl<T>(h, bt, ts, tl, tsl, th, ranks, scales, y, out_dim, max_rank,       \
+                            ksplits, rows);                                                      \
+    }
+
+LORA_ENTRY(float, f32)
+LORA_ENTRY(f16, f16)
+LORA_ENTRY(bf16, bf16)
