@@ -86,7 +86,12 @@ fn import_if_needed(image: &LivingImage, cache: &ModelCache) -> anyhow::Result<(
             return Ok(());
         }
         Ok(_) | Err(ImageError::NoModel { .. }) => {}
-        Err(e) => return Err(e.into()),
+        Err(e) => {
+            return Err(anyhow::Error::new(e).context(format!(
+                "the living image {} is unreadable; delete it to import the model afresh",
+                image.path().display()
+            )))
+        }
     }
     let t = Instant::now();
     let model =

@@ -14,7 +14,9 @@
 //! min / median / max. Every timed step includes the KV cache bookkeeping (blocks,
 //! block tables, prefix hashes) and sampling, as serving would. Peak RSS is `VmHWM`
 //! of this process: once for everything (including loading the image), once for the
-//! benchmark phases alone (the counter is reset after loading).
+//! benchmark phases alone (the counter is reset after loading). The `others` column is
+//! the competition: other processes' CPU time during the measurement divided by its wall
+//! time, in cores (as the llama.cpp driver accounts it).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -240,6 +242,11 @@ fn sample_into(
     Ok(())
 }
 
+/// Other processes' busy cores during a measurement, for the table.
+fn fmt_cores(c: Option<f64>) -> String {
+    c.map(|c| format!("{c:.2}")).unwrap_or_else(|| "?".into())
+}
+
 fn exact_prompt(rt: &runtime::Runtime, n: usize) -> anyhow::Result<Vec<u32>> {
     let mut text = String::new();
     loop {
@@ -295,6 +302,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     for &n in &args.prompt_lens {
         let prompt = exact_prompt(&rt, n)?;
         let mut secs = Vec::new();
+        let contention = runtime::Contention::start();
         for rep in 0..=args.reps {
             let s = bench.prefill_once(&prompt)?;
             if rep > 0 {
@@ -308,18 +316,21 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             n as f64 * linear_flops_per_token(c) + attention_flops(c, 0, n) + lm_head_flops(c);
         let median_s = n as f64 / tok_s.median();
         let gflops = flops / median_s / 1e9;
+        let others = contention.other_cores();
         println!(
-            "{:<28} {:>9.1} / {:>8.1} / {:>8.1}   {:>9.1} {:>9}",
+            "{:<28} {:>9.1} / {:>8.1} / {:>8.1}   {:>9.1} {:>9} {:>8}",
             format!("prefill {n}"),
             tok_s.min(),
             tok_s.median(),
             tok_s.max(),
             gflops,
-            "-"
+            "-",
+            fmt_cores(others)
         );
         prefill_json.insert(
             n.to_string(),
-            json!({"tok_s": tok_s.json(), "gflop_s": gflops, "flops_per_run": flops}),
+            json!({"tok_s": tok_s.json(), "gflop_s": gflops, "flops_per_run": flops,
+                   "other_processes_cores": others}),
         );
     }
     let mut decode_json = serde_json::Map::new();
@@ -330,6 +341,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             .collect::<Result<_, _>>()?;
         let mut secs = Vec::new();
         let mut seq0 = Vec::new();
+        let contention = runtime::Contention::start();
         for rep in 0..=args.reps {
             let (s, first) = bench.decode_once(&prompts, steps)?;
             if rep > 0 {
@@ -363,19 +375,22 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         } else {
             format!("decode {steps} x {b} sequences")
         };
+        let others = contention.other_cores();
         println!(
-            "{:<28} {:>9.1} / {:>8.1} / {:>8.1}   {:>9.1} {:>9.2}",
+            "{:<28} {:>9.1} / {:>8.1} / {:>8.1}   {:>9.1} {:>9.2} {:>8}",
             label,
             tok_s.min(),
             tok_s.median(),
             tok_s.max(),
             gflops,
-            gbs
+            gbs,
+            fmt_cores(others)
         );
         decode_json.insert(
             b.to_string(),
             json!({"aggregate_tok_s": tok_s.json(), "gflop_s": gflops, "gb_s": gbs,
-                   "bytes_per_run": bytes, "seq0_tokens": seq0}),
+                   "bytes_per_run": bytes, "seq0_tokens": seq0,
+                   "other_processes_cores": others}),
         );
     }
     let peak_kib = runtime::proc_status_kib("VmHWM");

@@ -113,3 +113,55 @@ pub fn proc_status_kib(field: &str) -> Option<u64> {
 pub fn reset_peak_rss() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
+
+/// CPU time, in seconds, that the whole machine (`/proc/stat`) and this process
+/// (`/proc/self/stat`) have used so far. Both count in USER_HZ ticks, 100 per second on
+/// Linux.
+fn cpu_seconds() -> Option<(f64, f64)> {
+    const USER_HZ: f64 = 100.0;
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let v: Vec<u64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq: everything but idle and iowait is busy.
+    let busy = v.first()? + v.get(1)? + v.get(2)? + v.get(5)? + v.get(6)?;
+    let own = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let rest = own.rsplit_once(')')?.1;
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let mine = f.get(10)? + f.get(11)?;
+    Some((busy as f64 / USER_HZ, mine as f64 / USER_HZ))
+}
+
+/// Measures how busy the rest of the machine was while something ran: the other
+/// processes' CPU time divided by the wall time (0 on an idle machine, 2.0 = two
+/// cores' worth of competition).
+pub struct Contention {
+    start: Option<(f64, f64)>,
+    wall: std::time::Instant,
+}
+
+impl Contention {
+    /// Starts measuring.
+    pub fn start() -> Self {
+        Contention {
+            start: cpu_seconds(),
+            wall: std::time::Instant::now(),
+        }
+    }
+
+    /// Other processes' average number of busy cores since `start`, if readable.
+    pub fn other_cores(&self) -> Option<f64> {
+        let (busy0, own0) = self.start?;
+        let (busy1, own1) = cpu_seconds()?;
+        let wall = self.wall.elapsed().as_secs_f64();
+        (wall > 0.0).then(|| (((busy1 - busy0) - (own1 - own0)) / wall).max(0.0))
+    }
+}
