@@ -274,6 +274,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     runtime::set_threads(args.threads)?;
     let rt = runtime::load(&args.image, args.weights)?;
     let peak_load_kib = runtime::proc_status_kib("VmHWM");
+    let rss_loaded_kib = runtime::proc_status_kib("VmRSS");
     let reset = runtime::reset_peak_rss();
     let c = &rt.config;
     for &n in &args.prompt_lens {
@@ -397,9 +398,10 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let mib = |k: Option<u64>| k.map(|k| k as f64 / 1024.0);
     let phases_peak = if reset { mib(peak_kib) } else { None };
     println!(
-        "peak RSS {:.1} MiB (loading included: {:.1} MiB)",
+        "peak RSS {:.1} MiB (loading included: {:.1} MiB; resident after loading: {:.1} MiB)",
         phases_peak.unwrap_or(f64::NAN),
-        mib(peak_kib.max(peak_load_kib)).unwrap_or(f64::NAN)
+        mib(peak_kib.max(peak_load_kib)).unwrap_or(f64::NAN),
+        mib(rss_loaded_kib).unwrap_or(f64::NAN)
     );
     if let Some(path) = &args.json {
         let doc = json!({
@@ -415,6 +417,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             "decode": decode_json,
             "peak_rss_mib": mib(peak_kib.max(peak_load_kib)),
             "peak_rss_phases_mib": phases_peak,
+            "rss_after_load_mib": mib(rss_loaded_kib),
         });
         std::fs::write(path, serde_json::to_string_pretty(&doc)?)
             .with_context(|| format!("cannot write {}", path.display()))?;

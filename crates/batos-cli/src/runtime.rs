@@ -8,7 +8,7 @@ use anyhow::Context;
 use batos::kv::{KvCacheConfig, KvCacheManager, KvShape};
 use batos::model::forward::{LlamaModel, WeightDType};
 use batos::model::image::open_model_with;
-use batos::model::{ChatTemplate, LlamaConfig, ModelTokenizer, Progress};
+use batos::model::{ChatTemplate, LlamaConfig, LoadedModel, ModelTokenizer, Progress};
 use batos::store::{LivingImage, OpenMode, ProgressMode, StoreConfig};
 use batos::types::{DType, MemoryBudget};
 
@@ -56,15 +56,41 @@ pub fn load(image_dir: &Path, weights: Option<DTypeArg>) -> anyhow::Result<Runti
         .context("cannot build the runtime model")?;
     let load_seconds = started.elapsed().as_secs_f64();
     tracing::info!(seconds = load_seconds, ?dtype, "runtime model ready");
-    // `loaded.weights` is dropped here: the runtime model holds its own copy.
-    Ok(Runtime {
-        config: loaded.config,
+    let LoadedModel {
+        config,
+        weights: loaded_weights,
+        tokenizer,
+        chat_template,
+        ..
+    } = loaded;
+    // The runtime model holds its own copy: free the loaded one and hand its pages back
+    // to the OS.
+    drop(loaded_weights);
+    release_free_memory();
+    let runtime = Runtime {
+        config,
         model,
-        tokenizer: loaded.tokenizer,
-        chat_template: loaded.chat_template,
+        tokenizer,
+        chat_template,
         load_seconds,
-    })
+    };
+    Ok(runtime)
 }
+
+/// Returns freed heap pages to the OS. glibc keeps the pages of freed mid-sized blocks
+/// (the per-tensor copies made while loading) for reuse, which would otherwise inflate
+/// the resident size for the rest of the run.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn release_free_memory() {
+    // SAFETY: malloc_trim only walks glibc's own allocator state, under its lock; it takes
+    // no pointers from us and is safe to call at any time.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn release_free_memory() {}
 
 /// A KV cache with room for `sequences` sequences of up to `tokens` tokens each.
 pub fn kv_cache(
