@@ -50,7 +50,8 @@ pub struct BenchArgs {
     /// Element type of the runtime weights (default: as stored in the image).
     #[arg(long, value_enum)]
     weights: Option<DTypeArg>,
-    /// Kernel threads (default: one per core).
+    /// Kernel threads (default: one per core, on the kernels' spin pool; another count
+    /// runs them on a rayon pool of that size).
     #[arg(long)]
     threads: Option<usize>,
     /// Also write the results as JSON here.
@@ -286,12 +287,13 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     }
     let bench = Bench { model: &rt.model };
     let weight_bytes = rt.model.weight_bytes() as f64;
-    let threads = rayon::current_num_threads();
+    let threads = batos::kernels::cpu::num_threads();
     println!(
-        "batos bench: {} ({:?} weights, {:.0} MiB), {threads} threads, {} reps after 1 warm-up; load from image {:.2} s",
+        "batos bench: {} ({:?} weights, {:.0} MiB), {}, {} reps after 1 warm-up; load from image {:.2} s",
         args.image.display(),
         rt.model.weight_dtype(),
         weight_bytes / (1 << 20) as f64,
+        runtime::threads_description(),
         args.reps,
         rt.load_seconds
     );
@@ -409,6 +411,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             "weights": format!("{:?}", rt.model.weight_dtype()),
             "weight_bytes": weight_bytes,
             "threads": threads,
+            "thread_pool": format!("{:?}", batos::kernels::cpu::thread_backend()),
             "reps": args.reps,
             "warmup": 1,
             "load_seconds": rt.load_seconds,

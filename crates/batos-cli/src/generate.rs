@@ -68,7 +68,8 @@ pub struct GenerateArgs {
     /// Element type of the runtime weights (default: as stored in the image).
     #[arg(long, value_enum)]
     weights: Option<DTypeArg>,
-    /// Kernel threads (default: one per core).
+    /// Kernel threads (default: one per core, on the kernels' spin pool; another count
+    /// runs them on a rayon pool of that size).
     #[arg(long)]
     threads: Option<usize>,
     /// Print timings to stderr when done.

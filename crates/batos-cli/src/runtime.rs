@@ -112,17 +112,34 @@ pub fn kv_cache(
     KvCacheManager::new(config, &budget).context("cannot allocate the KV cache")
 }
 
-/// Sets the number of threads the kernels use (rayon's global pool); `None` keeps one per
-/// core.
+/// Sets the number of threads the kernels use. The default pool (batos-kernels' spin
+/// pool) has one thread per available core; another count runs the kernels on a rayon
+/// pool of that size instead.
 pub fn set_threads(threads: Option<usize>) -> anyhow::Result<()> {
-    if let Some(n) = threads {
-        anyhow::ensure!(n >= 1, "--threads must be at least 1");
+    use batos::kernels::cpu;
+    let Some(n) = threads else {
+        return Ok(());
+    };
+    anyhow::ensure!(n >= 1, "--threads must be at least 1");
+    if n != cpu::num_threads() {
         rayon::ThreadPoolBuilder::new()
             .num_threads(n)
             .build_global()
             .context("cannot size the thread pool")?;
+        cpu::set_thread_backend(cpu::ThreadBackend::Rayon);
     }
+    tracing::info!(threads = cpu::num_threads(), backend = ?cpu::thread_backend(), "kernel threads");
     Ok(())
+}
+
+/// Threads the kernels use and the pool they run on, for reports.
+pub fn threads_description() -> String {
+    use batos::kernels::cpu;
+    format!(
+        "{} threads ({:?} pool)",
+        cpu::num_threads(),
+        cpu::thread_backend()
+    )
 }
 
 /// A `/proc/self/status` field in KiB (Linux), e.g. `VmHWM` (peak RSS) or `VmRSS`.
