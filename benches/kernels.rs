@@ -245,6 +245,48 @@ fn norms(c: &mut Criterion) {
     g.finish();
 }
 
+/// One sampling step over SmolLM2's 49152-entry vocabulary (host-side, no SIMD tag).
+fn sampling(c: &mut Criterion) {
+    use batos_kernels::sampling::{Sampler, SamplingParams, TokenHistory};
+    let mut g = configure(c, "cpu/sample");
+    let logits: Vec<f32> = data(49152, 11).iter().map(|v| v * 8.0).collect();
+    let prompt: Vec<u32> = (0..200).map(|i| (i * 37 % 49152) as u32).collect();
+    let output: Vec<u32> = (0..50).map(|i| (i * 101 % 49152) as u32).collect();
+    let history = TokenHistory {
+        prompt: &prompt,
+        output: &output,
+    };
+    let cases = [
+        ("greedy", SamplingParams::greedy()),
+        (
+            "top_p=0.9",
+            SamplingParams {
+                top_p: 0.9,
+                seed: Some(1),
+                ..Default::default()
+            },
+        ),
+        (
+            "top_k=50+penalties+logprobs=5",
+            SamplingParams {
+                top_k: Some(50),
+                repetition_penalty: 1.1,
+                frequency_penalty: 0.5,
+                logprobs: Some(5),
+                seed: Some(1),
+                ..Default::default()
+            },
+        ),
+    ];
+    for (name, params) in cases {
+        let mut sampler = Sampler::new(params).unwrap();
+        g.bench_function(format!("{name}/v=49152"), |b| {
+            b.iter(|| sampler.sample(black_box(&logits), &history).unwrap())
+        });
+    }
+    g.finish();
+}
+
 /// The same kernels under each thread backend, to choose the default.
 fn threads(c: &mut Criterion) {
     let imp = cpu::implementation();
@@ -306,6 +348,7 @@ criterion_group!(
     model_stack,
     attention,
     norms,
+    sampling,
     threads,
     scalar_reference
 );

@@ -30,6 +30,18 @@ pub trait Kernels: Sync {
     ) -> Result<()>;
     /// See [`crate::cpu::silu_mul`].
     fn silu_mul(&self, gate: &[f32], up: &[f32], out: &mut [f32]) -> Result<()>;
+    /// See [`crate::cpu::silu_mul_fused`]. The default splits the rows and calls
+    /// [`Kernels::silu_mul`]; backends override it to skip the copy.
+    fn silu_mul_fused(&self, gate_up: &[f32], ffn: usize, out: &mut [f32]) -> Result<()> {
+        let t = crate::cpu::check::silu_mul_fused(gate_up, ffn, out)?;
+        let mut gate = Vec::with_capacity(t * ffn);
+        let mut up = Vec::with_capacity(t * ffn);
+        for row in gate_up.chunks_exact(2 * ffn) {
+            gate.extend_from_slice(&row[..ffn]);
+            up.extend_from_slice(&row[ffn..]);
+        }
+        self.silu_mul(&gate, &up, out)
+    }
     /// See [`crate::cpu::embedding`].
     fn embedding(&self, table: &WeightView<'_>, ids: &[u32], out: &mut [f32]) -> Result<()>;
     /// See [`crate::cpu::write_kv`].
@@ -76,6 +88,9 @@ impl Kernels for CpuKernels {
     }
     fn silu_mul(&self, gate: &[f32], up: &[f32], out: &mut [f32]) -> Result<()> {
         crate::cpu::silu_mul(gate, up, out)
+    }
+    fn silu_mul_fused(&self, gate_up: &[f32], ffn: usize, out: &mut [f32]) -> Result<()> {
+        crate::cpu::silu_mul_fused(gate_up, ffn, out)
     }
     fn embedding(&self, table: &WeightView<'_>, ids: &[u32], out: &mut [f32]) -> Result<()> {
         crate::cpu::embedding(table, ids, out)
@@ -173,6 +188,12 @@ impl Device {
     /// See [`crate::cpu::silu_mul`].
     pub fn silu_mul(&self, gate: &[f32], up: &[f32], out: &mut [f32]) -> Result<()> {
         self.kernels("silu_mul")?.silu_mul(gate, up, out)
+    }
+
+    /// See [`crate::cpu::silu_mul_fused`].
+    pub fn silu_mul_fused(&self, gate_up: &[f32], ffn: usize, out: &mut [f32]) -> Result<()> {
+        self.kernels("silu_mul_fused")?
+            .silu_mul_fused(gate_up, ffn, out)
     }
 
     /// See [`crate::cpu::embedding`].

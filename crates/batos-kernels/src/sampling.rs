@@ -10,7 +10,8 @@
 //!    keep the `top_k` most likely, keep the smallest most-likely set with mass
 //!    `≥ top_p`, renormalise and draw with the RNG;
 //! 4. log-probabilities are reported from the raw model logits (vLLM's default
-//!    `raw_logprobs`), for the chosen token and the `n` most likely.
+//!    `raw_logprobs`), for the chosen token and the `n` most likely (normaliser in f32
+//!    with SIMD `exp`: within ~1e-6 of [`log_softmax`]).
 
 use crate::error::{KernelError, Result};
 use rand::{Rng, SeedableRng};
@@ -189,30 +190,37 @@ pub fn apply_penalties(
     history: &TokenHistory<'_>,
 ) -> Result<()> {
     check_logits(logits, history)?;
+    // Work on the (short) history rather than vocabulary-sized tables.
     let rp = params.repetition_penalty;
     if rp != 1.0 {
-        let mut seen = vec![false; logits.len()];
-        for &id in history.prompt.iter().chain(history.output) {
-            seen[id as usize] = true;
-        }
-        for (l, s) in logits.iter_mut().zip(seen) {
-            if s {
-                *l = if *l > 0.0 { *l / rp } else { *l * rp };
-            }
+        let mut seen: Vec<u32> = history
+            .prompt
+            .iter()
+            .chain(history.output)
+            .copied()
+            .collect();
+        seen.sort_unstable();
+        seen.dedup();
+        for id in seen {
+            let l = &mut logits[id as usize];
+            *l = if *l > 0.0 { *l / rp } else { *l * rp };
         }
     }
     if params.frequency_penalty != 0.0 || params.presence_penalty != 0.0 {
-        let mut counts = vec![0u32; logits.len()];
-        for &id in history.output {
-            counts[id as usize] += 1;
-        }
-        for (l, c) in logits.iter_mut().zip(counts) {
-            if c > 0 {
-                *l -= params.frequency_penalty * c as f32 + params.presence_penalty;
-            }
+        let mut out = history.output.to_vec();
+        out.sort_unstable();
+        for run in out.chunk_by(|a, b| a == b) {
+            logits[run[0] as usize] -=
+                params.frequency_penalty * run.len() as f32 + params.presence_penalty;
         }
     }
     Ok(())
+}
+
+fn has_penalties(params: &SamplingParams) -> bool {
+    params.repetition_penalty != 1.0
+        || params.frequency_penalty != 0.0
+        || params.presence_penalty != 0.0
 }
 
 /// `log_softmax(logits)`, computed in f64 and returned as f32.
@@ -252,55 +260,92 @@ pub fn top_n(logprobs: &[f32], n: usize) -> Vec<TokenLogprob> {
 
 /// Probabilities after temperature, min-p, top-k and top-p (step 3 above, before the
 /// draw). Filtered-out tokens get probability 0; the rest sum to 1. `logits` must be
-/// penalised already and `temperature > 0`.
+/// penalised already, free of NaN, and `temperature > 0`.
 pub fn filtered_probs(logits: &[f32], params: &SamplingParams) -> Vec<f32> {
-    let inv_t = 1.0 / params.temperature as f64;
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let mut probs: Vec<f64> = logits
-        .iter()
-        .map(|&v| {
-            if v.is_nan() {
-                0.0
-            } else {
-                ((v as f64 - max) * inv_t).exp()
-            }
-        })
-        .collect();
-    let sum: f64 = probs.iter().sum();
-    probs.iter_mut().for_each(|p| *p /= sum);
-    if params.min_p > 0.0 {
-        let top = probs.iter().copied().fold(0.0, f64::max);
-        let threshold = params.min_p as f64 * top;
-        probs
-            .iter_mut()
-            .filter(|p| **p < threshold)
-            .for_each(|p| *p = 0.0);
+    let kept = candidates(logits, params);
+    let total: f64 = kept.iter().map(|&(_, p)| p as f64).sum();
+    let mut probs = vec![0.0f32; logits.len()];
+    for (id, p) in kept {
+        probs[id as usize] = (p as f64 / total) as f32;
     }
-    if params.top_k.is_some_and(|k| k < probs.len()) || params.top_p < 1.0 {
-        let mut order: Vec<usize> = (0..probs.len()).filter(|&i| probs[i] > 0.0).collect();
-        order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
-        let mut keep = order.len();
-        if let Some(k) = params.top_k {
-            keep = keep.min(k);
-        }
-        if params.top_p < 1.0 {
-            let total: f64 = order[..keep].iter().map(|&i| probs[i]).sum();
-            let target = params.top_p as f64 * total;
-            let mut acc = 0.0;
-            for (n, &i) in order[..keep].iter().enumerate() {
-                acc += probs[i];
-                if acc >= target {
-                    keep = n + 1;
+    probs
+}
+
+/// Order of candidates: more likely first, lower id first on ties.
+fn by_prob_desc(probs: &[f32]) -> impl Fn(&u32, &u32) -> std::cmp::Ordering + '_ {
+    |&a, &b| {
+        probs[b as usize]
+            .total_cmp(&probs[a as usize])
+            .then(a.cmp(&b))
+    }
+}
+
+/// The tokens that survive min-p, top-k and top-p, ascending by id, with their
+/// (not renormalised) probabilities at `params.temperature`.
+fn candidates(logits: &[f32], params: &SamplingParams) -> Vec<(u32, f32)> {
+    let mut probs = logits.to_vec();
+    crate::cpu::softmax_scaled(&mut probs, 1.0 / params.temperature);
+    let top = probs.iter().copied().fold(0.0f32, f32::max);
+    let threshold = (params.min_p * top).max(f32::MIN_POSITIVE);
+    let mut idx: Vec<u32> = (0..probs.len() as u32)
+        .filter(|&i| probs[i as usize] >= threshold)
+        .collect();
+    if let Some(k) = params.top_k.filter(|&k| k < idx.len()) {
+        idx.select_nth_unstable_by(k - 1, by_prob_desc(&probs));
+        idx.truncate(k);
+    }
+    if params.top_p < 1.0 {
+        let total: f64 = idx.iter().map(|&i| probs[i as usize] as f64).sum();
+        let target = params.top_p as f64 * total;
+        // The nucleus is a prefix of the tokens by falling probability; usually a
+        // short one, so sort a growing head of the list instead of all of it.
+        let mut m = idx.len().min(64);
+        loop {
+            if m < idx.len() {
+                idx.select_nth_unstable_by(m - 1, by_prob_desc(&probs));
+            }
+            idx[..m].sort_unstable_by(by_prob_desc(&probs));
+            let mut acc = 0.0f64;
+            let cut = idx[..m].iter().position(|&i| {
+                acc += probs[i as usize] as f64;
+                acc >= target
+            });
+            match cut {
+                Some(n) => {
+                    idx.truncate(n + 1);
                     break;
                 }
+                None if m == idx.len() => break,
+                None => m = (m * 16).min(idx.len()),
             }
         }
-        for &i in &order[keep..] {
-            probs[i] = 0.0;
-        }
     }
-    let sum: f64 = probs.iter().sum();
-    probs.into_iter().map(|p| (p / sum) as f32).collect()
+    idx.sort_unstable();
+    idx.into_iter().map(|i| (i, probs[i as usize])).collect()
+}
+
+/// The `n` largest raw logits as log-probabilities (given `lse = log Σ exp`), largest
+/// first, lower id first on ties; one pass, no vocabulary-sized allocation.
+fn top_n_logprobs(logits: &[f32], lse: f32, n: usize) -> Vec<TokenLogprob> {
+    let mut best: Vec<(f32, u32)> = Vec::with_capacity(n + 1);
+    if n == 0 {
+        return Vec::new();
+    }
+    for (i, &v) in logits.iter().enumerate() {
+        if best.len() == n && v <= best[n - 1].0 {
+            continue;
+        }
+        // After all equal values: earlier (lower) ids stay ahead on ties.
+        let at = best.partition_point(|&(b, _)| b >= v);
+        best.insert(at, (v, i as u32));
+        best.truncate(n);
+    }
+    best.into_iter()
+        .map(|(v, token)| TokenLogprob {
+            token,
+            logprob: v - lse,
+        })
+        .collect()
 }
 
 /// Per-sequence sampler: validated parameters plus a ChaCha20 RNG seeded from
@@ -336,36 +381,42 @@ impl Sampler {
 
     /// Chooses the next token from one row of raw logits.
     pub fn sample(&mut self, logits: &[f32], history: &TokenHistory<'_>) -> Result<Sampled> {
-        let mut penalised = logits.to_vec();
-        apply_penalties(&mut penalised, &self.params, history)?;
+        check_logits(logits, history)?;
+        let mut owned = Vec::new();
+        let penalised = if has_penalties(&self.params) {
+            owned.extend_from_slice(logits);
+            apply_penalties(&mut owned, &self.params, history)?;
+            &owned[..]
+        } else {
+            logits
+        };
         let token = if self.params.temperature == 0.0 {
             // check_logits guaranteed a finite value, so argmax finds one.
-            crate::cpu::argmax(&penalised).unwrap_or(0)
+            crate::cpu::argmax(penalised).unwrap_or(0)
         } else {
-            let probs = filtered_probs(&penalised, &self.params);
-            let u: f64 = self.rng.random();
+            let kept = candidates(penalised, &self.params);
+            let total: f64 = kept.iter().map(|&(_, p)| p as f64).sum();
+            let u = self.rng.random::<f64>() * total;
             let mut acc = 0.0f64;
-            let mut chosen = None;
-            for (i, &p) in probs.iter().enumerate() {
-                if p > 0.0 {
-                    acc += p as f64;
-                    chosen = Some(i);
-                    if u < acc {
-                        break;
-                    }
+            let mut chosen = kept.first().map_or(0, |&(id, _)| id);
+            for &(id, p) in &kept {
+                acc += p as f64;
+                chosen = id;
+                if u < acc {
+                    break;
                 }
             }
-            chosen.unwrap_or(0)
+            chosen as usize
         };
-        let raw = log_softmax(logits);
+        let lse = crate::cpu::log_sum_exp(logits);
         let top_logprobs = self
             .params
             .logprobs
-            .map(|n| top_n(&raw, n))
+            .map(|n| top_n_logprobs(logits, lse, n))
             .unwrap_or_default();
         Ok(Sampled {
             token: token as u32,
-            logprob: raw[token],
+            logprob: logits[token] - lse,
             top_logprobs,
         })
     }

@@ -203,13 +203,61 @@ fn logprobs_are_raw_log_softmax_and_sorted() {
             },
         )
         .unwrap();
+    // The sampler's normaliser uses f32 SIMD exp: within 1e-5 of the f64 log-softmax.
     let lp = log_softmax(&l);
-    assert_eq!(out.logprob, lp[out.token as usize]);
+    assert!((out.logprob - lp[out.token as usize]).abs() < 1e-5);
     let ids: Vec<u32> = out.top_logprobs.iter().map(|t| t.token).collect();
     assert_eq!(ids, vec![1, 5, 2]);
+    for t in &out.top_logprobs {
+        assert!((t.logprob - lp[t.token as usize]).abs() < 1e-5);
+    }
     let total: f64 = lp.iter().map(|&v| (v as f64).exp()).sum();
     assert!((total - 1.0).abs() < 1e-6);
     assert_eq!(top_n(&lp, 100).len(), 8);
+}
+
+/// Brute-force top-p: sort everything, keep the shortest prefix with enough mass.
+fn nucleus_by_full_sort(l: &[f32], top_p: f32) -> Vec<usize> {
+    let full = filtered_probs(l, &SamplingParams::default());
+    let mut order: Vec<usize> = (0..l.len()).collect();
+    order.sort_by(|&a, &b| full[b].total_cmp(&full[a]).then(a.cmp(&b)));
+    let target = top_p as f64 * full.iter().map(|&p| p as f64).sum::<f64>();
+    let mut acc = 0.0;
+    let n = order
+        .iter()
+        .position(|&i| {
+            acc += full[i] as f64;
+            acc >= target
+        })
+        .map_or(order.len(), |n| n + 1);
+    let mut kept = order[..n].to_vec();
+    kept.sort_unstable();
+    kept
+}
+
+#[test]
+fn top_p_over_a_large_vocabulary_matches_a_full_sort() {
+    // Flat enough that the nucleus spans more than the first 64 candidates.
+    let mut x = 12345u32;
+    let l: Vec<f32> = (0..5000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            (x % 1000) as f32 / 300.0
+        })
+        .collect();
+    for top_p in [0.05f32, 0.5, 0.9, 0.999] {
+        let probs = filtered_probs(
+            &l,
+            &SamplingParams {
+                top_p,
+                ..Default::default()
+            },
+        );
+        let kept: Vec<usize> = (0..l.len()).filter(|&i| probs[i] > 0.0).collect();
+        assert_eq!(kept, nucleus_by_full_sort(&l, top_p), "top_p={top_p}");
+    }
 }
 
 proptest! {

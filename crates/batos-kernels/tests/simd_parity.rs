@@ -150,6 +150,102 @@ fn silu_mul_matches_reference_including_extremes() {
 }
 
 #[test]
+fn silu_mul_fused_matches_split_reference() {
+    let mut rng = TestRng::new(26);
+    for &(t, f) in &[(1usize, 1usize), (3, 7), (17, 65), (130, 1536)] {
+        let gate_up: Vec<f32> = (0..t * 2 * f).map(|_| rng.uniform() * 10.0).collect();
+        let (mut gate, mut up) = (Vec::new(), Vec::new());
+        for row in gate_up.chunks_exact(2 * f) {
+            gate.extend_from_slice(&row[..f]);
+            up.extend_from_slice(&row[f..]);
+        }
+        let mut want = vec![0.0; t * f];
+        r::silu_mul(&gate, &up, &mut want).unwrap();
+        let (mut fused_ref, mut fused_fast, mut via_trait) =
+            (vec![0.0; t * f], vec![0.0; t * f], vec![0.0; t * f]);
+        r::silu_mul_fused(&gate_up, f, &mut fused_ref).unwrap();
+        cpu::silu_mul_fused(&gate_up, f, &mut fused_fast).unwrap();
+        // The trait's default (split, then silu_mul) through a backend without an
+        // override of its own.
+        struct SplitOnly;
+        impl batos_kernels::Kernels for SplitOnly {
+            fn matmul(
+                &self,
+                x: &[f32],
+                w: &WeightView<'_>,
+                o: &mut [f32],
+            ) -> batos_kernels::Result<()> {
+                cpu::matmul(x, w, o)
+            }
+            fn rms_norm(
+                &self,
+                x: &[f32],
+                w: &[f32],
+                eps: f32,
+                o: &mut [f32],
+            ) -> batos_kernels::Result<()> {
+                cpu::rms_norm(x, w, eps, o)
+            }
+            fn rope(
+                &self,
+                rope: &Rope,
+                heads: &AttentionHeads,
+                positions: &[usize],
+                q: &mut [f32],
+                k: &mut [f32],
+            ) -> batos_kernels::Result<()> {
+                cpu::rope(rope, heads, positions, q, k)
+            }
+            fn silu_mul(&self, g: &[f32], u: &[f32], o: &mut [f32]) -> batos_kernels::Result<()> {
+                cpu::silu_mul(g, u, o)
+            }
+            fn embedding(
+                &self,
+                t: &WeightView<'_>,
+                ids: &[u32],
+                o: &mut [f32],
+            ) -> batos_kernels::Result<()> {
+                cpu::embedding(t, ids, o)
+            }
+            fn write_kv(
+                &self,
+                k: &[f32],
+                v: &[f32],
+                slots: &[usize],
+                kc: &mut [f32],
+                vc: &mut [f32],
+                layout: &KvCacheLayout,
+            ) -> batos_kernels::Result<()> {
+                cpu::write_kv(k, v, slots, kc, vc, layout)
+            }
+            fn paged_attention(
+                &self,
+                q: &[f32],
+                heads: &AttentionHeads,
+                cache: &KvCache<'_>,
+                seqs: &[SeqAttention<'_>],
+                o: &mut [f32],
+            ) -> batos_kernels::Result<()> {
+                cpu::paged_attention(q, heads, cache, seqs, o)
+            }
+        }
+        batos_kernels::Kernels::silu_mul_fused(&SplitOnly, &gate_up, f, &mut via_trait).unwrap();
+        assert_eq!(fused_ref, want);
+        assert_close(
+            &fused_fast,
+            &want,
+            1e-5,
+            1e-7,
+            &format!("silu_mul_fused t={t} f={f}"),
+        );
+        assert_close(&via_trait, &want, 1e-5, 1e-7, "trait default");
+    }
+    assert!(cpu::silu_mul_fused(&[0.0; 6], 2, &mut [0.0; 3]).is_err());
+    assert!(cpu::silu_mul_fused(&[0.0; 8], 2, &mut [0.0; 3]).is_err());
+    assert!(cpu::silu_mul_fused(&[0.0; 8], 0, &mut []).is_err());
+}
+
+#[test]
 fn softmax_matches_reference() {
     let mut rng = TestRng::new(23);
     for &n in &[1usize, 3, 8, 17, 63, 577, 49152] {
@@ -315,6 +411,41 @@ fn paged_attention_matches_reference() {
         }
     }
     cpu::set_thread_backend(ThreadBackend::default());
+}
+
+#[test]
+fn paged_attention_with_descending_and_repeated_stride_tables() {
+    // Block size 1 with blocks in descending order: K/V rows evenly spaced but going
+    // backwards, which the 4-position tiles must not take for a forward stride.
+    let mut rng = TestRng::new(33);
+    let heads = AttentionHeads::new(6, 2, 16).unwrap();
+    let layout = KvCacheLayout::new(1, 2, 16).unwrap();
+    let ctx = 13;
+    let mut k_cache = vec![0.0f32; 20 * layout.block_stride()];
+    let mut v_cache = k_cache.clone();
+    let table: Vec<BlockId> = (0..ctx as u32).rev().map(|b| BlockId(b + 3)).collect();
+    let slots: Vec<usize> = (0..ctx).map(|p| layout.slot(&table, p).unwrap()).collect();
+    let (k, v) = (
+        rng.vec(ctx * heads.kv_width()),
+        rng.vec(ctx * heads.kv_width()),
+    );
+    cpu::write_kv(&k, &v, &slots, &mut k_cache, &mut v_cache, &layout).unwrap();
+    let q = rng.vec(3 * heads.q_width());
+    let seqs = [SeqAttention {
+        block_table: &table,
+        context_len: ctx,
+        query_start: 0,
+        query_len: 3,
+    }];
+    let cache = KvCache {
+        k: &k_cache,
+        v: &v_cache,
+        layout,
+    };
+    let (mut got, mut want) = (vec![0.0f32; q.len()], vec![0.0f32; q.len()]);
+    r::paged_attention(&q, &heads, &cache, &seqs, &mut want).unwrap();
+    cpu::paged_attention(&q, &heads, &cache, &seqs, &mut got).unwrap();
+    assert_close(&got, &want, 0.0, 2e-5, "descending table");
 }
 
 #[test]

@@ -67,6 +67,13 @@ pub(crate) fn silu_mul(gate: &[f32], up: &[f32], out: &[f32]) -> Result<()> {
     len_eq("silu_mul", "out", out.len(), gate.len())
 }
 
+/// Returns T; `gate_up` is `[T, 2·ffn]` and `out` `[T, ffn]`.
+pub(crate) fn silu_mul_fused(gate_up: &[f32], ffn: usize, out: &[f32]) -> Result<usize> {
+    let t = rows("silu_mul_fused", "gate_up", gate_up.len(), 2 * ffn)?;
+    len_eq("silu_mul_fused", "out", out.len(), t * ffn)?;
+    Ok(t)
+}
+
 pub(crate) fn rope(
     rope: &Rope,
     heads: &AttentionHeads,

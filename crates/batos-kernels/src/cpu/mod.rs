@@ -1,7 +1,8 @@
 //! CPU kernels. The functions here validate their arguments, then run the fastest
 //! implementation this CPU supports: AVX2+FMA(+F16C) when detected at run time,
-//! otherwise the scalar [`reference`] kernels. Results agree with the reference within
-//! the tolerances stated in `tests/`.
+//! otherwise the scalar [`reference`](mod@reference) kernels. Results agree with the
+//! reference within the tolerances stated in `tests/simd_parity.rs`. Work is spread
+//! over [`num_threads`] threads of the pool [`ThreadBackend`] selects.
 
 mod attention;
 pub(crate) mod check;
@@ -15,6 +16,7 @@ pub use par::{num_threads, set_thread_backend, thread_backend, ThreadBackend};
 use crate::error::Result;
 use crate::shapes::{AttentionHeads, KvCacheLayout, Rope, SeqAttention};
 use crate::weights::{WeightData, WeightView};
+use crate::KvCache;
 use simd::Avx2;
 
 /// Name of the implementation the dispatching kernels use on this CPU: `"cpu-avx2"`
@@ -33,7 +35,6 @@ fn rows_per_task(rows: usize, width: usize) -> usize {
     let min_rows = (16 * 1024usize).div_ceil(width.max(1));
     rows.div_ceil(num_threads() * 2).max(min_rows).max(1)
 }
-use crate::KvCache;
 
 /// `out[T, rows] = x[T, cols] · Wᵀ` where `W` is `[rows, cols]` (a linear layer
 /// `[out_features, in_features]`); `T = x.len() / cols`.
@@ -51,11 +52,8 @@ pub fn matmul(x: &[f32], w: &WeightView<'_>, out: &mut [f32]) -> Result<()> {
     let Some(avx) = Avx2::detect() else {
         return reference::matmul(x, w, out);
     };
+    // `check::matmul` rejects `cols == 0` (T would be undefined).
     let (n, k) = (w.rows(), w.cols());
-    if k == 0 {
-        out.fill(0.0);
-        return Ok(());
-    }
     match w.data() {
         WeightData::F32(s) => avx.matmul(x, k, s, n, out),
         WeightData::F16(s) => avx.matmul(x, k, s, n, out),
@@ -108,12 +106,53 @@ pub fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) -> Result<()> {
     Ok(())
 }
 
+/// `out = silu(gate) * up` for a fused `gate_up [T, 2·ffn]` whose rows are
+/// `[gate | up]`, into `out [T, ffn]` (saves splitting the fused projection).
+pub fn silu_mul_fused(gate_up: &[f32], ffn: usize, out: &mut [f32]) -> Result<()> {
+    let t = check::silu_mul_fused(gate_up, ffn, out)?;
+    let Some(avx) = Avx2::detect() else {
+        return reference::silu_mul_fused(gate_up, ffn, out);
+    };
+    let per = rows_per_task(t, ffn);
+    par::for_each_chunk_mut(out, per * ffn, &|i, o| {
+        let rows = &gate_up[i * per * 2 * ffn..][..o.len() * 2];
+        for (gu, or) in rows.chunks_exact(2 * ffn).zip(o.chunks_exact_mut(ffn)) {
+            avx.silu_mul(&gu[..ffn], &gu[ffn..], or);
+        }
+    });
+    Ok(())
+}
+
 /// Softmax of one row in place (see [`reference::softmax`] for the edge cases).
 pub fn softmax(x: &mut [f32]) {
     match Avx2::detect() {
         Some(avx) => avx.softmax(x),
         None => reference::softmax(x),
     }
+}
+
+/// `softmax(beta · x)` in place (`beta > 0`; the sampler's temperature).
+pub(crate) fn softmax_scaled(x: &mut [f32], beta: f32) {
+    match Avx2::detect() {
+        Some(avx) => avx.softmax_scaled(x, beta),
+        None => {
+            x.iter_mut().for_each(|v| *v *= beta);
+            reference::softmax(x)
+        }
+    }
+}
+
+/// `log Σ exp(x)` of a row with at least one finite entry (the sampler's
+/// normaliser; relative error ~1e-6).
+pub(crate) fn log_sum_exp(x: &[f32]) -> f32 {
+    let (max, sum) = match Avx2::detect() {
+        Some(avx) => avx.max_and_sum_exp(x),
+        None => {
+            let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            (max, x.iter().map(|&v| (v - max).exp()).sum())
+        }
+    };
+    max + sum.ln()
 }
 
 /// Index of the largest value, first on ties, NaNs skipped; `None` if there is none.

@@ -6,7 +6,8 @@
 //! The only `unsafe` here is publishing a pointer to a job that lives on the caller's
 //! stack; the caller does not return before every worker has let go of it.
 
-use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering::SeqCst};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -16,17 +17,22 @@ struct Job<'a> {
     n: usize,
     next: AtomicUsize,
     done: AtomicUsize,
+    /// A task panicked; the submitter re-raises once every thread has let go.
+    panicked: AtomicBool,
 }
 
 impl Job<'_> {
-    /// Claims and runs tasks until none are left.
+    /// Claims and runs tasks until none are left. A panicking task is caught so that
+    /// no thread unwinds while the job is shared.
     fn work(&self) {
         loop {
             let i = self.next.fetch_add(1, SeqCst);
             if i >= self.n {
                 return;
             }
-            (self.f)(i);
+            if catch_unwind(AssertUnwindSafe(|| (self.f)(i))).is_err() {
+                self.panicked.store(true, SeqCst);
+            }
             self.done.fetch_add(1, SeqCst);
         }
     }
@@ -109,6 +115,7 @@ impl Pool {
             n,
             next: AtomicUsize::new(0),
             done: AtomicUsize::new(0),
+            panicked: AtomicBool::new(false),
         };
         let s = &*self.shared;
         // The lifetime is erased only for storage in the atomic: workers dereference
@@ -132,6 +139,9 @@ impl Pool {
             backoff(&mut spins);
         }
         drop(guard);
+        if job.panicked.load(SeqCst) {
+            panic!("a parallel kernel task panicked");
+        }
     }
 }
 
@@ -213,5 +223,29 @@ mod tests {
             }
         });
         assert_eq!(total.load(Ordering::Relaxed), 4 * 100 * 4 * 3);
+    }
+}
+
+#[cfg(test)]
+mod panic_tests {
+    use super::Pool;
+
+    #[test]
+    fn a_panicking_task_is_reraised_after_all_threads_let_go() {
+        let pool = Pool::new(2);
+        let r = std::panic::catch_unwind(|| {
+            pool.run(16, &|i| {
+                if i == 5 {
+                    panic!("task 5");
+                }
+            })
+        });
+        assert!(r.is_err());
+        // The pool still works afterwards.
+        let sum = std::sync::atomic::AtomicUsize::new(0);
+        pool.run(10, &|i| {
+            sum.fetch_add(i, std::sync::atomic::Ordering::Relaxed);
+        });
+        assert_eq!(sum.into_inner(), 45);
     }
 }

@@ -108,6 +108,19 @@ pub fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) -> Result<()> {
     Ok(())
 }
 
+/// `out[t] = silu(gate[t]) * up[t]` where each row of `gate_up [T, 2·ffn]` is
+/// `[gate | up]` (a fused gate/up projection) and `out` is `[T, ffn]`.
+pub fn silu_mul_fused(gate_up: &[f32], ffn: usize, out: &mut [f32]) -> Result<()> {
+    check::silu_mul_fused(gate_up, ffn, out)?;
+    let f = ffn;
+    for (gu, o) in gate_up.chunks_exact(2 * f).zip(out.chunks_exact_mut(f)) {
+        for ((o, &g), &u) in o.iter_mut().zip(&gu[..f]).zip(&gu[f..]) {
+            *o = silu(g) * u;
+        }
+    }
+    Ok(())
+}
+
 /// Numerically stable softmax of one row, in place. An empty row is left alone; a
 /// row whose maximum is `-inf` (everything masked) becomes all zeros.
 pub fn softmax(x: &mut [f32]) {

@@ -320,7 +320,11 @@ mod imp {
         unsafe {
             let mut i = tb0;
             while i < tb1 {
-                let mr = (tb1 - i).min(3);
+                // Four left: two 2-row tiles beat a 3-row tile plus a 1-row one.
+                let mr = match tb1 - i {
+                    4 => 2,
+                    left => left.min(3),
+                };
                 let xi = x.add(i * k);
                 let oi = out.add(i * ldo);
                 match (mr, nr) {
@@ -549,6 +553,48 @@ mod imp {
         }
     }
 
+    /// `Σ exp(x[i] - max)` for the row's maximum `max` (returned too); `-inf` entries
+    /// contribute 0. Returns `(max, sum)`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) unsafe fn max_and_sum_exp(x: &[f32]) -> (f32, f32) {
+        let n = x.len();
+        // SAFETY: offsets stay below n.
+        unsafe {
+            let p = x.as_ptr();
+            let mut vmax = _mm256_set1_ps(f32::NEG_INFINITY);
+            let mut i = 0;
+            while i + 8 <= n {
+                vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(p.add(i)));
+                i += 8;
+            }
+            let mut lanes = [0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), vmax);
+            let mut max = lanes.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            for &v in &x[i..] {
+                max = max.max(v);
+            }
+            if max == f32::NEG_INFINITY {
+                return (max, 0.0);
+            }
+            let vm = _mm256_set1_ps(max);
+            let mut acc = [_mm256_setzero_ps(); 2];
+            i = 0;
+            while i + 16 <= n {
+                acc[0] = _mm256_add_ps(acc[0], exp8(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), vm)));
+                acc[1] = _mm256_add_ps(
+                    acc[1],
+                    exp8(_mm256_sub_ps(_mm256_loadu_ps(p.add(i + 8)), vm)),
+                );
+                i += 16;
+            }
+            let mut sum = hsum(_mm256_add_ps(acc[0], acc[1]));
+            for &v in &x[i..] {
+                sum += (v - max).exp();
+            }
+            (max, sum)
+        }
+    }
+
     /// Attention of the `g` query heads of one KV head for one query row:
     /// `out[h] = softmax(scale · q[h]·K) · V` over the positions whose K/V rows start
     /// at `offsets` in `k` / `v`. `scores` is scratch.
@@ -589,9 +635,11 @@ mod imp {
                     // Four positions share a tile when their rows are evenly spaced
                     // (same cache block); otherwise one at a time.
                     let four = p + 4 <= ctx && {
-                        let st = offsets[p + 1].wrapping_sub(offsets[p]);
-                        offsets[p + 2].wrapping_sub(offsets[p + 1]) == st
-                            && offsets[p + 3].wrapping_sub(offsets[p + 2]) == st
+                        let o = &offsets[p..p + 4];
+                        o[1] > o[0] && o[2] > o[1] && o[3] > o[2] && {
+                            let st = o[1] - o[0];
+                            o[2] - o[1] == st && o[3] - o[2] == st
+                        }
                     };
                     if p + 12 <= ctx && h0 == 0 {
                         // Paged rows are scattered: fetch a few positions ahead.
@@ -602,7 +650,7 @@ mod imp {
                     let kr = kp.add(offsets[p]);
                     let o = sp.add(h0 * ctx + p);
                     if four {
-                        let ldw = offsets[p + 1].wrapping_sub(offsets[p]);
+                        let ldw = offsets[p + 1] - offsets[p];
                         match hc {
                             3 => tile::<f32, 3, 4>(qh, hd, kr, ldw, hd, o, ctx),
                             2 => tile::<f32, 2, 4>(qh, hd, kr, ldw, hd, o, ctx),
@@ -808,6 +856,16 @@ impl Avx2 {
         unsafe { imp::rms_norm_row(x, weight, eps, out) }
     }
 
+    pub(crate) fn softmax_scaled(self, x: &mut [f32], beta: f32) {
+        // SAFETY: as above.
+        unsafe { imp::softmax_scaled(x, beta) }
+    }
+
+    pub(crate) fn max_and_sum_exp(self, x: &[f32]) -> (f32, f32) {
+        // SAFETY: as above.
+        unsafe { imp::max_and_sum_exp(x) }
+    }
+
     pub(crate) fn softmax(self, x: &mut [f32]) {
         // SAFETY: as above.
         unsafe { imp::softmax(x) }
@@ -863,6 +921,12 @@ mod fallback {
             match self.0 {}
         }
         pub(crate) fn softmax(self, _: &mut [f32]) {
+            match self.0 {}
+        }
+        pub(crate) fn softmax_scaled(self, _: &mut [f32], _: f32) {
+            match self.0 {}
+        }
+        pub(crate) fn max_and_sum_exp(self, _: &[f32]) -> (f32, f32) {
             match self.0 {}
         }
         pub(crate) fn attend(
