@@ -228,6 +228,7 @@ impl<'m> SimpleGenerator<'m> {
             self.check_request(i, req, decoder, max_position)?;
         }
         for req in requests {
+            // Checked in `check_request`; a failure here would be a kernels bug.
             let sampler = Sampler::new(req.params.sampling.clone()).map_err(|source| {
                 ForwardError::Kernel {
                     op: "Sampler::new",
@@ -270,6 +271,13 @@ impl<'m> SimpleGenerator<'m> {
                 request,
                 prompt_len: req.prompt.len(),
                 max_position,
+            });
+        }
+        if let Err(e) = req.params.sampling.validate() {
+            return Err(ForwardError::InvalidParam {
+                request,
+                name: "sampling",
+                reason: e.to_string(),
             });
         }
         if req.params.max_tokens == 0 {

@@ -201,6 +201,15 @@ fn bad_requests_are_typed_errors() {
             ..
         })
     ));
+    let mut hot = GenerationParams::greedy(4);
+    hot.sampling.top_p = 0.0;
+    assert!(matches!(
+        gen.generate(&[1], &hot, None),
+        Err(ForwardError::InvalidParam {
+            name: "sampling",
+            ..
+        })
+    ));
     let mut stops = GenerationParams::greedy(4);
     stops.stop_strings = vec!["x".into()];
     assert!(matches!(
