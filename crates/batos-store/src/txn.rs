@@ -59,7 +59,7 @@ struct Cached {
 }
 
 /// Clean cache entries beyond this are dropped (dirty ones stay until commit).
-const CACHE_CLEAN_LIMIT: usize = 16_384;
+const CACHE_CLEAN_LIMIT: usize = 4_096;
 
 fn encode_any<T: Serialize + 'static>(v: &dyn Any) -> Result<Encoded> {
     let v = v
