@@ -281,6 +281,9 @@ __device__ void paged_prefill_impl(const T* __restrict__ q, const T* __restrict_
             const float p = (s == NEG_INF) ? 0.0f : expf(s - m_new);
             const float psum = warp_sum(p);
             S[i * PF_BKV + lane] = p;
+            // Every lane has read rm[i] above; order those reads before lane 0's update
+            // (the shuffles in warp_max/warp_sum are not memory barriers).
+            __syncwarp();
             if (lane == 0) {
                 const float alpha = (m_old == NEG_INF) ? 0.0f : expf(m_old - m_new);
                 ra[i] = alpha;

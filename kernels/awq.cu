@@ -16,35 +16,55 @@ __device__ __forceinline__ float nibble_f32(u32 w, int m) {
     return __uint_as_float(((w >> sh) & 0xfu) | 0x4b000000u) - 8388608.0f;
 }
 
-#define GEMV_THREADS 128
+// 1 + q/16 for the 4-bit field of column m: the nibble shifted into mantissa bits
+// 19..22 of 1.0f. One shift and one LOP3 per weight (nibble_f32 needs a third op,
+// the FADD), which matters because the matvec is close to ALU bound on the big
+// GPUs. sum x*q = 16 * (sum x*(1 + q/16) - sum x), exact up to f32 rounding.
+__device__ __forceinline__ float nibble_1p16(u32 w, int m) {
+    const int p = (m & 1) * 4 + (m >> 1);  // nibble index of column m; constant once unrolled
+    const u32 t = p <= 4 ? (w << (19 - 4 * p)) : (w >> (4 * p - 19));
+    return __uint_as_float((t & 0x00780000u) | 0x3f800000u);
+}
+
+#define GEMV_THREADS 256
+#define GEMV_WARPS (GEMV_THREADS / WARP)
 #define GEMV_KC 128
 
-// grid (ceil(out/8 / (VEC*GEMV_THREADS)), splits, ceil(tokens/TOK)), block GEMV_THREADS.
-// Each thread owns VEC packed columns (VEC*8 outputs) for TOK tokens; block y owns
-// K rows [y*rows_per_split, ..). x is staged through shared memory `chunk` rows at
-// a time (chunk divides group and rows_per_split, so a chunk never straddles two
-// groups). Within a group the thread accumulates sum x*q and sum x and applies zero
-// and scale once: sum x*(q-z)*s = s*(sum x*q - z*sum x).
+// grid (ceil(out/8 / (VEC*WARP)), splits, ceil(tokens/TOK)), block GEMV_THREADS.
+// Lane l of every warp owns VEC packed columns (VEC*8 outputs) for TOK tokens, so a
+// warp reads VEC*128 contiguous bytes of a weight row; the block's 8 warps take
+// interleaved rows of K (row kk of a chunk goes to warp kk % 8) and their sums are
+// added in shared memory at the end. Block y owns K rows [y*rows_per_split, ..).
+// x is staged through shared memory `chunk` rows at a time (chunk divides group and
+// rows_per_split, so a chunk never straddles two groups). Within a group the thread
+// accumulates sum x*(1+q/16) and sum x and applies zero and scale once:
+// sum x*(q-z)*s = s*(16*sum x*(1+q/16) - (16+z)*sum x). Each thread issues GEMV_UNROLL independent
+// row loads before using them, so enough bytes are in flight to cover DRAM latency.
 template <typename T, int TOK, int VEC>
 __device__ void awq_gemv_impl(const u32* __restrict__ qw, const u32* __restrict__ qz,
                               const f16* __restrict__ scales, const T* __restrict__ x,
                               float* __restrict__ partial, int ntok, int in_dim, int out_dim,
                               int group, int rows_per_split, int chunk) {
+    constexpr int NC = VEC * 8;
+    // Row loads in flight per thread: 4 x 16 bytes, or 8 x 4 bytes for scalar columns.
+    constexpr int GEMV_UNROLL = VEC == 1 ? 8 : 4;
     __shared__ float xs[TOK][GEMV_KC];
+    __shared__ float red[GEMV_WARPS][NC * TOK][WARP + 1];  // +1: conflict-free both ways
+    const int lane = threadIdx.x & (WARP - 1), wy = threadIdx.x / WARP;
     const int out8 = out_dim >> 3;
-    const int j0 = (blockIdx.x * GEMV_THREADS + threadIdx.x) * VEC;
+    const int j0 = (blockIdx.x * WARP + lane) * VEC;
     const bool active = j0 < out8;
     const int t0 = blockIdx.z * TOK;
     const int kb = blockIdx.y * rows_per_split;
     const int ke = min(in_dim, kb + rows_per_split);
-    float out_acc[VEC * 8][TOK];
-    float accq[VEC * 8][TOK];
+    float out_acc[NC][TOK];
+    float accq[NC][TOK];
     float xsum[TOK];
 #pragma unroll
     for (int t = 0; t < TOK; ++t) {
         xsum[t] = 0.0f;
 #pragma unroll
-        for (int c = 0; c < VEC * 8; ++c) { out_acc[c][t] = 0.0f; accq[c][t] = 0.0f; }
+        for (int c = 0; c < NC; ++c) { out_acc[c][t] = 0.0f; accq[c][t] = 0.0f; }
     }
     for (int k0 = kb; k0 < ke; k0 += chunk) {
         __syncthreads();
@@ -55,29 +75,37 @@ __device__ void awq_gemv_impl(const u32* __restrict__ qw, const u32* __restrict_
         __syncthreads();
         if (active) {
             const u32* wp = qw + (long long)k0 * out8 + j0;
-#pragma unroll 8
-            for (int kk = 0; kk < chunk; ++kk) {
-                u32 w[VEC];
-                if (VEC == 4) {
-                    const uint4 v = *reinterpret_cast<const uint4*>(wp + (long long)kk * out8);
-                    w[0] = v.x; w[VEC > 1 ? 1 : 0] = v.y; w[VEC > 2 ? 2 : 0] = v.z; w[VEC > 3 ? 3 : 0] = v.w;
-                } else if (VEC == 2) {
-                    const uint2 v = *reinterpret_cast<const uint2*>(wp + (long long)kk * out8);
-                    w[0] = v.x; w[VEC > 1 ? 1 : 0] = v.y;
-                } else {
-                    w[0] = wp[(long long)kk * out8];
-                }
-                float xv[TOK];
+            for (int kk0 = wy; kk0 < chunk; kk0 += GEMV_WARPS * GEMV_UNROLL) {
+                u32 w[GEMV_UNROLL][VEC];
 #pragma unroll
-                for (int t = 0; t < TOK; ++t) { xv[t] = xs[t][kk]; xsum[t] += xv[t]; }
+                for (int u = 0; u < GEMV_UNROLL; ++u) {
+                    const int kk = kk0 + u * GEMV_WARPS;
+                    const u32* rp = wp + (long long)(kk < chunk ? kk : 0) * out8;
+                    if (VEC == 4) {
+                        const uint4 v = *reinterpret_cast<const uint4*>(rp);
+                        w[u][0] = v.x; w[u][VEC > 1 ? 1 : 0] = v.y; w[u][VEC > 2 ? 2 : 0] = v.z; w[u][VEC > 3 ? 3 : 0] = v.w;
+                    } else {
 #pragma unroll
-                for (int v = 0; v < VEC; ++v)
-#pragma unroll
-                    for (int m = 0; m < 8; ++m) {
-                        const float q = nibble_f32(w[v], m);
-#pragma unroll
-                        for (int t = 0; t < TOK; ++t) accq[v * 8 + m][t] += xv[t] * q;
+                        for (int v = 0; v < VEC; ++v) w[u][v] = rp[v];
                     }
+                }
+#pragma unroll
+                for (int u = 0; u < GEMV_UNROLL; ++u) {
+                    const int kk = kk0 + u * GEMV_WARPS;
+                    if (kk < chunk) {
+                        float xv[TOK];
+#pragma unroll
+                        for (int t = 0; t < TOK; ++t) { xv[t] = xs[t][kk]; xsum[t] += xv[t]; }
+#pragma unroll
+                        for (int v = 0; v < VEC; ++v)
+#pragma unroll
+                            for (int m = 0; m < 8; ++m) {
+                                const float q = nibble_1p16(w[u][v], m);  // 1 + q/16
+#pragma unroll
+                                for (int t = 0; t < TOK; ++t) accq[v * 8 + m][t] += xv[t] * q;
+                            }
+                    }
+                }
             }
             const int k1 = k0 + chunk;
             if (k1 % group == 0 || k1 >= ke) {
@@ -85,14 +113,17 @@ __device__ void awq_gemv_impl(const u32* __restrict__ qw, const u32* __restrict_
 #pragma unroll
                 for (int v = 0; v < VEC; ++v) {
                     const u32 zw = qz[(long long)g * out8 + j0 + v];
-                    const f16* sp = scales + (long long)g * out_dim + (long long)(j0 + v) * 8;
+                    // 8 scales = 16 aligned bytes: out % 8 == 0 and the column is 8-aligned.
+                    const uint4 sv = *reinterpret_cast<const uint4*>(scales + (long long)g * out_dim + (long long)(j0 + v) * 8);
+                    const u32 sw[4] = {sv.x, sv.y, sv.z, sv.w};
 #pragma unroll
                     for (int m = 0; m < 8; ++m) {
                         const float z = nibble_f32(zw, m);
-                        const float sc = to_f32(sp[m]);
+                        const float sc = f16_bits_to_f32((u16)(sw[m >> 1] >> (16 * (m & 1))));
 #pragma unroll
                         for (int t = 0; t < TOK; ++t) {
-                            out_acc[v * 8 + m][t] += sc * (accq[v * 8 + m][t] - z * xsum[t]);
+                            // sum x*(q - z) = 16*sum x*(1 + q/16) - (16 + z)*sum x
+                            out_acc[v * 8 + m][t] += sc * (16.0f * accq[v * 8 + m][t] - (16.0f + z) * xsum[t]);
                             accq[v * 8 + m][t] = 0.0f;
                         }
                     }
@@ -102,13 +133,22 @@ __device__ void awq_gemv_impl(const u32* __restrict__ qw, const u32* __restrict_
             }
         }
     }
-    if (!active) return;
+    // Sum the warps' partial results (inactive lanes contribute zeros).
 #pragma unroll
-    for (int t = 0; t < TOK; ++t) {
-        if (t0 + t < ntok) {
-            float* pr = partial + ((long long)blockIdx.y * ntok + t0 + t) * out_dim + (long long)j0 * 8;
+    for (int c = 0; c < NC; ++c)
 #pragma unroll
-            for (int c = 0; c < VEC * 8; ++c) pr[c] = out_acc[c][t];
+        for (int t = 0; t < TOK; ++t) red[wy][c * TOK + t][lane] = out_acc[c][t];
+    __syncthreads();
+    const int n_base = blockIdx.x * WARP * NC;  // first output column of this block
+    for (int e = threadIdx.x; e < TOK * WARP * NC; e += GEMV_THREADS) {
+        const int t = e / (WARP * NC), col = e - t * (WARP * NC);
+        const int l = col / NC, c = col - l * NC;
+        const int n = n_base + col;
+        if (t0 + t < ntok && n < out_dim) {
+            float acc = 0.0f;
+#pragma unroll
+            for (int w = 0; w < GEMV_WARPS; ++w) acc += red[w][c * TOK + t][l];
+            partial[((long long)blockIdx.y * ntok + t0 + t) * out_dim + n] = acc;
         }
     }
 }

@@ -55,6 +55,7 @@ __device__ void bgmv_expand_impl(const float* __restrict__ h, const T* __restric
     const int rank = ranks[s];
     for (int r = threadIdx.x; r < rank; r += blockDim.x) {
         float v = 0.0f;
+#pragma unroll 8
         for (int k = 0; k < ksplits; ++k) v += h[((long long)k * gridDim.x + i) * max_rank + r];
         hs[r] = v;
     }
@@ -144,6 +145,7 @@ __device__ void sgmv_expand_impl(const float* __restrict__ h, const T* __restric
         const int t = idx / max_rank, r = idx - t * max_rank;
         float v = 0.0f;
         if (t < len && r < rank)
+#pragma unroll 8
             for (int k = 0; k < ksplits; ++k) v += h[((long long)k * rows + hrow + t) * max_rank + r];
         hs[idx] = v;
     }

@@ -90,16 +90,18 @@ def gemv(qw, qz, sc, x, T, K, N, G, target=64):
     if T == 1 and out8 % 4 == 0: var, vec, tok = "awq_gemv_t1v4", 4, 1
     elif T == 1: var, vec, tok = "awq_gemv_t1v1", 1, 1
     else: var, vec, tok = "awq_gemv_t4v1", 1, 4
-    bx = -(-out8 // (vec * 128)); bz = -(-T // tok)
-    chunk = next(c for c in [128, 64, 32, 16, 8, 4, 2, 1] if G % c == 0)
-    chunks = K // chunk; want = min(max(-(-target // (bx * bz)), 1), chunks)
-    rps = -(-chunks // want) * chunk; splits = -(-K // rps)
+    bx = -(-out8 // (vec * 32)); bz = -(-T // tok)
+    gc = next(c for c in [128, 64, 32, 16, 8, 4, 2, 1] if G % c == 0); unit = min(gc, 64)
+    want = max(-(-target // (bx * bz)), 1)
+    rps = max(-(-(-(-K // want)) // unit), 1) * unit
+    chunk = next(c for c in [128, 64, 32, 16, 8, 4, 2, 1] if c <= gc and rps % c == 0)
+    splits = -(-K // rps)
     part = np.full((splits, T, N), np.nan, np.float32)
-    launch("awq", var + "_" + s, (bx, splits, bz), 128, 0, qw, qz, sc, x, part, T, K, N, G, rps, chunk)
+    launch("awq", var + "_" + s, (bx, splits, bz), 256, 0, qw, qz, sc, x, part, T, K, N, G, rps, chunk)
     y = np.zeros((T, N), DT[s]); n = T * N
     launch("awq", "awq_reduce_" + s, (min(-(-n // 256), 4096), 1, 1), 256, 0, part, y, splits, ("ll", n))
     return y, splits, rps
-for (K, N, G) in [(384, 200, 128), (512, 512, 64), (256, 64, 32), (1024, 72, 128)]:
+for (K, N, G) in [(384, 200, 128), (512, 512, 64), (256, 64, 32), (1024, 72, 128), (96, 48, 16)]:
     qw, qz, sc, W = awq_case(K, N, G)
     for s in ["f32", "f16"]:
         for T in [1, 3, 5]:

@@ -54,6 +54,7 @@ inline EmuBlock* g_blk;
 inline void __syncthreads() { g_blk->block_bar->arrive_and_wait(); }
 inline int emu_tid() { return threadIdx.x; }
 inline std::barrier<>& emu_warp_bar() { return *g_blk->warp_bar[threadIdx.x / 32]; }
+inline void __syncwarp(unsigned = 0xffffffffu) { emu_warp_bar().arrive_and_wait(); }
 inline float __shfl_xor_sync(unsigned, float v, int o) {
     int t = threadIdx.x; g_blk->fslots[t] = v; emu_warp_bar().arrive_and_wait();
     int p = (t & ~31) | ((t & 31) ^ o); float r = g_blk->fslots[p]; emu_warp_bar().arrive_and_wait(); return r;

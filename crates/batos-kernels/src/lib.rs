@@ -18,13 +18,10 @@
 //! With the `cuda` feature, `crate::cuda` must provide
 //! `pub fn kernels(ordinal: usize) -> Result<&'static dyn Kernels, KernelError>`;
 //! [`Device::Cuda`] dispatches every operation through it, so model code that calls
-//! `device.matmul(..)` etc. does not change. (`#[rustfmt::skip]` on the declaration
-//! below only keeps `cargo fmt` working while `src/cuda/` does not exist yet on this
-//! branch; drop it once it does.)
+//! `device.matmul(..)` etc. does not change.
 
 pub mod cpu;
 #[cfg(feature = "cuda")]
-#[rustfmt::skip]
 pub mod cuda;
 mod device;
 mod error;

@@ -548,6 +548,81 @@ fn awq_gemv_matches_dequantised_reference() {
 }
 
 #[test]
+fn awq_gemv_plan_is_reusable_across_layers_and_checks_the_shape() {
+    let Some(dev) = device() else { return };
+    // Several column blocks (one block covers 32*vec packed columns), a ragged last
+    // block (out/8 = 257) and group 32 (smaller x chunks).
+    for (shape, seed) in [
+        (
+            AwqShape {
+                in_features: 1024,
+                out_features: 3072,
+                group_size: 128,
+            },
+            11,
+        ),
+        (
+            AwqShape {
+                in_features: 256,
+                out_features: 2056,
+                group_size: 32,
+            },
+            12,
+        ),
+    ] {
+        let case = awq_case(shape, seed);
+        for tokens in [1, 3] {
+            awq_check::<f32>(&dev, &case, tokens, AwqPath::Gemv, 2e-5);
+        }
+    }
+    // One plan, two layers of the same shape, run alternately: each result matches
+    // a plan-free call on the same layer (the shared workspace carries nothing over).
+    let shape = AwqShape {
+        in_features: 512,
+        out_features: 512,
+        group_size: 64,
+    };
+    let (a, b) = (awq_case(shape, 21), awq_case(shape, 22));
+    let up =
+        |c: &AwqCase| AwqWeights::upload(&dev, shape, &c.qweight, &c.qzeros, &c.scales).unwrap();
+    let (wa, wb) = (up(&a), up(&b));
+    let mut rng = Rng(5);
+    let x = dev.upload(&rng.vec(512)).unwrap();
+    let mut plan = awq::AwqGemvPlan::<f32>::new(&dev, shape, 1).unwrap();
+    for w in [&wa, &wb, &wa] {
+        let mut got = dev.alloc::<f32>(512).unwrap();
+        let mut want = dev.alloc::<f32>(512).unwrap();
+        plan.run(&dev, w, &x, &mut got).unwrap();
+        awq::awq_gemv(&dev, w, &x, 1, &mut want).unwrap();
+        assert_eq!(got.to_host().unwrap(), want.to_host().unwrap());
+    }
+    // A layer of another shape is a typed error, not a wrong launch.
+    let other = awq_case(
+        AwqShape {
+            in_features: 384,
+            out_features: 200,
+            group_size: 128,
+        },
+        3,
+    );
+    let wo = AwqWeights::upload(
+        &dev,
+        other.shape,
+        &other.qweight,
+        &other.qzeros,
+        &other.scales,
+    )
+    .unwrap();
+    let mut y = dev.alloc::<f32>(512).unwrap();
+    let err = plan.run(&dev, &wo, &x, &mut y);
+    assert!(
+        matches!(err, Err(CudaError::InvalidArgument { .. })),
+        "{err:?}"
+    );
+    assert!(awq::AwqGemvPlan::<f32>::new(&dev, shape, 0).is_err());
+}
+
+#[test]
 fn awq_gemm_matches_dequantised_reference() {
     let Some(dev) = device() else { return };
     let a = awq_case(

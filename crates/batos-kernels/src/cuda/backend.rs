@@ -213,7 +213,10 @@ impl Kernels for CudaKernels {
         let run = || -> super::CudaResult<Vec<f32>> {
             let batch = AttentionBatch::new(d, layout, &queries)?;
             let cache_len = layout.cache_len();
-            let (kd, vd) = (d.upload(&cache.k[..cache_len])?, d.upload(&cache.v[..cache_len])?);
+            let (kd, vd) = (
+                d.upload(&cache.k[..cache_len])?,
+                d.upload(&cache.v[..cache_len])?,
+            );
             let qd = d.upload(&q[..rows * qw])?;
             let mut od = d.alloc::<f32>(rows * qw)?;
             attention::paged_attention(d, &batch, heads.num_heads(), &qd, &kd, &vd, &mut od)?;

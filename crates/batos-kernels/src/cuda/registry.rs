@@ -292,11 +292,19 @@ mod tests {
         for id in ModuleId::ALL {
             let src = id.source();
             assert!(src.starts_with(PRELUDE));
-            assert!(!src.contains("#include"), "{}: kernels must not need CUDA headers", id.name());
+            assert!(
+                !src.contains("#include"),
+                "{}: kernels must not need CUDA headers",
+                id.name()
+            );
             for entry in id.entry_points() {
                 let (base, suffix) = entry.rsplit_once('_').expect("name_suffix");
                 // Entry points are stamped out by a macro: `<base>_##S` with S = suffix.
-                assert!(src.contains(&format!("{base}_##S")), "{}: {entry}", id.name());
+                assert!(
+                    src.contains(&format!("{base}_##S")),
+                    "{}: {entry}",
+                    id.name()
+                );
                 assert!(["f32", "f16", "bf16"].contains(&suffix));
             }
         }
@@ -308,10 +316,15 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join(ModuleId::Awq.ptx_file_name(Arch::Sm80)), "ptx80").unwrap();
         assert_eq!(
-            load_precompiled(&dir, ModuleId::Awq, Arch::Sm90).unwrap().as_deref(),
+            load_precompiled(&dir, ModuleId::Awq, Arch::Sm90)
+                .unwrap()
+                .as_deref(),
             Some("ptx80")
         );
-        assert_eq!(load_precompiled(&dir, ModuleId::Lora, Arch::Sm90).unwrap(), None);
+        assert_eq!(
+            load_precompiled(&dir, ModuleId::Lora, Arch::Sm90).unwrap(),
+            None
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

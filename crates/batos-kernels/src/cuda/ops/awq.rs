@@ -156,9 +156,12 @@ pub fn awq_linear<T: Activation>(
     }
 }
 
-const GEMV_THREADS: usize = 128;
+/// Threads per matvec block (`GEMV_THREADS` in kernels/awq.cu): 8 warps.
+const GEMV_THREADS: usize = 256;
 
 /// The split-K matvec for any token count (efficient up to [`GEMV_MAX_TOKENS`]).
+///
+/// Builds an [`AwqGemvPlan`] per call; a serving loop keeps the plan instead.
 pub fn awq_gemv<T: Activation>(
     dev: &CudaDevice,
     w: &AwqWeights,
@@ -166,73 +169,145 @@ pub fn awq_gemv<T: Activation>(
     tokens: usize,
     y: &mut DeviceBuffer<T>,
 ) -> CudaResult<()> {
-    const OP: &str = "awq_gemv";
-    check_io(OP, w, x, tokens, y)?;
+    check_io("awq_gemv", w, x, tokens, y)?;
     if tokens == 0 {
         return Ok(());
     }
-    let s = w.shape;
-    let GemvPlan {
-        variant,
-        blocks_x,
-        blocks_z,
-        chunk,
-        rows_per_split,
-        splits,
-    } = gemv_plan(s, tokens, dev.multiprocessors());
-    let mut partial = dev.alloc::<f32>(splits * tokens * s.out_features)?;
-    let grid = (
-        as_u32(OP, "blocks_x", blocks_x)?,
-        as_u32(OP, "splits", splits)?,
-        as_u32(OP, "blocks_z", blocks_z)?,
-    );
-    let (nt, k, n, g, rps, ch) = (
-        as_i32(OP, "tokens", tokens)?,
-        as_i32(OP, "in", s.in_features)?,
-        as_i32(OP, "out", s.out_features)?,
-        as_i32(OP, "group", s.group_size)?,
-        as_i32(OP, "rows_per_split", rows_per_split)?,
-        as_i32(OP, "chunk", chunk)?,
-    );
-    let f = dev.function(ModuleId::Awq, &kname::<T>(variant))?;
-    {
-        let (qv, zv, sv, xv, mut pv) = (
-            w.qweight.view(),
-            w.qzeros.view(),
-            w.scales.view(),
-            x.view(),
-            partial.view_mut(),
-        );
-        let mut args = dev.stream().launch_builder(&f);
-        args.arg(&qv)
-            .arg(&zv)
-            .arg(&sv)
-            .arg(&xv)
-            .arg(&mut pv)
-            .arg(&nt)
-            .arg(&k)
-            .arg(&n)
-            .arg(&g)
-            .arg(&rps)
-            .arg(&ch);
-        // SAFETY: awq_gemv_*(const u32* qw, const u32* qz, const f16* sc, const T* x,
-        // float* partial, int ntok, int in, int out, int group, int rows_per_split, int
-        // chunk). Shapes were validated (out%8, in%group); chunk <= 128 (the staging
-        // buffer) divides group and rows_per_split; threads with j0 >= out/8 only stage x; the vec4
-        // variant is chosen only when out/8 % 4 == 0 so its 16-byte loads stay aligned
-        // and in bounds; partial holds splits*tokens*out floats for blockIdx.y < splits.
-        unsafe { launch(OP, &mut args, cfg(grid, GEMV_THREADS as u32, 0))? };
+    AwqGemvPlan::<T>::new(dev, w.shape, tokens)?.run(dev, w, x, y)
+}
+
+/// A prepared matvec for one layer shape and token count: the kernels, the launch
+/// geometry and the split-K workspace, built once and reused for every layer of
+/// that shape and every decode step (no allocation, lookup or planning per call).
+///
+/// The workspace is ordered on the device's compute stream, so one plan serves
+/// any number of launches queued there back to back.
+#[derive(Debug)]
+pub struct AwqGemvPlan<T: Activation> {
+    shape: AwqShape,
+    tokens: usize,
+    plan: GemvPlan,
+    gemv: cudarc::driver::CudaFunction,
+    reduce: cudarc::driver::CudaFunction,
+    partial: DeviceBuffer<f32>,
+    _t: std::marker::PhantomData<T>,
+}
+
+impl<T: Activation> AwqGemvPlan<T> {
+    /// Plans `tokens` (>= 1) rows through layers of `shape` on `dev`.
+    pub fn new(dev: &CudaDevice, shape: AwqShape, tokens: usize) -> CudaResult<Self> {
+        const OP: &str = "AwqGemvPlan::new";
+        let shape = shape.validate()?;
+        if tokens == 0 {
+            return Err(CudaError::invalid(
+                OP,
+                "a matvec plan needs at least one token",
+            ));
+        }
+        as_i32(OP, "tokens*out", tokens * shape.out_features)?;
+        let plan = gemv_plan(shape, tokens, dev.multiprocessors());
+        // Every launch parameter must fit the kernel's int arguments.
+        as_u32(OP, "blocks_x", plan.blocks_x)?;
+        as_u32(OP, "splits", plan.splits)?;
+        as_u32(OP, "blocks_z", plan.blocks_z)?;
+        as_i32(OP, "in", shape.in_features)?;
+        as_i32(
+            OP,
+            "splits*tokens*out",
+            plan.splits * tokens * shape.out_features,
+        )?;
+        Ok(AwqGemvPlan {
+            shape,
+            tokens,
+            plan,
+            gemv: dev.function(ModuleId::Awq, &kname::<T>(plan.variant))?,
+            reduce: dev.function(ModuleId::Awq, &kname::<T>("awq_reduce"))?,
+            partial: dev.alloc::<f32>(plan.splits * tokens * shape.out_features)?,
+            _t: std::marker::PhantomData,
+        })
     }
-    let total = tokens * s.out_features;
-    let blocks = total.div_ceil(256).min(4096) as u32;
-    let (splits_i, n_i) = (as_i32(OP, "splits", splits)?, total as i64);
-    let f = dev.function(ModuleId::Awq, &kname::<T>("awq_reduce"))?;
-    let (pv, mut yv) = (partial.view(), y.view_mut());
-    let mut args = dev.stream().launch_builder(&f);
-    args.arg(&pv).arg(&mut yv).arg(&splits_i).arg(&n_i);
-    // SAFETY: awq_reduce_<T>(const float* partial, T* y, int splits, long long n):
-    // reads partial[s*n + i] for s < splits, i < n (= tokens*out = y.len()).
-    unsafe { launch(OP, &mut args, cfg((blocks, 1, 1), 256, 0)) }
+
+    /// The layer shape this plan serves.
+    pub fn shape(&self) -> AwqShape {
+        self.shape
+    }
+
+    /// Token rows per call.
+    pub fn tokens(&self) -> usize {
+        self.tokens
+    }
+
+    /// `y[tokens, out] = x[tokens, in] · W` for a layer of the planned shape.
+    pub fn run(
+        &mut self,
+        dev: &CudaDevice,
+        w: &AwqWeights,
+        x: &DeviceBuffer<T>,
+        y: &mut DeviceBuffer<T>,
+    ) -> CudaResult<()> {
+        const OP: &str = "awq_gemv";
+        if w.shape != self.shape {
+            return Err(CudaError::invalid(
+                OP,
+                format!(
+                    "layer {:?} does not match the plan's {:?}",
+                    w.shape, self.shape
+                ),
+            ));
+        }
+        check_io(OP, w, x, self.tokens, y)?;
+        let (s, p, tokens) = (self.shape, self.plan, self.tokens);
+        // Bounds were checked in `new`, so these conversions are lossless.
+        let grid = (p.blocks_x as u32, p.splits as u32, p.blocks_z as u32);
+        let (nt, k, n, g, rps, ch) = (
+            tokens as i32,
+            s.in_features as i32,
+            s.out_features as i32,
+            s.group_size as i32,
+            p.rows_per_split as i32,
+            p.chunk as i32,
+        );
+        {
+            let (qv, zv, sv, xv, mut pv) = (
+                w.qweight.view(),
+                w.qzeros.view(),
+                w.scales.view(),
+                x.view(),
+                self.partial.view_mut(),
+            );
+            let mut args = dev.stream().launch_builder(&self.gemv);
+            args.arg(&qv)
+                .arg(&zv)
+                .arg(&sv)
+                .arg(&xv)
+                .arg(&mut pv)
+                .arg(&nt)
+                .arg(&k)
+                .arg(&n)
+                .arg(&g)
+                .arg(&rps)
+                .arg(&ch);
+            // SAFETY: awq_gemv_*(const u32* qw, const u32* qz, const f16* sc, const T* x,
+            // float* partial, int ntok, int in, int out, int group, int rows_per_split, int
+            // chunk), GEMV_THREADS threads. Shapes were validated (out%8, in%group) and w
+            // matches the plan; chunk <= 128 (the staging buffer) divides group and
+            // rows_per_split; lanes with j0 >= out/8 only stage x and add zeros to the
+            // block's sum, and stores are masked to out; the vec4 variant is chosen only
+            // when out/8 % 4 == 0 so its 16-byte loads stay aligned and in bounds (scales
+            // are read 8 at a time at 16-byte-aligned offsets, out % 8 == 0); partial
+            // holds splits*tokens*out floats for blockIdx.y < splits.
+            unsafe { launch(OP, &mut args, cfg(grid, GEMV_THREADS as u32, 0))? };
+        }
+        let total = tokens * s.out_features;
+        let blocks = total.div_ceil(256).min(4096) as u32;
+        let (splits_i, n_i) = (p.splits as i32, total as i64);
+        let (pv, mut yv) = (self.partial.view(), y.view_mut());
+        let mut args = dev.stream().launch_builder(&self.reduce);
+        args.arg(&pv).arg(&mut yv).arg(&splits_i).arg(&n_i);
+        // SAFETY: awq_reduce_<T>(const float* partial, T* y, int splits, long long n):
+        // reads partial[s*n + i] for s < splits, i < n (= tokens*out = y.len()).
+        unsafe { launch(OP, &mut args, cfg((blocks, 1, 1), 256, 0)) }
+    }
 }
 
 /// The tensor-core matmul (f16 mma, f32 accumulate; activations are rounded to f16).
@@ -324,8 +399,8 @@ pub(crate) struct GemvPlan {
     pub variant: &'static str,
     pub blocks_x: usize,
     pub blocks_z: usize,
-    /// Rows of x staged per step: the largest power of two <= 128 dividing the group,
-    /// so a chunk never straddles two groups.
+    /// Rows of x staged per step: the largest power of two <= 128 dividing both the
+    /// group and `rows_per_split`, so a chunk never straddles two groups or splits.
     pub chunk: usize,
     pub rows_per_split: usize,
     pub splits: usize,
@@ -340,17 +415,26 @@ pub(crate) fn gemv_plan(s: AwqShape, tokens: usize, sms: usize) -> GemvPlan {
     } else {
         ("awq_gemv_t4v1", 1, 4)
     };
-    let blocks_x = out8.div_ceil(vec * GEMV_THREADS);
+    // A block is GEMV_WARPS warps side by side along K; each lane owns `vec` words.
+    let blocks_x = out8.div_ceil(vec * 32);
     let blocks_z = tokens.div_ceil(tok).max(1);
-    let chunk = (0..=7)
+    // Largest power of two <= 128 dividing the group: no chunk straddles two groups.
+    let group_chunk = (0..=7)
         .rev()
         .map(|p| 1usize << p)
         .find(|c| s.group_size % c == 0)
         .unwrap_or(1);
-    let chunks = s.in_features / chunk;
-    // Split K so the grid fills the GPU several times over (memory latency hiding).
-    let want = (sms * 8).div_ceil(blocks_x * blocks_z).clamp(1, chunks.max(1));
-    let rows_per_split = chunks.div_ceil(want) * chunk;
+    // Split K so that about four 256-thread blocks per SM are in flight (two waves at
+    // two resident blocks per SM), with splits of at least `unit` rows (8 per warp):
+    // fewer rows would make the f32 partials a sizeable share of the traffic.
+    let unit = group_chunk.min(64);
+    let want = (4 * sms).div_ceil(blocks_x * blocks_z).max(1);
+    let rows_per_split = s.in_features.div_ceil(want).div_ceil(unit).max(1) * unit;
+    let chunk = (0..=7)
+        .rev()
+        .map(|p| 1usize << p)
+        .find(|c| *c <= group_chunk && rows_per_split % c == 0)
+        .unwrap_or(1);
     let splits = s.in_features.div_ceil(rows_per_split);
     GemvPlan {
         variant,
@@ -393,7 +477,14 @@ mod tests {
 
     fn shapes() -> Vec<AwqShape> {
         let mut v = vec![];
-        for (k, n) in [(576, 1536), (1536, 576), (4096, 4096), (4096, 14336), (384, 200), (64, 8)] {
+        for (k, n) in [
+            (576, 1536),
+            (1536, 576),
+            (4096, 4096),
+            (4096, 14336),
+            (384, 200),
+            (64, 8),
+        ] {
             for g in [32, 64, 128] {
                 if k % g == 0 {
                     v.push(AwqShape {
@@ -416,10 +507,17 @@ mod tests {
                     assert!(p.chunk <= 128 && s.group_size % p.chunk == 0, "{s:?} {p:?}");
                     assert_eq!(p.rows_per_split % p.chunk, 0, "{s:?} {p:?}");
                     assert!(p.splits * p.rows_per_split >= s.in_features, "{s:?} {p:?}");
-                    assert!((p.splits - 1) * p.rows_per_split < s.in_features, "{s:?} {p:?}");
+                    assert!(
+                        (p.splits - 1) * p.rows_per_split < s.in_features,
+                        "{s:?} {p:?}"
+                    );
                     let vec = if p.variant.ends_with("v4") { 4 } else { 1 };
-                    assert_eq!((s.out_features / 8) % vec, 0, "16-byte loads need out/8 % 4 == 0");
-                    assert!(p.blocks_x * vec * GEMV_THREADS >= s.out_features / 8);
+                    assert_eq!(
+                        (s.out_features / 8) % vec,
+                        0,
+                        "16-byte loads need out/8 % 4 == 0"
+                    );
+                    assert!(p.blocks_x * vec * 32 >= s.out_features / 8);
                 }
             }
         }

@@ -394,7 +394,8 @@ fn host_lists(mode: LoraMode, token_slots: &[Option<SlotIdx>]) -> Vec<Vec<i32>> 
                     continue;
                 };
                 let mut end = t + 1;
-                while end < token_slots.len() && token_slots[end] == Some(s) && end - t < SGMV_TILE {
+                while end < token_slots.len() && token_slots[end] == Some(s) && end - t < SGMV_TILE
+                {
                     end += 1;
                 }
                 start.push(t as i32);
