@@ -1,6 +1,112 @@
 //! The `batos` command-line tool.
+//!
+//! ```text
+//! batos import gguf PATH --image DIR [--dtype f32|f16|bf16]
+//! batos import hf DIR --image DIR [--dtype f32|f16|bf16]
+//! batos info --image DIR
+//! batos generate --image DIR --prompt TEXT [--chat] [--system TEXT] [sampling flags]
+//! batos bench --image DIR [--prompt-lens 128,512] [--decode-tokens 128] [--concurrency 1,4,16]
+//! ```
+//!
+//! Logs go to stderr, filtered by `RUST_LOG` (default `warn`); generated text goes to
+//! stdout as it is produced. Errors print their whole cause chain and exit with status 1.
 
-fn main() -> anyhow::Result<()> {
-    println!("batos {}", env!("CARGO_PKG_VERSION"));
-    Ok(())
+mod bench;
+mod generate;
+mod import;
+mod info;
+mod runtime;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// batos: many LoRA personas over one base LLM, with all state in a living image.
+#[derive(Debug, Parser)]
+#[command(name = "batos", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Import a model into a living image (created if missing); it becomes the image's
+    /// current base model, the previous one stays in history.
+    Import {
+        #[command(subcommand)]
+        source: import::ImportSource,
+    },
+    /// Describe the model stored in a living image.
+    Info(info::InfoArgs),
+    /// Generate text with the image's model, streaming it to stdout.
+    Generate(generate::GenerateArgs),
+    /// Measure prefill and decode throughput and peak memory end to end.
+    Bench(bench::BenchArgs),
+}
+
+/// Element type for stored or runtime weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DTypeArg {
+    /// 32-bit floats (exact against the reference).
+    F32,
+    /// IEEE half precision.
+    F16,
+    /// bfloat16.
+    Bf16,
+}
+
+impl DTypeArg {
+    fn dtype(self) -> batos::types::DType {
+        match self {
+            DTypeArg::F32 => batos::types::DType::F32,
+            DTypeArg::F16 => batos::types::DType::F16,
+            DTypeArg::Bf16 => batos::types::DType::BF16,
+        }
+    }
+
+    fn weight_dtype(self) -> batos::model::forward::WeightDType {
+        use batos::model::forward::WeightDType;
+        match self {
+            DTypeArg::F32 => WeightDType::F32,
+            DTypeArg::F16 => WeightDType::F16,
+            DTypeArg::Bf16 => WeightDType::BF16,
+        }
+    }
+}
+
+/// The `--image DIR` argument every command takes.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ImageArg {
+    /// The living image directory.
+    #[arg(long, value_name = "DIR")]
+    pub image: PathBuf,
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let result = match cli.command {
+        Command::Import { source } => import::run(source),
+        Command::Info(args) => info::run(&args),
+        Command::Generate(args) => generate::run(&args),
+        Command::Bench(args) => bench::run(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -27,6 +27,7 @@ pub mod fetch;
 pub mod forward;
 pub mod generate;
 pub mod gguf;
+pub mod image;
 mod mmap;
 mod model;
 pub mod safetensors_io;

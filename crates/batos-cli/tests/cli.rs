@@ -1,0 +1,453 @@
+//! The `batos` binary end to end: import the real model into a living image, generate
+//! from the image alone and compare with the reference; bad input gives a non-zero exit
+//! and a message that names the problem.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn batos(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_batos"))
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("the batos binary runs")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn ok(o: Output, what: &str) -> Output {
+    assert!(
+        o.status.success(),
+        "{what} failed ({}):\nstdout: {}\nstderr: {}",
+        o.status,
+        stdout(&o),
+        stderr(&o)
+    );
+    o
+}
+
+/// Asserts a failure with exit status 1 whose stderr contains `needle`.
+fn fails_with(o: Output, needle: &str) {
+    let err = stderr(&o);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "stdout: {}\nstderr: {err}",
+        stdout(&o)
+    );
+    assert!(err.contains("error:"), "{err}");
+    assert!(
+        err.contains(needle),
+        "expected {needle:?} in stderr:\n{err}"
+    );
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().expect("temp paths are UTF-8")
+}
+
+/// `$BATOS_REFERENCE_DIR`, else the first `shared/reference` walking up from this crate.
+fn reference_dir() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("BATOS_REFERENCE_DIR") {
+        return Some(PathBuf::from(dir));
+    }
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .map(|a| a.join("shared").join("reference"))
+        .find(|p| p.join("base.json").is_file())
+}
+
+fn skip(test: &str, why: &str) {
+    println!("SKIP {test}: {why}");
+    eprintln!("SKIP {test}: {why}");
+}
+
+/// The reference's 32-token greedy text for the prompt named `name`.
+fn reference_text(base: &serde_json::Value, name: &str) -> (String, String, String) {
+    let p = base["prompts"]
+        .as_array()
+        .expect("prompts")
+        .iter()
+        .find(|p| p["name"] == name)
+        .unwrap_or_else(|| panic!("reference prompt {name}"));
+    let s = |k: &str| p[k].as_str().expect("string field").to_owned();
+    (
+        s("prompt_text"),
+        s("greedy_text_32"),
+        s("greedy_text_stop_at_eos"),
+    )
+}
+
+#[test]
+fn import_then_generate_matches_the_reference() {
+    const TEST: &str = "import_then_generate_matches_the_reference";
+    let Some(refdir) = reference_dir() else {
+        return skip(
+            TEST,
+            "reference outputs not found (set BATOS_REFERENCE_DIR or keep ../shared/reference)",
+        );
+    };
+    let gguf = match batos::model::fetch::smollm2_gguf() {
+        Ok(p) => p,
+        Err(e) => return skip(TEST, &format!("real model unavailable: {e}")),
+    };
+    let base: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(refdir.join("base.json")).unwrap()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("image");
+    let image = path_str(&image);
+
+    let o = ok(
+        batos(&["import", "gguf", path_str(&gguf), "--image", image]),
+        "import",
+    );
+    assert!(stdout(&o).contains("272 tensors"), "{}", stdout(&o));
+
+    let o = ok(batos(&["info", "--image", image]), "info");
+    let info = stdout(&o);
+    assert!(info.contains("30 layers, hidden 576"), "{info}");
+    assert!(info.contains("chat template  yes"), "{info}");
+
+    // Greedy, 32 tokens, past EOS like the reference: the same text, from the image alone.
+    let (prompt, want32, _) = reference_text(&base, "fox");
+    let o = ok(
+        batos(&[
+            "generate",
+            "--image",
+            image,
+            "--prompt",
+            &prompt,
+            "--max-tokens",
+            "32",
+            "--ignore-eos",
+        ]),
+        "generate",
+    );
+    assert_eq!(stdout(&o), format!("{want32}\n"));
+
+    // The chat template with its default system message, stopping at <|im_end|>.
+    let o = ok(
+        batos(&[
+            "generate",
+            "--image",
+            image,
+            "--chat",
+            "--prompt",
+            "What is the capital of France?",
+            "--max-tokens",
+            "32",
+        ]),
+        "generate --chat",
+    );
+    let (_, _, want_chat) = reference_text(&base, "chat_capital");
+    assert_eq!(stdout(&o), format!("{want_chat}\n"));
+
+    // A stop string cuts the text before it.
+    let cut = want32.find("bear").expect("reference text has 'bear'");
+    let o = ok(
+        batos(&[
+            "generate",
+            "--image",
+            image,
+            "--prompt",
+            &prompt,
+            "--max-tokens",
+            "32",
+            "--stop",
+            "bear",
+        ]),
+        "generate --stop",
+    );
+    assert_eq!(stdout(&o), format!("{}\n", &want32[..cut]));
+
+    // A prompt longer than the context is refused with the numbers.
+    let long = "fox ".repeat(9000);
+    fails_with(
+        batos(&[
+            "generate",
+            "--image",
+            image,
+            "--prompt",
+            &long,
+            "--max-tokens",
+            "1",
+        ]),
+        "exceeds the model's context of 8192",
+    );
+}
+
+#[test]
+fn missing_image_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nope");
+    fails_with(
+        batos(&["generate", "--image", path_str(&missing), "--prompt", "hi"]),
+        "does not exist",
+    );
+    fails_with(
+        batos(&["info", "--image", path_str(&missing)]),
+        "does not exist",
+    );
+    assert!(!missing.exists(), "reading commands never create an image");
+}
+
+#[test]
+fn directory_that_is_not_an_image_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("notes.txt"), "hello").unwrap();
+    fails_with(
+        batos(&["info", "--image", path_str(dir.path())]),
+        "is not a batos living image",
+    );
+}
+
+#[test]
+fn image_without_a_model_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("image");
+    drop(batos::store::Db::open(&image, batos::store::StoreConfig::default()).unwrap());
+    fails_with(
+        batos(&["info", "--image", path_str(&image)]),
+        "holds no model",
+    );
+    fails_with(
+        batos(&["generate", "--image", path_str(&image), "--prompt", "hi"]),
+        "holds no model",
+    );
+}
+
+#[test]
+fn malformed_gguf_is_refused_before_the_image_is_touched() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.gguf");
+    std::fs::write(&bad, b"this is not a GGUF file at all").unwrap();
+    let image = dir.path().join("image");
+    let o = batos(&[
+        "import",
+        "gguf",
+        path_str(&bad),
+        "--image",
+        path_str(&image),
+    ]);
+    fails_with(o, "not a GGUF file");
+    assert!(!image.exists(), "a failed import leaves no image behind");
+
+    // A truncated header names the problem too.
+    std::fs::write(&bad, b"GGUF\x03\x00\x00\x00").unwrap();
+    fails_with(
+        batos(&[
+            "import",
+            "gguf",
+            path_str(&bad),
+            "--image",
+            path_str(&image),
+        ]),
+        "truncated",
+    );
+    fails_with(
+        batos(&[
+            "import",
+            "gguf",
+            path_str(&dir.path().join("absent.gguf")),
+            "--image",
+            path_str(&image),
+        ]),
+        "absent.gguf",
+    );
+    fails_with(
+        batos(&[
+            "import",
+            "hf",
+            path_str(dir.path()),
+            "--image",
+            path_str(&image),
+        ]),
+        "config.json",
+    );
+}
+
+#[test]
+fn bad_flags_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = path_str(dir.path());
+    // clap usage errors exit with status 2 and say which flag.
+    let o = batos(&["generate", "--image", image]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--prompt"), "{}", stderr(&o));
+    let o = batos(&[
+        "import", "gguf", "x.gguf", "--image", image, "--dtype", "int3",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("int3"), "{}", stderr(&o));
+}
+
+/// A tiny HF model directory (config.json, model.safetensors, tokenizer.json,
+/// tokenizer_config.json with a chat template) with synthetic weights and a word-level
+/// tokenizer over `w0 .. w31`.
+fn tiny_hf_dir(dir: &Path) -> batos::model::LlamaConfig {
+    use batos::model::synthetic::{tiny_params, SyntheticLlama};
+    let mut params = tiny_params();
+    params.vocab_size = 32;
+    params.eos_token_ids = vec![31];
+    let config = batos::model::LlamaConfig::new(params).unwrap();
+    let config_json = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "num_hidden_layers": config.num_hidden_layers, "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_key_value_heads, "head_dim": config.head_dim,
+        "vocab_size": config.vocab_size,
+        "max_position_embeddings": config.max_position_embeddings,
+        "rope_theta": config.rope_theta, "rms_norm_eps": config.rms_norm_eps,
+        "tie_word_embeddings": config.tie_word_embeddings, "eos_token_id": 31
+    });
+    std::fs::write(dir.join("config.json"), config_json.to_string()).unwrap();
+    let weights = SyntheticLlama::new(config.clone(), 5).weights();
+    let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = weights
+        .iter()
+        .map(|(role, t)| (role.hf_name(), t.shape().to_vec(), t.as_bytes().to_vec()))
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(name, shape, bytes)| {
+            let view =
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
+                    .unwrap();
+            (name.clone(), view)
+        })
+        .collect();
+    let st = safetensors::serialize(views, None).unwrap();
+    std::fs::write(dir.join("model.safetensors"), st).unwrap();
+    let vocab: serde_json::Map<String, serde_json::Value> = (0..32)
+        .map(|i| (format!("w{i}"), serde_json::json!(i)))
+        .collect();
+    let tokenizer = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"},
+        "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "w0"}
+    });
+    std::fs::write(dir.join("tokenizer.json"), tokenizer.to_string()).unwrap();
+    let tok_config = serde_json::json!({
+        "eos_token": "w31", "unk_token": "w0",
+        "chat_template": "{% for m in messages %}w1 {{ m.content }} w2 {% endfor %}{% if add_generation_prompt %}w3{% endif %}"
+    });
+    std::fs::write(dir.join("tokenizer_config.json"), tok_config.to_string()).unwrap();
+    config
+}
+
+/// What the library generates greedily for `prompt` (the CLI must print the same).
+fn library_greedy(hf: &Path, prompt: &str, max_tokens: usize) -> String {
+    use batos::model::forward::{LlamaModel, WeightDType};
+    use batos::model::generate::{GenerationParams, GeneratorConfig, SimpleGenerator};
+    use batos::model::{LoadOptions, LoadedModel, SpecialTokenText};
+    let opts = LoadOptions::default().with_dtype(batos::types::DType::BF16);
+    let m = LoadedModel::from_hf_dir(hf, &opts).unwrap();
+    let model = LlamaModel::from_weights(&m.config, &m.weights, WeightDType::BF16).unwrap();
+    let d = model.dims();
+    let shape = batos::kv::KvShape {
+        num_layers: d.num_layers,
+        num_kv_heads: d.num_kv_heads,
+        head_dim: d.head_dim,
+    };
+    let kv = batos::kv::KvCacheManager::new(
+        batos::kv::KvCacheConfig::new(shape, 1 << 20).unwrap(),
+        &batos::types::MemoryBudget::new("test", 1 << 30),
+    )
+    .unwrap();
+    let mut gen = SimpleGenerator::new(&model, kv, GeneratorConfig::default());
+    let ids = m.tokenizer.encode_prompt(prompt).unwrap();
+    let out = gen
+        .generate(&ids, &GenerationParams::greedy(max_tokens), None)
+        .unwrap();
+    m.tokenizer
+        .decode(&out.tokens, SpecialTokenText::Keep)
+        .unwrap()
+}
+
+#[test]
+fn hf_directory_round_trip_offline() {
+    let dir = tempfile::tempdir().unwrap();
+    let hf = dir.path().join("hf");
+    std::fs::create_dir(&hf).unwrap();
+    tiny_hf_dir(&hf);
+    let image = dir.path().join("image");
+    let image = path_str(&image);
+    let o = ok(
+        batos(&[
+            "import",
+            "hf",
+            path_str(&hf),
+            "--image",
+            image,
+            "--dtype",
+            "bf16",
+        ]),
+        "import hf",
+    );
+    assert!(stdout(&o).contains("(bf16)"), "{}", stdout(&o));
+    let info = stdout(&ok(batos(&["info", "--image", image]), "info"));
+    assert!(info.contains("2 layers, hidden 64"), "{info}");
+    assert!(info.contains("bf16"), "{info}");
+    assert!(info.contains("chat template  yes"), "{info}");
+
+    // The model files are no longer needed: generate from the image alone.
+    std::fs::remove_dir_all(&hf).unwrap();
+    let o = ok(
+        batos(&[
+            "generate",
+            "--image",
+            image,
+            "--prompt",
+            "w4 w5 w6",
+            "--max-tokens",
+            "12",
+            "--ignore-eos",
+        ]),
+        "generate",
+    );
+    std::fs::create_dir(&hf).unwrap();
+    tiny_hf_dir(&hf);
+    let want = library_greedy(&hf, "w4 w5 w6", 12);
+    assert_eq!(stdout(&o), format!("{want}\n"));
+    assert_eq!(want.split(' ').count(), 12, "{want}");
+
+    // Seeded sampling is reproducible; --chat renders the stored template.
+    let sampled = |seed: &str| {
+        stdout(&ok(
+            batos(&[
+                "generate",
+                "--image",
+                image,
+                "--chat",
+                "--prompt",
+                "w7",
+                "--max-tokens",
+                "8",
+                "--temperature",
+                "1.0",
+                "--top-k",
+                "10",
+                "--seed",
+                seed,
+                "--ignore-eos",
+            ]),
+            "generate --chat sampled",
+        ))
+    };
+    assert_eq!(sampled("11"), sampled("11"));
+
+    // Sampling flags out of range are refused with the flag's name.
+    fails_with(
+        batos(&[
+            "generate", "--image", image, "--prompt", "w4", "--top-p", "1.5",
+        ]),
+        "top_p",
+    );
+}
