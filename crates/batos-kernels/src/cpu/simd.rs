@@ -1,0 +1,747 @@
+//! AVX2 + FMA + F16C kernels, selected at run time.
+//!
+//! Every `unsafe` of the CPU backend lives here: the intrinsics (which need the
+//! features this module checks for before any call) and raw-pointer writes of disjoint
+//! output tiles from several threads. Callers go through the safe wrappers at the
+//! bottom, which require an [`Avx2`] token that only [`Avx2::detect`] can create.
+
+#![allow(clippy::missing_safety_doc)]
+
+use half::{bf16, f16};
+use std::sync::OnceLock;
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+/// Proof that this CPU has AVX2, FMA and F16C. Only [`Avx2::detect`] creates it, so
+/// holding one makes calling the `target_feature` functions below sound.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Avx2(());
+
+impl Avx2 {
+    /// `Some` when the running CPU supports AVX2, FMA and F16C (checked once).
+    pub(crate) fn detect() -> Option<Avx2> {
+        static HAS: OnceLock<bool> = OnceLock::new();
+        let has = *HAS.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            {
+                is_x86_feature_detected!("avx2")
+                    && is_x86_feature_detected!("fma")
+                    && is_x86_feature_detected!("f16c")
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            {
+                false
+            }
+        });
+        has.then_some(Avx2(()))
+    }
+}
+
+/// A `*mut f32` that may cross threads. Users guarantee that concurrent writers touch
+/// disjoint elements and that the pointee outlives every use.
+#[derive(Clone, Copy)]
+pub(crate) struct SendPtr(pub(crate) *mut f32);
+// SAFETY: the pointer is only dereferenced under the disjoint-write discipline
+// documented on each use; the type itself carries no aliasing.
+unsafe impl Send for SendPtr {}
+// SAFETY: as above.
+unsafe impl Sync for SendPtr {}
+
+#[cfg(target_arch = "x86_64")]
+mod imp {
+    use super::*;
+
+    /// A weight element type that loads eight at a time as f32 lanes.
+    pub(crate) trait Elem: Copy + Send + Sync + 'static {
+        /// Loads `p[0..8]` widened to f32.
+        ///
+        /// # Safety
+        /// `p..p+8` must be readable and the CPU must have AVX2/F16C.
+        unsafe fn load8(p: *const Self) -> __m256;
+        fn widen(self) -> f32;
+        /// Whether this is already f32 (no conversion pass worth doing).
+        const IS_F32: bool;
+    }
+
+    impl Elem for f32 {
+        #[inline(always)]
+        unsafe fn load8(p: *const f32) -> __m256 {
+            // SAFETY: the caller guarantees 8 readable floats and AVX.
+            unsafe { _mm256_loadu_ps(p) }
+        }
+        fn widen(self) -> f32 {
+            self
+        }
+        const IS_F32: bool = true;
+    }
+
+    impl Elem for f16 {
+        #[inline(always)]
+        unsafe fn load8(p: *const f16) -> __m256 {
+            // SAFETY: the caller guarantees 8 readable halves (16 bytes) and F16C.
+            unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
+        }
+        fn widen(self) -> f32 {
+            self.to_f32()
+        }
+        const IS_F32: bool = false;
+    }
+
+    impl Elem for bf16 {
+        #[inline(always)]
+        unsafe fn load8(p: *const bf16) -> __m256 {
+            // SAFETY: the caller guarantees 16 readable bytes and AVX2. bf16 is the
+            // high half of an f32, so widening is a zero-extend and a shift.
+            unsafe {
+                let h = _mm_loadu_si128(p as *const __m128i);
+                _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+            }
+        }
+        fn widen(self) -> f32 {
+            self.to_f32()
+        }
+        const IS_F32: bool = false;
+    }
+
+    /// Sum of the 8 lanes.
+    #[inline(always)]
+    pub(crate) unsafe fn hsum(v: __m256) -> f32 {
+        // SAFETY: register-only AVX ops; the caller runs with AVX enabled.
+        unsafe {
+            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+            _mm_cvtss_f32(s)
+        }
+    }
+
+    /// Lane sums of four vectors, as `[sum(a), sum(b), sum(c), sum(d)]`.
+    #[inline(always)]
+    unsafe fn hsum4(a: __m256, b: __m256, c: __m256, d: __m256) -> __m128 {
+        // SAFETY: register-only AVX ops.
+        unsafe {
+            let ab = _mm256_hadd_ps(a, b);
+            let cd = _mm256_hadd_ps(c, d);
+            let abcd = _mm256_hadd_ps(ab, cd);
+            _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1))
+        }
+    }
+
+    /// `out[i*ldo + j] = Σ_p x[i*ldx + p] · w[j*ldw + p]` for `i < MR`, `j < NR`
+    /// (`NR ≤ 4`): a register-blocked tile of dot products, K in steps of 8.
+    ///
+    /// # Safety
+    /// AVX2/FMA/F16C present; `x` has `MR` readable rows of `k`, `w` has `NR` readable
+    /// rows of `k`, and `out` has `MR` writable rows of `NR` that no other thread
+    /// touches during the call.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+    unsafe fn tile<W: Elem, const MR: usize, const NR: usize>(
+        x: *const f32,
+        ldx: usize,
+        w: *const W,
+        ldw: usize,
+        k: usize,
+        out: *mut f32,
+        ldo: usize,
+    ) {
+        // SAFETY: all offsets stay inside the rows the caller vouched for; the
+        // intrinsics need the features the caller vouched for.
+        unsafe {
+            let mut acc = [[_mm256_setzero_ps(); NR]; MR];
+            let kv = k & !7;
+            let mut p = 0;
+            while p < kv {
+                let mut xs = [_mm256_setzero_ps(); MR];
+                for (i, xv) in xs.iter_mut().enumerate() {
+                    *xv = _mm256_loadu_ps(x.add(i * ldx + p));
+                }
+                for j in 0..NR {
+                    let wv = W::load8(w.add(j * ldw + p));
+                    for i in 0..MR {
+                        acc[i][j] = _mm256_fmadd_ps(xs[i], wv, acc[i][j]);
+                    }
+                }
+                p += 8;
+            }
+            for i in 0..MR {
+                let z = _mm256_setzero_ps();
+                let a = |j: usize| if j < NR { acc[i][j] } else { z };
+                let mut sums = [0f32; 4];
+                _mm_storeu_ps(sums.as_mut_ptr(), hsum4(a(0), a(1), a(2), a(3)));
+                for (j, s) in sums.iter_mut().enumerate().take(NR) {
+                    for q in kv..k {
+                        *s += *x.add(i * ldx + q) * (*w.add(j * ldw + q)).widen();
+                    }
+                    *out.add(i * ldo + j) = *s;
+                }
+            }
+        }
+    }
+
+    /// Tokens per cache block of the activation matrix (x rows reused across all the
+    /// weight rows of a task while they stay in L2).
+    const TB: usize = 96;
+
+    /// Computes output columns `j0..j1` for all `t` tokens: `out[i, j] = x[i]·w[j]`.
+    ///
+    /// # Safety
+    /// AVX2/FMA/F16C present; `x` is `[t, k]`; `w` is `[n, k]` with `j1 ≤ n`; `out`
+    /// points to a `[t, n]` buffer whose columns `j0..j1` no other thread touches.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn matmul_cols<W: Elem>(
+        x: &[f32],
+        t: usize,
+        k: usize,
+        w: &[W],
+        n: usize,
+        j0: usize,
+        j1: usize,
+        out: SendPtr,
+    ) {
+        let convert = !W::IS_F32 && t >= 4;
+        let mut scratch: Vec<f32> = if convert {
+            vec![0.0; 4 * k]
+        } else {
+            Vec::new()
+        };
+        let xp = x.as_ptr();
+        let mut tb0 = 0;
+        while tb0 < t {
+            let tb1 = (tb0 + TB).min(t);
+            let mut j = j0;
+            while j < j1 {
+                let nr = (j1 - j).min(4);
+                let wrows = &w[j * k..(j + nr) * k];
+                if convert {
+                    // SAFETY: features as promised by this function's contract.
+                    unsafe { widen_row(wrows, &mut scratch[..nr * k]) };
+                    // SAFETY: forwarded from this function's contract; the scratch
+                    // holds `nr` rows of `k` floats.
+                    unsafe {
+                        row_group::<f32>(xp, k, scratch.as_ptr(), nr, tb0, tb1, out.0.add(j), n)
+                    };
+                } else {
+                    // SAFETY: forwarded from this function's contract.
+                    unsafe { row_group::<W>(xp, k, wrows.as_ptr(), nr, tb0, tb1, out.0.add(j), n) };
+                }
+                j += nr;
+            }
+            tb0 = tb1;
+        }
+    }
+
+    /// All tokens `tb0..tb1` against `nr ≤ 4` weight rows at `w`.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn row_group<W: Elem>(
+        x: *const f32,
+        k: usize,
+        w: *const W,
+        nr: usize,
+        tb0: usize,
+        tb1: usize,
+        out: *mut f32,
+        ldo: usize,
+    ) {
+        // SAFETY: forwarded; every tile reads rows inside `x`/`w` and writes rows
+        // `tb0..tb1` of the caller's columns.
+        unsafe {
+            let mut i = tb0;
+            while i < tb1 {
+                let mr = (tb1 - i).min(3);
+                let xi = x.add(i * k);
+                let oi = out.add(i * ldo);
+                match (mr, nr) {
+                    (3, 4) => tile::<W, 3, 4>(xi, k, w, k, k, oi, ldo),
+                    (2, 4) => tile::<W, 2, 4>(xi, k, w, k, k, oi, ldo),
+                    (1, 4) => tile::<W, 1, 4>(xi, k, w, k, k, oi, ldo),
+                    (3, 3) => tile::<W, 3, 3>(xi, k, w, k, k, oi, ldo),
+                    (2, 3) => tile::<W, 2, 3>(xi, k, w, k, k, oi, ldo),
+                    (1, 3) => tile::<W, 1, 3>(xi, k, w, k, k, oi, ldo),
+                    (3, 2) => tile::<W, 3, 2>(xi, k, w, k, k, oi, ldo),
+                    (2, 2) => tile::<W, 2, 2>(xi, k, w, k, k, oi, ldo),
+                    (1, 2) => tile::<W, 1, 2>(xi, k, w, k, k, oi, ldo),
+                    (3, _) => tile::<W, 3, 1>(xi, k, w, k, k, oi, ldo),
+                    (2, _) => tile::<W, 2, 1>(xi, k, w, k, k, oi, ldo),
+                    _ => tile::<W, 1, 1>(xi, k, w, k, k, oi, ldo),
+                }
+                i += mr;
+            }
+        }
+    }
+
+    /// `Σ a[i]·b[i]` with four independent accumulators.
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        // SAFETY: every load is at an offset < n - 7 (or < n for the scalar tail).
+        unsafe {
+            let (pa, pb) = (a.as_ptr(), b.as_ptr());
+            let mut acc = [_mm256_setzero_ps(); 4];
+            let mut i = 0;
+            while i + 32 <= n {
+                for (u, acc_u) in acc.iter_mut().enumerate() {
+                    let o = i + 8 * u;
+                    *acc_u = _mm256_fmadd_ps(
+                        _mm256_loadu_ps(pa.add(o)),
+                        _mm256_loadu_ps(pb.add(o)),
+                        *acc_u,
+                    );
+                }
+                i += 32;
+            }
+            while i + 8 <= n {
+                acc[0] = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(pa.add(i)),
+                    _mm256_loadu_ps(pb.add(i)),
+                    acc[0],
+                );
+                i += 8;
+            }
+            let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+            let mut sum = hsum(s);
+            while i < n {
+                sum += *pa.add(i) * *pb.add(i);
+                i += 1;
+            }
+            sum
+        }
+    }
+
+    /// `y[i] *= alpha`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) unsafe fn scale(alpha: f32, y: &mut [f32]) {
+        let n = y.len();
+        // SAFETY: offsets stay below n.
+        unsafe {
+            let py = y.as_mut_ptr();
+            let a = _mm256_set1_ps(alpha);
+            let mut i = 0;
+            while i + 8 <= n {
+                _mm256_storeu_ps(py.add(i), _mm256_mul_ps(a, _mm256_loadu_ps(py.add(i))));
+                i += 8;
+            }
+            while i < n {
+                *py.add(i) *= alpha;
+                i += 1;
+            }
+        }
+    }
+
+    /// `e^x` per lane: range reduction by `ln 2` and a degree-6 polynomial (relative
+    /// error below 2e-7 on the normal range); `0` below -87.3, saturating above 88.7.
+    #[inline(always)]
+    pub(crate) unsafe fn exp8(x: __m256) -> __m256 {
+        // SAFETY: register-only AVX2/FMA ops.
+        unsafe {
+            let under = _mm256_cmp_ps(x, _mm256_set1_ps(-87.33), _CMP_LT_OQ);
+            let x = _mm256_min_ps(
+                _mm256_max_ps(x, _mm256_set1_ps(-87.33)),
+                _mm256_set1_ps(88.72),
+            );
+            let n = _mm256_round_ps(
+                _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+            );
+            // Cody-Waite: ln2 split in a high part exact in f32 and a correction.
+            let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+            let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+            let mut p = _mm256_set1_ps(1.987_569_1e-4);
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.398_199_9e-3));
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.333_452e-3));
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.166_579_6e-2));
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.666_666_5e-1));
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5));
+            let r2 = _mm256_mul_ps(r, r);
+            p = _mm256_fmadd_ps(p, r2, _mm256_add_ps(r, _mm256_set1_ps(1.0)));
+            // 2^n built in the exponent field; n ∈ [-126, 128] after the clamp, and
+            // 2^128 overflows to +inf as exp would.
+            let ni = _mm256_cvtps_epi32(n);
+            let pow = _mm256_castsi256_ps(_mm256_slli_epi32(
+                _mm256_add_epi32(ni, _mm256_set1_epi32(127)),
+                23,
+            ));
+            let res = _mm256_mul_ps(p, pow);
+            _mm256_andnot_ps(under, res)
+        }
+    }
+
+    /// `out = silu(gate) * up`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) unsafe fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
+        let n = out.len().min(gate.len()).min(up.len());
+        // SAFETY: offsets stay below n.
+        unsafe {
+            let (pg, pu, po) = (gate.as_ptr(), up.as_ptr(), out.as_mut_ptr());
+            let one = _mm256_set1_ps(1.0);
+            let mut i = 0;
+            while i + 8 <= n {
+                let g = _mm256_loadu_ps(pg.add(i));
+                let e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
+                let s = _mm256_div_ps(g, _mm256_add_ps(one, e));
+                _mm256_storeu_ps(po.add(i), _mm256_mul_ps(s, _mm256_loadu_ps(pu.add(i))));
+                i += 8;
+            }
+            while i < n {
+                *po.add(i) = super::super::reference::silu(*pg.add(i)) * *pu.add(i);
+                i += 1;
+            }
+        }
+    }
+
+    /// RMSNorm of one row.
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) unsafe fn rms_norm_row(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+        let d = x.len().min(weight.len()).min(out.len());
+        // SAFETY: offsets stay below d.
+        unsafe {
+            let ss = dot(&x[..d], &x[..d]);
+            let inv = 1.0 / (ss / d as f32 + eps).sqrt();
+            let (px, pw, po) = (x.as_ptr(), weight.as_ptr(), out.as_mut_ptr());
+            let vi = _mm256_set1_ps(inv);
+            let mut i = 0;
+            while i + 8 <= d {
+                let v = _mm256_mul_ps(_mm256_loadu_ps(px.add(i)), vi);
+                _mm256_storeu_ps(po.add(i), _mm256_mul_ps(_mm256_loadu_ps(pw.add(i)), v));
+                i += 8;
+            }
+            while i < d {
+                *po.add(i) = *pw.add(i) * (*px.add(i) * inv);
+                i += 1;
+            }
+        }
+    }
+
+    /// Softmax of one row in place; returns nothing, edge cases as the reference.
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) unsafe fn softmax(x: &mut [f32]) {
+        let n = x.len();
+        // SAFETY: offsets stay below n.
+        unsafe {
+            let p = x.as_mut_ptr();
+            let mut vmax = _mm256_set1_ps(f32::NEG_INFINITY);
+            let mut i = 0;
+            while i + 8 <= n {
+                vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(p.add(i)));
+                i += 8;
+            }
+            let mut lanes = [0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), vmax);
+            let mut max = lanes.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            for &v in &x[i..] {
+                max = max.max(v);
+            }
+            if max == f32::NEG_INFINITY {
+                x.iter_mut().for_each(|v| *v = 0.0);
+                return;
+            }
+            let vm = _mm256_set1_ps(max);
+            let mut vsum = _mm256_setzero_ps();
+            i = 0;
+            while i + 8 <= n {
+                let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), vm));
+                _mm256_storeu_ps(p.add(i), e);
+                vsum = _mm256_add_ps(vsum, e);
+                i += 8;
+            }
+            let mut sum = hsum(vsum);
+            while i < n {
+                let e = (*p.add(i) - max).exp();
+                *p.add(i) = e;
+                sum += e;
+                i += 1;
+            }
+            scale(1.0 / sum, x);
+        }
+    }
+
+    /// Hints the cache lines of `len` floats at `p` into L1 (a hint: never faults).
+    #[inline(always)]
+    unsafe fn prefetch_row(p: *const f32, len: usize) {
+        let mut o = 0;
+        while o < len {
+            // SAFETY: prefetch never faults, whatever the address.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(o) as *const i8) };
+            o += 16;
+        }
+    }
+
+    /// Attention of the `g` query heads of one KV head for one query row:
+    /// `out[h] = softmax(scale · q[h]·K) · V` over the positions whose K/V rows start
+    /// at `offsets` in `k` / `v`. `scores` is scratch.
+    ///
+    /// # Safety
+    /// AVX2/FMA present. `q` and `out` hold `g * hd` floats; every `offsets[p] + hd`
+    /// is within both `k` and `v` (checked by the caller's validation).
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn attend(
+        q: &[f32],
+        g: usize,
+        hd: usize,
+        k: &[f32],
+        v: &[f32],
+        offsets: &[usize],
+        scale: f32,
+        scores: &mut Vec<f32>,
+        out: &mut [f32],
+    ) {
+        let ctx = offsets.len();
+        scores.clear();
+        scores.resize(g * ctx, 0.0);
+        let hv = hd & !7;
+        // SAFETY: q/out are g*hd long; k/v rows are hd long at each offset (contract);
+        // score indices are < g*ctx.
+        unsafe {
+            let (kp, vp, qp) = (k.as_ptr(), v.as_ptr(), q.as_ptr());
+            let sp = scores.as_mut_ptr();
+            // Scores, four positions at a time: four independent FMA chains per head
+            // and one horizontal reduction for all four.
+            let mut p = 0;
+            while p + 4 <= ctx {
+                let kr = [
+                    kp.add(offsets[p]),
+                    kp.add(offsets[p + 1]),
+                    kp.add(offsets[p + 2]),
+                    kp.add(offsets[p + 3]),
+                ];
+                // Pull K rows a few positions ahead into cache: paged rows are
+                // scattered, so the hardware prefetcher cannot guess them.
+                if p + 12 <= ctx {
+                    for &o in &offsets[p + 8..p + 12] {
+                        prefetch_row(kp.add(o), hd);
+                    }
+                }
+                for h in 0..g {
+                    let qh = qp.add(h * hd);
+                    let mut acc = [_mm256_setzero_ps(); 4];
+                    let mut d = 0;
+                    while d < hv {
+                        let qv = _mm256_loadu_ps(qh.add(d));
+                        for (a, r) in acc.iter_mut().zip(&kr) {
+                            *a = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r.add(d)), *a);
+                        }
+                        d += 8;
+                    }
+                    let mut four = [0f32; 4];
+                    _mm_storeu_ps(four.as_mut_ptr(), hsum4(acc[0], acc[1], acc[2], acc[3]));
+                    for (j, (f, r)) in four.iter_mut().zip(&kr).enumerate() {
+                        for d in hv..hd {
+                            *f += *qh.add(d) * *r.add(d);
+                        }
+                        *sp.add(h * ctx + p + j) = *f * scale;
+                    }
+                }
+                p += 4;
+            }
+            while p < ctx {
+                let kr = kp.add(offsets[p]);
+                for h in 0..g {
+                    let qh = qp.add(h * hd);
+                    let mut a = _mm256_setzero_ps();
+                    let mut d = 0;
+                    while d < hv {
+                        a = _mm256_fmadd_ps(
+                            _mm256_loadu_ps(qh.add(d)),
+                            _mm256_loadu_ps(kr.add(d)),
+                            a,
+                        );
+                        d += 8;
+                    }
+                    let mut sdot = hsum(a);
+                    for d in hv..hd {
+                        sdot += *qh.add(d) * *kr.add(d);
+                    }
+                    *sp.add(h * ctx + p) = sdot * scale;
+                }
+                p += 1;
+            }
+            for h in 0..g {
+                softmax(&mut scores[h * ctx..(h + 1) * ctx]);
+            }
+            let sp = scores.as_ptr();
+            let op = out.as_mut_ptr();
+            // Weighted sum of V rows, 32 output dims at a time in registers.
+            for h in 0..g {
+                let wts = sp.add(h * ctx);
+                let oh = op.add(h * hd);
+                let mut d0 = 0;
+                while d0 + 64 <= hv {
+                    let mut acc = [_mm256_setzero_ps(); 8];
+                    for (p, &off) in offsets.iter().enumerate() {
+                        if let Some(&ahead) = offsets.get(p + 8) {
+                            prefetch_row(vp.add(ahead + d0), 64);
+                        }
+                        let wv = _mm256_set1_ps(*wts.add(p));
+                        let vr = vp.add(off + d0);
+                        for (j, a) in acc.iter_mut().enumerate() {
+                            *a = _mm256_fmadd_ps(wv, _mm256_loadu_ps(vr.add(8 * j)), *a);
+                        }
+                    }
+                    for (j, a) in acc.iter().enumerate() {
+                        _mm256_storeu_ps(oh.add(d0 + 8 * j), *a);
+                    }
+                    d0 += 64;
+                }
+                while d0 + 32 <= hv {
+                    let mut acc = [_mm256_setzero_ps(); 4];
+                    for (p, &off) in offsets.iter().enumerate() {
+                        let wv = _mm256_set1_ps(*wts.add(p));
+                        let vr = vp.add(off + d0);
+                        for (j, a) in acc.iter_mut().enumerate() {
+                            *a = _mm256_fmadd_ps(wv, _mm256_loadu_ps(vr.add(8 * j)), *a);
+                        }
+                    }
+                    for (j, a) in acc.iter().enumerate() {
+                        _mm256_storeu_ps(oh.add(d0 + 8 * j), *a);
+                    }
+                    d0 += 32;
+                }
+                while d0 + 8 <= hv {
+                    let mut a = _mm256_setzero_ps();
+                    for (p, &off) in offsets.iter().enumerate() {
+                        a = _mm256_fmadd_ps(
+                            _mm256_set1_ps(*wts.add(p)),
+                            _mm256_loadu_ps(vp.add(off + d0)),
+                            a,
+                        );
+                    }
+                    _mm256_storeu_ps(oh.add(d0), a);
+                    d0 += 8;
+                }
+                for d in hv..hd {
+                    let mut a = 0f32;
+                    for (p, &off) in offsets.iter().enumerate() {
+                        a += *wts.add(p) * *vp.add(off + d);
+                    }
+                    *oh.add(d) = a;
+                }
+            }
+        }
+    }
+
+    /// Widens a row of weights to f32 (embedding gather).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(crate) unsafe fn widen_row<W: Elem>(src: &[W], dst: &mut [f32]) {
+        let n = src.len().min(dst.len());
+        // SAFETY: offsets stay below n.
+        unsafe {
+            let mut i = 0;
+            while i + 8 <= n {
+                _mm256_storeu_ps(dst.as_mut_ptr().add(i), W::load8(src.as_ptr().add(i)));
+                i += 8;
+            }
+            while i < n {
+                dst[i] = src[i].widen();
+                i += 1;
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) use imp::Elem;
+
+/// Safe entry points: each takes the [`Avx2`] token as proof of CPU support.
+#[cfg(target_arch = "x86_64")]
+impl Avx2 {
+    /// Output columns `j0..j1` of `out [t, n] = x [t, k] · w [n, k]ᵀ`.
+    ///
+    /// # Safety
+    /// `out` must point to a live `[t, n]` f32 buffer whose columns `j0..j1` no
+    /// other thread reads or writes during the call. Shapes must satisfy
+    /// `x.len() == t*k`, `w.len() == n*k`, `j0 ≤ j1 ≤ n`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn matmul_cols<W: Elem>(
+        self,
+        x: &[f32],
+        t: usize,
+        k: usize,
+        w: &[W],
+        n: usize,
+        cols: std::ops::Range<usize>,
+        out: SendPtr,
+    ) {
+        debug_assert!(x.len() == t * k && w.len() == n * k && cols.end <= n);
+        // SAFETY: the token proves the features; the rest is this fn's contract.
+        unsafe { imp::matmul_cols(x, t, k, w, n, cols.start, cols.end, out) }
+    }
+
+    /// `out [t, n] = x [t, k] · w [n, k]ᵀ`, parallel over disjoint column ranges of
+    /// `out` (each thread streams its own weight rows). Shapes are checked by the
+    /// caller; a mismatch here panics rather than reading out of bounds.
+    pub(crate) fn matmul<W: Elem>(self, x: &[f32], k: usize, w: &[W], n: usize, out: &mut [f32]) {
+        assert!(k > 0 && x.len() % k == 0 && w.len() == n * k);
+        let t = x.len() / k;
+        assert!(out.len() == t * n);
+        if t == 0 || n == 0 {
+            return;
+        }
+        let threads = super::par::num_threads();
+        let flops = t * n * k;
+        // Small products are not worth waking threads for.
+        let tasks = if flops < 1 << 16 || threads == 1 {
+            1
+        } else if t < 8 {
+            // Memory-bound: one contiguous stream of weight rows per thread.
+            threads
+        } else {
+            // Compute-bound: finer tasks balance cores shared with other work.
+            (threads * 4).min(n.div_ceil(16))
+        };
+        let per = n.div_ceil(tasks).next_multiple_of(4);
+        let tasks = n.div_ceil(per);
+        let ptr = SendPtr(out.as_mut_ptr());
+        super::par::for_each(tasks, &|task| {
+            let cols = task * per..((task + 1) * per).min(n);
+            // SAFETY: `out` is a live `[t, n]` buffer borrowed mutably for this whole
+            // call, and the tasks' column ranges are disjoint.
+            unsafe { self.matmul_cols(x, t, k, w, n, cols, ptr) }
+        });
+    }
+
+    pub(crate) fn silu_mul(self, gate: &[f32], up: &[f32], out: &mut [f32]) {
+        // SAFETY: as above.
+        unsafe { imp::silu_mul(gate, up, out) }
+    }
+
+    pub(crate) fn rms_norm_row(self, x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+        // SAFETY: as above.
+        unsafe { imp::rms_norm_row(x, weight, eps, out) }
+    }
+
+    pub(crate) fn softmax(self, x: &mut [f32]) {
+        // SAFETY: as above.
+        unsafe { imp::softmax(x) }
+    }
+
+    /// See [`imp::attend`]; panics (instead of reading out of bounds) if an offset
+    /// row does not fit in `k`/`v` or `q`/`out` are not `g * hd` long.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn attend(
+        self,
+        q: &[f32],
+        g: usize,
+        hd: usize,
+        k: &[f32],
+        v: &[f32],
+        offsets: &[usize],
+        scale: f32,
+        scores: &mut Vec<f32>,
+        out: &mut [f32],
+    ) {
+        assert!(q.len() == g * hd && out.len() == g * hd);
+        let lim = k.len().min(v.len());
+        assert!(offsets.iter().all(|&o| o + hd <= lim));
+        // SAFETY: the token proves the features; the asserts are the contract.
+        unsafe { imp::attend(q, g, hd, k, v, offsets, scale, scores, out) }
+    }
+
+    pub(crate) fn widen_row<W: Elem>(self, src: &[W], dst: &mut [f32]) {
+        // SAFETY: as above (F16C included in the token).
+        unsafe { imp::widen_row(src, dst) }
+    }
+}
