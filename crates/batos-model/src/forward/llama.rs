@@ -1,0 +1,516 @@
+//! The Llama decoder over a paged KV cache.
+
+use batos_kernels::{
+    AttentionHeads, Device, KernelError, Kernels, KvCache, KvCacheLayout, Llama3RopeScaling, Rope,
+    RopeConfig, RopeScaling, SeqAttention,
+};
+
+use crate::config::RopeScaling as ConfigRopeScaling;
+use crate::{LlamaConfig, ModelWeights, Tensor};
+
+use super::batch::{BatchLimits, ForwardBatch, ForwardOutput, StepPlan};
+use super::cache::KvCacheMut;
+use super::error::ForwardError;
+use super::weights::{Matrix, WeightDType};
+
+fn kernel(op: &'static str) -> impl FnOnce(KernelError) -> ForwardError {
+    move |source| ForwardError::Kernel { op, source }
+}
+
+/// The sizes the forward pass runs with, resolved from a [`LlamaConfig`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LlamaDims {
+    pub hidden_size: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub vocab_size: usize,
+    /// Longest context (`max_position_embeddings`).
+    pub max_position: usize,
+    pub rms_norm_eps: f32,
+}
+
+impl LlamaDims {
+    /// The sizes of `config`.
+    pub fn from_config(config: &LlamaConfig) -> LlamaDims {
+        LlamaDims {
+            hidden_size: config.hidden_size,
+            num_heads: config.num_attention_heads,
+            num_kv_heads: config.num_key_value_heads,
+            head_dim: config.head_dim,
+            intermediate_size: config.intermediate_size,
+            num_layers: config.num_hidden_layers,
+            vocab_size: config.vocab_size,
+            max_position: config.max_position_embeddings,
+            rms_norm_eps: config.rms_norm_eps,
+        }
+    }
+
+    fn q_width(&self) -> usize {
+        self.num_heads * self.head_dim
+    }
+
+    fn kv_width(&self) -> usize {
+        self.num_kv_heads * self.head_dim
+    }
+}
+
+/// The kernels' RoPE settings for `config`, or why it cannot run.
+fn rope_config(config: &LlamaConfig) -> Result<RopeConfig, ForwardError> {
+    let scaling = match config.rope_scaling {
+        None => RopeScaling::Default,
+        Some(ConfigRopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        }) => RopeScaling::Llama3(Llama3RopeScaling {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        }),
+        Some(other) => {
+            return Err(ForwardError::BadConfig {
+                reason: format!("RoPE scaling {other:?} is not supported by the forward pass"),
+            })
+        }
+    };
+    Ok(RopeConfig {
+        theta: config.rope_theta,
+        head_dim: config.head_dim,
+        scaling,
+    })
+}
+
+/// One decoder layer in runtime layout: q/k/v fused into one `[q + 2 kv, hidden]`
+/// matrix and gate/up into one `[2 ffn, hidden]`, so each is one matmul per step.
+#[derive(Clone, Debug)]
+struct LlamaLayer {
+    attn_norm: Vec<f32>,
+    qkv: Matrix,
+    o_proj: Matrix,
+    mlp_norm: Vec<f32>,
+    gate_up: Matrix,
+    down: Matrix,
+}
+
+/// A Llama-family decoder ready to run batched forward steps.
+///
+/// ```
+/// use batos_model::forward::{ForwardBatch, SeqStep, WeightDType};
+/// use batos_model::synthetic::{tiny_params, SyntheticLlama};
+/// use batos_model::LlamaConfig;
+/// use batos_types::BlockId;
+/// # use batos_model::forward::KvCacheMut;
+/// # use batos_kernels::KvCacheLayout;
+/// # struct Cache(KvCacheLayout, Vec<(Vec<f32>, Vec<f32>)>);
+/// # impl KvCacheMut for Cache {
+/// #     fn layout(&self) -> KvCacheLayout { self.0 }
+/// #     fn num_layers(&self) -> usize { self.1.len() }
+/// #     fn num_blocks(&self) -> usize { 4 }
+/// #     fn layer_mut(&mut self, l: usize) -> Option<(&mut [f32], &mut [f32])> {
+/// #         self.1.get_mut(l).map(|(k, v)| (k.as_mut_slice(), v.as_mut_slice()))
+/// #     }
+/// # }
+/// let synth = SyntheticLlama::new(LlamaConfig::new(tiny_params())?, 1);
+/// let model = synth.model(WeightDType::F32)?;
+/// let d = *model.dims();
+/// # let layout = KvCacheLayout::new(4, d.num_kv_heads, d.head_dim).unwrap();
+/// # let mut cache = Cache(layout, vec![(vec![0.0; 4 * layout.block_stride()], vec![0.0; 4 * layout.block_stride()]); d.num_layers]);
+/// // A 5-token prompt in blocks 2 and 0 (4 tokens per block), logits for its last token.
+/// let step = SeqStep::new(vec![1, 2, 3, 4, 5], 0, vec![BlockId(2), BlockId(0)]);
+/// let out = model.forward(&ForwardBatch::new(vec![step]), &mut cache)?;
+/// assert_eq!(out.last_logits(0).unwrap().len(), d.vocab_size);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct LlamaModel {
+    device: Device,
+    dims: LlamaDims,
+    heads: AttentionHeads,
+    rope: Rope,
+    embed: Matrix,
+    layers: Vec<LlamaLayer>,
+    final_norm: Vec<f32>,
+    /// `None` when the output projection is tied to the embedding table.
+    lm_head: Option<Matrix>,
+}
+
+/// Per-step activations, allocated once per call.
+struct Scratch {
+    x: Vec<f32>,
+    h: Vec<f32>,
+    qkv: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    attn: Vec<f32>,
+    proj: Vec<f32>,
+    gate_up: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    act: Vec<f32>,
+}
+
+/// What every layer of one step shares.
+struct Step<'a> {
+    kern: &'a dyn Kernels,
+    plan: &'a StepPlan,
+    seqs: &'a [SeqAttention<'a>],
+    layout: KvCacheLayout,
+}
+
+impl LlamaModel {
+    /// Builds the runtime model from loaded weights, storing matrices in `dtype` (the
+    /// norms stay f32). `weights` must have been checked against `config`
+    /// ([`ModelWeights::from_tensors`] does); any length that still disagrees is a
+    /// [`ForwardError::WeightShape`].
+    pub fn from_weights(
+        config: &LlamaConfig,
+        weights: &ModelWeights,
+        dtype: WeightDType,
+    ) -> Result<LlamaModel, ForwardError> {
+        let dims = LlamaDims::from_config(config);
+        if let Some(window) = config.sliding_window.filter(|&w| w < dims.max_position) {
+            return Err(ForwardError::BadConfig {
+                reason: format!(
+                    "sliding-window attention ({window} tokens) is not supported by the forward pass"
+                ),
+            });
+        }
+        let heads =
+            AttentionHeads::new(dims.num_heads, dims.num_kv_heads, dims.head_dim).map_err(|e| {
+                ForwardError::BadConfig {
+                    reason: e.to_string(),
+                }
+            })?;
+        let rope = Rope::new(&rope_config(config)?).map_err(|e| ForwardError::BadConfig {
+            reason: e.to_string(),
+        })?;
+        if weights.layers().len() != dims.num_layers {
+            return Err(ForwardError::BadConfig {
+                reason: format!(
+                    "{} layers of weights, config says {}",
+                    weights.layers().len(),
+                    dims.num_layers
+                ),
+            });
+        }
+        let hid = dims.hidden_size;
+        let (qw, kvw, ffn) = (dims.q_width(), dims.kv_width(), dims.intermediate_size);
+        let norm = |name: String, t: &Tensor| {
+            let v = t.to_f32_vec();
+            if v.len() == hid {
+                Ok(v)
+            } else {
+                Err(ForwardError::WeightShape {
+                    name,
+                    expected: vec![hid],
+                    got: v.len(),
+                })
+            }
+        };
+        let mut layers = Vec::with_capacity(dims.num_layers);
+        for (i, l) in weights.layers().iter().enumerate() {
+            let name = |what: &str| format!("model.layers.{i}.{what}");
+            let (q, k, v) = (
+                l.q_proj.to_f32_vec(),
+                l.k_proj.to_f32_vec(),
+                l.v_proj.to_f32_vec(),
+            );
+            let (gate, up) = (l.gate_proj.to_f32_vec(), l.up_proj.to_f32_vec());
+            layers.push(LlamaLayer {
+                attn_norm: norm(name("input_layernorm"), &l.attn_norm)?,
+                qkv: Matrix::stack_f32(
+                    &name("self_attn.qkv_proj"),
+                    &[(&q, qw), (&k, kvw), (&v, kvw)],
+                    hid,
+                    dtype,
+                )?,
+                o_proj: Matrix::from_f32(
+                    &name("self_attn.o_proj"),
+                    &l.o_proj.to_f32_vec(),
+                    hid,
+                    qw,
+                    dtype,
+                )?,
+                mlp_norm: norm(name("post_attention_layernorm"), &l.mlp_norm)?,
+                gate_up: Matrix::stack_f32(
+                    &name("mlp.gate_up_proj"),
+                    &[(&gate, ffn), (&up, ffn)],
+                    hid,
+                    dtype,
+                )?,
+                down: Matrix::from_f32(
+                    &name("mlp.down_proj"),
+                    &l.down_proj.to_f32_vec(),
+                    hid,
+                    ffn,
+                    dtype,
+                )?,
+            });
+        }
+        let embed = Matrix::from_f32(
+            "model.embed_tokens",
+            &weights.embed_tokens().to_f32_vec(),
+            dims.vocab_size,
+            hid,
+            dtype,
+        )?;
+        let lm_head = if weights.is_tied() {
+            None
+        } else {
+            Some(Matrix::from_f32(
+                "lm_head",
+                &weights.lm_head().to_f32_vec(),
+                dims.vocab_size,
+                hid,
+                dtype,
+            )?)
+        };
+        Ok(LlamaModel {
+            device: Device::Cpu,
+            dims,
+            heads,
+            rope,
+            embed,
+            layers,
+            final_norm: norm("model.norm".into(), weights.norm())?,
+            lm_head,
+        })
+    }
+
+    /// Runs the kernels on `device` (the CPU by default). Weights stay host slices; a
+    /// backend that is not compiled in fails the first forward with a typed error.
+    pub fn with_device(mut self, device: Device) -> LlamaModel {
+        self.device = device;
+        self
+    }
+
+    /// Where the kernels run.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// The dtype the matrices are stored in.
+    pub fn weight_dtype(&self) -> WeightDType {
+        self.embed.dtype()
+    }
+
+    /// The sizes this model runs with.
+    pub fn dims(&self) -> &LlamaDims {
+        &self.dims
+    }
+
+    /// Bytes held by the weights.
+    pub fn weight_bytes(&self) -> usize {
+        let norms = (2 * self.layers.len() + 1) * self.dims.hidden_size * 4;
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                l.qkv.size_in_bytes()
+                    + l.o_proj.size_in_bytes()
+                    + l.gate_up.size_in_bytes()
+                    + l.down.size_in_bytes()
+            })
+            .sum();
+        self.embed.size_in_bytes()
+            + self.lm_head.as_ref().map_or(0, Matrix::size_in_bytes)
+            + layers
+            + norms
+    }
+
+    fn check_cache(&self, cache: &dyn KvCacheMut) -> Result<(), ForwardError> {
+        let layout = cache.layout();
+        let checks = [
+            ("layers", self.dims.num_layers, cache.num_layers()),
+            ("kv heads", self.dims.num_kv_heads, layout.num_kv_heads()),
+            ("head dim", self.dims.head_dim, layout.head_dim()),
+        ];
+        for (what, expected, got) in checks {
+            if expected != got {
+                return Err(ForwardError::CacheMismatch {
+                    what,
+                    expected,
+                    got,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs one step: computes every new token of `batch`, writes their K/V into `cache`
+    /// through the batch's block tables, and returns the logits rows asked for.
+    ///
+    /// The projections run as one matmul per layer over all `T` new tokens of the step,
+    /// whatever mix of prefill chunks and decode tokens they come from.
+    pub fn forward(
+        &self,
+        batch: &ForwardBatch,
+        cache: &mut dyn KvCacheMut,
+    ) -> Result<ForwardOutput, ForwardError> {
+        self.check_cache(cache)?;
+        let kern = self
+            .device
+            .kernels("LlamaModel::forward")
+            .map_err(kernel("device"))?;
+        let layout = cache.layout();
+        let plan = StepPlan::new(
+            batch,
+            BatchLimits {
+                vocab_size: self.dims.vocab_size,
+                max_position: self.dims.max_position,
+                block_size: layout.block_size(),
+                num_blocks: cache.num_blocks(),
+            },
+        )?;
+        let d = self.dims;
+        let t = plan.token_ids.len();
+        let (qw, kvw, ffn) = (d.q_width(), d.kv_width(), d.intermediate_size);
+        let mut s = Scratch {
+            x: vec![0.0; t * d.hidden_size],
+            h: vec![0.0; t * d.hidden_size],
+            qkv: vec![0.0; t * (qw + 2 * kvw)],
+            q: vec![0.0; t * qw],
+            k: vec![0.0; t * kvw],
+            v: vec![0.0; t * kvw],
+            attn: vec![0.0; t * qw],
+            proj: vec![0.0; t * d.hidden_size],
+            gate_up: vec![0.0; t * 2 * ffn],
+            gate: vec![0.0; t * ffn],
+            up: vec![0.0; t * ffn],
+            act: vec![0.0; t * ffn],
+        };
+        let seqs: Vec<SeqAttention<'_>> = batch
+            .seqs
+            .iter()
+            .zip(&plan.seq_rows)
+            .map(|(step, rows)| SeqAttention {
+                block_table: &step.block_table,
+                context_len: step.context_len(),
+                query_start: rows.start,
+                query_len: rows.len(),
+            })
+            .collect();
+        let step = Step {
+            kern,
+            plan: &plan,
+            seqs: &seqs,
+            layout,
+        };
+
+        kern.embedding(&self.embed.view(), &plan.token_ids, &mut s.x)
+            .map_err(kernel("embedding"))?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let (k_cache, v_cache) = cache.layer_mut(i).ok_or(ForwardError::CacheMismatch {
+                what: "layers",
+                expected: self.dims.num_layers,
+                got: i,
+            })?;
+            self.attention_block(&step, layer, (k_cache, v_cache), &mut s)?;
+            self.mlp_block(kern, layer, &mut s)?;
+        }
+        self.logits(kern, &plan, &s.x)
+    }
+
+    fn attention_block(
+        &self,
+        step: &Step<'_>,
+        layer: &LlamaLayer,
+        (k_cache, v_cache): (&mut [f32], &mut [f32]),
+        s: &mut Scratch,
+    ) -> Result<(), ForwardError> {
+        let (d, kern, plan) = (&self.dims, step.kern, step.plan);
+        let (qw, kvw) = (d.q_width(), d.kv_width());
+        let row = qw + 2 * kvw;
+        kern.rms_norm(&s.x, &layer.attn_norm, d.rms_norm_eps, &mut s.h)
+            .map_err(kernel("attn rms_norm"))?;
+        kern.matmul(&s.h, &layer.qkv.view(), &mut s.qkv)
+            .map_err(kernel("qkv_proj"))?;
+        for (r, fused) in s.qkv.chunks_exact(row).enumerate() {
+            s.q[r * qw..(r + 1) * qw].copy_from_slice(&fused[..qw]);
+            s.k[r * kvw..(r + 1) * kvw].copy_from_slice(&fused[qw..qw + kvw]);
+            s.v[r * kvw..(r + 1) * kvw].copy_from_slice(&fused[qw + kvw..]);
+        }
+        kern.rope(&self.rope, &self.heads, &plan.positions, &mut s.q, &mut s.k)
+            .map_err(kernel("rope"))?;
+        kern.write_kv(&s.k, &s.v, &plan.slots, k_cache, v_cache, &step.layout)
+            .map_err(kernel("write_kv"))?;
+        let cache = KvCache {
+            k: k_cache,
+            v: v_cache,
+            layout: step.layout,
+        };
+        kern.paged_attention(&s.q, &self.heads, &cache, step.seqs, &mut s.attn)
+            .map_err(kernel("paged_attention"))?;
+        kern.matmul(&s.attn, &layer.o_proj.view(), &mut s.proj)
+            .map_err(kernel("o_proj"))?;
+        add_assign(&mut s.x, &s.proj);
+        Ok(())
+    }
+
+    fn mlp_block(
+        &self,
+        kern: &dyn Kernels,
+        layer: &LlamaLayer,
+        s: &mut Scratch,
+    ) -> Result<(), ForwardError> {
+        let d = &self.dims;
+        let ffn = d.intermediate_size;
+        kern.rms_norm(&s.x, &layer.mlp_norm, d.rms_norm_eps, &mut s.h)
+            .map_err(kernel("mlp rms_norm"))?;
+        kern.matmul(&s.h, &layer.gate_up.view(), &mut s.gate_up)
+            .map_err(kernel("gate_up_proj"))?;
+        for (r, fused) in s.gate_up.chunks_exact(2 * ffn).enumerate() {
+            s.gate[r * ffn..(r + 1) * ffn].copy_from_slice(&fused[..ffn]);
+            s.up[r * ffn..(r + 1) * ffn].copy_from_slice(&fused[ffn..]);
+        }
+        kern.silu_mul(&s.gate, &s.up, &mut s.act)
+            .map_err(kernel("silu_mul"))?;
+        kern.matmul(&s.act, &layer.down.view(), &mut s.proj)
+            .map_err(kernel("down_proj"))?;
+        add_assign(&mut s.x, &s.proj);
+        Ok(())
+    }
+
+    /// Final norm and the output projection, only for the rows that asked for logits.
+    fn logits(
+        &self,
+        kern: &dyn Kernels,
+        plan: &StepPlan,
+        x: &[f32],
+    ) -> Result<ForwardOutput, ForwardError> {
+        let d = &self.dims;
+        let hid = d.hidden_size;
+        let rows = plan.logits_rows.len();
+        let mut picked = Vec::with_capacity(rows * hid);
+        for &r in &plan.logits_rows {
+            picked.extend_from_slice(&x[r * hid..(r + 1) * hid]);
+        }
+        let mut normed = vec![0.0; rows * hid];
+        let mut logits = vec![0.0; rows * d.vocab_size];
+        if rows > 0 {
+            kern.rms_norm(&picked, &self.final_norm, d.rms_norm_eps, &mut normed)
+                .map_err(kernel("final rms_norm"))?;
+            let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+            kern.matmul(&normed, &head.view(), &mut logits)
+                .map_err(kernel("lm_head"))?;
+        }
+        Ok(ForwardOutput {
+            logits,
+            vocab_size: d.vocab_size,
+            seq_rows: plan.output_rows.clone(),
+        })
+    }
+}
+
+/// The residual connection `x += y`.
+fn add_assign(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
