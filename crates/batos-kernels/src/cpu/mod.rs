@@ -5,6 +5,7 @@
 
 mod attention;
 pub(crate) mod check;
+pub mod int4;
 mod par;
 mod pool;
 pub mod reference;
@@ -60,6 +61,7 @@ pub fn matmul(x: &[f32], w: &WeightView<'_>, out: &mut [f32]) -> Result<()> {
         WeightData::F32(s) => avx.matmul(x, k, s, n, out),
         WeightData::F16(s) => avx.matmul(x, k, s, n, out),
         WeightData::BF16(s) => avx.matmul(x, k, s, n, out),
+        WeightData::Int4(d) => int4::matmul_avx2(avx, x, &d, out),
     }
     Ok(())
 }
@@ -134,6 +136,7 @@ pub fn embedding(table: &WeightView<'_>, ids: &[u32], out: &mut [f32]) -> Result
             WeightData::F32(s) => o.copy_from_slice(&s[r]),
             WeightData::F16(s) => avx.widen_row(&s[r], o),
             WeightData::BF16(s) => avx.widen_row(&s[r], o),
+            WeightData::Int4(d) => d.dequantize_row(id as usize, o),
         }
     }
     Ok(())
