@@ -29,6 +29,7 @@ pub mod generate;
 pub mod gguf;
 mod mmap;
 mod model;
+pub mod quant;
 pub mod safetensors_io;
 pub mod synthetic;
 pub mod tensor;
