@@ -59,7 +59,7 @@ impl LlamaDims {
 }
 
 /// The kernels' RoPE settings for `config`, or why it cannot run.
-fn rope_config(config: &LlamaConfig) -> Result<RopeConfig, ForwardError> {
+pub(crate) fn rope_config(config: &LlamaConfig) -> Result<RopeConfig, ForwardError> {
     let scaling = match config.rope_scaling {
         None => RopeScaling::Default,
         Some(ConfigRopeScaling::Llama3 {

@@ -9,6 +9,7 @@
 //!
 //! LoRA adapters stay f32 beside the int4 base: nothing here touches them.
 
+mod awq;
 mod checkpoint;
 mod error;
 mod eval;
@@ -16,6 +17,10 @@ mod int4;
 mod model;
 mod rtn;
 
+pub use awq::{
+    quantize_awq, quantize_weights_awq, AwqConfig, AwqOutcome, Calibration, ClipSearch,
+    LayerSearch, SHIPPED_CALIBRATION_TEXT, SHIPPED_HELDOUT_TEXT,
+};
 pub use checkpoint::AwqCheckpointConfig;
 pub use error::QuantError;
 pub use eval::{perplexity, sequence_logits, Perplexity};

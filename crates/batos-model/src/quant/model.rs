@@ -100,13 +100,15 @@ impl QuantizedWeights {
         match (&self.lm_head, config.tie_word_embeddings) {
             (Some(t), false) => shape(TensorRole::LmHead.hf_name(), t, vec![v, h])?,
             (None, true) => {}
-            (_, tied) => return Err(QuantError::InvalidConfig {
-                field: "lm_head",
-                reason: format!(
+            (_, tied) => {
+                return Err(QuantError::InvalidConfig {
+                    field: "lm_head",
+                    reason: format!(
                     "the config says tie_word_embeddings = {tied} but the weights {} an lm_head",
                     if tied { "have" } else { "lack" }
                 ),
-            }),
+                })
+            }
         }
         if self.layers.len() != config.num_hidden_layers {
             return Err(QuantError::InvalidConfig {
