@@ -3,7 +3,7 @@
 //! figures of docs/perf/awq.md.
 //!
 //! ```text
-//! cargo run --release -p batos-model --example awq_perplexity -- [samples] [sample_len] [search_tokens] [grid] [clip:0|1] [save_dir]
+//! cargo run --release -p batos-model --example awq_perplexity -- [samples] [sample_len] [search_tokens] [grid] [clip:0|1] [group] [save_dir]
 //! ```
 
 use std::time::Instant;
@@ -25,7 +25,7 @@ fn main() -> Result<()> {
     let arg = |i: usize, d: usize| args.get(i).and_then(|s| s.parse().ok()).unwrap_or(d);
     let (samples, sample_len, search, grid, clip) =
         (arg(0, 16), arg(1, 128), arg(2, 256), arg(3, 20), arg(4, 1));
-    let group = 64;
+    let group = arg(5, 64);
     let window = 256;
 
     let model =
@@ -91,7 +91,7 @@ fn main() -> Result<()> {
     );
     let int4_linear: usize = awq.weights.layers.iter().map(|l| l.size_in_bytes()).sum();
     println!("int4 blocks (projections + norms): {int4_linear} bytes");
-    if let Some(dir) = args.get(5) {
+    if let Some(dir) = args.get(6) {
         awq.save_autoawq(dir)?;
         println!("saved AutoAWQ checkpoint to {dir}");
     }

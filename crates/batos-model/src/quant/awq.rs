@@ -23,7 +23,9 @@
 //! attention block as a whole for q/k/v; the projection outputs are what the int4
 //! error enters through and are much cheaper to evaluate on a CPU).
 
-use batos_kernels::{cpu, AttentionHeads, KvCache, KvCacheLayout, Rope, SeqAttention, WeightView};
+use batos_kernels::{
+    cpu, AttentionHeads, Int4Layout, KvCache, KvCacheLayout, Rope, SeqAttention, WeightView,
+};
 use batos_types::BlockId;
 use rayon::prelude::*;
 
@@ -31,12 +33,11 @@ use crate::config::LlamaConfig;
 use crate::forward::rope_config;
 use crate::model::LoadedModel;
 use crate::tokenizer::ModelTokenizer;
-use crate::weights::{LayerTensor, ModelWeights, Progress};
+use crate::weights::{LayerTensor, ModelWeights, Progress, TensorRole};
 
 use super::error::QuantError;
-use super::int4::fake_quantize;
+use super::int4::{fake_quantize, group_params, GroupParams, Int4Weight};
 use super::model::{QuantizedLayer, QuantizedModel, QuantizedWeights};
-use super::rtn::quantize_linear;
 
 /// The public-domain calibration text shipped with batos (see `data/README.md`).
 pub const SHIPPED_CALIBRATION_TEXT: &str = include_str!("../../data/calibration.txt");
@@ -437,67 +438,90 @@ fn search_scales(
     Ok((alpha, s, ratio))
 }
 
-/// Per (row, group) clipping bounds of `w` (`[rows, cols]`, already scaled) minimising
-/// each group's output error on inputs `x` (`[T, cols]`, already divided by the scales).
-fn search_clip(
+/// Per (row, group) quantisation parameters of `w` (`[rows, cols]`, already scaled)
+/// minimising the group's weighted error `Σᵢ hᵢ·(wᵢ − ŵᵢ)²`, where `hᵢ = mean(xᵢ²)` over
+/// the inputs `x` (`[T, cols]`, already divided by the scales) — the diagonal of the
+/// group's output-error form, as llama.cpp's importance-weighted k-quants use it.
+///
+/// Candidates: AutoAWQ's clipping bounds `max|w|·(1 − i/grid)`, each refined by a
+/// weighted least-squares refit of the scale for the zero point and its two
+/// neighbours (the zero point must stay an integer code).
+fn search_params(
     x: &[f32],
     w: &[f32],
     cols: usize,
     group: usize,
     grid: usize,
     max_shrink: f32,
-) -> Vec<f32> {
-    let groups = cols / group;
+) -> Vec<GroupParams> {
     let t = x.len() / cols;
-    // Gram matrix per input group: err(d) = dᵀ·H·d for a weight error d of that group.
-    let grams: Vec<Vec<f64>> = (0..groups)
-        .into_par_iter()
-        .map(|g| {
-            let mut h = vec![0f64; group * group];
-            for r in 0..t {
-                let xg = &x[r * cols + g * group..r * cols + (g + 1) * group];
-                for (a, &xa) in xg.iter().enumerate() {
-                    let xa = f64::from(xa);
-                    for (b, &xb) in xg.iter().enumerate().skip(a) {
-                        h[a * group + b] += xa * f64::from(xb);
-                    }
-                }
-            }
-            for a in 0..group {
-                for b in 0..a {
-                    h[a * group + b] = h[b * group + a];
-                }
-            }
-            h
-        })
+    let mut h = vec![0f64; cols];
+    for row in x.chunks_exact(cols) {
+        for (a, &v) in h.iter_mut().zip(row) {
+            *a += f64::from(v) * f64::from(v);
+        }
+    }
+    let mean_h = h.iter().sum::<f64>() / (cols as f64 * t.max(1) as f64);
+    // A floor keeps channels never excited during calibration from being ignored.
+    let h: Vec<f32> = h
+        .iter()
+        .map(|&v| (v / t.max(1) as f64 + 1e-3 * mean_h) as f32)
         .collect();
     let steps = ((max_shrink * grid as f32) as usize).max(1);
     w.par_chunks(cols)
         .flat_map_iter(|row| {
-            let grams = &grams;
+            let h = &h;
             row.chunks(group).enumerate().map(move |(g, wg)| {
-                let h = &grams[g];
+                let hg = &h[g * group..(g + 1) * group];
+                let err = |p: &GroupParams| -> f32 {
+                    wg.iter()
+                        .zip(hg)
+                        .map(|(&v, &hv)| {
+                            let d = v - p.dequant(p.code(v));
+                            hv * d * d
+                        })
+                        .sum()
+                };
                 let max = wg.iter().fold(0f32, |m, &v| m.max(v.abs()));
-                let mut q = vec![0f32; group];
-                let mut d = vec![0f64; group];
-                let mut best = (f64::INFINITY, max);
+                let mut best_p = group_params(wg, None);
+                let mut best = err(&best_p);
                 for i in 0..steps {
                     let bound = max * (1.0 - i as f32 / grid as f32);
-                    fake_quantize(wg, group, group, Some(&[bound]), &mut q);
-                    for ((dv, &qv), &wv) in d.iter_mut().zip(&q).zip(wg) {
-                        *dv = f64::from(qv - wv);
+                    let p = group_params(wg, Some(bound));
+                    let e = err(&p);
+                    if e < best {
+                        (best, best_p) = (e, p);
                     }
-                    let mut err = 0f64;
-                    for (a, &da) in d.iter().enumerate() {
-                        let hr = &h[a * group..(a + 1) * group];
-                        let hd: f64 = hr.iter().zip(&d).map(|(&hv, &dv)| hv * dv).sum();
-                        err += da * hd;
-                    }
-                    if err < best.0 {
-                        best = (err, bound);
+                    for dz in [-1i32, 0, 1] {
+                        let z = i32::from(p.zero) + dz;
+                        if !(0..=15).contains(&z) {
+                            continue;
+                        }
+                        // Weighted least squares for the scale given the codes.
+                        let (mut num, mut den) = (0f64, 0f64);
+                        for (&v, &hv) in wg.iter().zip(hg) {
+                            let c = f64::from(i32::from(p.code(v)) - z);
+                            num += f64::from(hv) * f64::from(v) * c;
+                            den += f64::from(hv) * c * c;
+                        }
+                        if den <= 0.0 || num <= 0.0 {
+                            continue;
+                        }
+                        let scale = half::f16::from_f64(num / den);
+                        if !(scale.to_f32() > 0.0 && scale.is_finite()) {
+                            continue;
+                        }
+                        let q = GroupParams {
+                            scale,
+                            zero: z as u8,
+                        };
+                        let e = err(&q);
+                        if e < best {
+                            (best, best_p) = (e, q);
+                        }
                     }
                 }
-                best.1
+                best_p
             })
         })
         .collect()
@@ -651,43 +675,36 @@ pub fn quantize_weights_awq(
         unscale_rows(&mut b.up, &s_d);
         scale_cols(&mut b.down, &s_d);
 
-        // Clipping, on the scaled weights and correspondingly scaled inputs.
-        let clips = match cfg.clip {
-            ClipSearch::Off => None,
-            ClipSearch::Grid { grid, max_shrink } => {
-                let scaled = |x: &[f32], s: &[f32]| {
-                    let mut x = x.to_vec();
+        // Parameter search (clipping and zero-point refits), on the scaled weights and
+        // correspondingly scaled inputs; plain min/max when it is off.
+        let gs = cfg.group_size;
+        let lin = |t: LayerTensor, w: &[f32], x: &[f32], s: &[f32]| {
+            let role = TensorRole::Layer { layer: li, tensor: t };
+            let shape = role.expected_shape(config);
+            let name = role.hf_name();
+            match cfg.clip {
+                ClipSearch::Off => Int4Weight::quantize(&name, w, shape[0], shape[1], gs, None),
+                ClipSearch::Grid { grid, max_shrink } => {
+                    let layout = Int4Layout::new(shape[1], shape[0], gs)
+                        .map_err(|source| QuantError::BadInt4 { name: name.clone(), source })?;
+                    let mut xs = x.to_vec();
                     let inv: Vec<f32> = s.iter().map(|v| 1.0 / v).collect();
-                    scale_cols(&mut x, &inv);
-                    x
-                };
-                let g = cfg.group_size;
-                let attn_x = scaled(&inputs.attn_in[..ts * h], &s_qkv);
-                let o_x = scaled(&inputs.o_in[..ts * qd], &s_o);
-                let mlp_x = scaled(&inputs.mlp_in[..ts * h], &s_gu);
-                let down_x = scaled(&inputs.down_in[..ts * ffn], &s_d);
-                Some([
-                    search_clip(&attn_x, &b.v, h, g, grid, max_shrink),
-                    search_clip(&o_x, &b.o, qd, g, grid, max_shrink),
-                    search_clip(&mlp_x, &b.gate, h, g, grid, max_shrink),
-                    search_clip(&mlp_x, &b.up, h, g, grid, max_shrink),
-                    search_clip(&down_x, &b.down, ffn, g, grid, max_shrink),
-                ])
+                    scale_cols(&mut xs, &inv);
+                    let params = search_params(&xs, w, shape[1], gs, grid, max_shrink);
+                    Int4Weight::quantize_with_params(&name, w, layout, &params)
+                }
             }
         };
-        let clip = |i: usize| clips.as_ref().map(|c| c[i].as_slice());
-        let gs = cfg.group_size;
-        let lin = |t: LayerTensor, w: &[f32], clip: Option<&[f32]>| {
-            quantize_linear(config, li, t, w, gs, clip)
-        };
+        let attn_x = &inputs.attn_in[..ts * h];
+        let mlp_x = &inputs.mlp_in[..ts * h];
         layers.push(QuantizedLayer {
-            q_proj: lin(LayerTensor::Q, &b.q, None)?,
-            k_proj: lin(LayerTensor::K, &b.k, None)?,
-            v_proj: lin(LayerTensor::V, &b.v, clip(0))?,
-            o_proj: lin(LayerTensor::O, &b.o, clip(1))?,
-            gate_proj: lin(LayerTensor::Gate, &b.gate, clip(2))?,
-            up_proj: lin(LayerTensor::Up, &b.up, clip(3))?,
-            down_proj: lin(LayerTensor::Down, &b.down, clip(4))?,
+            q_proj: lin(LayerTensor::Q, &b.q, attn_x, &s_qkv)?,
+            k_proj: lin(LayerTensor::K, &b.k, attn_x, &s_qkv)?,
+            v_proj: lin(LayerTensor::V, &b.v, attn_x, &s_qkv)?,
+            o_proj: lin(LayerTensor::O, &b.o, &inputs.o_in[..ts * qd], &s_o)?,
+            gate_proj: lin(LayerTensor::Gate, &b.gate, mlp_x, &s_gu)?,
+            up_proj: lin(LayerTensor::Up, &b.up, mlp_x, &s_gu)?,
+            down_proj: lin(LayerTensor::Down, &b.down, &inputs.down_in[..ts * ffn], &s_d)?,
             attn_norm: b.attn_norm,
             mlp_norm: b.mlp_norm,
         });

@@ -13,9 +13,9 @@ const MAX_CODE: f32 = 15.0;
 
 /// Quantisation parameters of one (output row, input group): `w ≈ (q − zero) · scale`.
 #[derive(Clone, Copy, Debug, PartialEq)]
-struct GroupParams {
-    scale: f16,
-    zero: u8,
+pub(crate) struct GroupParams {
+    pub(crate) scale: f16,
+    pub(crate) zero: u8,
 }
 
 impl GroupParams {
@@ -23,7 +23,7 @@ impl GroupParams {
     /// range, the zero point the code of 0. The scale is rounded to f16 first (it is
     /// stored so) and the zero point computed with the stored scale, so quantising and
     /// the kernels' dequantisation agree exactly.
-    fn for_range(min: f32, max: f32) -> GroupParams {
+    pub(crate) fn for_range(min: f32, max: f32) -> GroupParams {
         let (min, max) = (min.min(0.0), max.max(0.0));
         let raw = ((max - min).max(1e-5) / MAX_CODE).min(f16::MAX.to_f32());
         // A scale that rounds to zero in f16 would divide by zero below.
@@ -33,19 +33,19 @@ impl GroupParams {
         GroupParams { scale, zero }
     }
 
-    fn code(&self, w: f32) -> u8 {
+    pub(crate) fn code(&self, w: f32) -> u8 {
         let s = self.scale.to_f32();
         ((w / s).round_ties_even() + f32::from(self.zero)).clamp(0.0, MAX_CODE) as u8
     }
 
-    fn dequant(&self, q: u8) -> f32 {
+    pub(crate) fn dequant(&self, q: u8) -> f32 {
         (i32::from(q) - i32::from(self.zero)) as f32 * self.scale.to_f32()
     }
 }
 
 /// Parameters for one group of values, with the range optionally clipped to
 /// `[-clip, clip]` (AWQ's clipping search).
-fn group_params(values: &[f32], clip: Option<f32>) -> GroupParams {
+pub(crate) fn group_params(values: &[f32], clip: Option<f32>) -> GroupParams {
     let (mut min, mut max) = values
         .iter()
         .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {
@@ -166,19 +166,45 @@ impl Int4Weight {
                 });
             }
         }
-        // Codes and parameters per output row, then packed eight rows to a word.
-        let per_row: Vec<(Vec<u8>, Vec<GroupParams>)> = values
+        let params: Vec<GroupParams> = values
+            .par_chunks(cols)
+            .enumerate()
+            .flat_map_iter(|(r, w)| {
+                w.chunks(group_size)
+                    .enumerate()
+                    .map(move |(g, wg)| group_params(wg, clip.map(|c| c[r * groups + g])))
+            })
+            .collect();
+        Self::quantize_with_params(name, values, layout, &params)
+    }
+
+    /// Quantises `[out, in]` f32 values with given per (row, group) parameters.
+    pub(crate) fn quantize_with_params(
+        name: &str,
+        values: &[f32],
+        layout: Int4Layout,
+        params: &[GroupParams],
+    ) -> Result<Self, QuantError> {
+        let (rows, cols) = (layout.out_features(), layout.in_features());
+        let (groups, group_size) = (layout.groups(), layout.group_size());
+        if values.len() != rows * cols || params.len() != rows * groups {
+            return Err(QuantError::Shape {
+                name: name.to_owned(),
+                expected: vec![rows, cols],
+                got: values.len(),
+            });
+        }
+        // Codes per output row, then packed eight rows to a word.
+        let per_row: Vec<Vec<u8>> = values
             .par_chunks(cols)
             .enumerate()
             .map(|(r, w)| {
                 let mut codes = Vec::with_capacity(cols);
-                let mut params = Vec::with_capacity(groups);
                 for (g, wg) in w.chunks(group_size).enumerate() {
-                    let p = group_params(wg, clip.map(|c| c[r * groups + g]));
+                    let p = params[r * groups + g];
                     codes.extend(wg.iter().map(|&v| p.code(v)));
-                    params.push(p);
                 }
-                (codes, params)
+                codes
             })
             .collect();
         let wpr = layout.words_per_row();
@@ -190,15 +216,16 @@ impl Int4Weight {
             for k in 0..cols {
                 let mut c = [0u8; 8];
                 for (l, v) in c.iter_mut().enumerate() {
-                    *v = rows8[l].0[k];
+                    *v = rows8[l][k];
                 }
                 qweight[k * wpr + j] = pack_word(c);
             }
             for g in 0..groups {
                 let mut z = [0u8; 8];
                 for (l, v) in z.iter_mut().enumerate() {
-                    *v = rows8[l].1[g].zero;
-                    scales[g * rows + 8 * j + l] = rows8[l].1[g].scale;
+                    let p = params[(8 * j + l) * groups + g];
+                    *v = p.zero;
+                    scales[g * rows + 8 * j + l] = p.scale;
                 }
                 qzeros[g * wpr + j] = pack_word(z);
             }
