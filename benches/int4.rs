@@ -47,7 +47,9 @@ struct Int4Owned {
 fn int4(n: usize, k: usize) -> Int4Owned {
     let layout = Int4Layout::new(k, n, GROUP).unwrap();
     let qweight = data(layout.qweight_len(), 3);
-    let qzeros = (0..layout.qzeros_len()).map(|_| pack_word([8; 8])).collect();
+    let qzeros = (0..layout.qzeros_len())
+        .map(|_| pack_word([8; 8]))
+        .collect();
     let scales = vec![f16::from_f32(0.01); layout.scales_len()];
     Int4Owned {
         layout,

@@ -72,7 +72,10 @@ fn awq_perplexity_is_bounded_and_its_checkpoint_round_trips() {
     let back_model =
         LlamaModel::from_quantized(&back.config, &back.weights, WeightDType::F32).unwrap();
     let prompt = back.tokenizer.encode("The quick brown fox").unwrap();
-    assert_eq!(prompt, model.tokenizer.encode("The quick brown fox").unwrap());
+    assert_eq!(
+        prompt,
+        model.tokenizer.encode("The quick brown fox").unwrap()
+    );
     assert_eq!(
         sequence_logits(&back_model, &prompt).unwrap(),
         sequence_logits(&awq_model, &prompt).unwrap()

@@ -679,14 +679,21 @@ pub fn quantize_weights_awq(
         // correspondingly scaled inputs; plain min/max when it is off.
         let gs = cfg.group_size;
         let lin = |t: LayerTensor, w: &[f32], x: &[f32], s: &[f32]| {
-            let role = TensorRole::Layer { layer: li, tensor: t };
+            let role = TensorRole::Layer {
+                layer: li,
+                tensor: t,
+            };
             let shape = role.expected_shape(config);
             let name = role.hf_name();
             match cfg.clip {
                 ClipSearch::Off => Int4Weight::quantize(&name, w, shape[0], shape[1], gs, None),
                 ClipSearch::Grid { grid, max_shrink } => {
-                    let layout = Int4Layout::new(shape[1], shape[0], gs)
-                        .map_err(|source| QuantError::BadInt4 { name: name.clone(), source })?;
+                    let layout = Int4Layout::new(shape[1], shape[0], gs).map_err(|source| {
+                        QuantError::BadInt4 {
+                            name: name.clone(),
+                            source,
+                        }
+                    })?;
                     let mut xs = x.to_vec();
                     let inv: Vec<f32> = s.iter().map(|v| 1.0 / v).collect();
                     scale_cols(&mut xs, &inv);
@@ -704,7 +711,12 @@ pub fn quantize_weights_awq(
             o_proj: lin(LayerTensor::O, &b.o, &inputs.o_in[..ts * qd], &s_o)?,
             gate_proj: lin(LayerTensor::Gate, &b.gate, mlp_x, &s_gu)?,
             up_proj: lin(LayerTensor::Up, &b.up, mlp_x, &s_gu)?,
-            down_proj: lin(LayerTensor::Down, &b.down, &inputs.down_in[..ts * ffn], &s_d)?,
+            down_proj: lin(
+                LayerTensor::Down,
+                &b.down,
+                &inputs.down_in[..ts * ffn],
+                &s_d,
+            )?,
             attn_norm: b.attn_norm,
             mlp_norm: b.mlp_norm,
         });
