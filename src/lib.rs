@@ -5,6 +5,7 @@
 
 pub use batos_kernels as kernels;
 pub use batos_kv as kv;
+pub use batos_lora as lora;
 pub use batos_model as model;
 pub use batos_store as store;
 pub use batos_types as types;

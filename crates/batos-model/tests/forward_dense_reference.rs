@@ -166,43 +166,62 @@ fn chunked_prefill_and_decode_match_dense_reference() {
     }
 }
 
-/// Sequences at different positions in one step (a prefill chunk beside decodes) give
-/// the same logits as each computed on its own.
+/// Sequences in one step, each asking for all, the last or no logits rows, give the
+/// rows each gives computed on its own, and the dense reference's; a later decode
+/// step shows the K/V of rows without logits were written all the same.
 #[test]
 fn mixed_step_rows_equal_solo_rows() {
     let synth = SyntheticLlama::new(LlamaConfig::new(tiny_params()).unwrap(), 11);
     let model = synth.model(WeightDType::F32).unwrap();
     let d = *model.dims();
-    let prompts: Vec<Vec<u32>> = [9usize, 1, 20, 4]
+    let lens = [9usize, 1, 20, 4, 6];
+    let modes = [
+        LogitsRows::All,
+        LogitsRows::Last,
+        LogitsRows::None,
+        LogitsRows::All,
+        LogitsRows::Last,
+    ];
+    let prompts: Vec<Vec<u32>> = lens
         .iter()
         .enumerate()
-        .map(|(i, &n)| tokens(n, i as u32 + 1, d.vocab_size))
+        .map(|(i, &n)| tokens(n + 1, i as u32 + 1, d.vocab_size))
         .collect();
-    let tables: Vec<Vec<BlockId>> = (0..4u32)
+    let tables: Vec<Vec<BlockId>> = (0..5u32)
         .map(|s| (0..6).map(|b| BlockId(s * 6 + b)).collect())
         .collect();
+    let step = |s: usize, n: usize, from: usize, logits| {
+        SeqStep::new(prompts[s][from..from + n].to_vec(), from, tables[s].clone())
+            .with_logits(logits)
+    };
 
-    let mut mixed_cache = TestCache::new(&d, 24, 4);
-    let batch = ForwardBatch::new(
-        prompts
-            .iter()
-            .zip(&tables)
-            .map(|(p, t)| SeqStep::new(p.clone(), 0, t.clone()).with_logits(LogitsRows::All))
+    let mut mixed_cache = TestCache::new(&d, 30, 4);
+    let batch = ForwardBatch::new((0..5).map(|s| step(s, lens[s], 0, modes[s])).collect());
+    let mixed = model.forward(&batch, &mut mixed_cache).unwrap();
+    // All 9, last 1, none, all 4, last 1.
+    assert_eq!(mixed.num_rows(), 15);
+    // One more token each, in one decode step over the cache the prefill filled.
+    let decode = ForwardBatch::new(
+        (0..5)
+            .map(|s| step(s, 1, lens[s], LogitsRows::Last))
             .collect(),
     );
-    let mixed = model.forward(&batch, &mut mixed_cache).unwrap();
+    let decoded = model.forward(&decode, &mut mixed_cache).unwrap();
 
-    for (s, (p, t)) in prompts.iter().zip(&tables).enumerate() {
-        let mut solo_cache = TestCache::new(&d, 24, 4);
+    for s in 0..5 {
+        let mut solo_cache = TestCache::new(&d, 30, 4);
         let solo = model
             .forward(
-                &ForwardBatch::new(vec![
-                    SeqStep::new(p.clone(), 0, t.clone()).with_logits(LogitsRows::All)
-                ]),
+                &ForwardBatch::new(vec![step(s, lens[s], 0, modes[s])]),
                 &mut solo_cache,
             )
             .unwrap();
-        let reference = dense_forward(&synth, p);
+        let reference = dense_forward(&synth, &prompts[s]);
+        let first = match modes[s] {
+            LogitsRows::All => 0,
+            _ => lens[s] - 1,
+        };
+        assert_eq!(mixed.seq_logits(s).len(), solo.seq_logits(0).len());
         for (i, (a, b)) in mixed.seq_logits(s).zip(solo.seq_logits(0)).enumerate() {
             let diff = a
                 .iter()
@@ -213,8 +232,14 @@ fn mixed_step_rows_equal_solo_rows() {
                 diff < 1e-5,
                 "seq {s} row {i}: mixed vs solo differ by {diff}"
             );
-            assert!(max_abs_diff(a, &reference[i]) < 1e-4);
+            assert!(max_abs_diff(a, &reference[first + i]) < 1e-4);
         }
+        let last = decoded.last_logits(s).unwrap();
+        assert!(
+            max_abs_diff(last, &reference[lens[s]]) < 1e-4,
+            "seq {s}: decode after a {:?} prefill",
+            modes[s]
+        );
     }
 }
 

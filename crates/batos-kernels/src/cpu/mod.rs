@@ -6,6 +6,7 @@
 mod attention;
 pub(crate) mod check;
 pub mod int4;
+pub mod lora;
 mod par;
 mod pool;
 pub mod reference;

@@ -53,7 +53,7 @@ pub(crate) struct Pool {
 }
 
 /// How long an idle worker spins before parking.
-const SPIN: Duration = Duration::from_micros(200);
+const SPIN: Duration = Duration::from_micros(20);
 
 impl Pool {
     fn new(threads: usize) -> Pool {

@@ -5,6 +5,10 @@ use batos_kernels::{
     RopeConfig, RopeScaling, SeqAttention,
 };
 
+use batos_kernels::cpu::lora as lora_kernels;
+use batos_lora::{HotSnapshot, LoraSlots, Projection};
+use batos_types::SlotIdx;
+
 use crate::config::RopeScaling as ConfigRopeScaling;
 use crate::{LlamaConfig, ModelWeights, Tensor};
 
@@ -140,7 +144,7 @@ pub struct LlamaModel {
     lm_head: Option<Matrix>,
 }
 
-/// Per-step activations, allocated once per call.
+/// Per-step activations `[rows, width]`, allocated once per call.
 struct Scratch {
     x: Vec<f32>,
     h: Vec<f32>,
@@ -160,8 +164,46 @@ struct Scratch {
 struct Step<'a> {
     kern: &'a dyn Kernels,
     plan: &'a StepPlan,
+    /// Attention of every new token.
     seqs: &'a [SeqAttention<'a>],
+    /// Attention of the tokens that need logits, numbered by output row (the last
+    /// layer computes only these; see [`Scratch::keep_rows`]).
+    logits_seqs: &'a [SeqAttention<'a>],
     layout: KvCacheLayout,
+    /// Per-token adapters of this step, when any token uses one.
+    lora: Option<LoraStep<'a>>,
+}
+
+/// The adapters of one step: the hot slots' tables and each token's slot.
+struct LoraStep<'a> {
+    slots: &'a HotSnapshot,
+    /// One entry per new token, in batch order.
+    tokens: Vec<Option<SlotIdx>>,
+    /// One entry per token that gets logits (the rows the last layer keeps).
+    kept: Vec<Option<SlotIdx>>,
+}
+
+impl LoraStep<'_> {
+    /// `y += scale · (x · Aᵀ) · Bᵀ` for every token with an adapter that adapts
+    /// `proj` of `layer`. `x`/`y` hold all new tokens or only the kept rows.
+    fn apply(
+        &self,
+        layer: usize,
+        proj: Projection,
+        (n_in, n_out): (usize, usize),
+        x: &[f32],
+        y: &mut [f32],
+    ) -> Result<(), ForwardError> {
+        let rows = y.len() / n_out;
+        let tokens = if rows == self.tokens.len() {
+            &self.tokens
+        } else {
+            &self.kept
+        };
+        let table = self.slots.table(layer, proj);
+        let slots = LoraSlots::new(n_in, n_out, &table).map_err(kernel("lora slots"))?;
+        lora_kernels::apply(x, tokens, &slots, y).map_err(kernel("lora"))
+    }
 }
 
 impl LlamaModel {
@@ -423,6 +465,29 @@ impl LlamaModel {
         batch: &ForwardBatch,
         cache: &mut dyn KvCacheMut,
     ) -> Result<ForwardOutput, ForwardError> {
+        self.run(batch, cache, None)
+    }
+
+    /// [`LlamaModel::forward`] with LoRA adapters: a sequence whose
+    /// [`SeqStep::adapter`](super::SeqStep::adapter) is `Some(slot)` gets
+    /// `y += scale · (x · Aᵀ) · Bᵀ` on every projection that hot slot `slot` of
+    /// `adapters` adapts; sequences without an adapter cost nothing extra. A batch that
+    /// names a slot `adapters` does not fill fails with [`ForwardError::Kernel`].
+    pub fn forward_with_adapters(
+        &self,
+        batch: &ForwardBatch,
+        cache: &mut dyn KvCacheMut,
+        adapters: &HotSnapshot,
+    ) -> Result<ForwardOutput, ForwardError> {
+        self.run(batch, cache, Some(adapters))
+    }
+
+    fn run(
+        &self,
+        batch: &ForwardBatch,
+        cache: &mut dyn KvCacheMut,
+        adapters: Option<&HotSnapshot>,
+    ) -> Result<ForwardOutput, ForwardError> {
         self.check_cache(cache)?;
         let kern = self
             .device
@@ -466,11 +531,32 @@ impl LlamaModel {
                 query_len: rows.len(),
             })
             .collect();
+        let logits_seqs: Vec<SeqAttention<'_>> = batch
+            .seqs
+            .iter()
+            .zip(&plan.output_rows)
+            .filter(|(_, rows)| !rows.is_empty())
+            .map(|(step, rows)| SeqAttention {
+                block_table: &step.block_table,
+                context_len: step.context_len(),
+                query_start: rows.start,
+                query_len: rows.len(),
+            })
+            .collect();
+        let tokens = batch.token_adapters();
+        let no_slots = HotSnapshot::default();
+        let lora = tokens.iter().any(Option::is_some).then(|| LoraStep {
+            slots: adapters.unwrap_or(&no_slots),
+            kept: plan.logits_rows.iter().map(|&r| tokens[r]).collect(),
+            tokens,
+        });
         let step = Step {
             kern,
             plan: &plan,
             seqs: &seqs,
+            logits_seqs: &logits_seqs,
             layout,
+            lora,
         };
 
         kern.embedding(&self.embed.view(), &plan.token_ids, &mut s.x)
@@ -481,18 +567,24 @@ impl LlamaModel {
                 expected: self.dims.num_layers,
                 got: i,
             })?;
-            self.attention_block(&step, layer, (k_cache, v_cache), &mut s)?;
-            self.mlp_block(kern, layer, &mut s)?;
+            let last = i + 1 == self.layers.len();
+            self.attention_block(&step, (i, layer), (k_cache, v_cache), &mut s, last)?;
+            if !s.x.is_empty() {
+                self.mlp_block(kern, (i, layer), step.lora.as_ref(), &mut s)?;
+            }
         }
         self.logits(kern, &plan, &s.x)
     }
 
+    /// Attention and its residual. In the `last` layer only the tokens that need
+    /// logits go on past the K/V write: nothing after it reads the others.
     fn attention_block(
         &self,
         step: &Step<'_>,
-        layer: &LlamaLayer,
+        (index, layer): (usize, &LlamaLayer),
         (k_cache, v_cache): (&mut [f32], &mut [f32]),
         s: &mut Scratch,
+        last: bool,
     ) -> Result<(), ForwardError> {
         let (d, kern, plan) = (&self.dims, step.kern, step.plan);
         let (qw, kvw) = (d.q_width(), d.kv_width());
@@ -506,19 +598,42 @@ impl LlamaModel {
             s.k[r * kvw..(r + 1) * kvw].copy_from_slice(&fused[qw..qw + kvw]);
             s.v[r * kvw..(r + 1) * kvw].copy_from_slice(&fused[qw + kvw..]);
         }
+        if let Some(l) = &step.lora {
+            let hid = d.hidden_size;
+            l.apply(index, Projection::Q, (hid, qw), &s.h, &mut s.q)?;
+            l.apply(index, Projection::K, (hid, kvw), &s.h, &mut s.k)?;
+            l.apply(index, Projection::V, (hid, kvw), &s.h, &mut s.v)?;
+        }
         kern.rope(&self.rope, &self.heads, &plan.positions, &mut s.q, &mut s.k)
             .map_err(kernel("rope"))?;
         kern.write_kv(&s.k, &s.v, &plan.slots, k_cache, v_cache, &step.layout)
             .map_err(kernel("write_kv"))?;
+        let mut seqs = step.seqs;
+        if last && plan.logits_rows.len() < plan.token_ids.len() {
+            s.keep_rows(&plan.logits_rows, d);
+            seqs = step.logits_seqs;
+            if s.x.is_empty() {
+                return Ok(());
+            }
+        }
         let cache = KvCache {
             k: k_cache,
             v: v_cache,
             layout: step.layout,
         };
-        kern.paged_attention(&s.q, &self.heads, &cache, step.seqs, &mut s.attn)
+        kern.paged_attention(&s.q, &self.heads, &cache, seqs, &mut s.attn)
             .map_err(kernel("paged_attention"))?;
         kern.matmul(&s.attn, &layer.o_proj.view(), &mut s.proj)
             .map_err(kernel("o_proj"))?;
+        if let Some(l) = &step.lora {
+            l.apply(
+                index,
+                Projection::O,
+                (qw, d.hidden_size),
+                &s.attn,
+                &mut s.proj,
+            )?;
+        }
         add_assign(&mut s.x, &s.proj);
         Ok(())
     }
@@ -526,7 +641,8 @@ impl LlamaModel {
     fn mlp_block(
         &self,
         kern: &dyn Kernels,
-        layer: &LlamaLayer,
+        (index, layer): (usize, &LlamaLayer),
+        lora: Option<&LoraStep<'_>>,
         s: &mut Scratch,
     ) -> Result<(), ForwardError> {
         let d = &self.dims;
@@ -539,15 +655,30 @@ impl LlamaModel {
             s.gate[r * ffn..(r + 1) * ffn].copy_from_slice(&fused[..ffn]);
             s.up[r * ffn..(r + 1) * ffn].copy_from_slice(&fused[ffn..]);
         }
+        if let Some(l) = lora {
+            let hid = d.hidden_size;
+            l.apply(index, Projection::Gate, (hid, ffn), &s.h, &mut s.gate)?;
+            l.apply(index, Projection::Up, (hid, ffn), &s.h, &mut s.up)?;
+        }
         kern.silu_mul(&s.gate, &s.up, &mut s.act)
             .map_err(kernel("silu_mul"))?;
         kern.matmul(&s.act, &layer.down.view(), &mut s.proj)
             .map_err(kernel("down_proj"))?;
+        if let Some(l) = lora {
+            l.apply(
+                index,
+                Projection::Down,
+                (ffn, d.hidden_size),
+                &s.act,
+                &mut s.proj,
+            )?;
+        }
         add_assign(&mut s.x, &s.proj);
         Ok(())
     }
 
-    /// Final norm and the output projection, only for the rows that asked for logits.
+    /// Final norm and the output projection. `x` holds exactly the rows that asked
+    /// for logits, in output order (the last layer kept only those).
     fn logits(
         &self,
         kern: &dyn Kernels,
@@ -555,16 +686,12 @@ impl LlamaModel {
         x: &[f32],
     ) -> Result<ForwardOutput, ForwardError> {
         let d = &self.dims;
-        let hid = d.hidden_size;
         let rows = plan.logits_rows.len();
-        let mut picked = Vec::with_capacity(rows * hid);
-        for &r in &plan.logits_rows {
-            picked.extend_from_slice(&x[r * hid..(r + 1) * hid]);
-        }
-        let mut normed = vec![0.0; rows * hid];
+        debug_assert_eq!(x.len(), rows * d.hidden_size);
+        let mut normed = vec![0.0; x.len()];
         let mut logits = vec![0.0; rows * d.vocab_size];
         if rows > 0 {
-            kern.rms_norm(&picked, &self.final_norm, d.rms_norm_eps, &mut normed)
+            kern.rms_norm(x, &self.final_norm, d.rms_norm_eps, &mut normed)
                 .map_err(kernel("final rms_norm"))?;
             let head = self.lm_head.as_ref().unwrap_or(&self.embed);
             kern.matmul(&normed, &head.view(), &mut logits)
@@ -575,6 +702,30 @@ impl LlamaModel {
             vocab_size: d.vocab_size,
             seq_rows: plan.output_rows.clone(),
         })
+    }
+}
+
+impl Scratch {
+    /// Keeps rows `rows` (ascending) of the residual stream and the queries, moved to
+    /// the front, and shrinks every buffer to that many rows.
+    fn keep_rows(&mut self, rows: &[usize], d: &LlamaDims) {
+        let (hid, qw) = (d.hidden_size, d.q_width());
+        for (dst, &src) in rows.iter().enumerate() {
+            // Ascending rows: `src >= dst`, so each copy reads a row not yet overwritten.
+            self.x.copy_within(src * hid..(src + 1) * hid, dst * hid);
+            self.q.copy_within(src * qw..(src + 1) * qw, dst * qw);
+        }
+        let n = rows.len();
+        let ffn = d.intermediate_size;
+        self.x.truncate(n * hid);
+        self.h.truncate(n * hid);
+        self.q.truncate(n * qw);
+        self.attn.truncate(n * qw);
+        self.proj.truncate(n * hid);
+        self.gate_up.truncate(n * 2 * ffn);
+        self.gate.truncate(n * ffn);
+        self.up.truncate(n * ffn);
+        self.act.truncate(n * ffn);
     }
 }
 

@@ -1,0 +1,460 @@
+//! Multi-LoRA benches at SmolLM2-135M's shapes (30 layers, hidden 576, q 576, kv 192,
+//! MLP 1536), CPU:
+//!
+//! - `lora/cold_to_hot/{wall,thread_cpu}/r{8,16,64}`: an adapter in the image (not in memory) until it
+//!   sits pinned in a hot slot: blob read + checksum, audit, decode, generation hash,
+//!   budget reservation, slot fill.
+//! - `lora/warm_to_hot/{shared,copy}/r16`: a decoded adapter into a hot slot (evicting
+//!   another): shared = the slot refers to host memory; copy = a device-style copy.
+//! - `lora/decode_cpu/...` (process CPU time): one decoder layer's seven projections for a decode batch,
+//!   base matmuls alone vs base + per-token LoRA (16 sequences over 4 adapters; 64
+//!   sequences over 64 adapters).
+//! - `lora/prefill/...`: 2 × 64-token prefill runs, segmented (SGMV) vs gathered (BGMV).
+//!
+//! - `lora/real_decode_f32_cpu/...` (process CPU time): one decode step of the real model (f32 weights) for
+//!   16 sequences over 4 adapters and 64 sequences over 64 adapters (r16), base vs
+//!   adapters; skipped with a message when the model cannot be fetched.
+//!
+//! Run: `cargo bench --bench lora` (figures in docs/perf/lora.md).
+
+use batos::kernels::cpu::{self, lora as k};
+use batos::kernels::WeightView;
+use batos::lora::{
+    AdapterFiles, AdapterManager, BaseShapes, Expect, HotStorage, LoraPair, LoraWeights,
+    ManagerConfig, PrefetchPolicy, Projection,
+};
+use batos::store::{Db, StoreConfig};
+use batos::types::{MemoryBudget, SlotIdx};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use std::hint::black_box;
+
+fn cpu_clock(clock: libc::clockid_t) -> std::time::Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; the thread and process CPU clocks are
+    // supported on Linux, and on failure `ts` stays zero (the bench then reports zero).
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// CPU time consumed by the calling thread.
+fn thread_cpu() -> std::time::Duration {
+    cpu_clock(libc::CLOCK_THREAD_CPUTIME_ID)
+}
+
+/// CPU time consumed by every thread of the process (the kernels run on a pool).
+fn process_cpu() -> std::time::Duration {
+    cpu_clock(libc::CLOCK_PROCESS_CPUTIME_ID)
+}
+
+/// Benches `f` in process CPU time: on a loaded machine wall time mostly measures
+/// waiting for a core, while CPU time is what the work costs.
+fn bench_cpu(b: &mut criterion::Bencher<'_>, mut f: impl FnMut()) {
+    b.iter_custom(|iters| {
+        let start = process_cpu();
+        for _ in 0..iters {
+            f();
+        }
+        process_cpu() - start
+    })
+}
+
+struct Lcg(u64);
+impl Lcg {
+    fn vec(&mut self, n: usize, amp: f32) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                self.0 = self
+                    .0
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((self.0 >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * amp
+            })
+            .collect()
+    }
+}
+
+fn adapter_files(base: &BaseShapes, r: usize, seed: u64) -> AdapterFiles {
+    let mut rng = Lcg(seed);
+    let mut w = LoraWeights::empty(base.num_layers);
+    for layer in 0..base.num_layers {
+        for p in Projection::ALL {
+            let (i, o) = base.dims(p);
+            let pair = LoraPair {
+                rank: r,
+                scale: 2.0,
+                a: rng.vec(r * i, 0.02),
+                b: rng.vec(o * r, 0.02),
+            };
+            w.insert(layer, p, pair).unwrap();
+        }
+    }
+    let config = format!(
+        r#"{{"peft_type":"LORA","r":{r},"lora_alpha":{},"target_modules":["q_proj","k_proj","v_proj","o_proj","gate_proj","up_proj","down_proj"],"bias":"none","use_dora":false,"base_model_name_or_path":"{}"}}"#,
+        2 * r,
+        base.model_name
+    );
+    let weights = batos::lora::peft::to_safetensors(&w).unwrap();
+    AdapterFiles::from_bytes(config.into_bytes(), weights)
+}
+
+fn manager(dir: &std::path::Path, max_loras: usize, storage: HotStorage) -> AdapterManager {
+    let db = Db::open(dir.join("image"), StoreConfig::default()).unwrap();
+    let cfg = ManagerConfig {
+        max_loras,
+        max_cpu_loras: 8,
+        hot_storage: storage,
+        prefetch: PrefetchPolicy::Off,
+        ..ManagerConfig::default()
+    };
+    AdapterManager::open(
+        &db,
+        BaseShapes::smollm2_135m(),
+        MemoryBudget::new("bench", 8 << 30),
+        cfg,
+    )
+    .unwrap()
+}
+
+fn cold_to_hot(c: &mut Criterion) {
+    let base = BaseShapes::smollm2_135m();
+    let mut g = c.benchmark_group("lora/cold_to_hot");
+    g.sample_size(20);
+    for r in [8usize, 16, 64] {
+        let dir = tempfile::tempdir().unwrap();
+        let mgr = manager(dir.path(), 4, HotStorage::SharedHost);
+        mgr.add_files(
+            "a",
+            adapter_files(&base, r, r as u64),
+            "bench",
+            Expect::Absent,
+        )
+        .unwrap();
+        let cycle = || {
+            mgr.unload("a"); // back to cold
+            let lease = mgr.acquire("a").unwrap();
+            let pin = mgr.pin_hot(&lease).unwrap();
+            black_box(pin.slot());
+        };
+        g.bench_function(BenchmarkId::new("wall", format!("r{r}")), |b| b.iter(cycle));
+        // The same cycle in this thread's CPU time: on a shared, loaded machine the
+        // wall time above mostly measures waiting for a core.
+        g.bench_function(BenchmarkId::new("thread_cpu", format!("r{r}")), |b| {
+            b.iter_custom(|iters| {
+                let start = thread_cpu();
+                for _ in 0..iters {
+                    cycle();
+                }
+                thread_cpu() - start
+            })
+        });
+    }
+    g.finish();
+}
+
+fn warm_to_hot(c: &mut Criterion) {
+    let base = BaseShapes::smollm2_135m();
+    let mut g = c.benchmark_group("lora/warm_to_hot");
+    for (label, storage) in [
+        ("shared", HotStorage::SharedHost),
+        ("copy", HotStorage::Copy),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        // One slot, two warm adapters: every pin evicts the other and fills the slot.
+        let mgr = manager(dir.path(), 1, storage);
+        mgr.add_files("a", adapter_files(&base, 16, 1), "bench", Expect::Absent)
+            .unwrap();
+        mgr.add_files("b", adapter_files(&base, 16, 2), "bench", Expect::Absent)
+            .unwrap();
+        let leases = [mgr.acquire("a").unwrap(), mgr.acquire("b").unwrap()];
+        let mut turn = 0usize;
+        g.bench_function(BenchmarkId::new(label, "r16"), |b| {
+            b.iter(|| {
+                turn ^= 1;
+                let pin = mgr.pin_hot(&leases[turn]).unwrap();
+                black_box(pin.slot());
+            })
+        });
+    }
+    g.finish();
+}
+
+/// One layer's seven projections: base weights and `n` adapters of rank `r`.
+struct Layer {
+    base: Vec<(Projection, Vec<f32>)>,
+    adapters: Vec<Vec<(Vec<f32>, Vec<f32>)>>, // [adapter][proj] -> (A, B)
+}
+
+fn layer(base: &BaseShapes, n: usize, r: usize) -> Layer {
+    let mut rng = Lcg(7);
+    Layer {
+        base: Projection::ALL
+            .iter()
+            .map(|&p| {
+                let (i, o) = base.dims(p);
+                (p, rng.vec(i * o, 0.05))
+            })
+            .collect(),
+        adapters: (0..n)
+            .map(|_| {
+                Projection::ALL
+                    .iter()
+                    .map(|&p| {
+                        let (i, o) = base.dims(p);
+                        (rng.vec(r * i, 0.02), rng.vec(o * r, 0.02))
+                    })
+                    .collect()
+            })
+            .collect(),
+    }
+}
+
+fn run_layer(
+    base: &BaseShapes,
+    l: &Layer,
+    r: usize,
+    tokens: &[Option<SlotIdx>],
+    x: &[Vec<f32>],
+    y: &mut [Vec<f32>],
+    with_lora: bool,
+) {
+    for (pi, (p, w)) in l.base.iter().enumerate() {
+        let (i, o) = base.dims(*p);
+        cpu::matmul(&x[pi], &WeightView::f32(w, o, i).unwrap(), &mut y[pi]).unwrap();
+        if with_lora {
+            let table: Vec<_> = l
+                .adapters
+                .iter()
+                .map(|a| Some(k::LoraSlot::new(&a[pi].0, &a[pi].1, r, 2.0)))
+                .collect();
+            let slots = k::LoraSlots::new(i, o, &table).unwrap();
+            k::apply(&x[pi], tokens, &slots, &mut y[pi]).unwrap();
+        }
+    }
+}
+
+fn decode(c: &mut Criterion) {
+    let base = BaseShapes::smollm2_135m();
+    // Process CPU time (see `bench_cpu`).
+    let mut g = c.benchmark_group("lora/decode_cpu");
+    g.sample_size(20);
+    for (seqs, adapters) in [(16usize, 4usize), (64, 64)] {
+        let r = 16;
+        let l = layer(&base, adapters, r);
+        let tokens: Vec<Option<SlotIdx>> = (0..seqs)
+            .map(|s| Some(SlotIdx((s % adapters) as u16)))
+            .collect();
+        let mut rng = Lcg(3);
+        let x: Vec<Vec<f32>> = Projection::ALL
+            .iter()
+            .map(|&p| rng.vec(seqs * base.dims(p).0, 1.0))
+            .collect();
+        let mut y: Vec<Vec<f32>> = Projection::ALL
+            .iter()
+            .map(|&p| vec![0f32; seqs * base.dims(p).1])
+            .collect();
+        for with_lora in [false, true] {
+            let id = format!(
+                "{seqs}seq_{adapters}adapters_r{r}/{}",
+                if with_lora { "base+lora" } else { "base" }
+            );
+            g.bench_function(id, |b| {
+                bench_cpu(b, || {
+                    run_layer(&base, &l, r, &tokens, &x, &mut y, with_lora)
+                })
+            });
+        }
+        // The LoRA part alone.
+        g.bench_function(
+            format!("{seqs}seq_{adapters}adapters_r{r}/lora_only"),
+            |b| {
+                bench_cpu(b, || {
+                    for (pi, (p, _)) in l.base.iter().enumerate() {
+                        let (i, o) = base.dims(*p);
+                        let table: Vec<_> = l
+                            .adapters
+                            .iter()
+                            .map(|a| Some(k::LoraSlot::new(&a[pi].0, &a[pi].1, r, 2.0)))
+                            .collect();
+                        let slots = k::LoraSlots::new(i, o, &table).unwrap();
+                        k::bgmv(&x[pi], &tokens, &slots, &mut y[pi]).unwrap();
+                    }
+                })
+            },
+        );
+    }
+    g.finish();
+}
+
+fn prefill(c: &mut Criterion) {
+    let base = BaseShapes::smollm2_135m();
+    let mut g = c.benchmark_group("lora/prefill");
+    g.sample_size(20);
+    let r = 16;
+    let l = layer(&base, 2, r);
+    let tokens: Vec<Option<SlotIdx>> = (0..128).map(|t| Some(SlotIdx((t / 64) as u16))).collect();
+    let segs = k::segments(&tokens);
+    let mut rng = Lcg(5);
+    let x: Vec<Vec<f32>> = Projection::ALL
+        .iter()
+        .map(|&p| rng.vec(128 * base.dims(p).0, 1.0))
+        .collect();
+    let mut y: Vec<Vec<f32>> = Projection::ALL
+        .iter()
+        .map(|&p| vec![0f32; 128 * base.dims(p).1])
+        .collect();
+    for mode in ["sgmv", "bgmv"] {
+        g.bench_function(format!("2x64tok_r{r}/{mode}"), |b| {
+            b.iter(|| {
+                for (pi, (p, _)) in l.base.iter().enumerate() {
+                    let (i, o) = base.dims(*p);
+                    let table: Vec<_> = l
+                        .adapters
+                        .iter()
+                        .map(|a| Some(k::LoraSlot::new(&a[pi].0, &a[pi].1, r, 2.0)))
+                        .collect();
+                    let slots = k::LoraSlots::new(i, o, &table).unwrap();
+                    if mode == "sgmv" {
+                        k::sgmv(&x[pi], &segs, &slots, &mut y[pi]).unwrap();
+                    } else {
+                        k::bgmv(&x[pi], &tokens, &slots, &mut y[pi]).unwrap();
+                    }
+                }
+            })
+        });
+    }
+    g.finish();
+}
+
+/// One decode step of the real model for `seqs` sequences whose 64-token prompts are
+/// cached, without adapters and with sequence `i` on hot slot `i % adapters`.
+fn real_decode(c: &mut Criterion) {
+    use batos::kv::{KvCacheConfig, KvCacheManager, KvShape};
+    use batos::model::forward::{ForwardBatch, LlamaModel, SeqStep, WeightDType};
+    use batos::model::gguf::GgufFile;
+    use batos::model::{LlamaConfig, LoadOptions, ModelWeights};
+    use batos::types::BlockId;
+
+    let path = match batos::model::fetch::smollm2_gguf() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("lora/real_decode: real model unavailable ({e}); nothing measured");
+            return;
+        }
+    };
+    let gguf = GgufFile::open(&path).expect("open GGUF");
+    let config = LlamaConfig::from_gguf(&gguf).expect("config");
+    let weights = ModelWeights::from_gguf(&gguf, &config, &LoadOptions::default()).expect("load");
+    let model = LlamaModel::from_weights(&config, &weights, WeightDType::F32).expect("model");
+    let base = BaseShapes::smollm2_135m();
+    // Process CPU time (see `bench_cpu`).
+    let mut g = c.benchmark_group("lora/real_decode_f32_cpu");
+    g.sample_size(10)
+        .warm_up_time(std::time::Duration::from_millis(500))
+        .measurement_time(std::time::Duration::from_secs(4));
+    for (seqs, adapters) in [(16usize, 4usize), (64, 64)] {
+        let dir = tempfile::tempdir().unwrap();
+        let mgr = manager_sized(dir.path(), adapters);
+        let mut pins = Vec::new();
+        for a in 0..adapters {
+            let name = format!("a{a}");
+            mgr.add_files(
+                &name,
+                adapter_files(&base, 16, 100 + a as u64),
+                "bench",
+                Expect::Absent,
+            )
+            .unwrap();
+            let lease = mgr.acquire(&name).unwrap();
+            pins.push((mgr.pin_hot(&lease).unwrap(), lease));
+        }
+        let snapshot = mgr.hot_snapshot();
+        let d = model.dims();
+        let shape = KvShape {
+            num_layers: d.num_layers,
+            num_kv_heads: d.num_kv_heads,
+            head_dim: d.head_dim,
+        };
+        let blocks_per_seq = 5; // 64 prompt tokens + the decode token, blocks of 16
+        let kv_config = KvCacheConfig::new(shape, 1 << 20)
+            .and_then(|c| c.with_num_blocks(seqs * blocks_per_seq))
+            .expect("cache config");
+        let mut kv =
+            KvCacheManager::new(kv_config, &MemoryBudget::new("kv", 1 << 34)).expect("cache");
+        let tables: Vec<Vec<BlockId>> = (0..seqs)
+            .map(|i| {
+                (0..blocks_per_seq)
+                    .map(|b| BlockId((i * blocks_per_seq + b) as u32))
+                    .collect()
+            })
+            .collect();
+        let prompt = |i: usize| {
+            (0..64u32)
+                .map(|t| (t * 7919 + i as u32 * 104_729) % 49_152)
+                .collect::<Vec<u32>>()
+        };
+        let prefill = ForwardBatch::new(
+            (0..seqs)
+                .map(|i| SeqStep::new(prompt(i), 0, tables[i].clone()))
+                .collect(),
+        );
+        model.forward(&prefill, kv.storage_mut()).expect("prefill");
+        for with_lora in [false, true] {
+            let batch = ForwardBatch::new(
+                (0..seqs)
+                    .map(|i| {
+                        let mut s = SeqStep::new(vec![42], 64, tables[i].clone());
+                        if with_lora {
+                            s.adapter = Some(pins[i % adapters].0.slot());
+                        }
+                        s
+                    })
+                    .collect(),
+            );
+            g.throughput(criterion::Throughput::Elements(seqs as u64));
+            let id = format!(
+                "{seqs}seq_{adapters}adapters_r16/{}",
+                if with_lora { "lora" } else { "base" }
+            );
+            g.bench_function(id, |b| {
+                bench_cpu(b, || {
+                    black_box(
+                        model
+                            .forward_with_adapters(&batch, kv.storage_mut(), &snapshot)
+                            .expect("decode"),
+                    );
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
+fn manager_sized(dir: &std::path::Path, adapters: usize) -> AdapterManager {
+    let db = Db::open(dir.join("image"), StoreConfig::default()).unwrap();
+    let cfg = ManagerConfig {
+        max_loras: adapters,
+        max_cpu_loras: adapters,
+        prefetch: PrefetchPolicy::Off,
+        ..ManagerConfig::default()
+    };
+    AdapterManager::open(
+        &db,
+        BaseShapes::smollm2_135m(),
+        MemoryBudget::new("bench", 8 << 30),
+        cfg,
+    )
+    .unwrap()
+}
+
+criterion_group!(
+    benches,
+    cold_to_hot,
+    warm_to_hot,
+    decode,
+    prefill,
+    real_decode
+);
+criterion_main!(benches);
