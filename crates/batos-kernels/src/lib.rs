@@ -29,6 +29,7 @@ pub mod sampling;
 mod shapes;
 mod weights;
 
+pub use cpu::int4::{Int4Data, Int4Layout};
 pub use device::{CpuKernels, Device, Kernels};
 pub use error::{KernelError, Result};
 pub use shapes::{

@@ -1,5 +1,6 @@
 //! Borrowed views of weight matrices in their storage dtype.
 
+use crate::cpu::int4::Int4Data;
 use crate::error::{KernelError, Result};
 use batos_types::DType;
 use half::{bf16, f16};
@@ -11,6 +12,9 @@ pub enum WeightData<'a> {
     F32(&'a [f32]),
     F16(&'a [f16]),
     BF16(&'a [bf16]),
+    /// int4 in AutoAWQ's GEMM layout (see [`crate::cpu::int4`]); its length is the
+    /// number of weights it stands for, `in_features · out_features`.
+    Int4(Int4Data<'a>),
 }
 
 impl WeightData<'_> {
@@ -20,6 +24,7 @@ impl WeightData<'_> {
             WeightData::F32(s) => s.len(),
             WeightData::F16(s) => s.len(),
             WeightData::BF16(s) => s.len(),
+            WeightData::Int4(d) => d.layout().in_features() * d.layout().out_features(),
         }
     }
 
@@ -34,6 +39,7 @@ impl WeightData<'_> {
             WeightData::F32(_) => DType::F32,
             WeightData::F16(_) => DType::F16,
             WeightData::BF16(_) => DType::BF16,
+            WeightData::Int4(_) => DType::Int4,
         }
     }
 }
@@ -94,6 +100,17 @@ impl<'a> WeightView<'a> {
         Self::new(WeightData::BF16(data), rows, cols)
     }
 
+    /// An int4 linear layer: `[out_features, in_features]` like every linear weight,
+    /// whatever the packed storage order.
+    pub fn int4(data: Int4Data<'a>) -> Self {
+        let layout = data.layout();
+        WeightView {
+            data: WeightData::Int4(data),
+            rows: layout.out_features(),
+            cols: layout.in_features(),
+        }
+    }
+
     /// Number of rows (`out_features` of a linear layer).
     pub fn rows(&self) -> usize {
         self.rows
@@ -116,7 +133,8 @@ impl<'a> WeightView<'a> {
 
     /// Rows `start..end` as a view of their own (used to split work across threads).
     ///
-    /// Returns `None` when the range is empty-reversed or out of bounds.
+    /// Returns `None` when the range is empty-reversed or out of bounds, and for int4
+    /// weights unless it is the whole matrix (their rows are interleaved in storage).
     pub fn row_range(&self, start: usize, end: usize) -> Option<WeightView<'a>> {
         if start > end || end > self.rows {
             return None;
@@ -126,6 +144,8 @@ impl<'a> WeightView<'a> {
             WeightData::F32(s) => WeightData::F32(&s[a..b]),
             WeightData::F16(s) => WeightData::F16(&s[a..b]),
             WeightData::BF16(s) => WeightData::BF16(&s[a..b]),
+            WeightData::Int4(d) if start == 0 && end == self.rows => WeightData::Int4(d),
+            WeightData::Int4(_) => return None,
         };
         Some(WeightView {
             data,
@@ -144,6 +164,7 @@ impl<'a> WeightView<'a> {
             WeightData::F32(s) => s[i],
             WeightData::F16(s) => s[i].to_f32(),
             WeightData::BF16(s) => s[i].to_f32(),
+            WeightData::Int4(d) => d.get(r, c),
         })
     }
 }

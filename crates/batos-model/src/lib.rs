@@ -30,6 +30,7 @@ pub mod gguf;
 pub mod image;
 mod mmap;
 mod model;
+pub mod quant;
 pub mod safetensors_io;
 pub mod synthetic;
 pub mod tensor;

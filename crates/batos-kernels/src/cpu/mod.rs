@@ -6,6 +6,7 @@
 
 mod attention;
 pub(crate) mod check;
+pub mod int4;
 pub mod lora;
 mod par;
 mod pool;
@@ -59,6 +60,7 @@ pub fn matmul(x: &[f32], w: &WeightView<'_>, out: &mut [f32]) -> Result<()> {
         WeightData::F32(s) => avx.matmul(x, k, s, n, out),
         WeightData::F16(s) => avx.matmul(x, k, s, n, out),
         WeightData::BF16(s) => avx.matmul(x, k, s, n, out),
+        WeightData::Int4(d) => int4::matmul_avx2(avx, x, &d, out),
     }
     Ok(())
 }
@@ -174,6 +176,7 @@ pub fn embedding(table: &WeightView<'_>, ids: &[u32], out: &mut [f32]) -> Result
             WeightData::F32(s) => o.copy_from_slice(&s[r]),
             WeightData::F16(s) => avx.widen_row(&s[r], o),
             WeightData::BF16(s) => avx.widen_row(&s[r], o),
+            WeightData::Int4(d) => d.dequantize_row(id as usize, o),
         }
     }
     Ok(())

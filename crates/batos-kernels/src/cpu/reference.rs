@@ -25,6 +25,7 @@ pub(crate) fn widen_row(w: &WeightView<'_>, r: usize, buf: &mut [f32]) {
                 *b = v.to_f32();
             }
         }
+        WeightData::Int4(d) => d.dequantize_row(r, buf),
     }
 }
 

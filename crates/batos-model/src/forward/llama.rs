@@ -15,7 +15,8 @@ use crate::{LlamaConfig, ModelWeights, Tensor};
 use super::batch::{AdapterSupport, BatchLimits, ForwardBatch, ForwardOutput, StepPlan};
 use super::cache::KvCacheMut;
 use super::error::ForwardError;
-use super::weights::{Matrix, WeightDType};
+use super::weights::{Linear, Matrix, WeightDType};
+use crate::quant::{Int4Weight, QuantError, QuantizedWeights};
 
 fn kernel(op: &'static str) -> impl FnOnce(KernelError) -> ForwardError {
     move |source| ForwardError::Kernel { op, source }
@@ -62,7 +63,7 @@ impl LlamaDims {
 }
 
 /// The kernels' RoPE settings for `config`, or why it cannot run.
-fn rope_config(config: &LlamaConfig) -> Result<RopeConfig, ForwardError> {
+pub(crate) fn rope_config(config: &LlamaConfig) -> Result<RopeConfig, ForwardError> {
     let scaling = match config.rope_scaling {
         None => RopeScaling::Default,
         Some(ConfigRopeScaling::Llama3 {
@@ -94,11 +95,11 @@ fn rope_config(config: &LlamaConfig) -> Result<RopeConfig, ForwardError> {
 #[derive(Clone, Debug)]
 struct LlamaLayer {
     attn_norm: Vec<f32>,
-    qkv: Matrix,
-    o_proj: Matrix,
+    qkv: Linear,
+    o_proj: Linear,
     mlp_norm: Vec<f32>,
-    gate_up: Matrix,
-    down: Matrix,
+    gate_up: Linear,
+    down: Linear,
 }
 
 /// A Llama-family decoder ready to run batched forward steps.
@@ -216,22 +217,7 @@ impl LlamaModel {
         dtype: WeightDType,
     ) -> Result<LlamaModel, ForwardError> {
         let dims = LlamaDims::from_config(config);
-        if let Some(window) = config.sliding_window.filter(|&w| w < dims.max_position) {
-            return Err(ForwardError::BadConfig {
-                reason: format!(
-                    "sliding-window attention ({window} tokens) is not supported by the forward pass"
-                ),
-            });
-        }
-        let heads =
-            AttentionHeads::new(dims.num_heads, dims.num_kv_heads, dims.head_dim).map_err(|e| {
-                ForwardError::BadConfig {
-                    reason: e.to_string(),
-                }
-            })?;
-        let rope = Rope::new(&rope_config(config)?).map_err(|e| ForwardError::BadConfig {
-            reason: e.to_string(),
-        })?;
+        let (heads, rope) = Self::attention_setup(config, &dims)?;
         if weights.layers().len() != dims.num_layers {
             return Err(ForwardError::BadConfig {
                 reason: format!(
@@ -266,33 +252,33 @@ impl LlamaModel {
             let (gate, up) = (l.gate_proj.to_f32_vec(), l.up_proj.to_f32_vec());
             layers.push(LlamaLayer {
                 attn_norm: norm(name("input_layernorm"), &l.attn_norm)?,
-                qkv: Matrix::stack_f32(
+                qkv: Linear::Dense(Matrix::stack_f32(
                     &name("self_attn.qkv_proj"),
                     &[(&q, qw), (&k, kvw), (&v, kvw)],
                     hid,
                     dtype,
-                )?,
-                o_proj: Matrix::from_f32(
+                )?),
+                o_proj: Linear::Dense(Matrix::from_f32(
                     &name("self_attn.o_proj"),
                     &l.o_proj.to_f32_vec(),
                     hid,
                     qw,
                     dtype,
-                )?,
+                )?),
                 mlp_norm: norm(name("post_attention_layernorm"), &l.mlp_norm)?,
-                gate_up: Matrix::stack_f32(
+                gate_up: Linear::Dense(Matrix::stack_f32(
                     &name("mlp.gate_up_proj"),
                     &[(&gate, ffn), (&up, ffn)],
                     hid,
                     dtype,
-                )?,
-                down: Matrix::from_f32(
+                )?),
+                down: Linear::Dense(Matrix::from_f32(
                     &name("mlp.down_proj"),
                     &l.down_proj.to_f32_vec(),
                     hid,
                     ffn,
                     dtype,
-                )?,
+                )?),
             });
         }
         let embed = Matrix::from_f32(
@@ -323,6 +309,90 @@ impl LlamaModel {
             final_norm: norm("model.norm".into(), weights.norm())?,
             lm_head,
         })
+    }
+
+    /// Builds the runtime model from int4 weights ([`crate::quant`]): the projections
+    /// stay int4 (q/k/v and gate/up fused along the output dimension, which in
+    /// AutoAWQ's layout is a per-row concatenation), the embedding and head are stored
+    /// in `dense`, the norms f32.
+    pub fn from_quantized(
+        config: &LlamaConfig,
+        weights: &QuantizedWeights,
+        dense: WeightDType,
+    ) -> Result<LlamaModel, QuantError> {
+        weights.validate(config)?;
+        let dims = LlamaDims::from_config(config);
+        let (heads, rope) = Self::attention_setup(config, &dims)?;
+        let hid = dims.hidden_size;
+        let mut layers = Vec::with_capacity(dims.num_layers);
+        for (i, l) in weights.layers.iter().enumerate() {
+            let name = |what: &str| format!("model.layers.{i}.{what}");
+            layers.push(LlamaLayer {
+                attn_norm: l.attn_norm.clone(),
+                qkv: Linear::Int4(Int4Weight::concat_out(
+                    &name("self_attn.qkv_proj"),
+                    &[&l.q_proj, &l.k_proj, &l.v_proj],
+                )?),
+                o_proj: Linear::Int4(l.o_proj.clone()),
+                mlp_norm: l.mlp_norm.clone(),
+                gate_up: Linear::Int4(Int4Weight::concat_out(
+                    &name("mlp.gate_up_proj"),
+                    &[&l.gate_proj, &l.up_proj],
+                )?),
+                down: Linear::Int4(l.down_proj.clone()),
+            });
+        }
+        let embed = Matrix::from_f32(
+            "model.embed_tokens",
+            &weights.embed_tokens.to_f32_vec(),
+            dims.vocab_size,
+            hid,
+            dense,
+        )?;
+        let lm_head = match &weights.lm_head {
+            None => None,
+            Some(h) => Some(Matrix::from_f32(
+                "lm_head",
+                &h.to_f32_vec(),
+                dims.vocab_size,
+                hid,
+                dense,
+            )?),
+        };
+        Ok(LlamaModel {
+            device: Device::Cpu,
+            dims,
+            heads,
+            rope,
+            embed,
+            layers,
+            final_norm: weights.norm.to_f32_vec(),
+            lm_head,
+        })
+    }
+
+    /// Attention head layout and RoPE tables for `config`, or why it cannot run.
+    fn attention_setup(
+        config: &LlamaConfig,
+        dims: &LlamaDims,
+    ) -> Result<(AttentionHeads, Rope), ForwardError> {
+        if let Some(window) = config.sliding_window.filter(|&w| w < dims.max_position) {
+            return Err(ForwardError::BadConfig {
+                reason: format!(
+                    "sliding-window attention ({window} tokens) is not supported by the forward pass"
+                ),
+            });
+        }
+        let heads =
+            AttentionHeads::new(dims.num_heads, dims.num_kv_heads, dims.head_dim).map_err(|e| {
+                ForwardError::BadConfig {
+                    reason: e.to_string(),
+                }
+            })?;
+        let rope = Rope::new(&rope_config(config)?).map_err(|e| ForwardError::BadConfig {
+            reason: e.to_string(),
+        })?;
+        Ok((heads, rope))
     }
 
     /// Runs the kernels on `device` (the CPU by default). Weights stay host slices; a

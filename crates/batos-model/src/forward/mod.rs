@@ -15,5 +15,6 @@ mod weights;
 pub use batch::{ForwardBatch, ForwardOutput, LogitsRows, SeqStep};
 pub use cache::KvCacheMut;
 pub use error::ForwardError;
+pub(crate) use llama::rope_config;
 pub use llama::{LlamaDims, LlamaModel};
 pub use weights::WeightDType;

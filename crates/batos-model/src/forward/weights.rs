@@ -4,6 +4,7 @@ use batos_kernels::WeightView;
 use half::{bf16, f16};
 
 use super::error::ForwardError;
+use crate::quant::Int4Weight;
 
 /// The dtype the runtime keeps linear and embedding weights in. All arithmetic is f32;
 /// f16/bf16 halve the memory and the bytes each decode step streams.
@@ -108,5 +109,31 @@ impl Matrix {
         };
         // The length was checked when the matrix was built.
         view.expect("matrix length matches its shape")
+    }
+}
+
+/// A linear layer's weights as the forward pass holds them: dense, or int4 in AutoAWQ's
+/// layout (the kernels dequantise on the fly). Activations are f32 either way.
+#[derive(Clone, Debug)]
+pub(crate) enum Linear {
+    Dense(Matrix),
+    Int4(Int4Weight),
+}
+
+impl Linear {
+    /// Bytes the weights occupy.
+    pub fn size_in_bytes(&self) -> usize {
+        match self {
+            Linear::Dense(m) => m.size_in_bytes(),
+            Linear::Int4(w) => w.size_in_bytes(),
+        }
+    }
+
+    /// A borrowed view for the kernels.
+    pub fn view(&self) -> WeightView<'_> {
+        match self {
+            Linear::Dense(m) => m.view(),
+            Linear::Int4(w) => w.view(),
+        }
     }
 }

@@ -1,0 +1,96 @@
+//! Criterion benches of the int4 (AutoAWQ GEMM layout) CPU matmul against the dense
+//! f16 and f32 paths at SmolLM2-135M's shapes, group size 64, named
+//! `<impl>/matmul_<dtype>/<out>x<in>/t=<tokens>` (`<impl>` is `cpu::implementation()`).
+//!
+//! `cargo bench --bench int4` (filter with a trailing substring, e.g. `-- t=1`).
+//! Throughput: FLOPs (2·T·out·in). Figures: docs/perf/awq.md.
+
+use batos_kernels::cpu::{self, int4::pack_word};
+use batos_kernels::{Int4Data, Int4Layout, WeightView};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use half::f16;
+use std::hint::black_box;
+use std::time::Duration;
+
+/// (out_features, in_features) of the projections of SmolLM2-135M (q/k/v and
+/// gate/up fused as the forward pass runs them).
+const SHAPES: [(usize, usize); 4] = [(960, 576), (576, 576), (3072, 576), (576, 1536)];
+const TOKENS: [usize; 4] = [1, 16, 128, 512];
+const GROUP: usize = 64;
+
+fn data(n: usize, seed: u32) -> Vec<u32> {
+    let mut s = seed.wrapping_mul(2_654_435_761).max(1);
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            s
+        })
+        .collect()
+}
+
+fn floats(n: usize, seed: u32) -> Vec<f32> {
+    data(n, seed)
+        .into_iter()
+        .map(|v| (v >> 8) as f32 / (1u32 << 23) as f32 - 1.0)
+        .collect()
+}
+
+struct Int4Owned {
+    layout: Int4Layout,
+    qweight: Vec<u32>,
+    qzeros: Vec<u32>,
+    scales: Vec<f16>,
+}
+
+fn int4(n: usize, k: usize) -> Int4Owned {
+    let layout = Int4Layout::new(k, n, GROUP).unwrap();
+    let qweight = data(layout.qweight_len(), 3);
+    let qzeros = (0..layout.qzeros_len())
+        .map(|_| pack_word([8; 8]))
+        .collect();
+    let scales = vec![f16::from_f32(0.01); layout.scales_len()];
+    Int4Owned {
+        layout,
+        qweight,
+        qzeros,
+        scales,
+    }
+}
+
+fn matmul(c: &mut Criterion) {
+    let imp = cpu::implementation();
+    for dtype in ["int4", "f16", "f32"] {
+        let mut g = c.benchmark_group(format!("{imp}/matmul_{dtype}"));
+        g.sample_size(10)
+            .warm_up_time(Duration::from_millis(500))
+            .measurement_time(Duration::from_secs(2));
+        for &(n, k) in &SHAPES {
+            let q = int4(n, k);
+            let w32 = floats(n * k, 1);
+            let w16: Vec<f16> = w32.iter().map(|&v| f16::from_f32(v)).collect();
+            let view = match dtype {
+                "int4" => WeightView::int4(
+                    Int4Data::new(q.layout, &q.qweight, &q.qzeros, &q.scales).unwrap(),
+                ),
+                "f16" => WeightView::f16(&w16, n, k).unwrap(),
+                _ => WeightView::f32(&w32, n, k).unwrap(),
+            };
+            for &t in &TOKENS {
+                let x = floats(t * k, 2);
+                let mut out = vec![0f32; t * n];
+                g.throughput(Throughput::Elements((2 * t * n * k) as u64));
+                g.bench_with_input(
+                    BenchmarkId::new(format!("{n}x{k}"), format!("t={t}")),
+                    &t,
+                    |b, _| b.iter(|| cpu::matmul(black_box(&x), &view, &mut out).unwrap()),
+                );
+            }
+        }
+        g.finish();
+    }
+}
+
+criterion_group!(benches, matmul);
+criterion_main!(benches);

@@ -1,0 +1,181 @@
+//! A Llama model whose seven linear projections per block are int4.
+
+use crate::chat_template::ChatTemplate;
+use crate::config::LlamaConfig;
+use crate::tensor::Tensor;
+use crate::tokenizer::ModelTokenizer;
+use crate::weights::{LayerTensor, TensorRole};
+
+use super::error::QuantError;
+use super::int4::Int4Weight;
+
+/// The seven quantised projections of a block, in [`LayerTensor`] order.
+pub const LINEARS: [LayerTensor; 7] = [
+    LayerTensor::Q,
+    LayerTensor::K,
+    LayerTensor::V,
+    LayerTensor::O,
+    LayerTensor::Gate,
+    LayerTensor::Up,
+    LayerTensor::Down,
+];
+
+/// One decoder block: f32 norms (AWQ folds its input scales into them) and int4
+/// projections.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QuantizedLayer {
+    /// RMSNorm weight before attention, `[hidden]`.
+    pub attn_norm: Vec<f32>,
+    pub q_proj: Int4Weight,
+    pub k_proj: Int4Weight,
+    pub v_proj: Int4Weight,
+    pub o_proj: Int4Weight,
+    /// RMSNorm weight before the MLP, `[hidden]`.
+    pub mlp_norm: Vec<f32>,
+    pub gate_proj: Int4Weight,
+    pub up_proj: Int4Weight,
+    pub down_proj: Int4Weight,
+}
+
+impl QuantizedLayer {
+    /// The projection `t` (`None` for the norms).
+    pub fn linear(&self, t: LayerTensor) -> Option<&Int4Weight> {
+        Some(match t {
+            LayerTensor::Q => &self.q_proj,
+            LayerTensor::K => &self.k_proj,
+            LayerTensor::V => &self.v_proj,
+            LayerTensor::O => &self.o_proj,
+            LayerTensor::Gate => &self.gate_proj,
+            LayerTensor::Up => &self.up_proj,
+            LayerTensor::Down => &self.down_proj,
+            _ => return None,
+        })
+    }
+
+    /// Bytes held by the block.
+    pub fn size_in_bytes(&self) -> usize {
+        LINEARS
+            .iter()
+            .filter_map(|&t| self.linear(t))
+            .map(Int4Weight::size_in_bytes)
+            .sum::<usize>()
+            + 4 * (self.attn_norm.len() + self.mlp_norm.len())
+    }
+}
+
+/// All weights of an int4 Llama: dense embedding, final norm and (untied) head, int4
+/// blocks.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QuantizedWeights {
+    pub embed_tokens: Tensor,
+    pub layers: Vec<QuantizedLayer>,
+    pub norm: Tensor,
+    /// `None` when the head is tied to the embedding.
+    pub lm_head: Option<Tensor>,
+    /// Inputs sharing one scale and zero point (the same in every projection).
+    pub group_size: usize,
+}
+
+impl QuantizedWeights {
+    /// Checks every tensor against `config` (shapes, one group size).
+    pub fn validate(&self, config: &LlamaConfig) -> Result<(), QuantError> {
+        let shape = |name: String, t: &Tensor, expected: Vec<usize>| {
+            if t.shape() == expected.as_slice() {
+                Ok(())
+            } else {
+                Err(QuantError::Shape {
+                    name,
+                    expected,
+                    got: t.len(),
+                })
+            }
+        };
+        let (h, v) = (config.hidden_size, config.vocab_size);
+        shape(
+            TensorRole::TokenEmbedding.hf_name(),
+            &self.embed_tokens,
+            vec![v, h],
+        )?;
+        shape(TensorRole::FinalNorm.hf_name(), &self.norm, vec![h])?;
+        match (&self.lm_head, config.tie_word_embeddings) {
+            (Some(t), false) => shape(TensorRole::LmHead.hf_name(), t, vec![v, h])?,
+            (None, true) => {}
+            (_, tied) => {
+                return Err(QuantError::InvalidConfig {
+                    field: "lm_head",
+                    reason: format!(
+                    "the config says tie_word_embeddings = {tied} but the weights {} an lm_head",
+                    if tied { "have" } else { "lack" }
+                ),
+                })
+            }
+        }
+        if self.layers.len() != config.num_hidden_layers {
+            return Err(QuantError::InvalidConfig {
+                field: "num_hidden_layers",
+                reason: format!(
+                    "{} quantised blocks, config says {}",
+                    self.layers.len(),
+                    config.num_hidden_layers
+                ),
+            });
+        }
+        for (layer, l) in self.layers.iter().enumerate() {
+            for (what, norm) in [("attn_norm", &l.attn_norm), ("mlp_norm", &l.mlp_norm)] {
+                if norm.len() != h {
+                    return Err(QuantError::Shape {
+                        name: format!("model.layers.{layer}.{what}"),
+                        expected: vec![h],
+                        got: norm.len(),
+                    });
+                }
+            }
+            for t in LINEARS {
+                let role = TensorRole::Layer { layer, tensor: t };
+                let expected = role.expected_shape(config);
+                let w = l.linear(t).expect("LINEARS are projections");
+                if [w.rows(), w.cols()] != expected[..] {
+                    return Err(QuantError::Shape {
+                        name: role.hf_name(),
+                        expected,
+                        got: w.rows() * w.cols(),
+                    });
+                }
+                if w.layout().group_size() != self.group_size {
+                    return Err(QuantError::InvalidConfig {
+                        field: "group_size",
+                        reason: format!(
+                            "{} has group size {}, the model {}",
+                            role.hf_name(),
+                            w.layout().group_size(),
+                            self.group_size
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes held by all weights.
+    pub fn size_in_bytes(&self) -> usize {
+        let dense = |t: &Tensor| t.as_bytes().len();
+        dense(&self.embed_tokens)
+            + dense(&self.norm)
+            + self.lm_head.as_ref().map_or(0, dense)
+            + self
+                .layers
+                .iter()
+                .map(QuantizedLayer::size_in_bytes)
+                .sum::<usize>()
+    }
+}
+
+/// An int4 model ready to run or save: config, weights, tokenizer, chat template.
+#[derive(Clone, Debug)]
+pub struct QuantizedModel {
+    pub config: LlamaConfig,
+    pub weights: QuantizedWeights,
+    pub tokenizer: ModelTokenizer,
+    pub chat_template: Option<ChatTemplate>,
+}

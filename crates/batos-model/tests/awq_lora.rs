@@ -1,0 +1,164 @@
+//! LoRA over the AWQ int4 base (CI-sized AWQ: 4 × 128 calibration tokens, search 128,
+//! α grid 10, group 64), with the reference adapter `adapters/lora_r16` in f32 beside
+//! the int4 projections:
+//! - along each reference prompt's f32 + adapter greedy continuation
+//!   (../shared/reference/lora_r16.json, 32 tokens), the int4 + adapter model predicts
+//!   the same next token at ≥ `MIN_AGREEMENT` of the 32 positions (teacher-forced, so
+//!   one flip does not cascade; the reference records steps with top-2 margins down to
+//!   0.017 that a quantised model may flip). The issue's target is 90 %; this CI-sized
+//!   AWQ reaches less (figures in docs/perf/awq.md), so the bound holds the measured
+//!   level against regressions rather than the target;
+//! - with the adapter, logits are bit-identical across repeated runs and for a sequence
+//!   alone or inside a batch with other sequences (with and without the adapter).
+//!
+//! Prints a SKIP line when the model or the reference cannot be had.
+
+mod common;
+mod forward_common;
+
+use batos_lora::{AdapterManager, BaseShapes, Expect, HotSnapshot, ManagerConfig, PrefetchPolicy};
+use batos_model::forward::{ForwardBatch, LlamaModel, LogitsRows, SeqStep, WeightDType};
+use batos_model::quant::{
+    quantize_awq, AwqConfig, Calibration, ClipSearch, SHIPPED_CALIBRATION_TEXT,
+};
+use batos_model::{LoadOptions, LoadedModel};
+use batos_store::{Db, StoreConfig};
+use batos_types::{BlockId, MemoryBudget, SlotIdx};
+use common::{ids, real_model, reference_dir, reference_json};
+use forward_common::TestCache;
+
+/// Lowest per-prompt agreement accepted (measured with this configuration: see
+/// docs/perf/awq.md; the target of issue 6 is 0.9).
+const MIN_AGREEMENT: f64 = 0.6;
+
+struct Hot {
+    _dir: tempfile::TempDir,
+    _mgr: AdapterManager,
+    _pin: batos_lora::HotPin,
+    snapshot: HotSnapshot,
+    slot: SlotIdx,
+}
+
+fn hot_adapter(model: &LlamaModel) -> Hot {
+    let d = model.dims();
+    let base = BaseShapes {
+        model_name: "SmolLM2-135M-Instruct".into(),
+        num_layers: d.num_layers,
+        hidden: d.hidden_size,
+        intermediate: d.intermediate_size,
+        q_dim: d.num_heads * d.head_dim,
+        kv_dim: d.num_kv_heads * d.head_dim,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(dir.path().join("image"), StoreConfig::default()).unwrap();
+    let cfg = ManagerConfig {
+        prefetch: PrefetchPolicy::Off,
+        ..ManagerConfig::default()
+    };
+    let mgr = AdapterManager::open(&db, base, MemoryBudget::new("host", 1 << 30), cfg).unwrap();
+    let adapter_dir = reference_dir().unwrap().join("adapters/lora_r16");
+    mgr.add_dir("lora_r16", &adapter_dir, Expect::Absent)
+        .unwrap();
+    let lease = mgr.acquire("lora_r16").unwrap();
+    let pin = mgr.pin_hot(&lease).unwrap();
+    Hot {
+        snapshot: mgr.hot_snapshot(),
+        slot: pin.slot(),
+        _pin: pin,
+        _mgr: mgr,
+        _dir: dir,
+    }
+}
+
+/// All-position logits of `seqs` run as one batch, each in its own blocks.
+fn batch_logits(
+    model: &LlamaModel,
+    snapshot: &HotSnapshot,
+    seqs: &[(Vec<u32>, Option<SlotIdx>)],
+) -> Vec<Vec<f32>> {
+    let d = model.dims();
+    let per_seq = seqs.iter().map(|s| s.0.len()).max().unwrap().div_ceil(16);
+    let mut cache = TestCache::new(d, per_seq * seqs.len(), 16);
+    let steps = seqs
+        .iter()
+        .enumerate()
+        .map(|(i, (toks, adapter))| {
+            let table = (0..per_seq)
+                .map(|b| BlockId((i * per_seq + b) as u32))
+                .collect();
+            let mut s = SeqStep::new(toks.clone(), 0, table).with_logits(LogitsRows::All);
+            s.adapter = *adapter;
+            s
+        })
+        .collect();
+    let out = model
+        .forward_with_adapters(&ForwardBatch::new(steps), &mut cache, snapshot)
+        .unwrap();
+    (0..seqs.len())
+        .map(|i| out.seq_logits(i).flatten().copied().collect())
+        .collect()
+}
+
+#[test]
+fn lora_over_awq_agrees_with_f32_and_is_deterministic() {
+    let test = "lora_over_awq_agrees_with_f32_and_is_deterministic";
+    let (Some(lora), Some(path)) = (reference_json(test, "lora_r16.json"), real_model(test)) else {
+        return;
+    };
+    let model = LoadedModel::from_gguf(&path, &LoadOptions::default()).unwrap();
+    let calib = Calibration::from_text(&model.tokenizer, SHIPPED_CALIBRATION_TEXT, 128, 4).unwrap();
+    let cfg = AwqConfig::default()
+        .with_group_size(64)
+        .with_grid(10)
+        .with_search_tokens(128)
+        .with_clip(ClipSearch::Off);
+    let awq = quantize_awq(&model, &cfg, &calib).unwrap();
+    let int4 = LlamaModel::from_quantized(&awq.config, &awq.weights, WeightDType::F32).unwrap();
+    let hot = hot_adapter(&int4);
+    let vocab = int4.dims().vocab_size;
+
+    let prompts = lora["prompts"].as_array().unwrap();
+    let mut seqs = Vec::new();
+    let mut agreements = Vec::new();
+    for p in prompts {
+        let name = p["name"].as_str().unwrap();
+        let input = ids(&p["input_ids"]);
+        let want = ids(&p["greedy_ids_32"]);
+        // Prompt plus the reference continuation, teacher-forced in one step.
+        let mut toks = input.clone();
+        toks.extend_from_slice(&want[..31]);
+        let logits = &batch_logits(&int4, &hot.snapshot, &[(toks.clone(), Some(hot.slot))])[0];
+        let agree = (0..32)
+            .filter(|&i| {
+                let row = &logits[(input.len() - 1 + i) * vocab..(input.len() + i) * vocab];
+                batos_kernels::cpu::argmax(row).unwrap() as u32 == want[i]
+            })
+            .count();
+        println!("{name}: int4 + adapter agrees with f32 + adapter on {agree}/32 greedy tokens");
+        agreements.push((name.to_owned(), agree));
+        seqs.push((toks, logits.clone()));
+    }
+    for (name, agree) in &agreements {
+        assert!(
+            *agree as f64 >= MIN_AGREEMENT * 32.0,
+            "{name}: {agree}/32 below {MIN_AGREEMENT}; all: {agreements:?}"
+        );
+    }
+
+    // Determinism: repeated runs and batch compositions give the same bits.
+    let (a, b) = (&seqs[0], &seqs[seqs.len() - 1]);
+    for _ in 0..2 {
+        let mixed = batch_logits(
+            &int4,
+            &hot.snapshot,
+            &[
+                (b.0.clone(), None),
+                (a.0.clone(), Some(hot.slot)),
+                (b.0.clone(), Some(hot.slot)),
+            ],
+        );
+        assert_eq!(mixed[1], a.1, "adapter sequence alone vs in a mixed batch");
+        assert_eq!(mixed[2], b.1, "adapter sequence alone vs in a mixed batch");
+        assert_ne!(mixed[0], b.1, "the adapter changes the logits");
+    }
+}
