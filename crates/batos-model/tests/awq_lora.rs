@@ -95,7 +95,13 @@ fn batch_logits(
         .forward_with_adapters(&ForwardBatch::new(steps), &mut cache, snapshot)
         .unwrap();
     (0..seqs.len())
-        .map(|i| out.seq_logits(i).flatten().copied().collect())
+        .map(|i| {
+            out.seq_logits(i)
+                .expect("every sequence of the step has rows")
+                .flatten()
+                .copied()
+                .collect()
+        })
         .collect()
 }
 

@@ -144,7 +144,7 @@ fn int4_logits_are_bit_identical_alone_and_in_any_batch() {
             .forward(&ForwardBatch::new(steps), &mut cache)
             .unwrap();
         for (s, &i) in order.iter().enumerate() {
-            let rows: Vec<f32> = out.seq_logits(s).flatten().copied().collect();
+            let rows: Vec<f32> = out.seq_logits(s).unwrap().flatten().copied().collect();
             assert_eq!(rows, alone[i], "prompt {i} at batch position {s}");
         }
     }
