@@ -173,13 +173,11 @@ fn cpu_seconds() -> Option<(f64, f64)> {
     // user nice system idle iowait irq softirq: everything but idle and iowait is busy.
     let busy = v.first()? + v.get(1)? + v.get(2)? + v.get(5)? + v.get(6)?;
     let own = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    // Fields after the parenthesised command name start with the state (field 3);
+    // utime and stime are fields 14 and 15. Some fields before them can be -1.
     let rest = own.rsplit_once(')')?.1;
-    let f: Vec<u64> = rest
-        .split_whitespace()
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    let mine = f.get(10)? + f.get(11)?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let mine = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
     Some((busy as f64 / USER_HZ, mine as f64 / USER_HZ))
 }
 
