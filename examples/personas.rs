@@ -20,9 +20,9 @@ use batos::engine::{
     AdapterSource, GenerateRequest, GenerationParams, LoraResidency, Prompt, ShutdownMode,
     StopReason,
 };
-use batos::lora::{AdapterManager, BaseShapes, ManagerConfig};
+use batos::lora::{AdapterManager, ManagerConfig};
 use batos::model::chat_template::{ChatMessage, GenerationPrompt};
-use batos::model::forward::WeightDType;
+use batos::model::forward::{LlamaDims, WeightDType};
 use batos::model::{LoadOptions, LoadedModel};
 use batos::store::{Db, StoreConfig};
 use batos::types::MemoryBudget;
@@ -95,15 +95,7 @@ fn main() -> Result<()> {
         .chat_template
         .clone()
         .context("the model has no chat template")?;
-    let c = &model.config;
-    let shapes = BaseShapes {
-        model_name: "SmolLM2-135M-Instruct".into(),
-        num_layers: c.num_hidden_layers,
-        hidden: c.hidden_size,
-        intermediate: c.intermediate_size,
-        q_dim: c.q_dim(),
-        kv_dim: c.kv_dim(),
-    };
+    let shapes = LlamaDims::from_config(&model.config).lora_base_shapes("SmolLM2-135M-Instruct");
     let image = tempfile::tempdir()?;
     let db = Db::open(image.path().join("image"), StoreConfig::default())?;
     let manager = AdapterManager::open(

@@ -10,7 +10,7 @@ use batos_engine::{
     AdapterSource, Engine, EngineError, GenerateRequest, GenerationParams, LoraResidency, Prompt,
     ShutdownMode,
 };
-use batos_lora::{AdapterManager, BaseShapes, ManagerConfig, PrefetchPolicy};
+use batos_lora::{AdapterManager, ManagerConfig, PrefetchPolicy};
 use batos_model::forward::{LlamaModel, WeightDType};
 use batos_model::{LoadOptions, LoadedModel};
 use batos_store::{Db, StoreConfig};
@@ -19,9 +19,13 @@ use batos_types::MemoryBudget;
 fn adapter_dir() -> Option<PathBuf> {
     let root = std::env::var_os("BATOS_REFERENCE_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../../shared/reference")
-        });
+        .or_else(|| {
+            // The repository sits beside `shared/` (CI, developer checkouts, worktrees).
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .ancestors()
+                .map(|a| a.join("shared/reference"))
+                .find(|p| p.is_dir())
+        })?;
     let dir = root.join("adapters/lora_r16");
     dir.is_dir().then_some(dir)
 }
@@ -46,14 +50,7 @@ fn base_and_adapter_requests_share_steps() {
     let model =
         LlamaModel::from_weights(&loaded.config, &loaded.weights, WeightDType::F16).unwrap();
     let d = *model.dims();
-    let base = BaseShapes {
-        model_name: "SmolLM2-135M-Instruct".into(),
-        num_layers: d.num_layers,
-        hidden: d.hidden_size,
-        intermediate: d.intermediate_size,
-        q_dim: d.num_heads * d.head_dim,
-        kv_dim: d.num_kv_heads * d.head_dim,
-    };
+    let base = d.lora_base_shapes("SmolLM2-135M-Instruct");
     let image = tempfile::tempdir().unwrap();
     let db = Db::open(image.path().join("image"), StoreConfig::default()).unwrap();
     let cfg = ManagerConfig {

@@ -15,7 +15,7 @@ mod forward_common;
 
 use std::sync::OnceLock;
 
-use batos_lora::{AdapterManager, BaseShapes, Expect, HotSnapshot, ManagerConfig, PrefetchPolicy};
+use batos_lora::{AdapterManager, Expect, HotSnapshot, ManagerConfig, PrefetchPolicy};
 use batos_model::forward::{ForwardBatch, ForwardError, LlamaModel, SeqStep, WeightDType};
 use batos_model::gguf::GgufFile;
 use batos_model::{LlamaConfig, LoadOptions, ModelWeights};
@@ -61,14 +61,7 @@ struct Hot {
 
 fn hot_adapter(model: &LlamaModel) -> Hot {
     let d = model.dims();
-    let base = BaseShapes {
-        model_name: "SmolLM2-135M-Instruct".into(),
-        num_layers: d.num_layers,
-        hidden: d.hidden_size,
-        intermediate: d.intermediate_size,
-        q_dim: d.num_heads * d.head_dim,
-        kv_dim: d.num_kv_heads * d.head_dim,
-    };
+    let base = d.lora_base_shapes("SmolLM2-135M-Instruct");
     let dir = tempfile::tempdir().unwrap();
     let db = Db::open(dir.path().join("image"), StoreConfig::default()).unwrap();
     let cfg = ManagerConfig {

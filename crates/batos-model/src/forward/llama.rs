@@ -38,6 +38,19 @@ pub struct LlamaDims {
 }
 
 impl LlamaDims {
+    /// The base-model geometry a LoRA adapter is audited against, under `model_name`
+    /// (compared with the adapter's `base_model_name_or_path`).
+    pub fn lora_base_shapes(&self, model_name: impl Into<String>) -> batos_lora::BaseShapes {
+        batos_lora::BaseShapes {
+            model_name: model_name.into(),
+            num_layers: self.num_layers,
+            hidden: self.hidden_size,
+            intermediate: self.intermediate_size,
+            q_dim: self.num_heads * self.head_dim,
+            kv_dim: self.num_kv_heads * self.head_dim,
+        }
+    }
+
     /// The sizes of `config`.
     pub fn from_config(config: &LlamaConfig) -> LlamaDims {
         LlamaDims {
