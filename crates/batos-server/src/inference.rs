@@ -407,7 +407,15 @@ async fn answer(state: Arc<AppState>, job: Job, reply: Reply) -> Result<Response
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
         return Ok(response);
     }
+    // If the client leaves first, this future is dropped with the stream (which
+    // cancels the request): count it as aborted.
+    let mut pending = AbortOnDrop {
+        state: &state,
+        prompt_tokens,
+        armed: true,
+    };
     let done = tokens.collect().await;
+    pending.armed = false;
     let how = finish(&done.reason, &reply)?;
     state.stats.record(&done.usage, how.finished);
     let text = final_text(done.text.as_deref().unwrap_or(""), &done.reason, &reply);
@@ -454,6 +462,21 @@ async fn answer(state: Arc<AppState>, job: Job, reply: Reply) -> Result<Response
         body,
     )
         .into_response())
+}
+
+/// Counts a non-streamed request as aborted unless disarmed (it finished).
+struct AbortOnDrop<'a> {
+    state: &'a AppState,
+    prompt_tokens: usize,
+    armed: bool,
+}
+
+impl Drop for AbortOnDrop<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.state.stats.record_abort(self.prompt_tokens, 0);
+        }
+    }
 }
 
 /// How a request finished, in OpenAI's and vLLM's terms.
