@@ -71,6 +71,8 @@ struct Reply {
     include_usage: bool,
     /// Stop tokens with their text, cut from the answer's end.
     stop_texts: Vec<(u32, String)>,
+    /// The request's own `stop_token_ids` (reported as `stop_reason`; EOS is not).
+    requested_stop_ids: Vec<u32>,
 }
 
 fn unsupported(what: &str, param: &'static str) -> ServerError {
@@ -152,6 +154,14 @@ impl AppState {
                 ));
             }
             stop_token_ids.push(id);
+            // A requested stop token's text is cut from the answer like EOS's.
+            if let Some(text) = self
+                .engine
+                .tokenizer()
+                .and_then(|t| t.decode(&[id], batos_model::SpecialTokenText::Keep).ok())
+            {
+                stop_texts.push((id, text));
+            }
         }
         stop_token_ids.sort_unstable();
         stop_token_ids.dedup();
@@ -290,6 +300,7 @@ pub(crate) async fn completions(
         stream: req.sampling.stream.unwrap_or(false),
         include_usage: req.sampling.stream_options.is_some_and(|o| o.include_usage),
         stop_texts,
+        requested_stop_ids: req.sampling.stop_token_ids.clone().unwrap_or_default(),
     };
     answer(state, job, reply).await
 }
@@ -378,6 +389,7 @@ pub(crate) async fn chat_completions(
         stream: req.sampling.stream.unwrap_or(false),
         include_usage: req.sampling.stream_options.is_some_and(|o| o.include_usage),
         stop_texts,
+        requested_stop_ids: req.sampling.stop_token_ids.clone().unwrap_or_default(),
     };
     answer(state, job, reply).await
 }
@@ -487,7 +499,7 @@ struct How<'a> {
 }
 
 fn finish<'a>(reason: &'a StopReason, reply: &Reply) -> Result<How<'a>> {
-    let eos = |t: u32| reply.stop_texts.iter().any(|(id, _)| *id == t);
+    let requested = |t: u32| reply.requested_stop_ids.contains(&t);
     Ok(match reason {
         StopReason::Finished(FinishReason::Length) => How {
             reason: "length",
@@ -497,7 +509,7 @@ fn finish<'a>(reason: &'a StopReason, reply: &Reply) -> Result<How<'a>> {
         StopReason::Finished(FinishReason::StopToken(t)) => How {
             reason: "stop",
             // vLLM reports end-of-sequence as null, a requested stop id as itself.
-            stop_reason: (!eos(*t)).then_some(StopReasonOut::Token(*t)),
+            stop_reason: requested(*t).then_some(StopReasonOut::Token(*t)),
             finished: Finished::Stop,
         },
         StopReason::Finished(FinishReason::StopString(s)) => How {

@@ -175,6 +175,24 @@ fn completions_and_chat_answer_streamed_and_not() {
     assert_eq!(streamed, cut);
     assert_eq!(last["stop_reason"], stop);
 
+    // A requested stop token ends the answer, its text cut, and is named.
+    let k = (1..words.len())
+        .find(|&k| !words[..k].contains(&words[k]))
+        .expect("a new word in the output");
+    let id: u32 = words[k][1..].parse().unwrap();
+    let r = post(
+        server.addr,
+        "/v1/completions",
+        &json!({"prompt": "w5 w6 w7", "max_tokens": 8, "temperature": 0, "ignore_eos": true,
+                "stop_token_ids": [id]}),
+        None,
+    );
+    let v = r.json();
+    assert_eq!(text_of(&v), format!("{} ", words[..k].join(" ")), "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    assert_eq!(v["choices"][0]["stop_reason"], id);
+    assert_eq!(v["usage"]["completion_tokens"], k + 1);
+
     // Seeded sampling is reproducible.
     let sampled = json!({"prompt": "w5 w6 w7", "max_tokens": 8, "temperature": 1.0,
         "top_p": 0.9, "top_k": 50, "seed": 42, "ignore_eos": true});
