@@ -274,3 +274,40 @@ pub(crate) async fn unload_lora_adapter(
     tracing::info!(adapter = %name, "adapter unloaded");
     Ok(format!("Success: LoRA adapter '{name}' removed successfully.").into_response())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalise_resolves_dots_without_the_file_system() {
+        let root = Path::new("/srv/loras");
+        assert_eq!(
+            normalise(&root.join("a/./b/../c")),
+            PathBuf::from("/srv/loras/a/c")
+        );
+        assert!(!normalise(&root.join("../etc")).starts_with(root));
+        assert!(!normalise(Path::new("/srv/loras/../etc/passwd")).starts_with(root));
+        assert!(!normalise(&root.join("a/../../loras2")).starts_with(root));
+    }
+
+    #[test]
+    fn paths_outside_are_refused_before_any_lookup() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(dir.path()).unwrap();
+        for p in ["../x", "/nonexistent/anywhere", "a/../../b"] {
+            let e = resolve_lora_path("n", p, &root).unwrap_err();
+            assert!(
+                matches!(e, ServerError::InvalidUserInput { .. }),
+                "{p}: {e}"
+            );
+        }
+        let e = resolve_lora_path("n", "missing", &root).unwrap_err();
+        assert!(matches!(e, ServerError::NotFound { .. }), "{e}");
+        std::fs::create_dir(root.join("ok")).unwrap();
+        assert_eq!(
+            resolve_lora_path("n", "ok", &root).unwrap(),
+            root.join("ok")
+        );
+    }
+}

@@ -428,6 +428,7 @@ async fn answer(state: Arc<AppState>, job: Job, reply: Reply) -> Result<Response
     };
     let done = tokens.collect().await;
     pending.armed = false;
+    log_finish(&reply, &done.usage, &done.reason);
     let how = finish(&done.reason, &reply)?;
     state.stats.record(&done.usage, how.finished);
     let text = final_text(done.text.as_deref().unwrap_or(""), &done.reason, &reply);
@@ -474,6 +475,20 @@ async fn answer(state: Arc<AppState>, job: Job, reply: Reply) -> Result<Response
         body,
     )
         .into_response())
+}
+
+/// One line per finished request (`RUST_LOG=batos_server=debug`).
+fn log_finish(reply: &Reply, usage: &Usage, reason: &StopReason) {
+    tracing::debug!(
+        id = %reply.id,
+        model = %reply.model,
+        stream = reply.stream,
+        prompt_tokens = usage.prompt_tokens,
+        completion_tokens = usage.completion_tokens,
+        cached_prompt_tokens = usage.cached_prompt_tokens,
+        ?reason,
+        "request finished"
+    );
 }
 
 /// Counts a non-streamed request as aborted unless disarmed (it finished).
@@ -645,6 +660,7 @@ impl EventStream {
         text: Option<&str>,
         usage: &Usage,
     ) {
+        log_finish(&self.reply, usage, reason);
         let how = match finish(reason, &self.reply) {
             Ok(h) => h,
             Err(e) => {

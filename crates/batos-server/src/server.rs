@@ -413,3 +413,24 @@ impl<T: DeserializeOwned> FromRequest<Arc<AppState>> for JsonBody<T> {
             .map_err(|e| ServerError::bad_request(format!("invalid JSON body: {e}"), None))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_keys_are_parsed_and_compared_whole() {
+        let mut h = HeaderMap::new();
+        assert_eq!(bearer(&h), None);
+        h.insert(header::AUTHORIZATION, "Bearer  sk-1 ".parse().unwrap());
+        assert_eq!(bearer(&h), Some(&b"sk-1"[..]));
+        h.insert(header::AUTHORIZATION, "bearer sk-1".parse().unwrap());
+        assert_eq!(bearer(&h), Some(&b"sk-1"[..]));
+        h.insert(header::AUTHORIZATION, "Basic sk-1".parse().unwrap());
+        assert_eq!(bearer(&h), None);
+        assert!(same_key(b"sk-1", b"sk-1"));
+        assert!(!same_key(b"sk-1", b"sk-2"));
+        assert!(!same_key(b"sk-1", b"sk-10"));
+        assert!(!same_key(b"", b"sk"));
+    }
+}
