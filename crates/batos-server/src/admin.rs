@@ -209,10 +209,21 @@ pub(crate) async fn load_lora_adapter(
     };
     let st = state.clone();
     let n = name.clone();
-    let info = tokio::task::spawn_blocking(move || st.engine.replace_adapter(&n, &source))
-        .await
-        .map_err(|e| ServerError::Task(e.to_string()))?
-        .map_err(|e| load_error(&name, &given, e))?;
+    let g = given.clone();
+    let info = tokio::task::spawn_blocking(move || {
+        if let Some(check) = &st.adapter_check {
+            let verdict = match &source {
+                AdapterSource::PeftDir(dir) => check.check_dir(&n, dir),
+                _ => check.check_image(&n),
+            };
+            verdict.map_err(|e| load_error(&n, &g, e))??;
+        }
+        st.engine
+            .replace_adapter(&n, &source)
+            .map_err(|e| load_error(&n, &g, e))
+    })
+    .await
+    .map_err(|e| ServerError::Task(e.to_string()))??;
     let root = match root {
         Some(r) => r,
         None => {

@@ -6,8 +6,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use batos_engine::{Engine, LoraResidency};
-use batos_lora::{AdapterManager, AdapterRepository, AuditPolicy, ManagerConfig};
+use batos_engine::{Engine, EngineError, LoraResidency};
+use batos_lora::{
+    AdapterManager, AdapterRepository, AuditPolicy, BaseShapes, LoraAdapter, LoraError,
+    ManagerConfig, Projection,
+};
 use batos_model::forward::{LlamaModel, WeightDType};
 use batos_model::image::{model_summary, open_model_with, ModelSource};
 use batos_model::{ChatTemplate, LoadedModel, Progress, SpecialTokenText};
@@ -26,6 +29,7 @@ pub struct ServedModel {
     pub(crate) chat_template: Option<ChatTemplate>,
     pub(crate) eos_token_ids: Vec<u32>,
     pub(crate) repository: Option<AdapterRepository>,
+    pub(crate) adapter_check: Option<AdapterCheck>,
     /// Keeps the image open (and locked) while the adapter repository reads it.
     pub(crate) image: Option<LivingImage>,
 }
@@ -49,6 +53,7 @@ impl ServedModel {
             chat_template: None,
             eos_token_ids: Vec::new(),
             repository: None,
+            adapter_check: None,
             image: None,
         }
     }
@@ -161,6 +166,11 @@ impl ServedModel {
             },
             ..ManagerConfig::default()
         };
+        let check = AdapterCheck {
+            repository: None,
+            base: base.clone(),
+            policy: manager_config.audit.clone(),
+        };
         let manager = AdapterManager::open(&image, base, budget.clone(), manager_config)
             .map_err(|e| image_err("adapter repository")(&e))?;
         let repository = manager.repository().clone();
@@ -189,6 +199,10 @@ impl ServedModel {
             .with_chat_template(chat_template)
             .with_eos_token_ids(eos)
             .with_repository(repository);
+        served.adapter_check = Some(AdapterCheck {
+            repository: served.repository.clone(),
+            ..check
+        });
         served.image = Some(image);
         Ok(served)
     }
@@ -218,5 +232,78 @@ fn default_name(source: &ModelSource) -> String {
             .unwrap_or_else(|| "batos".into()),
         ModelSource::InMemory { description } => description.clone(),
         _ => "batos".into(),
+    }
+}
+
+/// Checks an adapter before the server serves it: that it adapts every projection of
+/// every layer. The forward pass refuses a step in which a token's adapter leaves a
+/// projection out (its hot slot has no entry there), and a failed step ends every
+/// request in flight — so such an adapter is refused at load time instead.
+#[derive(Clone, Debug)]
+pub(crate) struct AdapterCheck {
+    repository: Option<AdapterRepository>,
+    base: BaseShapes,
+    policy: AuditPolicy,
+}
+
+fn as_engine_error(name: &str, e: LoraError) -> EngineError {
+    match e {
+        LoraError::UnknownAdapter { name } => EngineError::UnknownAdapter { name },
+        e => EngineError::Adapter {
+            name: name.into(),
+            op: "check",
+            source: Box::new(e),
+        },
+    }
+}
+
+impl AdapterCheck {
+    /// The first module `adapter` leaves out, if any.
+    fn missing_module(&self, adapter: &LoraAdapter) -> Option<String> {
+        (0..self.base.num_layers).find_map(|layer| {
+            Projection::ALL
+                .into_iter()
+                .find(|&p| adapter.weights.pair(layer, p).is_none())
+                .map(|p| p.module_path(layer))
+        })
+    }
+
+    fn verdict(&self, name: &str, adapter: &LoraAdapter) -> Result<(), ServerError> {
+        match self.missing_module(adapter) {
+            None => Ok(()),
+            Some(module) => Err(ServerError::AdapterRejected {
+                name: name.into(),
+                reason: format!(
+                    "the adapter leaves {module} out; batos serves adapters that adapt all seven projections (q, k, v, o, gate, up, down) of every layer"
+                ),
+            }),
+        }
+    }
+
+    /// Checks the PEFT directory `dir` (audited as a load would). Engine-shaped errors
+    /// are returned as such, for the caller's load-error mapping.
+    pub(crate) fn check_dir(
+        &self,
+        name: &str,
+        dir: &Path,
+    ) -> Result<Result<(), ServerError>, EngineError> {
+        let (adapter, _) = batos_lora::audit_dir(name, dir, &self.base, &self.policy)
+            .map_err(|e| as_engine_error(name, e))?;
+        Ok(self.verdict(name, &adapter))
+    }
+
+    /// Checks the adapter the image holds under `name`.
+    pub(crate) fn check_image(&self, name: &str) -> Result<Result<(), ServerError>, EngineError> {
+        let Some(repo) = &self.repository else {
+            return Ok(Ok(()));
+        };
+        let record = repo
+            .get(name)
+            .map_err(|e| as_engine_error(name, e))?
+            .ok_or_else(|| EngineError::UnknownAdapter { name: name.into() })?;
+        let adapter = repo
+            .load(name, &record, &self.base, &self.policy)
+            .map_err(|e| as_engine_error(name, e))?;
+        Ok(self.verdict(name, &adapter))
     }
 }

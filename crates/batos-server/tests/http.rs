@@ -449,6 +449,12 @@ fn adapter_paths_stay_inside_the_allowed_directory() {
     .unwrap();
     let r = load("bad");
     assert_eq!(r.status, 400, "{}", r.text());
+    // An adapter that leaves projections out is refused at load time, saying which.
+    write_adapter_targeting(&loras.join("qv"), 5, &["q_proj", "v_proj"]);
+    let r = load("qv");
+    assert_eq!(error_of(&r), ("BadRequestError".into(), 400));
+    let msg = r.json()["error"]["message"].as_str().unwrap().to_string();
+    assert!(msg.contains("model.layers.0.self_attn.k_proj"), "{msg}");
     // Nothing was registered by any of these.
     let r = get(addr, "/v1/models", None);
     assert_eq!(r.json()["data"].as_array().unwrap().len(), 1);
