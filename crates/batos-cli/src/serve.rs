@@ -3,6 +3,7 @@
 //! Settings come from `--config FILE.toml` (see `docs/server.md`), then flags, which
 //! override the file. The bound address is printed to stdout once the server listens
 //! (`listening on http://ADDR`), so scripts can start it on port 0 and read the port.
+//! Ctrl-C or SIGTERM drains (in-flight requests finish); a second one exits at once.
 
 use std::io::Write;
 use std::net::IpAddr;
@@ -170,7 +171,17 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         let addr = server.local_addr()?;
         println!("listening on http://{addr}");
         std::io::stdout().flush().ok();
-        server.run(batos_server::shutdown_signal()).await
+        server
+            .run(async {
+                batos_server::shutdown_signal().await;
+                // Draining waits for every stream to end; a second signal stops now.
+                tokio::spawn(async {
+                    batos_server::shutdown_signal().await;
+                    eprintln!("second signal: exiting without draining");
+                    std::process::exit(130);
+                });
+            })
+            .await
     })?;
     Ok(())
 }
