@@ -778,3 +778,68 @@ fn shutdown_drains_a_running_stream() {
     assert_eq!(text.split_whitespace().count(), 1000);
     server.shutdown().unwrap();
 }
+
+#[test]
+fn adapters_stored_in_the_image_outlive_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = tiny_image(dir.path());
+    let loras = dir.path().join("loras");
+    write_adapter(&loras.join("alpha"), 100);
+    let mut c = test_config();
+    c.enable_lora_loading = true;
+    c.admin_api_key = Some(ADMIN.into());
+    c.lora_dir = Some(loras.clone());
+
+    let first = TestServer::start(&image, c.clone());
+    let r = post(
+        first.addr,
+        "/v1/load_lora_adapter",
+        &json!({"lora_name": "alpha", "lora_path": "alpha"}),
+        Some(ADMIN),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let answer = text_of(&completion(&first, "alpha", "w5 w6 w7", 12));
+    first.shutdown().unwrap();
+    std::fs::remove_dir_all(loras.join("alpha")).unwrap();
+
+    // A new server over the same image serves it from startup (image_adapters = all),
+    // with no file left to read; its root is where it first came from.
+    let second = TestServer::start(&image, c.clone());
+    let listed = get(second.addr, "/v1/models", None).json()["data"].clone();
+    assert_eq!(listed[1]["id"], "alpha", "{listed}");
+    assert_eq!(listed[1]["parent"], MODEL);
+    assert!(
+        listed[1]["root"].as_str().unwrap().ends_with("alpha"),
+        "{listed}"
+    );
+    assert_eq!(
+        text_of(&completion(&second, "alpha", "w5 w6 w7", 12)),
+        answer
+    );
+    second.shutdown().unwrap();
+
+    // With image_adapters = none it waits to be loaded by name.
+    c.image_adapters = batos_server::ImageAdapters::None;
+    let third = TestServer::start(&image, c);
+    let listed = get(third.addr, "/v1/models", None).json()["data"].clone();
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+    let r = post(
+        third.addr,
+        "/v1/completions",
+        &json!({"model": "alpha", "prompt": "w5"}),
+        None,
+    );
+    assert_eq!(error_of(&r), ("NotFoundError".into(), 404));
+    let r = post(
+        third.addr,
+        "/v1/load_lora_adapter",
+        &json!({"lora_name": "alpha"}),
+        Some(ADMIN),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        text_of(&completion(&third, "alpha", "w5 w6 w7", 12)),
+        answer
+    );
+    third.shutdown().unwrap();
+}
