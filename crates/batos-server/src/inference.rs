@@ -21,7 +21,7 @@ use batos_engine::{
     FinishReason, GenerateRequest, GenerationParams, Prompt, StopReason, StreamEvent, TokenStream,
     Usage,
 };
-use batos_kernels::sampling::SamplingParams;
+use batos_kernels::sampling::{Sampled, SamplingParams};
 use batos_model::{ChatMessage, GenerationPrompt, Role};
 use futures_util::Stream;
 use serde::Serialize;
@@ -29,8 +29,9 @@ use serde::Serialize;
 use crate::error::{Result, ServerError};
 use crate::metrics::Finished;
 use crate::protocol::{
-    ChatChoice, ChatChunk, ChatChunkChoice, ChatDelta, ChatMessageOut, ChatRequest, ChatResponse,
-    CompletionChoice, CompletionRequest, CompletionResponse, MessageContent, PromptInput,
+    ChatChoice, ChatChunk, ChatChunkChoice, ChatDelta, ChatLogprobs, ChatMessageOut, ChatRequest,
+    ChatResponse, ChatTokenLogprob, ChatTopLogprob, CompletionChoice, CompletionLogprobs,
+    CompletionRequest, CompletionResponse, LogprobsOut, MessageContent, PromptInput,
     SamplingFields, StopReasonOut, UsageOut,
 };
 use crate::server::{unix_now, AppState, JsonBody};
@@ -73,7 +74,13 @@ struct Reply {
     stop_texts: Vec<(u32, String)>,
     /// The request's own `stop_token_ids` (reported as `stop_reason`; EOS is not).
     requested_stop_ids: Vec<u32>,
+    /// Whether to report logprobs (the alternatives asked for are in the params).
+    logprobs: bool,
 }
+
+/// The most alternatives per token a request may ask for (vLLM's default
+/// `max_logprobs`).
+const MAX_LOGPROBS: usize = 20;
 
 fn unsupported(what: &str, param: &'static str) -> ServerError {
     ServerError::bad_request(
@@ -94,7 +101,19 @@ impl AppState {
     }
 
     /// Sampling, stops and `n` from the request; `max_tokens` is settled at submission.
-    fn params(&self, s: &SamplingFields) -> Result<(GenerationParams, Vec<(u32, String)>)> {
+    fn params(
+        &self,
+        s: &SamplingFields,
+        logprobs: Option<usize>,
+    ) -> Result<(GenerationParams, Vec<(u32, String)>)> {
+        if let Some(n) = logprobs {
+            if n > MAX_LOGPROBS {
+                return Err(ServerError::bad_request(
+                    format!("{n} alternatives per token asked for; at most {MAX_LOGPROBS}"),
+                    Some("logprobs"),
+                ));
+            }
+        }
         if let Some(n) = s.n {
             if n != 1 {
                 return Err(ServerError::bad_request(
@@ -125,7 +144,7 @@ impl AppState {
             presence_penalty: s.presence_penalty.unwrap_or(0.0),
             frequency_penalty: s.frequency_penalty.unwrap_or(0.0),
             seed: s.seed,
-            logprobs: None,
+            logprobs,
         };
         sampling
             .validate()
@@ -265,9 +284,6 @@ pub(crate) async fn completions(
     if req.best_of.is_some_and(|b| b > 1) {
         return Err(unsupported("best_of above 1", "best_of"));
     }
-    if req.logprobs.is_some() {
-        return Err(unsupported("logprobs", "logprobs"));
-    }
     if req.suffix.is_some() {
         return Err(unsupported("suffix", "suffix"));
     }
@@ -284,7 +300,8 @@ pub(crate) async fn completions(
         }
     };
     let (model, adapter) = state.resolve(req.model.as_deref())?;
-    let (params, stop_texts) = state.params(&req.sampling)?;
+    let logprobs = req.logprobs.map(|n| n as usize);
+    let (params, stop_texts) = state.params(&req.sampling, logprobs)?;
     let job = Job {
         prompt,
         adapter,
@@ -301,6 +318,7 @@ pub(crate) async fn completions(
         include_usage: req.sampling.stream_options.is_some_and(|o| o.include_usage),
         stop_texts,
         requested_stop_ids: req.sampling.stop_token_ids.clone().unwrap_or_default(),
+        logprobs: logprobs.is_some(),
     };
     answer(state, job, reply).await
 }
@@ -323,9 +341,16 @@ pub(crate) async fn chat_completions(
     State(state): State<Arc<AppState>>,
     JsonBody(req): JsonBody<ChatRequest>,
 ) -> Result<Response> {
-    if req.logprobs == Some(true) || req.top_logprobs.is_some() {
-        return Err(unsupported("logprobs", "logprobs"));
-    }
+    let logprobs = match (req.logprobs.unwrap_or(false), req.top_logprobs) {
+        (true, top) => Some(top.unwrap_or(0) as usize),
+        (false, None) => None,
+        (false, Some(_)) => {
+            return Err(ServerError::bad_request(
+                "top_logprobs needs logprobs: true",
+                Some("top_logprobs"),
+            ))
+        }
+    };
     if req.tools.as_ref().is_some_and(|t| !t.is_empty()) {
         return Err(unsupported("tools", "tools"));
     }
@@ -373,7 +398,7 @@ pub(crate) async fn chat_completions(
         .render(&messages, GenerationPrompt::Add)
         .map_err(|e| ServerError::bad_request(format!("chat template: {e}"), Some("messages")))?;
     let (model, adapter) = state.resolve(req.model.as_deref())?;
-    let (params, stop_texts) = state.params(&req.sampling)?;
+    let (params, stop_texts) = state.params(&req.sampling, logprobs)?;
     let job = Job {
         prompt: Prompt::Text(text),
         adapter,
@@ -390,6 +415,7 @@ pub(crate) async fn chat_completions(
         include_usage: req.sampling.stream_options.is_some_and(|o| o.include_usage),
         stop_texts,
         requested_stop_ids: req.sampling.stop_token_ids.clone().unwrap_or_default(),
+        logprobs: logprobs.is_some(),
     };
     answer(state, job, reply).await
 }
@@ -409,6 +435,8 @@ async fn answer(state: Arc<AppState>, job: Job, reply: Reply) -> Result<Response
             prompt_tokens,
             completion_tokens: 0,
             phase: Phase::Start,
+            pending_logprobs: Vec::new(),
+            token_offset: 0,
         };
         let mut response = Body::from_stream(body).into_response();
         let h = response.headers_mut();
@@ -433,6 +461,10 @@ async fn answer(state: Arc<AppState>, job: Job, reply: Reply) -> Result<Response
     state.stats.record(&done.usage, how.finished);
     let text = final_text(done.text.as_deref().unwrap_or(""), &done.reason, &reply);
     let usage = UsageOut::new(done.usage.prompt_tokens, done.usage.completion_tokens);
+    let logprobs = match (&done.logprobs, reply.logprobs) {
+        (Some(l), true) => Some(logprobs_out(&state, reply.kind, l, &mut 0)),
+        _ => None,
+    };
     let body = match reply.kind {
         Kind::Completion => serde_json::to_vec(&CompletionResponse {
             id: &reply.id,
@@ -442,7 +474,7 @@ async fn answer(state: Arc<AppState>, job: Job, reply: Reply) -> Result<Response
             choices: &[CompletionChoice {
                 index: 0,
                 text,
-                logprobs: None,
+                logprobs,
                 finish_reason: Some(how.reason),
                 stop_reason: how.stop_reason,
             }],
@@ -459,7 +491,7 @@ async fn answer(state: Arc<AppState>, job: Job, reply: Reply) -> Result<Response
                     role: "assistant",
                     content: text,
                 },
-                logprobs: None,
+                logprobs,
                 finish_reason: Some(how.reason),
                 stop_reason: how.stop_reason,
             }],
@@ -475,6 +507,70 @@ async fn answer(state: Arc<AppState>, job: Job, reply: Reply) -> Result<Response
         body,
     )
         .into_response())
+}
+
+/// Logprobs of `sampled` in the endpoint's shape. `offset` is the length of the
+/// tokens' text reported before them (completions' `text_offset`), advanced past them.
+/// A logprob of -inf (a masked token) is reported as -9999, as vLLM does: JSON has no
+/// infinity.
+fn logprobs_out(
+    state: &AppState,
+    kind: Kind,
+    sampled: &[Sampled],
+    offset: &mut usize,
+) -> LogprobsOut {
+    let text = |id: u32| {
+        state
+            .engine
+            .tokenizer()
+            .and_then(|t| t.decode(&[id], batos_model::SpecialTokenText::Keep).ok())
+            .unwrap_or_default()
+    };
+    let lp = |x: f32| if x.is_finite() { x } else { -9999.0 };
+    match kind {
+        Kind::Completion => {
+            let mut out = CompletionLogprobs::default();
+            for s in sampled {
+                let t = text(s.token);
+                out.text_offset.push(*offset);
+                *offset += t.len();
+                out.token_logprobs.push(lp(s.logprob));
+                out.top_logprobs.push(
+                    s.top_logprobs
+                        .iter()
+                        .map(|a| (text(a.token), serde_json::json!(lp(a.logprob))))
+                        .collect(),
+                );
+                out.tokens.push(t);
+            }
+            LogprobsOut::Completion(out)
+        }
+        Kind::Chat => LogprobsOut::Chat(ChatLogprobs {
+            content: sampled
+                .iter()
+                .map(|s| {
+                    let t = text(s.token);
+                    ChatTokenLogprob {
+                        bytes: t.as_bytes().to_vec(),
+                        token: t,
+                        logprob: lp(s.logprob),
+                        top_logprobs: s
+                            .top_logprobs
+                            .iter()
+                            .map(|a| {
+                                let t = text(a.token);
+                                ChatTopLogprob {
+                                    bytes: t.as_bytes().to_vec(),
+                                    token: t,
+                                    logprob: lp(a.logprob),
+                                }
+                            })
+                            .collect(),
+                    }
+                })
+                .collect(),
+        }),
+    }
 }
 
 /// One line per finished request (`RUST_LOG=batos_server=debug`).
@@ -584,6 +680,11 @@ struct EventStream {
     prompt_tokens: usize,
     completion_tokens: usize,
     phase: Phase,
+    /// Logprobs of tokens not yet sent (a token whose text is held back sends its
+    /// logprob with the next chunk).
+    pending_logprobs: Vec<Sampled>,
+    /// Bytes of token text reported in logprobs so far (completions' `text_offset`).
+    token_offset: usize,
 }
 
 /// Appends one `data: <json>\n\n` event.
@@ -600,7 +701,23 @@ fn event<T: Serialize>(buf: &mut Vec<u8>, value: &T) {
 }
 
 impl EventStream {
-    fn text_chunk(&self, buf: &mut Vec<u8>, text: &str) {
+    /// The logprobs of the tokens not yet reported, if the request asked for them.
+    fn take_logprobs(&mut self) -> Option<LogprobsOut> {
+        if !self.reply.logprobs || self.pending_logprobs.is_empty() {
+            return None;
+        }
+        let out = logprobs_out(
+            &self.state,
+            self.reply.kind,
+            &self.pending_logprobs,
+            &mut self.token_offset,
+        );
+        self.pending_logprobs.clear();
+        Some(out)
+    }
+
+    fn text_chunk(&mut self, buf: &mut Vec<u8>, text: &str) {
+        let logprobs = self.take_logprobs();
         let r = &self.reply;
         match r.kind {
             Kind::Completion => event(
@@ -613,14 +730,14 @@ impl EventStream {
                     choices: &[CompletionChoice {
                         index: 0,
                         text,
-                        logprobs: None,
+                        logprobs,
                         finish_reason: None,
                         stop_reason: None,
                     }],
                     usage: None,
                 },
             ),
-            Kind::Chat => self.chat_chunk(buf, Some(text), None, None),
+            Kind::Chat => self.chat_chunk(buf, Some(text), logprobs, None, None),
         }
     }
 
@@ -628,6 +745,7 @@ impl EventStream {
         &self,
         buf: &mut Vec<u8>,
         content: Option<&str>,
+        logprobs: Option<LogprobsOut>,
         finish: Option<&'static str>,
         stop_reason: Option<StopReasonOut<'_>>,
     ) {
@@ -643,7 +761,7 @@ impl EventStream {
                 choices: &[ChatChunkChoice {
                     index: 0,
                     delta: ChatDelta { role, content },
-                    logprobs: None,
+                    logprobs,
                     finish_reason: finish,
                     stop_reason,
                 }],
@@ -671,6 +789,7 @@ impl EventStream {
             }
         };
         self.state.stats.record(usage, how.finished);
+        let logprobs = self.take_logprobs();
         let full = final_text(text.unwrap_or(""), reason, &self.reply);
         let rest = full.strip_prefix(self.emitted.as_str()).unwrap_or_default();
         let r = &self.reply;
@@ -685,7 +804,7 @@ impl EventStream {
                     choices: &[CompletionChoice {
                         index: 0,
                         text: rest,
-                        logprobs: None,
+                        logprobs,
                         finish_reason: Some(how.reason),
                         stop_reason: how.stop_reason,
                     }],
@@ -694,7 +813,7 @@ impl EventStream {
             ),
             Kind::Chat => {
                 let content = (!rest.is_empty()).then_some(rest);
-                self.chat_chunk(buf, content, Some(how.reason), how.stop_reason);
+                self.chat_chunk(buf, content, logprobs, Some(how.reason), how.stop_reason);
             }
         }
         if r.include_usage {
@@ -738,13 +857,16 @@ impl Stream for EventStream {
         }
         let mut buf = Vec::new();
         if this.phase == Phase::Start && this.reply.kind == Kind::Chat {
-            this.chat_chunk(&mut buf, Some(""), None, None);
+            this.chat_chunk(&mut buf, Some(""), None, None, None);
             this.phase = Phase::Running;
         }
         loop {
             match this.tokens.poll_next_event(cx) {
                 Poll::Ready(Some(StreamEvent::Token(t))) => {
                     this.completion_tokens += 1;
+                    if let Some(lp) = t.logprobs {
+                        this.pending_logprobs.push(lp);
+                    }
                     let Some(text) = t.text.as_deref() else {
                         continue;
                     };

@@ -102,7 +102,7 @@ pub struct CompletionRequest {
     /// `best_of`: refused when above 1.
     #[serde(default)]
     pub best_of: Option<u64>,
-    /// `logprobs`: refused (not served yet).
+    /// Report each generated token's logprob and this many alternatives (0–20).
     #[serde(default)]
     pub logprobs: Option<u32>,
     /// `suffix`: refused.
@@ -155,10 +155,10 @@ pub struct ChatRequest {
     /// OpenAI's newer name for `max_tokens`.
     #[serde(default)]
     pub max_completion_tokens: Option<u64>,
-    /// `logprobs`: refused when true (not served yet).
+    /// Report each generated token's logprob.
     #[serde(default)]
     pub logprobs: Option<bool>,
-    /// `top_logprobs`: refused (not served yet).
+    /// And this many alternatives per token (0–20; needs `logprobs: true`).
     #[serde(default)]
     pub top_logprobs: Option<u32>,
     /// `tools`: refused when non-empty.
@@ -225,12 +225,55 @@ pub enum StopReasonOut<'a> {
     Text(&'a str),
 }
 
+/// Completions' `logprobs`: per generated token its text, logprob, the alternatives
+/// asked for (text → logprob) and its offset in the answer.
+#[derive(Serialize, Default)]
+pub struct CompletionLogprobs {
+    pub text_offset: Vec<usize>,
+    pub token_logprobs: Vec<f32>,
+    pub tokens: Vec<String>,
+    pub top_logprobs: Vec<serde_json::Map<String, serde_json::Value>>,
+}
+
+/// One alternative in chat's `top_logprobs`.
+#[derive(Serialize)]
+pub struct ChatTopLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+}
+
+/// One generated token in chat's `logprobs.content`.
+#[derive(Serialize)]
+pub struct ChatTokenLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+    pub top_logprobs: Vec<ChatTopLogprob>,
+}
+
+/// Chat's `logprobs`.
+#[derive(Serialize, Default)]
+pub struct ChatLogprobs {
+    pub content: Vec<ChatTokenLogprob>,
+}
+
+/// A choice's `logprobs`, in the endpoint's shape.
+#[derive(Serialize)]
+#[serde(untagged)]
+pub enum LogprobsOut {
+    /// `/v1/completions`.
+    Completion(CompletionLogprobs),
+    /// `/v1/chat/completions`.
+    Chat(ChatLogprobs),
+}
+
 /// One choice of a text completion (also a stream chunk's choice).
 #[derive(Serialize)]
 pub struct CompletionChoice<'a> {
     pub index: u32,
     pub text: &'a str,
-    pub logprobs: Option<()>,
+    pub logprobs: Option<LogprobsOut>,
     pub finish_reason: Option<&'static str>,
     pub stop_reason: Option<StopReasonOut<'a>>,
 }
@@ -259,7 +302,7 @@ pub struct ChatMessageOut<'a> {
 pub struct ChatChoice<'a> {
     pub index: u32,
     pub message: ChatMessageOut<'a>,
-    pub logprobs: Option<()>,
+    pub logprobs: Option<LogprobsOut>,
     pub finish_reason: Option<&'static str>,
     pub stop_reason: Option<StopReasonOut<'a>>,
 }
@@ -289,7 +332,7 @@ pub struct ChatDelta<'a> {
 pub struct ChatChunkChoice<'a> {
     pub index: u32,
     pub delta: ChatDelta<'a>,
-    pub logprobs: Option<()>,
+    pub logprobs: Option<LogprobsOut>,
     pub finish_reason: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stop_reason: Option<StopReasonOut<'a>>,

@@ -193,6 +193,76 @@ fn completions_and_chat_answer_streamed_and_not() {
     assert_eq!(v["choices"][0]["stop_reason"], id);
     assert_eq!(v["usage"]["completion_tokens"], k + 1);
 
+    // Logprobs: per token its logprob and the alternatives asked for; greedy picks the
+    // most likely one. Streamed chunks carry the same, token by token.
+    let r = post(
+        server.addr,
+        "/v1/completions",
+        &json!({"prompt": "w5 w6 w7", "max_tokens": 8, "temperature": 0, "ignore_eos": true,
+                "logprobs": 2}),
+        None,
+    );
+    let v = r.json();
+    assert_eq!(text_of(&v), text);
+    let lp = &v["choices"][0]["logprobs"];
+    let tokens: Vec<&str> = lp["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert_eq!(tokens, words, "{lp}");
+    for (i, top) in lp["top_logprobs"].as_array().unwrap().iter().enumerate() {
+        let top = top.as_object().unwrap();
+        assert!(!top.is_empty() && top.len() <= 2, "{top:?}");
+        let best = top
+            .values()
+            .map(|x| x.as_f64().unwrap())
+            .fold(f64::MIN, f64::max);
+        let chosen = lp["token_logprobs"][i].as_f64().unwrap();
+        assert!(
+            chosen <= 0.0 && (best - chosen).abs() < 1e-4,
+            "{chosen} vs {best}"
+        );
+    }
+    let r = post(
+        server.addr,
+        "/v1/completions",
+        &json!({"prompt": "w5 w6 w7", "max_tokens": 8, "temperature": 0, "ignore_eos": true,
+                "logprobs": 2, "stream": true}),
+        None,
+    );
+    let mut streamed_tokens = Vec::new();
+    for e in r.events().iter().filter(|e| e.as_str() != "[DONE]") {
+        let v: Value = serde_json::from_str(e).unwrap();
+        if let Some(t) = v["choices"][0]["logprobs"]["tokens"].as_array() {
+            streamed_tokens.extend(t.iter().map(|t| t.as_str().unwrap().to_string()));
+        }
+    }
+    assert_eq!(streamed_tokens, words);
+    let r = post(
+        server.addr,
+        "/v1/chat/completions",
+        &json!({"max_tokens": 5, "temperature": 0, "ignore_eos": true, "logprobs": true,
+                "top_logprobs": 3, "messages": [{"role": "user", "content": "w10"}]}),
+        None,
+    );
+    let v = r.json();
+    let content = v["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(content.len(), 5, "{v}");
+    assert_eq!(content[0]["top_logprobs"].as_array().unwrap().len(), 3);
+    assert_eq!(
+        content[0]["bytes"],
+        json!(content[0]["token"].as_str().unwrap().as_bytes())
+    );
+    let r = post(
+        server.addr,
+        "/v1/chat/completions",
+        &json!({"top_logprobs": 3, "messages": [{"role": "user", "content": "w10"}]}),
+        None,
+    );
+    assert_eq!(error_of(&r), ("BadRequestError".into(), 400));
+
     // Seeded sampling is reproducible.
     let sampled = json!({"prompt": "w5 w6 w7", "max_tokens": 8, "temperature": 1.0,
         "top_p": 0.9, "top_k": 50, "seed": 42, "ignore_eos": true});
@@ -533,7 +603,7 @@ fn errors_use_vllm_codes_and_envelope() {
         (json!({"prompt": "w5", "max_tokens": 100000}), "max_tokens"),
         (json!({"prompt": "w5", "max_tokens": 0}), "max_tokens"),
         (json!({"prompt": "w5", "top_k": -5}), "top_k"),
-        (json!({"prompt": "w5", "logprobs": 2}), "logprobs"),
+        (json!({"prompt": "w5", "logprobs": 50}), "logprobs"),
         (json!({"prompt": "w5", "echo": true}), "echo"),
         (json!({"prompt": ["w5", "w6"]}), "prompt"),
         (json!({"prompt": [9999]}), "prompt"),

@@ -109,6 +109,19 @@ def test_chat_streamed_and_not_agree():
     assert finish == "length", finish
 
 
+def test_logprobs_parse_in_the_client():
+    out = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, temperature=0,
+                                    logprobs=2, extra_body={"ignore_eos": True})
+    lp = out.choices[0].logprobs
+    assert len(lp.tokens) == 4 and len(lp.token_logprobs) == 4, lp
+    assert all(len(t) >= 1 for t in lp.top_logprobs), lp
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": CHAT_TEXT}], max_tokens=3,
+        temperature=0, logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 3 and len(content[0].top_logprobs) == 2, content
+
+
 def test_adapter_load_use_unload():
     r = admin("/load_lora_adapter", {"lora_name": ADAPTER, "lora_path": ADAPTER_PATH})
     assert r.status_code == 200, r.text
