@@ -28,9 +28,12 @@ def close(what, got, want, scale, rtol, atol=1e-6):
     print(f"ok {what}: max err {err.max():.3e}")
     return True
 OK = True
+# EMU_ONLY=awq,lora runs only those sections (elementwise, sampling, awq, awq_h2, lora, lora_grouped, decode, prefill).
+ONLY = [w for w in os.environ.get("EMU_ONLY", "").split(",") if w]
+def want(name): return not ONLY or name in ONLY
 
 # ---- rms_norm / silu / rope / embedding
-for s in ["f32", "f16"]:
+for s in (["f32", "f16"] if want("elementwise") else []):
     dt = DT[s]; rows, d = 3, 577
     x = rng.uniform(-1, 1, (rows, d)).astype(dt); w = rng.uniform(-1, 1, d).astype(dt); out = np.zeros_like(x)
     launch("elementwise", f"rms_norm_{s}", (rows, 1, 1), 256, 0, x, w, out, d, 1e-5)
@@ -53,27 +56,29 @@ for s in ["f32", "f16"]:
         return np.concatenate([x1 * c - x2 * sn, x2 * c + x1 * sn], -1)
     OK &= close(f"rope q {s}", q, rot(q0), np.ones_like(q0), 2e-6 if s == "f32" else 4e-3, 1e-5)
     OK &= close(f"rope k {s}", k, rot(k0), np.ones_like(k0), 2e-6 if s == "f32" else 4e-3, 1e-5)
-tab = rng.uniform(-1, 1, (50, 37)).astype(np.float32); ids = np.array([0, 49, 7, 7, 23, 60], dtype=np.uint32); o = np.zeros((6, 37), np.float32)
-launch("elementwise", "embedding_f32", (6, 1, 1), 128, 0, tab, ids, o, ("u", 50), 37)
-OK &= bool(np.array_equal(o[:5], tab[ids[:5]]) and np.all(o[5] == 0)); print("embedding", OK)
+if want("elementwise"):
+    tab = rng.uniform(-1, 1, (50, 37)).astype(np.float32); ids = np.array([0, 49, 7, 7, 23, 60], dtype=np.uint32); o = np.zeros((6, 37), np.float32)
+    launch("elementwise", "embedding_f32", (6, 1, 1), 128, 0, tab, ids, o, ("u", 50), 37)
+    OK &= bool(np.array_equal(o[:5], tab[ids[:5]]) and np.all(o[5] == 0)); print("embedding", OK)
 
 # ---- argmax / top_p
-rows, V = 3, 4999
-lg = rng.uniform(-1, 1, (rows, V)).astype(np.float32); lg[1, 400] = 5; lg[1, 3000] = 5; lg[2, V - 1] = 7
-o = np.zeros(rows, np.uint32)
-launch("sampling", "argmax_f32", (rows, 1, 1), 256, 0, lg, o, V)
-print("argmax", o, np.argmax(lg, 1)); OK &= bool(np.array_equal(o, np.argmax(lg, 1)))
-rows, V = 6, 1000
-lg = (rng.uniform(-1, 1, (rows, V)) * 4).astype(np.float32); us = np.array([0, 0.1, 0.35, 0.5, 0.77, 0.999], np.float32)
-o = np.zeros(rows, np.uint32); temp, top_p = 0.7, 0.9
-launch("sampling", "top_p_f32", (rows, 1, 1), 512, 0, lg, us, o, V, 1 / temp, top_p)
-for r in range(rows):
-    z = lg[r].astype(np.float64) / temp; p = np.exp(z - z.max()); p /= p.sum()
-    order = np.argsort(-p, kind="stable"); cs = np.cumsum(p[order]); n = int(np.searchsorted(cs, top_p) + 1)
-    keep = np.zeros(V, bool); keep[order[:n]] = True
-    g = int(o[r]); mass = p[keep].sum(); before = p[:g][keep[:g]].sum(); t = us[r] * mass
-    good = keep[g] and before <= t + 1e-4 and t <= before + p[g] + 1e-4
-    print(f"top_p row {r}: token {g} keep={keep[g]} before={before:.4f} t={t:.4f} p={p[g]:.4f} {'ok' if good else 'FAIL'}"); OK &= bool(good)
+if want("sampling"):
+  rows, V = 3, 4999
+  lg = rng.uniform(-1, 1, (rows, V)).astype(np.float32); lg[1, 400] = 5; lg[1, 3000] = 5; lg[2, V - 1] = 7
+  o = np.zeros(rows, np.uint32)
+  launch("sampling", "argmax_f32", (rows, 1, 1), 256, 0, lg, o, V)
+  print("argmax", o, np.argmax(lg, 1)); OK &= bool(np.array_equal(o, np.argmax(lg, 1)))
+  rows, V = 6, 1000
+  lg = (rng.uniform(-1, 1, (rows, V)) * 4).astype(np.float32); us = np.array([0, 0.1, 0.35, 0.5, 0.77, 0.999], np.float32)
+  o = np.zeros(rows, np.uint32); temp, top_p = 0.7, 0.9
+  launch("sampling", "top_p_f32", (rows, 1, 1), 512, 0, lg, us, o, V, 1 / temp, top_p)
+  for r in range(rows):
+      z = lg[r].astype(np.float64) / temp; p = np.exp(z - z.max()); p /= p.sum()
+      order = np.argsort(-p, kind="stable"); cs = np.cumsum(p[order]); n = int(np.searchsorted(cs, top_p) + 1)
+      keep = np.zeros(V, bool); keep[order[:n]] = True
+      g = int(o[r]); mass = p[keep].sum(); before = p[:g][keep[:g]].sum(); t = us[r] * mass
+      good = keep[g] and before <= t + 1e-4 and t <= before + p[g] + 1e-4
+      print(f"top_p row {r}: token {g} keep={keep[g]} before={before:.4f} t={t:.4f} p={p[g]:.4f} {'ok' if good else 'FAIL'}"); OK &= bool(good)
 
 # ---- AWQ
 ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
@@ -101,7 +106,7 @@ def gemv(qw, qz, sc, x, T, K, N, G, target=64):
     y = np.zeros((T, N), DT[s]); n = T * N
     launch("awq", "awq_reduce_" + s, (min(-(-n // 256), 4096), 1, 1), 256, 0, part, y, splits, ("ll", n))
     return y, splits, rps
-for (K, N, G) in [(384, 200, 128), (512, 512, 64), (256, 64, 32), (1024, 72, 128), (96, 48, 16)]:
+for (K, N, G) in ([(384, 200, 128), (512, 512, 64), (256, 64, 32), (1024, 72, 128), (96, 48, 16)] if want("awq") else []):
     qw, qz, sc, W = awq_case(K, N, G)
     for s in ["f32", "f16"]:
         for T in [1, 3, 5]:
@@ -124,6 +129,35 @@ for (K, N, G) in [(384, 200, 128), (512, 512, 64), (256, 64, 32), (1024, 72, 128
                 xd = x.astype(np.float64)
                 OK &= close(f"gemm {s} T={T} {K}x{N} g{G} splits={splits}", y, xd @ W, np.abs(xd) @ np.abs(W), 4e-3 if s == "f32" else 6e-3)
 
+# ---- AWQ f16 matvec, packed-half2 path with the fused split reduction (mirrors gemv_h2_plan in awq.rs)
+def gemv_h2(qw, qz, sc, x, K, N, G, sms, counters=None):
+    out8 = N // 8; vec = 4 if out8 % 4 == 0 else 1
+    bx = -(-out8 // (32 * vec))
+    seg = next(c for c in [32, 16, 8] if G % c == 0)
+    want_ = min(max((2 * sms) // bx, 1), 32)
+    rps = max(64, -(-(-(-K // want_)) // 64) * 64)
+    splits = -(-K // rps)
+    part = np.full((splits, N), np.nan, np.float32)
+    cnt = np.zeros(bx, np.uint32) if counters is None else counters
+    y = np.full((1, N), np.nan, np.float16)
+    launch("awq", f"awq_gemv_h2v{vec}_f16", (bx, splits, 1), 256, 0, qw, qz, sc, x, part, cnt, y, K, N, G, rps, seg)
+    return y, splits, rps, vec, cnt
+if want("awq_h2"):
+    for (K, N, G) in [(384, 200, 128), (512, 512, 64), (256, 64, 32), (1024, 72, 128), (96, 48, 16), (576, 960, 32), (1536, 1024, 128), (160, 256, 32), (192, 128, 64), (64, 64, 32)]:
+        qw, qz, sc, W = awq_case(K, N, G)
+        for sms in [1, 4, 132]:
+            for mag in [1.0, 40.0]:
+                x = (rng.uniform(-1, 1, (1, K)) * mag).astype(np.float16)
+                y, splits, rps, vec, cnt = gemv_h2(qw, qz, sc, x, K, N, G, sms)
+                xd = x.astype(np.float64)
+                rel = (np.abs(y.astype(np.float64) - xd @ W) / (np.abs(xd) @ np.abs(W) + 1e-9)).max()
+                print(f"   worst error relative to sum|x||W|: {rel:.2e}")
+                OK &= close(f"gemv_h2 v{vec} {K}x{N} g{G} |x|<{mag} splits={splits} rps={rps}", y, xd @ W, np.abs(xd) @ np.abs(W), 4e-3)
+                if cnt.any(): print("FAIL counters not reset", cnt); OK = False
+        # A second launch with the same (reset) tickets gives the same bits.
+        y2, *_ = gemv_h2(qw, qz, sc, x, K, N, G, 132, cnt)
+        if not np.array_equal(y2, gemv_h2(qw, qz, sc, x, K, N, G, 132)[0]): print("FAIL h2 not deterministic"); OK = False
+
 # ---- LoRA
 ranks = np.array([8, 16, 0, 4, 16, 1], np.int32); S, R, K, N = 6, 16, 600, 136
 A = rng.uniform(-1, 1, (S, R, K)).astype(np.float32); Bt = rng.uniform(-1, 1, (S, R, N)).astype(np.float32)
@@ -138,7 +172,7 @@ def lora_ref(x, y0, slots):
     return y, sc
 dec = [1, None, 0, 0, 4, None, 3, 1, 2, 5, None, 4, 1]
 pre = sum([[s_] * n for s_, n in [(1, 37), (None, 3), (0, 16), (4, 17), (2, 1), (None, 5), (3, 40)]], [])
-for s in ["f32", "f16"]:
+for s in (["f32", "f16"] if want("lora") else []):
     dt = DT[s]; As, Bs = A.astype(dt), Bt.astype(dt)
     for mode, slots in [("bgmv", dec), ("sgmv", pre), ("bgmv", pre), ("sgmv", dec)]:
         T = len(slots); x = rng.uniform(-1, 1, (T, K)).astype(dt); y0 = rng.uniform(-1, 1, (T, N)).astype(dt); y = y0.copy()
@@ -210,12 +244,14 @@ def attn(s, nh, nkv, hd, seqs, kernel, bs=16):
             r += 1
     return close(f"attention {kernel} {s} hd={hd} {nh}/{nkv} {seqs}", out, want, sc, 1e-4 if s == "f32" else 4e-3, 1e-5)
 for s in ["f32", "f16"]:
-    OK &= attn(s, 9, 3, 64, [(0, 1), (16, 1), (299, 1), (700, 1), (255, 1), (256, 1)], "decode")
-    OK &= attn(s, 9, 3, 64, [(0, 37), (40, 20), (5, 3), (0, 16), (300, 17)], "prefill")
-OK &= attn("f32", 8, 2, 128, [(600, 1), (3, 1)], "decode")
-OK &= attn("f32", 4, 4, 32, [(40, 1), (513, 1)], "decode")
-OK &= attn("f32", 9, 3, 64, [(5, 20), (0, 3)], "decode")
-OK &= attn("f32", 8, 2, 128, [(0, 33), (70, 5)], "prefill")
-OK &= attn("f32", 4, 1, 32, [(17, 40)], "prefill")
+    if want("decode"): OK &= attn(s, 9, 3, 64, [(0, 1), (16, 1), (299, 1), (700, 1), (255, 1), (256, 1)], "decode")
+    if want("prefill"): OK &= attn(s, 9, 3, 64, [(0, 37), (40, 20), (5, 3), (0, 16), (300, 17)], "prefill")
+if want("decode"):
+    OK &= attn("f32", 8, 2, 128, [(600, 1), (3, 1)], "decode")
+    OK &= attn("f32", 4, 4, 32, [(40, 1), (513, 1)], "decode")
+    OK &= attn("f32", 9, 3, 64, [(5, 20), (0, 3)], "decode")
+if want("prefill"):
+    OK &= attn("f32", 8, 2, 128, [(0, 33), (70, 5)], "prefill")
+    OK &= attn("f32", 4, 1, 32, [(17, 40)], "prefill")
 print("ALL OK" if OK else "SOME FAILED")
 sys.exit(0 if OK else 1)

@@ -548,6 +548,52 @@ fn awq_gemv_matches_dequantised_reference() {
 }
 
 #[test]
+fn awq_gemv_packed_half2_matches_reference_and_is_deterministic() {
+    let Some(dev) = device() else { return };
+    // f16, one token: the packed-half2 kernel with the fused split sum. The real
+    // model's fused qkv (576x960) and down (1536x576) shapes, scalar columns
+    // (out/8 = 25), several column blocks with a ragged last one (out/8 = 257),
+    // and groups 16/32/128 (f16 segments of 16 and 32 rows).
+    for (k, n, g, seed) in [
+        (576, 960, 128, 31),
+        (1536, 576, 128, 32),
+        (384, 200, 128, 33),
+        (256, 2056, 32, 34),
+        (96, 48, 16, 35),
+        (4096, 1024, 128, 36),
+    ] {
+        let shape = AwqShape {
+            in_features: k,
+            out_features: n,
+            group_size: g,
+        };
+        let case = awq_case(shape, seed);
+        awq_check::<f16>(&dev, &case, 1, AwqPath::Gemv, 4e-3);
+    }
+    // One plan launched back to back: the split tickets are reset by every launch,
+    // and the split sum runs in split order, so each result is bit-identical.
+    let shape = AwqShape {
+        in_features: 4096,
+        out_features: 1024,
+        group_size: 128,
+    };
+    let c = awq_case(shape, 41);
+    let w = AwqWeights::upload(&dev, shape, &c.qweight, &c.qzeros, &c.scales).unwrap();
+    let mut rng = Rng(6);
+    let x = dev.upload(&conv::<f16>(&rng.vec(4096))).unwrap();
+    let mut plan = awq::AwqGemvPlan::<f16>::new(&dev, shape, 1).unwrap();
+    let mut first = dev.alloc::<f16>(1024).unwrap();
+    plan.run(&dev, &w, &x, &mut first).unwrap();
+    let first = first.to_host().unwrap();
+    for _ in 0..3 {
+        let mut y = dev.alloc::<f16>(1024).unwrap();
+        plan.run(&dev, &w, &x, &mut y).unwrap();
+        plan.run(&dev, &w, &x, &mut y).unwrap();
+        assert_eq!(y.to_host().unwrap(), first);
+    }
+}
+
+#[test]
 fn awq_gemv_plan_is_reusable_across_layers_and_checks_the_shape() {
     let Some(dev) = device() else { return };
     // Several column blocks (one block covers 32*vec packed columns), a ragged last
