@@ -200,6 +200,38 @@ for s in (["f32", "f16"] if want("lora") else []):
         untouched = all(np.array_equal(y[t], y0[t]) for t, si in enumerate(slots) if si is None)
         OK &= untouched and close(f"lora {mode} {s} T={T}", y, want, sc, 1e-5 if s == "f32" else 4e-3)
 
+# ---- LoRA grouped (mirrors LoraMode::Grouped in lora.rs)
+def grouped_lists(slots):
+    act = sorted([(si, t) for t, si in enumerate(slots) if si is not None], key=lambda v: v[0])
+    perm = [t for _, t in act]; st, ln, sl = [], [], []; p = 0
+    while p < len(act):
+        e = p + 1
+        while e < len(act) and act[e][0] == act[p][0] and e - p < 16: e += 1
+        st.append(p); ln.append(e - p); sl.append(act[p][0]); p = e
+    return [np.array(v, np.int32) for v in (perm, st, ln, sl)]
+if want("lora_grouped"):
+    cases = [(ranks, 16, 600, 136, dec), (ranks, 16, 600, 136, pre),
+             (np.array([40, 3, 17, 0, 33], np.int32), 40, 776, 1288, [t % 5 for t in range(13)] + [0] * 20 + [None])]
+    for s in ["f32", "f16"]:
+        dt = DT[s]
+        for rk, R_, K_, N_, slots in cases:
+            S_ = len(rk)
+            A_ = rng.uniform(-1, 1, (S_, R_, K_)).astype(dt); B_ = rng.uniform(-1, 1, (S_, R_, N_)).astype(dt)
+            for si in range(S_): A_[si, rk[si]:] = 1e4; B_[si, rk[si]:] = -1e4
+            sc_ = (2.0 / np.maximum(rk, 1)).astype(np.float32)
+            T = len(slots); x = rng.uniform(-1, 1, (T, K_)).astype(dt); y0 = rng.uniform(-1, 1, (T, N_)).astype(dt); y = y0.copy()
+            perm, st, ln, sl = grouped_lists(slots); rows = len(perm); ks = -(-K_ // 256)
+            h = np.full((ks, rows, R_), np.nan, np.float32)
+            launch("lora", "grouped_shrink_" + s, (len(st), ks, 1), 256, 0, x, A_, perm, st, ln, sl, rk, h, K_, R_, rows)
+            launch("lora", "grouped_expand_" + s, (len(st), -(-N_ // 1024), 1), 128, 16 * R_ * 4, h, B_, perm, st, ln, sl, rk, sc_, y, N_, R_, ks, rows)
+            want_ = y0.astype(np.float64).copy(); scl = np.abs(want_) + 1e-3
+            for t, si in enumerate(slots):
+                if si is None: continue
+                r = rk[si]; a = A_[si, :r].astype(np.float64); b = B_[si, :r].astype(np.float64) * sc_[si]
+                hh = a @ x[t].astype(np.float64); want_[t] += hh @ b; scl[t] += (np.abs(a) @ np.abs(x[t].astype(np.float64))) @ np.abs(b)
+            untouched = all(np.array_equal(y[t], y0[t]) for t, si in enumerate(slots) if si is None)
+            OK &= untouched and close(f"lora grouped {s} T={T} R={R_} {K_}x{N_}", y, want_, scl, 1e-5 if s == "f32" else 4e-3)
+
 # ---- attention
 def attn(s, nh, nkv, hd, seqs, kernel, bs=16):
     dt = DT[s]; row = nkv * hd

@@ -312,6 +312,14 @@ fn bench_lora_overhead(dev: &CudaDevice) {
             "SGMV on interleaved tokens",
             LoraPlan::new(dev, LoraMode::Sgmv, slots, &interleaved).expect("plan"),
         ),
+        (
+            "grouped, 16 adapters interleaved",
+            LoraPlan::new(dev, LoraMode::Grouped, slots, &interleaved).expect("plan"),
+        ),
+        (
+            "grouped, 16 adapters x 4-token runs",
+            LoraPlan::new(dev, LoraMode::Grouped, slots, &runs).expect("plan"),
+        ),
     ];
     let base = time_us(dev, 10, || {
         for l in &layers {

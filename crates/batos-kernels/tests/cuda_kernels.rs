@@ -731,13 +731,22 @@ struct LoraCase {
 }
 
 fn lora_case(seed: u64) -> LoraCase {
-    let ranks = vec![8, 16, 0, 4, 16, 1];
+    // in > 256 so the shrink splits K over blocks.
+    lora_case_with(seed, vec![8, 16, 0, 4, 16, 1], 16, 600, 136)
+}
+
+fn lora_case_with(
+    seed: u64,
+    ranks: Vec<usize>,
+    max_rank: usize,
+    in_features: usize,
+    out_features: usize,
+) -> LoraCase {
     let shape = LoraShape {
         slots: ranks.len(),
-        max_rank: 16,
-        // > 256 so the shrink splits K over blocks.
-        in_features: 600,
-        out_features: 136,
+        max_rank,
+        in_features,
+        out_features,
     };
     let mut rng = Rng(seed);
     let mut a = rng.vec(shape.slots * shape.max_rank * shape.in_features);
@@ -903,6 +912,37 @@ fn lora_sgmv_matches_reference_with_mixed_ranks() {
     lora_run::<f16>(&dev, &c, LoraMode::Sgmv, &prefill_slots());
     lora_run::<bf16>(&dev, &c, LoraMode::Sgmv, &prefill_slots());
     lora_run::<f32>(&dev, &c, LoraMode::Sgmv, &decode_slots());
+}
+
+#[test]
+fn lora_grouped_matches_reference_with_mixed_ranks() {
+    let Some(dev) = device() else { return };
+    let c = lora_case(33);
+    for slots in [decode_slots(), prefill_slots()] {
+        lora_run::<f32>(&dev, &c, LoraMode::Grouped, &slots);
+        lora_run::<f16>(&dev, &c, LoraMode::Grouped, &slots);
+        lora_run::<bf16>(&dev, &c, LoraMode::Grouped, &slots);
+    }
+    // Ranks above 16 (several passes of rank rows per warp), more than 1024 output
+    // columns (several expand column blocks), a slot with more than one tile.
+    let big = lora_case_with(34, vec![40, 3, 17, 0, 33], 40, 776, 1288);
+    let mut slots: Vec<Option<SlotIdx>> = (0..45).map(|t| Some(SlotIdx((t % 5) as u16))).collect();
+    slots.extend(vec![Some(SlotIdx(0)); 20]);
+    slots.push(None);
+    lora_run::<f32>(&dev, &big, LoraMode::Grouped, &slots);
+    lora_run::<f16>(&dev, &big, LoraMode::Grouped, &slots);
+    // Features that are not multiples of 8 are a typed error for this mode.
+    let odd = lora_case_with(35, vec![4, 2], 4, 60, 36);
+    let stack = LoraStack::<f32>::upload(&dev, odd.shape, &odd.a, &odd.bt, &odd.ranks, &odd.scales)
+        .unwrap();
+    let plan = LoraPlan::new(&dev, LoraMode::Grouped, 2, &[Some(SlotIdx(1))]).unwrap();
+    let x = dev.upload(&[0.0f32; 60]).unwrap();
+    let mut y = dev.upload(&[0.0f32; 36]).unwrap();
+    let err = lora::lora_apply(&dev, &stack, &plan, &x, &mut y);
+    assert!(
+        matches!(err, Err(CudaError::InvalidArgument { .. })),
+        "{err:?}"
+    );
 }
 
 #[test]

@@ -80,7 +80,14 @@ impl ModuleId {
                 "awq_reduce",
                 "awq_gemm",
             ],
-            ModuleId::Lora => &["bgmv_shrink", "bgmv_expand", "sgmv_shrink", "sgmv_expand"],
+            ModuleId::Lora => &[
+                "bgmv_shrink",
+                "bgmv_expand",
+                "sgmv_shrink",
+                "sgmv_expand",
+                "grouped_shrink",
+                "grouped_expand",
+            ],
             ModuleId::Attention => &[
                 "write_kv",
                 "paged_decode",
