@@ -233,7 +233,7 @@ if want("lora_grouped"):
             OK &= untouched and close(f"lora grouped {s} T={T} R={R_} {K_}x{N_}", y, want_, scl, 1e-5 if s == "f32" else 4e-3)
 
 # ---- attention
-def attn(s, nh, nkv, hd, seqs, kernel, bs=16):
+def attn(s, nh, nkv, hd, seqs, kernel, bs=16, dec_part=256):
     dt = DT[s]; row = nkv * hd
     need = sum(-(-(p + t) // bs) for p, t in seqs); NB = need + 7
     perm = rng.permutation(NB); tables = []; i = 0
@@ -256,10 +256,10 @@ def attn(s, nh, nkv, hd, seqs, kernel, bs=16):
     ts, tp, tst, tln = [np.array(v, np.int32) for v in (ts, tp, tst, tln)]
     out = np.full((T, nh, hd), np.nan, dt); scale = 1 / math.sqrt(hd); G = nh // nkv
     if kernel == "decode":
-        maxctx = max(p + t for p, t in seqs); splits = -(-maxctx // 256)
+        maxctx = max(p + t for p, t in seqs); part = dec_part; splits = -(-maxctx // part)
         po = np.full((T, nh, splits, hd), np.nan, np.float32); pm = np.full((T, nh, splits), np.nan, np.float32); pl = pm.copy()
-        kg = max(1, 128 // (hd // 4)); smem = (G * hd + G * 256 + G * hd * kg) * 4
-        launch("attention", "paged_decode_" + s, (T, nkv, splits), 128, smem, q, kc, vc, ts, tp, bt, po, pm, pl, nh, nkv, hd, bs, mb, scale)
+        vw = 4 if s == "f32" else 8; kg = max(1, 128 // (hd // vw)); smem = (G * hd + G * 256 + G * hd * kg) * 4
+        launch("attention", "paged_decode_" + s, (T, nkv, splits), 128, smem, q, kc, vc, ts, tp, bt, po, pm, pl, nh, nkv, hd, bs, mb, scale, part)
         launch("attention", "paged_decode_reduce_" + s, (T, nh, 1), 128, 0, po, pm, pl, out, nh, hd, splits)
     else:
         smem = (16 * hd + 32 * (hd + 1) + 32 * hd + 16 * 32 + 48) * 4
@@ -282,6 +282,9 @@ if want("decode"):
     OK &= attn("f32", 8, 2, 128, [(600, 1), (3, 1)], "decode")
     OK &= attn("f32", 4, 4, 32, [(40, 1), (513, 1)], "decode")
     OK &= attn("f32", 9, 3, 64, [(5, 20), (0, 3)], "decode")
+    # Smaller partitions (the host's choice for few sequences) and odd block sizes.
+    OK &= attn("f16", 9, 3, 64, [(300, 1), (64, 1), (127, 1)], "decode", bs=7, dec_part=64)
+    OK &= attn("f32", 8, 2, 128, [(200, 1)], "decode", bs=5, dec_part=128)
 if want("prefill"):
     OK &= attn("f32", 8, 2, 128, [(0, 33), (70, 5)], "prefill")
     OK &= attn("f32", 4, 1, 32, [(17, 40)], "prefill")
