@@ -136,7 +136,7 @@ fi
 if [ -n "$SANITIZER" ]; then
   step "compute-sanitizer racecheck (shared-memory kernels)" 90 "$OUT/sanitizer.txt" \
     "${SAN_ENV[@]}" "$SANITIZER" --tool racecheck --error-exitcode 99 --print-limit 50 \
-    "$BIN/test-cuda_kernels" --test-threads=1 awq_gemm awq_gemv lora_sgmv paged_prefill top_p
+    "$BIN/test-cuda_kernels" --test-threads=1 awq_gemm awq_gemv lora_sgmv lora_grouped paged_decode paged_prefill top_p
 fi
 
 # ---- summary ----------------------------------------------------------------------------
