@@ -30,10 +30,10 @@ def close(what, got, want, scale, rtol, atol=1e-6):
 OK = True
 # EMU_ONLY=awq,lora runs only those sections (elementwise, sampling, awq, awq_h2, lora, lora_grouped, decode, prefill).
 ONLY = [w for w in os.environ.get("EMU_ONLY", "").split(",") if w]
-def want(name): return not ONLY or name in ONLY
+def section_on(name): return not ONLY or name in ONLY
 
 # ---- rms_norm / silu / rope / embedding
-for s in (["f32", "f16"] if want("elementwise") else []):
+for s in (["f32", "f16"] if section_on("elementwise") else []):
     dt = DT[s]; rows, d = 3, 577
     x = rng.uniform(-1, 1, (rows, d)).astype(dt); w = rng.uniform(-1, 1, d).astype(dt); out = np.zeros_like(x)
     launch("elementwise", f"rms_norm_{s}", (rows, 1, 1), 256, 0, x, w, out, d, 1e-5)
@@ -56,13 +56,13 @@ for s in (["f32", "f16"] if want("elementwise") else []):
         return np.concatenate([x1 * c - x2 * sn, x2 * c + x1 * sn], -1)
     OK &= close(f"rope q {s}", q, rot(q0), np.ones_like(q0), 2e-6 if s == "f32" else 4e-3, 1e-5)
     OK &= close(f"rope k {s}", k, rot(k0), np.ones_like(k0), 2e-6 if s == "f32" else 4e-3, 1e-5)
-if want("elementwise"):
+if section_on("elementwise"):
     tab = rng.uniform(-1, 1, (50, 37)).astype(np.float32); ids = np.array([0, 49, 7, 7, 23, 60], dtype=np.uint32); o = np.zeros((6, 37), np.float32)
     launch("elementwise", "embedding_f32", (6, 1, 1), 128, 0, tab, ids, o, ("u", 50), 37)
     OK &= bool(np.array_equal(o[:5], tab[ids[:5]]) and np.all(o[5] == 0)); print("embedding", OK)
 
 # ---- argmax / top_p
-if want("sampling"):
+if section_on("sampling"):
   rows, V = 3, 4999
   lg = rng.uniform(-1, 1, (rows, V)).astype(np.float32); lg[1, 400] = 5; lg[1, 3000] = 5; lg[2, V - 1] = 7
   o = np.zeros(rows, np.uint32)
@@ -106,7 +106,7 @@ def gemv(qw, qz, sc, x, T, K, N, G, target=64):
     y = np.zeros((T, N), DT[s]); n = T * N
     launch("awq", "awq_reduce_" + s, (min(-(-n // 256), 4096), 1, 1), 256, 0, part, y, splits, ("ll", n))
     return y, splits, rps
-for (K, N, G) in ([(384, 200, 128), (512, 512, 64), (256, 64, 32), (1024, 72, 128), (96, 48, 16)] if want("awq") else []):
+for (K, N, G) in ([(384, 200, 128), (512, 512, 64), (256, 64, 32), (1024, 72, 128), (96, 48, 16)] if section_on("awq") else []):
     qw, qz, sc, W = awq_case(K, N, G)
     for s in ["f32", "f16"]:
         for T in [1, 3, 5]:
@@ -142,7 +142,7 @@ def gemv_h2(qw, qz, sc, x, K, N, G, sms, counters=None):
     y = np.full((1, N), np.nan, np.float16)
     launch("awq", f"awq_gemv_h2v{vec}_f16", (bx, splits, 1), 256, 0, qw, qz, sc, x, part, cnt, y, K, N, G, rps, seg)
     return y, splits, rps, vec, cnt
-if want("awq_h2"):
+if section_on("awq_h2"):
     for (K, N, G) in [(384, 200, 128), (512, 512, 64), (256, 64, 32), (1024, 72, 128), (96, 48, 16), (576, 960, 32), (1536, 1024, 128), (160, 256, 32), (192, 128, 64), (64, 64, 32)]:
         qw, qz, sc, W = awq_case(K, N, G)
         for sms in [1, 4, 132]:
@@ -172,7 +172,7 @@ def lora_ref(x, y0, slots):
     return y, sc
 dec = [1, None, 0, 0, 4, None, 3, 1, 2, 5, None, 4, 1]
 pre = sum([[s_] * n for s_, n in [(1, 37), (None, 3), (0, 16), (4, 17), (2, 1), (None, 5), (3, 40)]], [])
-for s in (["f32", "f16"] if want("lora") else []):
+for s in (["f32", "f16"] if section_on("lora") else []):
     dt = DT[s]; As, Bs = A.astype(dt), Bt.astype(dt)
     for mode, slots in [("bgmv", dec), ("sgmv", pre), ("bgmv", pre), ("sgmv", dec)]:
         T = len(slots); x = rng.uniform(-1, 1, (T, K)).astype(dt); y0 = rng.uniform(-1, 1, (T, N)).astype(dt); y = y0.copy()
@@ -209,7 +209,7 @@ def grouped_lists(slots):
         while e < len(act) and act[e][0] == act[p][0] and e - p < 16: e += 1
         st.append(p); ln.append(e - p); sl.append(act[p][0]); p = e
     return [np.array(v, np.int32) for v in (perm, st, ln, sl)]
-if want("lora_grouped"):
+if section_on("lora_grouped"):
     cases = [(ranks, 16, 600, 136, dec), (ranks, 16, 600, 136, pre),
              (np.array([40, 3, 17, 0, 33], np.int32), 40, 776, 1288, [t % 5 for t in range(13)] + [0] * 20 + [None])]
     for s in ["f32", "f16"]:
@@ -276,16 +276,16 @@ def attn(s, nh, nkv, hd, seqs, kernel, bs=16, dec_part=256):
             r += 1
     return close(f"attention {kernel} {s} hd={hd} {nh}/{nkv} {seqs}", out, want, sc, 1e-4 if s == "f32" else 4e-3, 1e-5)
 for s in ["f32", "f16"]:
-    if want("decode"): OK &= attn(s, 9, 3, 64, [(0, 1), (16, 1), (299, 1), (700, 1), (255, 1), (256, 1)], "decode")
-    if want("prefill"): OK &= attn(s, 9, 3, 64, [(0, 37), (40, 20), (5, 3), (0, 16), (300, 17)], "prefill")
-if want("decode"):
+    if section_on("decode"): OK &= attn(s, 9, 3, 64, [(0, 1), (16, 1), (299, 1), (700, 1), (255, 1), (256, 1)], "decode")
+    if section_on("prefill"): OK &= attn(s, 9, 3, 64, [(0, 37), (40, 20), (5, 3), (0, 16), (300, 17)], "prefill")
+if section_on("decode"):
     OK &= attn("f32", 8, 2, 128, [(600, 1), (3, 1)], "decode")
     OK &= attn("f32", 4, 4, 32, [(40, 1), (513, 1)], "decode")
     OK &= attn("f32", 9, 3, 64, [(5, 20), (0, 3)], "decode")
     # Smaller partitions (the host's choice for few sequences) and odd block sizes.
     OK &= attn("f16", 9, 3, 64, [(300, 1), (64, 1), (127, 1)], "decode", bs=7, dec_part=64)
     OK &= attn("f32", 8, 2, 128, [(200, 1)], "decode", bs=5, dec_part=128)
-if want("prefill"):
+if section_on("prefill"):
     OK &= attn("f32", 8, 2, 128, [(0, 33), (70, 5)], "prefill")
     OK &= attn("f32", 4, 1, 32, [(17, 40)], "prefill")
 print("ALL OK" if OK else "SOME FAILED")
