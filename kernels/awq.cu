@@ -348,22 +348,34 @@ __device__ void awq_gemv_h2_impl(const u32* __restrict__ qw, const u32* __restri
     __syncthreads();
     if (!is_last) return;
     __threadfence();
+    // Each thread sums its columns n_base + threadIdx.x + i * H2_THREADS over the
+    // splits in split order (deterministic). All loads of a chunk of H2_RED_S splits
+    // are issued before any is added, so the tail costs a few L2 round trips rather
+    // than one per split.
+    constexpr int COLS = (WARP * NC + H2_THREADS - 1) / H2_THREADS;  // 4 (VEC 4) or 1
+    constexpr int H2_RED_S = COLS == 1 ? 32 : 16;
     const int splits = gridDim.y;
-    for (int e = threadIdx.x; e < WARP * NC; e += H2_THREADS) {
-        const int n = n_base + e;
-        if (n < out_dim) {
-            // Split order, 4 independent loads in flight: deterministic and latency-tolerant.
-            float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
-            int s = 0;
-            for (; s + 4 <= splits; s += 4) {
-                a0 += ld_cg_f32(partial + (long long)s * out_dim + n);
-                a1 += ld_cg_f32(partial + (long long)(s + 1) * out_dim + n);
-                a2 += ld_cg_f32(partial + (long long)(s + 2) * out_dim + n);
-                a3 += ld_cg_f32(partial + (long long)(s + 3) * out_dim + n);
-            }
-            for (; s < splits; ++s) a0 += ld_cg_f32(partial + (long long)s * out_dim + n);
-            y[n] = from_f32<f16>((a0 + a1) + (a2 + a3));
+    float sum[COLS];
+#pragma unroll
+    for (int i = 0; i < COLS; ++i) sum[i] = 0.0f;
+    for (int s0 = 0; s0 < splits; s0 += H2_RED_S) {
+        float v[COLS][H2_RED_S];
+#pragma unroll
+        for (int i = 0; i < COLS; ++i) {
+            const int n = n_base + threadIdx.x + i * H2_THREADS;
+#pragma unroll
+            for (int j = 0; j < H2_RED_S; ++j)
+                v[i][j] = (n < out_dim && s0 + j < splits) ? ld_cg_f32(partial + (long long)(s0 + j) * out_dim + n) : 0.0f;
         }
+#pragma unroll
+        for (int i = 0; i < COLS; ++i)
+#pragma unroll
+            for (int j = 0; j < H2_RED_S; ++j) sum[i] += v[i][j];
+    }
+#pragma unroll
+    for (int i = 0; i < COLS; ++i) {
+        const int n = n_base + threadIdx.x + i * H2_THREADS;
+        if (n < out_dim) y[n] = from_f32<f16>(sum[i]);
     }
     if (threadIdx.x == 0) counters[blockIdx.x] = 0u;  // ready for the next launch in stream order
 }

@@ -356,6 +356,8 @@ fn bench_attention(dev: &CudaDevice, peak: f64) {
         (9, 3, 64, 64, 1024, "SmolLM2 geometry"),
         (9, 3, 64, 16, 4096, "SmolLM2 geometry"),
         (9, 3, 64, 4, 16384, "SmolLM2 geometry, split-K"),
+        (9, 3, 64, 1, 4096, "SmolLM2 geometry, one sequence"),
+        (9, 3, 64, 8, 512, "SmolLM2 geometry, short contexts"),
         (32, 8, 128, 32, 2048, "Llama-8B geometry"),
     ];
     for (heads, kvh, hd, seqs, ctx, label) in cases {
