@@ -321,10 +321,15 @@ pub fn paged_attention_decode<T: Activation>(
     as_i32(OP, "cache slots", l.num_blocks * l.block_size)?;
     let kg = (THREADS / (hd / vw)).max(1);
     let shared = (group * hd + group * DECODE_PARTITION + group * hd * kg) * 4;
-    if shared > MAX_SHARED {
+    // The kernel's static shared memory: the partition's slots and the row statistics.
+    let fixed = (DECODE_PARTITION + 2 * MAX_GROUP) * 4;
+    if shared + fixed > MAX_SHARED {
         return Err(CudaError::invalid(
             OP,
-            format!("head_dim {hd} with group {group} needs {shared} bytes of shared memory"),
+            format!(
+                "head_dim {hd} with group {group} needs {} bytes of shared memory",
+                shared + fixed
+            ),
         ));
     }
     let part = decode_partition(
