@@ -143,7 +143,7 @@ def gemv_h2(qw, qz, sc, x, K, N, G, sms, counters=None):
     launch("awq", f"awq_gemv_h2v{vec}_f16", (bx, splits, 1), 256, 0, qw, qz, sc, x, part, cnt, y, K, N, G, rps, seg)
     return y, splits, rps, vec, cnt
 if section_on("awq_h2"):
-    for (K, N, G) in [(384, 200, 128), (512, 512, 64), (256, 64, 32), (1024, 72, 128), (96, 48, 16), (576, 960, 32), (1536, 1024, 128), (160, 256, 32), (192, 128, 64), (64, 64, 32)]:
+    for (K, N, G) in [(384, 200, 128), (512, 512, 64), (256, 64, 32), (1024, 72, 128), (96, 48, 16), (576, 960, 32), (1536, 1024, 128), (160, 256, 32), (192, 128, 64), (64, 64, 32), (128, 256, 8)]:
         qw, qz, sc, W = awq_case(K, N, G)
         for sms in [1, 4, 132]:
             for mag in [1.0, 40.0]:

@@ -1180,6 +1180,50 @@ fn paged_prefill_matches_reference_with_chunked_context() {
 }
 
 #[test]
+fn paged_decode_rejects_head_dims_it_cannot_load_in_16_bytes() {
+    let Some(dev) = device() else { return };
+    // f16 rows are read 8 elements at a time: head_dim 36 is fine for f32 (9 x 4)
+    // but a typed error for f16.
+    let layout = PagedKvLayout {
+        num_blocks: 2,
+        block_size: 16,
+        num_kv_heads: 1,
+        head_dim: 36,
+    };
+    let table = [BlockId(0)];
+    let q = [SeqQuery {
+        block_table: &table,
+        first_pos: 3,
+        tokens: 1,
+    }];
+    let batch = AttentionBatch::new(&dev, layout, &q).unwrap();
+    let n = layout.cache_len();
+    let err = attention::paged_attention_decode(
+        &dev,
+        &batch,
+        1,
+        &dev.zeros::<f16>(36).unwrap(),
+        &dev.zeros::<f16>(n).unwrap(),
+        &dev.zeros::<f16>(n).unwrap(),
+        &mut dev.zeros::<f16>(36).unwrap(),
+    );
+    assert!(
+        matches!(err, Err(CudaError::InvalidArgument { .. })),
+        "{err:?}"
+    );
+    attention::paged_attention_decode(
+        &dev,
+        &batch,
+        1,
+        &dev.zeros::<f32>(36).unwrap(),
+        &dev.zeros::<f32>(n).unwrap(),
+        &dev.zeros::<f32>(n).unwrap(),
+        &mut dev.zeros::<f32>(36).unwrap(),
+    )
+    .unwrap();
+}
+
+#[test]
 fn attention_batch_rejects_short_tables() {
     let Some(dev) = device() else { return };
     let layout = PagedKvLayout {
