@@ -224,18 +224,22 @@ __device__ __forceinline__ void h2_load_row(const u32* p, bool ok, u32* w) {
 }
 
 // Eight rows of the ring: row u of the step is lane (row0 + u)'s x and slot u.
-template <int VEC, bool REFILL>
-__device__ __forceinline__ void h2_step(u32 (&ring)[H2_RING][VEC], u32* acc, u32 x2, int row0,
-                                        const u32*& rp, int out8) {
+template <int VEC, int TOK, bool REFILL>
+__device__ __forceinline__ void h2_step(u32 (&ring)[H2_RING][VEC], u32 (&acc)[VEC * 4][TOK],
+                                        const u32 (&x2)[TOK], int row0, const u32*& rp, int out8) {
 #pragma unroll
     for (int u = 0; u < H2_RING; ++u) {
-        const u32 xr = __shfl_sync(0xffffffffu, x2, row0 + u);
+        u32 xr[TOK];
+#pragma unroll
+        for (int t = 0; t < TOK; ++t) xr[t] = __shfl_sync(0xffffffffu, x2[t], row0 + u);
 #pragma unroll
         for (int v = 0; v < VEC; ++v) {
             u32 q[4];
             h2_nibbles(ring[u][v], q);
 #pragma unroll
-            for (int p = 0; p < 4; ++p) acc[v * 4 + p] = h2_fma(xr, q[p], acc[v * 4 + p]);
+            for (int p = 0; p < 4; ++p)
+#pragma unroll
+                for (int t = 0; t < TOK; ++t) acc[v * 4 + p][t] = h2_fma(xr[t], q[p], acc[v * 4 + p][t]);
         }
         if (REFILL) {
             // The slot just consumed takes the row H2_RING ahead; the other slots'
@@ -246,16 +250,19 @@ __device__ __forceinline__ void h2_step(u32 (&ring)[H2_RING][VEC], u32* acc, u32
     }
 }
 
-template <int VEC>
+// TOK tokens (ntok <= TOK of them real) share every dequantised weight pair: per
+// packed word 9 instructions of dequantisation, then 4 HFMA2 per token.
+// partial [splits, ntok, out], y [ntok, out].
+template <int VEC, int TOK>
 __device__ void awq_gemv_h2_impl(const u32* __restrict__ qw, const u32* __restrict__ qz,
                                  const f16* __restrict__ scales, const f16* __restrict__ x,
                                  float* __restrict__ partial, u32* __restrict__ counters,
-                                 f16* __restrict__ y, int in_dim, int out_dim, int group,
+                                 f16* __restrict__ y, int ntok, int in_dim, int out_dim, int group,
                                  int rows_per_split, int seg) {
     constexpr int NC = VEC * 8;
     // Per-thread f32 column sums live here (each thread its own slots) rather than in
     // registers, which keeps the ring of loads in registers; summed across warps at the end.
-    __shared__ float red[H2_WARPS][NC][WARP + 1];
+    __shared__ float red[H2_WARPS][NC * TOK][WARP + 1];
     __shared__ u32 is_last;
     const int lane = threadIdx.x & (WARP - 1), wy = threadIdx.x / WARP;
     const int out8 = out_dim >> 3;
@@ -266,7 +273,7 @@ __device__ void awq_gemv_h2_impl(const u32* __restrict__ qw, const u32* __restri
     const int rpw = rows_per_split / H2_WARPS;
     const int wb = min(ke, kb + wy * rpw), we = min(ke, wb + rpw);
 #pragma unroll
-    for (int c = 0; c < NC; ++c) red[wy][c][lane] = 0.0f;
+    for (int c = 0; c < NC * TOK; ++c) red[wy][c][lane] = 0.0f;
     // Row pointer walked by one row per load (no 64-bit multiply per row).
     const u32* rp = qw + (long long)wb * out8 + (active ? j0 : 0);
     u32 ring[H2_RING][VEC];
@@ -277,24 +284,38 @@ __device__ void awq_gemv_h2_impl(const u32* __restrict__ qw, const u32* __restri
         h2_load_row<VEC>(rp, active && wb + u < we, ring[u]);
         rp += out8;
     }
-    u32 acc[VEC * 4];
+    u32 acc[VEC * 4][TOK];
 #pragma unroll
-    for (int i = 0; i < VEC * 4; ++i) acc[i] = 0u;
-    // x of the next segment, one row per lane (f16 bits; 0 past the segment).
-    u16 xnext = (wb + lane < min(we, (wb / seg + 1) * seg)) ? x[wb + lane].bits : (u16)0;
+    for (int i = 0; i < VEC * 4; ++i)
+#pragma unroll
+        for (int t = 0; t < TOK; ++t) acc[i][t] = 0u;
+    // x of the next segment, one row per lane (f16 bits; 0 past the segment or ntok).
+    u16 xnext[TOK];
+    {
+        const bool in_seg = wb + lane < min(we, (wb / seg + 1) * seg);
+#pragma unroll
+        for (int t = 0; t < TOK; ++t)
+            xnext[t] = (in_seg && t < ntok) ? x[(long long)t * in_dim + wb + lane].bits : (u16)0;
+    }
     int s0 = wb, s1 = wb;
-    u32 x2 = 0u, zw[VEC];
+    u32 x2[TOK], zw[VEC];
     uint4 sv[VEC];
-    float sx = 0.0f;
+    float sx[TOK];
+#pragma unroll
+    for (int t = 0; t < TOK; ++t) { x2[t] = 0u; sx[t] = 0.0f; }
     for (int k = wb; k < we; k += H2_RING) {
         if (k == s1) {  // segment start: [s0, s1) lies inside one group and one warp slice
             s0 = k;
             s1 = min(we, (k / seg + 1) * seg);
-            const u16 xb = xnext;
             const int n1 = min(we, s1 + seg);
-            xnext = (s1 + lane < n1) ? x[s1 + lane].bits : (u16)0;
-            x2 = (u32)xb | ((u32)xb << 16);
-            sx = warp_sum(f16_bits_to_f32(xb));
+            const bool in_next = s1 + lane < n1;
+#pragma unroll
+            for (int t = 0; t < TOK; ++t) {
+                const u16 xb = xnext[t];
+                xnext[t] = (in_next && t < ntok) ? x[(long long)t * in_dim + s1 + lane].bits : (u16)0;
+                x2[t] = (u32)xb | ((u32)xb << 16);
+                sx[t] = warp_sum(f16_bits_to_f32(xb));
+            }
             const int g = k / group;
 #pragma unroll
             for (int v = 0; v < VEC; ++v) {
@@ -307,8 +328,8 @@ __device__ void awq_gemv_h2_impl(const u32* __restrict__ qw, const u32* __restri
         // Every step but the warp's last refills each slot with the row H2_RING ahead
         // (unpredicated: inactive lanes read column 0, a valid address); the last step
         // only drains the ring. The branch is warp-uniform.
-        if (k + H2_RING < we) h2_step<VEC, true>(ring, acc, x2, k - s0, rp, out8);
-        else h2_step<VEC, false>(ring, acc, x2, k - s0, rp, out8);
+        if (k + H2_RING < we) h2_step<VEC, TOK, true>(ring, acc, x2, k - s0, rp, out8);
+        else h2_step<VEC, TOK, false>(ring, acc, x2, k - s0, rp, out8);
         if (k + H2_RING == s1) {  // segment end: fold zero point and scale in f32
 #pragma unroll
             for (int v = 0; v < VEC; ++v) {
@@ -317,27 +338,33 @@ __device__ void awq_gemv_h2_impl(const u32* __restrict__ qw, const u32* __restri
                 const u32 sp[4] = {sv[v].x, sv[v].y, sv[v].z, sv[v].w};
 #pragma unroll
                 for (int p = 0; p < 4; ++p) {
-                    const u32 a = acc[v * 4 + p];
-                    red[wy][v * 8 + 2 * p][lane] += h2_lo(sp[p]) * (h2_lo(a) - h2_lo(zq[p]) * sx);
-                    red[wy][v * 8 + 2 * p + 1][lane] += h2_hi(sp[p]) * (h2_hi(a) - h2_hi(zq[p]) * sx);
-                    acc[v * 4 + p] = 0u;
+#pragma unroll
+                    for (int t = 0; t < TOK; ++t) {
+                        const u32 a = acc[v * 4 + p][t];
+                        red[wy][(v * 8 + 2 * p) * TOK + t][lane] += h2_lo(sp[p]) * (h2_lo(a) - h2_lo(zq[p]) * sx[t]);
+                        red[wy][(v * 8 + 2 * p + 1) * TOK + t][lane] += h2_hi(sp[p]) * (h2_hi(a) - h2_hi(zq[p]) * sx[t]);
+                        acc[v * 4 + p][t] = 0u;
+                    }
                 }
             }
         }
     }
     __syncthreads();
-    // Sum the warps' column sums (inactive lanes hold zeros).
-    const int n_base = blockIdx.x * WARP * NC;  // first output column of this block
+    // Sum the warps' column sums (inactive lanes hold zeros). Element e of the block's
+    // output is token e / (WARP*NC), column n_base + e % (WARP*NC).
+    constexpr int PER_TOK = WARP * NC;
+    const int n_base = blockIdx.x * PER_TOK;  // first output column of this block
     const bool direct = gridDim.y == 1;
-    for (int e = threadIdx.x; e < WARP * NC; e += H2_THREADS) {
-        const int l = e / NC, c = e - l * NC;
-        const int n = n_base + e;
-        if (n < out_dim) {
+    for (int e = threadIdx.x; e < TOK * PER_TOK; e += H2_THREADS) {
+        const int t = e / PER_TOK, col = e - t * PER_TOK;
+        const int l = col / NC, c = col - l * NC;
+        const int n = n_base + col;
+        if (t < ntok && n < out_dim) {
             float a = 0.0f;
 #pragma unroll
-            for (int w = 0; w < H2_WARPS; ++w) a += red[w][c][l];
-            if (direct) y[n] = from_f32<f16>(a);
-            else partial[(long long)blockIdx.y * out_dim + n] = a;
+            for (int w = 0; w < H2_WARPS; ++w) a += red[w][c * TOK + t][l];
+            if (direct) y[(long long)t * out_dim + n] = from_f32<f16>(a);
+            else partial[((long long)blockIdx.y * ntok + t) * out_dim + n] = a;
         }
     }
     if (direct) return;
@@ -348,47 +375,57 @@ __device__ void awq_gemv_h2_impl(const u32* __restrict__ qw, const u32* __restri
     __syncthreads();
     if (!is_last) return;
     __threadfence();
-    // Each thread sums its columns n_base + threadIdx.x + i * H2_THREADS over the
-    // splits in split order (deterministic). All loads of a chunk of H2_RED_S splits
-    // are issued before any is added, so the tail costs a few L2 round trips rather
-    // than one per split.
-    constexpr int COLS = (WARP * NC + H2_THREADS - 1) / H2_THREADS;  // 4 (VEC 4) or 1
+    // Each thread sums its elements threadIdx.x + i * H2_THREADS over the splits in
+    // split order (deterministic). All loads of a chunk of H2_RED_S splits are issued
+    // before any is added, so the tail costs a few L2 round trips, not one per split.
+    constexpr int COLS = (TOK * PER_TOK + H2_THREADS - 1) / H2_THREADS;
     constexpr int H2_RED_S = COLS == 1 ? 32 : 16;
     const int splits = gridDim.y;
+    const long long split_stride = (long long)ntok * out_dim;
     float sum[COLS];
+    long long off[COLS];
+    bool ok[COLS];
 #pragma unroll
-    for (int i = 0; i < COLS; ++i) sum[i] = 0.0f;
+    for (int i = 0; i < COLS; ++i) {
+        const int e = threadIdx.x + i * H2_THREADS;
+        const int t = e / PER_TOK, n = n_base + (e - t * PER_TOK);
+        ok[i] = t < ntok && n < out_dim;
+        off[i] = (long long)t * out_dim + n;
+        sum[i] = 0.0f;
+    }
     for (int s0 = 0; s0 < splits; s0 += H2_RED_S) {
         float v[COLS][H2_RED_S];
 #pragma unroll
-        for (int i = 0; i < COLS; ++i) {
-            const int n = n_base + threadIdx.x + i * H2_THREADS;
+        for (int i = 0; i < COLS; ++i)
 #pragma unroll
             for (int j = 0; j < H2_RED_S; ++j)
-                v[i][j] = (n < out_dim && s0 + j < splits) ? ld_cg_f32(partial + (long long)(s0 + j) * out_dim + n) : 0.0f;
-        }
+                v[i][j] = (ok[i] && s0 + j < splits) ? ld_cg_f32(partial + (long long)(s0 + j) * split_stride + off[i]) : 0.0f;
 #pragma unroll
         for (int i = 0; i < COLS; ++i)
 #pragma unroll
             for (int j = 0; j < H2_RED_S; ++j) sum[i] += v[i][j];
     }
 #pragma unroll
-    for (int i = 0; i < COLS; ++i) {
-        const int n = n_base + threadIdx.x + i * H2_THREADS;
-        if (n < out_dim) y[n] = from_f32<f16>(sum[i]);
-    }
+    for (int i = 0; i < COLS; ++i)
+        if (ok[i]) y[off[i]] = from_f32<f16>(sum[i]);
     if (threadIdx.x == 0) counters[blockIdx.x] = 0u;  // ready for the next launch in stream order
 }
 
 extern "C" __global__ void __launch_bounds__(H2_THREADS, 2) awq_gemv_h2v4_f16(
     const u32* qw, const u32* qz, const f16* sc, const f16* x, float* partial, u32* counters,
     f16* y, int in_dim, int out_dim, int group, int rps, int seg) {
-    awq_gemv_h2_impl<4>(qw, qz, sc, x, partial, counters, y, in_dim, out_dim, group, rps, seg);
+    awq_gemv_h2_impl<4, 1>(qw, qz, sc, x, partial, counters, y, 1, in_dim, out_dim, group, rps, seg);
 }
 extern "C" __global__ void __launch_bounds__(H2_THREADS, 2) awq_gemv_h2v1_f16(
     const u32* qw, const u32* qz, const f16* sc, const f16* x, float* partial, u32* counters,
     f16* y, int in_dim, int out_dim, int group, int rps, int seg) {
-    awq_gemv_h2_impl<1>(qw, qz, sc, x, partial, counters, y, in_dim, out_dim, group, rps, seg);
+    awq_gemv_h2_impl<1, 1>(qw, qz, sc, x, partial, counters, y, 1, in_dim, out_dim, group, rps, seg);
+}
+// 2-4 tokens: one packed word per lane (32 output columns per 4 tokens in f16 sums).
+extern "C" __global__ void __launch_bounds__(H2_THREADS, 2) awq_gemv_h2t4_f16(
+    const u32* qw, const u32* qz, const f16* sc, const f16* x, float* partial, u32* counters,
+    f16* y, int ntok, int in_dim, int out_dim, int group, int rps, int seg) {
+    awq_gemv_h2_impl<1, 4>(qw, qz, sc, x, partial, counters, y, ntok, in_dim, out_dim, group, rps, seg);
 }
 
 // ---- tensor-core GEMM ------------------------------------------------------

@@ -131,28 +131,29 @@ for (K, N, G) in ([(384, 200, 128), (512, 512, 64), (256, 64, 32), (1024, 72, 12
 
 # ---- AWQ f16 matvec, packed-half2 path with the fused split reduction (mirrors gemv_h2_plan in awq.rs)
 def gemv_h2(qw, qz, sc, x, K, N, G, sms, counters=None):
-    out8 = N // 8; vec = 4 if out8 % 4 == 0 else 1
+    T = x.shape[0]; out8 = N // 8; vec = 1 if T > 1 else (4 if out8 % 4 == 0 else 1)
     bx = -(-out8 // (32 * vec))
     seg = next(c for c in [32, 16, 8] if G % c == 0)
     want_ = min(max((2 * sms) // bx, 1), 32)
     rps = max(64, -(-(-(-K // want_)) // 64) * 64)
     splits = -(-K // rps)
-    part = np.full((splits, N), np.nan, np.float32)
+    part = np.full((splits, T, N), np.nan, np.float32)
     cnt = np.zeros(bx, np.uint32) if counters is None else counters
-    y = np.full((1, N), np.nan, np.float16)
-    launch("awq", f"awq_gemv_h2v{vec}_f16", (bx, splits, 1), 256, 0, qw, qz, sc, x, part, cnt, y, K, N, G, rps, seg)
+    y = np.full((T, N), np.nan, np.float16)
+    if T > 1: launch("awq", "awq_gemv_h2t4_f16", (bx, splits, 1), 256, 0, qw, qz, sc, x, part, cnt, y, T, K, N, G, rps, seg)
+    else: launch("awq", f"awq_gemv_h2v{vec}_f16", (bx, splits, 1), 256, 0, qw, qz, sc, x, part, cnt, y, K, N, G, rps, seg)
     return y, splits, rps, vec, cnt
 if section_on("awq_h2"):
     for (K, N, G) in [(384, 200, 128), (512, 512, 64), (256, 64, 32), (1024, 72, 128), (96, 48, 16), (576, 960, 32), (1536, 1024, 128), (160, 256, 32), (192, 128, 64), (64, 64, 32), (128, 256, 8)]:
         qw, qz, sc, W = awq_case(K, N, G)
-        for sms in [1, 4, 132]:
+        for sms, T in [(1, 1), (4, 1), (132, 1), (132, 2), (4, 3), (132, 4)]:
             for mag in [1.0, 40.0]:
-                x = (rng.uniform(-1, 1, (1, K)) * mag).astype(np.float16)
+                x = (rng.uniform(-1, 1, (T, K)) * mag).astype(np.float16)
                 y, splits, rps, vec, cnt = gemv_h2(qw, qz, sc, x, K, N, G, sms)
                 xd = x.astype(np.float64)
                 rel = (np.abs(y.astype(np.float64) - xd @ W) / (np.abs(xd) @ np.abs(W) + 1e-9)).max()
                 print(f"   worst error relative to sum|x||W|: {rel:.2e}")
-                OK &= close(f"gemv_h2 v{vec} {K}x{N} g{G} |x|<{mag} splits={splits} rps={rps}", y, xd @ W, np.abs(xd) @ np.abs(W), 4e-3)
+                OK &= close(f"gemv_h2 T={T} v{vec} {K}x{N} g{G} |x|<{mag} splits={splits} rps={rps}", y, xd @ W, np.abs(xd) @ np.abs(W), 4e-3)
                 if cnt.any(): print("FAIL counters not reset", cnt); OK = False
         # A second launch with the same (reset) tickets gives the same bits.
         y2, *_ = gemv_h2(qw, qz, sc, x, K, N, G, 132, cnt)

@@ -550,7 +550,7 @@ fn awq_gemv_matches_dequantised_reference() {
 #[test]
 fn awq_gemv_packed_half2_matches_reference_and_is_deterministic() {
     let Some(dev) = device() else { return };
-    // f16, one token: the packed-half2 kernel with the fused split sum. The real
+    // f16, 1-4 tokens: the packed-half2 kernels with the fused split sum. The real
     // model's fused qkv (576x960) and down (1536x576) shapes, scalar columns
     // (out/8 = 25), several column blocks with a ragged last one (out/8 = 257),
     // and groups 16/32/128 (f16 segments of 16 and 32 rows).
@@ -568,7 +568,10 @@ fn awq_gemv_packed_half2_matches_reference_and_is_deterministic() {
             group_size: g,
         };
         let case = awq_case(shape, seed);
-        awq_check::<f16>(&dev, &case, 1, AwqPath::Gemv, 4e-3);
+        // 1 token: h2v4/h2v1; 2-4 tokens: h2t4 (3 leaves a padded token slot).
+        for tokens in [1, 2, 3, 4] {
+            awq_check::<f16>(&dev, &case, tokens, AwqPath::Gemv, 4e-3);
+        }
     }
     // One plan launched back to back: the split tickets are reset by every launch,
     // and the split sum runs in split order, so each result is bit-identical.

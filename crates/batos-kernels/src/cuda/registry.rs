@@ -97,7 +97,7 @@ impl ModuleId {
         };
         // Kernels that exist for f16 activations only (packed-half2 arithmetic).
         let f16_only: &[&str] = match self {
-            ModuleId::Awq => &["awq_gemv_h2v4", "awq_gemv_h2v1"],
+            ModuleId::Awq => &["awq_gemv_h2v4", "awq_gemv_h2v1", "awq_gemv_h2t4"],
             _ => &[],
         };
         bases

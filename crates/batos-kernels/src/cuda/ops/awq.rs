@@ -209,8 +209,8 @@ impl<T: Activation> AwqGemvPlan<T> {
             ));
         }
         as_i32(OP, "tokens*out", tokens * shape.out_features)?;
-        let plan = if T::DTYPE == DType::F16 && tokens == 1 && shape.group_size % 8 == 0 {
-            gemv_h2_plan(shape, dev.multiprocessors())
+        let plan = if T::DTYPE == DType::F16 && tokens <= 4 && shape.group_size % 8 == 0 {
+            gemv_h2_plan(shape, tokens, dev.multiprocessors())
         } else {
             gemv_plan(shape, tokens, dev.multiprocessors())
         };
@@ -334,7 +334,8 @@ impl<T: Activation> AwqGemvPlan<T> {
     ) -> CudaResult<()> {
         const OP: &str = "awq_gemv";
         let (s, p) = (self.shape, self.plan);
-        let (k, n, g, rps, seg) = (
+        let (nt, k, n, g, rps, seg) = (
+            self.tokens as i32,
             s.in_features as i32,
             s.out_features as i32,
             s.group_size as i32,
@@ -357,21 +358,20 @@ impl<T: Activation> AwqGemvPlan<T> {
             .arg(&xv)
             .arg(&mut pv)
             .arg(&mut cv)
-            .arg(&mut yv)
-            .arg(&k)
-            .arg(&n)
-            .arg(&g)
-            .arg(&rps)
-            .arg(&seg);
+            .arg(&mut yv);
+        if p.variant == "awq_gemv_h2t4" {
+            args.arg(&nt);
+        }
+        args.arg(&k).arg(&n).arg(&g).arg(&rps).arg(&seg);
         // SAFETY: awq_gemv_h2v{4,1}_f16(const u32* qw, const u32* qz, const f16* sc, const
         // f16* x, float* partial, u32* counters, f16* y, int in, int out, int group, int
-        // rows_per_split, int seg), H2_THREADS threads. T is f16 here (the plan picks this
-        // kernel only for DType::F16), x holds in and y out elements (one token, checked
-        // above). rows_per_split is a multiple of 64 so every warp's slice is a multiple of
+        // rows_per_split, int seg), and awq_gemv_h2t4_f16 with `int ntok` (1..=4) after y,
+        // H2_THREADS threads. T is f16 here (the plan picks these kernels only for
+        // DType::F16), x holds tokens*in and y tokens*out elements (checked above). rows_per_split is a multiple of 64 so every warp's slice is a multiple of
         // the 8-row ring, seg (8, 16 or 32) divides the group, so a segment never straddles
         // two groups; lanes with j0 >= out/8 load nothing and stores are masked to out; v4
         // is chosen only when out/8 % 4 == 0 (aligned 16-byte loads). partial holds
-        // splits*out floats for blockIdx.y < splits, counters one u32 per column block
+        // splits*tokens*out floats for blockIdx.y < splits, counters one u32 per column block
         // (zeroed at plan creation and reset to zero by the last block of every launch).
         unsafe { launch(OP, &mut args, cfg(grid, GEMV_THREADS as u32, 0)) }
     }
@@ -476,16 +476,19 @@ pub(crate) struct GemvPlan {
     pub fused: bool,
 }
 
-/// Geometry of the packed-half2 f16 matvec (one token, group % 8 == 0).
+/// Geometry of the packed-half2 f16 matvec (1-4 tokens, group % 8 == 0).
 ///
-/// Blocks of 8 warps share 32·VEC packed columns (VEC = 4 where out/8 allows
-/// 16-byte loads) and split their K range into 8 equal warp slices. K is split so
+/// Blocks of 8 warps share 32·VEC packed columns (one token: VEC = 4 where out/8
+/// allows 16-byte loads; 2-4 tokens: VEC = 1, the `h2t4` kernel) and split their K
+/// range into 8 equal warp slices. K is split so
 /// that the grid fills about two blocks per SM (the resident count) in one wave,
 /// with at least 64 rows per block (8 per warp, one ring of loads) and at most 32
 /// splits, which bounds the f32 partials the last block of a column range sums.
-pub(crate) fn gemv_h2_plan(s: AwqShape, sms: usize) -> GemvPlan {
+pub(crate) fn gemv_h2_plan(s: AwqShape, tokens: usize, sms: usize) -> GemvPlan {
     let out8 = s.out_features / 8;
-    let (variant, vec) = if out8 % 4 == 0 {
+    let (variant, vec) = if tokens > 1 {
+        ("awq_gemv_h2t4", 1)
+    } else if out8 % 4 == 0 {
         ("awq_gemv_h2v4", 4)
     } else {
         ("awq_gemv_h2v1", 1)
@@ -629,8 +632,8 @@ mod tests {
     #[test]
     fn gemv_h2_plan_slices_are_whole_rings_and_fill_one_wave() {
         for s in shapes() {
-            for sms in [1, 108, 132] {
-                let p = gemv_h2_plan(s, sms);
+            for (sms, tokens) in [(1, 1), (108, 1), (132, 1), (132, 2), (132, 4), (1, 3)] {
+                let p = gemv_h2_plan(s, tokens, sms);
                 assert!(p.fused && p.blocks_z == 1);
                 assert_eq!(
                     p.rows_per_split % 64,
@@ -648,6 +651,7 @@ mod tests {
                 let vec = if p.variant.ends_with("v4") { 4 } else { 1 };
                 assert_eq!((s.out_features / 8) % vec, 0);
                 assert!(p.blocks_x * vec * 32 >= s.out_features / 8);
+                assert_eq!(p.variant == "awq_gemv_h2t4", tokens > 1);
             }
         }
         // The real model's fused qkv (576x960) and a large layer on an H100/H200.
@@ -656,14 +660,14 @@ mod tests {
             out_features: 960,
             group_size: 128,
         };
-        let p = gemv_h2_plan(qkv, 132);
+        let p = gemv_h2_plan(qkv, 1, 132);
         assert_eq!((p.variant, p.blocks_x, p.splits), ("awq_gemv_h2v4", 1, 9));
         let big = AwqShape {
             in_features: 8192,
             out_features: 28672,
             group_size: 128,
         };
-        let p = gemv_h2_plan(big, 132);
+        let p = gemv_h2_plan(big, 1, 132);
         assert_eq!((p.blocks_x, p.splits, p.rows_per_split), (28, 9, 960));
     }
 
