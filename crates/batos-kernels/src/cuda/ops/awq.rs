@@ -367,7 +367,8 @@ impl<T: Activation> AwqGemvPlan<T> {
         // f16* x, float* partial, u32* counters, f16* y, int in, int out, int group, int
         // rows_per_split, int seg), and awq_gemv_h2t4_f16 with `int ntok` (1..=4) after y,
         // H2_THREADS threads. T is f16 here (the plan picks these kernels only for
-        // DType::F16), x holds tokens*in and y tokens*out elements (checked above). rows_per_split is a multiple of 64 so every warp's slice is a multiple of
+        // DType::F16), x holds tokens*in and y tokens*out elements (checked above).
+        // rows_per_split is a multiple of 64 so every warp's slice is a multiple of
         // the 8-row ring, seg (8, 16 or 32) divides the group, so a segment never straddles
         // two groups; lanes with j0 >= out/8 load nothing and stores are masked to out; v4
         // is chosen only when out/8 % 4 == 0 (aligned 16-byte loads). partial holds
@@ -480,10 +481,10 @@ pub(crate) struct GemvPlan {
 ///
 /// Blocks of 8 warps share 32·VEC packed columns (one token: VEC = 4 where out/8
 /// allows 16-byte loads; 2-4 tokens: VEC = 1, the `h2t4` kernel) and split their K
-/// range into 8 equal warp slices. K is split so
-/// that the grid fills about two blocks per SM (the resident count) in one wave,
-/// with at least 64 rows per block (8 per warp, one ring of loads) and at most 32
-/// splits, which bounds the f32 partials the last block of a column range sums.
+/// range into 8 equal warp slices. K is split so that the grid fills about two
+/// blocks per SM (the resident count) in one wave, with at least 64 rows per block
+/// (8 per warp, one ring of loads) and at most 32 splits, which bounds the f32
+/// partials the last block of a column range sums.
 pub(crate) fn gemv_h2_plan(s: AwqShape, tokens: usize, sms: usize) -> GemvPlan {
     let out8 = s.out_features / 8;
     let (variant, vec) = if tokens > 1 {
