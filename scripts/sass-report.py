@@ -4,9 +4,11 @@
     NVRTC_LIB=.../libnvrtc.so.12 NVDISASM=.../nvdisasm \\
         python3 scripts/sass-report.py awq awq_gemv_h2v4_f16 [out.sass]
 
-Prints the instruction mix of the kernel and of its innermost hot loop (the
-backward branch with the most global loads in its body), which is what the
-"instructions per 16-byte load" figures in docs/perf/gpu-kernels.md come from.
+Prints the kernel's size, the loop with the most global loads, and the
+steady-state step: the shortest straight run of basic blocks (no shared-memory
+store, no barrier) holding 8 unpredicated streaming loads (LDG...NA), i.e. one
+turn of the matvec's 8-row load ring. That is where the "instructions per 16-byte
+load" figures in docs/perf/gpu-kernels.md come from.
 """
 import collections, ctypes, os, re, subprocess, sys, tempfile
 
@@ -64,3 +66,29 @@ if best:
     print("  mix:", mix(body))
     wide = [o for _, o, _ in body if o.startswith("LDG")]
     print("  loads:", collections.Counter(wide))
+
+# Steady-state step: shortest window of consecutive basic blocks without STS/BAR
+# holding exactly 8 unpredicated streaming (NA) loads.
+blocks, cur = [], []
+for line in sass.splitlines():
+    m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line)
+    if not m:
+        continue
+    cur.append((m.group(2) or "", m.group(3)))
+    if m.group(3).startswith(("BRA", "BSYNC", "EXIT")):
+        blocks.append(cur); cur = []
+step = None
+for i in range(len(blocks)):
+    w = []
+    for j in range(i, min(i + 12, len(blocks))):
+        w += blocks[j]
+        if any(o.startswith(("STS", "BAR")) for _, o in w):
+            break
+        na = sum(1 for p, o in w if o.startswith("LDG") and ".NA." in o and not p)
+        if na == 8:
+            if step is None or len(w) < len(step):
+                step = list(w)
+            break
+if step:
+    print(f"steady-state step (8 streaming loads): {len(step)} instructions, {len(step) / 8:.1f} per load")
+    print("  mix:", mix([(0, o, "") for _, o in step]))
