@@ -39,20 +39,19 @@ __device__ __forceinline__ float4 load4(const bf16* p) {
                        bf16_bits_to_f32(u.y & 0xffffu), bf16_bits_to_f32(u.y >> 16));
 }
 
-// 16 bytes of K/V as floats: 4 (f32) or 8 (f16, bf16) elements.
+// 16 bytes of K/V: loaded raw (so several loads can be in flight before any is
+// used), then converted to 4 (f32) or 8 (f16, bf16) floats.
 template <typename T> struct Vec16 { static constexpr int N = 16 / sizeof(T); };
-__device__ __forceinline__ void load16(const float* p, float* v) {
-    const float4 a = *reinterpret_cast<const float4*>(p);
-    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+__device__ __forceinline__ uint4 load_raw16(const void* p) { return *reinterpret_cast<const uint4*>(p); }
+__device__ __forceinline__ void cvt16(const uint4 u, float* v, const float*) {
+    v[0] = __uint_as_float(u.x); v[1] = __uint_as_float(u.y); v[2] = __uint_as_float(u.z); v[3] = __uint_as_float(u.w);
 }
-__device__ __forceinline__ void load16(const f16* p, float* v) {
-    const uint4 u = *reinterpret_cast<const uint4*>(p);
+__device__ __forceinline__ void cvt16(const uint4 u, float* v, const f16*) {
     const u32 w[4] = {u.x, u.y, u.z, u.w};
 #pragma unroll
     for (int i = 0; i < 4; ++i) { v[2 * i] = h2_lo(w[i]); v[2 * i + 1] = h2_hi(w[i]); }
 }
-__device__ __forceinline__ void load16(const bf16* p, float* v) {
-    const uint4 u = *reinterpret_cast<const uint4*>(p);
+__device__ __forceinline__ void cvt16(const uint4 u, float* v, const bf16*) {
     const u32 w[4] = {u.x, u.y, u.z, u.w};
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
@@ -128,16 +127,19 @@ __device__ void paged_decode_impl(const T* __restrict__ q, const T* __restrict__
     const bool lane_ok = lk < nch;
     const int stride = nwarps * kpw;
     for (int base = p0 + wid * kpw + sub; base - sub < p1; base += stride * DEC_UNROLL) {
-        float kv[DEC_UNROLL][VW];
+        uint4 kraw[DEC_UNROLL];
 #pragma unroll
         for (int u = 0; u < DEC_UNROLL; ++u) {
             const int j = base + u * stride;
-            if (lane_ok && j < p1) load16(kbase + (long long)slot_of[j - p0] * kv_row + lk * VW, kv[u]);
+            kraw[u] = make_uint4(0u, 0u, 0u, 0u);
+            if (lane_ok && j < p1) kraw[u] = load_raw16(kbase + (long long)slot_of[j - p0] * kv_row + lk * VW);
         }
 #pragma unroll
         for (int u = 0; u < DEC_UNROLL; ++u) {
             const int j = base + u * stride;
             const bool valid = j < p1;
+            float kv[VW];
+            cvt16(kraw[u], kv, (const T*)nullptr);
 #pragma unroll
             for (int g = 0; g < ATT_MAX_GROUP; ++g) {
                 if (g < G) {
@@ -145,7 +147,7 @@ __device__ void paged_decode_impl(const T* __restrict__ q, const T* __restrict__
                     if (lane_ok && valid) {
                         const float* qg = qs + g * hd + lk * VW;
 #pragma unroll
-                        for (int i = 0; i < VW; ++i) v += qg[i] * kv[u][i];
+                        for (int i = 0; i < VW; ++i) v += qg[i] * kv[i];
                     }
                     for (int o = L >> 1; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
                     if (valid && lk == 0) sc[g * DEC_PARTITION + (j - p0)] = v;
@@ -183,16 +185,29 @@ __device__ void paged_decode_impl(const T* __restrict__ q, const T* __restrict__
         for (int g = 0; g < ATT_MAX_GROUP; ++g)
 #pragma unroll
             for (int i = 0; i < VW; ++i) acc[g][i] = 0.0f;
-#pragma unroll 4
-        for (int j = p0 + kg; j < p1; j += KG) {
-            float vv[VW];
-            load16(vbase + (long long)slot_of[j - p0] * kv_row + c * VW, vv);
+        // DEC_UNROLL value rows per pass: loads first, then the FMAs.
+        for (int j0 = p0 + kg; j0 < p1; j0 += KG * DEC_UNROLL) {
+            uint4 vraw[DEC_UNROLL];
 #pragma unroll
-            for (int g = 0; g < ATT_MAX_GROUP; ++g) {
-                if (g < G) {
-                    const float p = sc[g * DEC_PARTITION + (j - p0)];
+            for (int u = 0; u < DEC_UNROLL; ++u) {
+                const int j = j0 + u * KG;
+                vraw[u] = make_uint4(0u, 0u, 0u, 0u);
+                if (j < p1) vraw[u] = load_raw16(vbase + (long long)slot_of[j - p0] * kv_row + c * VW);
+            }
 #pragma unroll
-                    for (int i = 0; i < VW; ++i) acc[g][i] += p * vv[i];
+            for (int u = 0; u < DEC_UNROLL; ++u) {
+                const int j = j0 + u * KG;
+                if (j < p1) {
+                    float vv[VW];
+                    cvt16(vraw[u], vv, (const T*)nullptr);
+#pragma unroll
+                    for (int g = 0; g < ATT_MAX_GROUP; ++g) {
+                        if (g < G) {
+                            const float p = sc[g * DEC_PARTITION + (j - p0)];
+#pragma unroll
+                            for (int i = 0; i < VW; ++i) acc[g][i] += p * vv[i];
+                        }
+                    }
                 }
             }
         }
