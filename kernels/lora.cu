@@ -202,6 +202,35 @@ __device__ __forceinline__ void load8(const bf16* p, float* v) {
         v[2 * i + 1] = bf16_bits_to_f32((u16)(w[i] >> 16));
     }
 }
+// 8 elements loaded raw (2 x 16 bytes for f32, 16 bytes otherwise) and converted
+// later, so that several loads are in flight before the first conversion waits.
+template <typename T> struct Raw8 { uint4 r[sizeof(T) / 2]; };
+template <typename T> __device__ __forceinline__ Raw8<T> load8_raw(const T* p) {
+    Raw8<T> v;
+#pragma unroll
+    for (int i = 0; i < (int)(sizeof(T) / 2); ++i) v.r[i] = reinterpret_cast<const uint4*>(p)[i];
+    return v;
+}
+__device__ __forceinline__ void cvt8(const Raw8<float>& v, float* o) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        o[4 * i] = __uint_as_float(v.r[i].x); o[4 * i + 1] = __uint_as_float(v.r[i].y);
+        o[4 * i + 2] = __uint_as_float(v.r[i].z); o[4 * i + 3] = __uint_as_float(v.r[i].w);
+    }
+}
+__device__ __forceinline__ void cvt8(const Raw8<f16>& v, float* o) {
+    const u32 w[4] = {v.r[0].x, v.r[0].y, v.r[0].z, v.r[0].w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) { o[2 * i] = h2_lo(w[i]); o[2 * i + 1] = h2_hi(w[i]); }
+}
+__device__ __forceinline__ void cvt8(const Raw8<bf16>& v, float* o) {
+    const u32 w[4] = {v.r[0].x, v.r[0].y, v.r[0].z, v.r[0].w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        o[2 * i] = bf16_bits_to_f32((u16)(w[i] & 0xffffu));
+        o[2 * i + 1] = bf16_bits_to_f32((u16)(w[i] >> 16));
+    }
+}
 __device__ __forceinline__ void store8(float* p, const float* v) {
     *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
     *reinterpret_cast<float4*>(p + 4) = make_float4(v[4], v[5], v[6], v[7]);
@@ -311,15 +340,24 @@ __device__ void grouped_expand_impl(const float* __restrict__ h, const T* __rest
         for (int tt = 0; tt < 4; ++tt)
 #pragma unroll
             for (int i = 0; i < 8; ++i) acc[tt][i] = 0.0f;
-#pragma unroll 4
-        for (int r = 0; r < rank; ++r) {
-            float bv[8];
-            load8(b + (long long)r * out_dim, bv);
+        // 4 rank rows per pass: their Bt loads are all issued before the FMAs.
+        for (int r0 = 0; r0 < rank; r0 += 4) {
+            Raw8<T> braw[4];
 #pragma unroll
-            for (int tt = 0; tt < 4; ++tt) {
-                const float hv = (t0 + tt < len) ? hs[(t0 + tt) * rank + r] : 0.0f;
+            for (int u = 0; u < 4; ++u)
+                if (r0 + u < rank) braw[u] = load8_raw(b + (long long)(r0 + u) * out_dim);
 #pragma unroll
-                for (int i = 0; i < 8; ++i) acc[tt][i] += hv * bv[i];
+            for (int u = 0; u < 4; ++u) {
+                if (r0 + u < rank) {
+                    float bv[8];
+                    cvt8(braw[u], bv);
+#pragma unroll
+                    for (int tt = 0; tt < 4; ++tt) {
+                        const float hv = (t0 + tt < len) ? hs[(t0 + tt) * rank + r0 + u] : 0.0f;
+#pragma unroll
+                        for (int i = 0; i < 8; ++i) acc[tt][i] += hv * bv[i];
+                    }
+                }
             }
         }
 #pragma unroll
