@@ -19,8 +19,8 @@ use crate::error::{CommitError, ConflictError, Result, StoreError};
 use crate::ids::{BlobId, BlobRef, Oid, Tid};
 use crate::index::{Checkpoint, CkptOpen, Covers, Index};
 use crate::log::{
-    encode_entry, later_acknowledged_record, read_entry, read_record_at, Entry, EntryLoc, NewBlob,
-    ReadOutcome, RecordBuilder, SegmentHeader, SegmentReader, MAX_RECORD, SEG_HEADER_LEN,
+    encode_entry, later_acknowledged_record, read_entry, record_matches_at, Entry, EntryLoc,
+    NewBlob, ReadOutcome, RecordBuilder, SegmentHeader, SegmentReader, MAX_RECORD, SEG_HEADER_LEN,
 };
 use crate::nodecache::{NodeCache, SharedValue, NODE_CACHE_ENTRIES};
 use crate::txn::{RootMap, Txn, TxnMode};
@@ -273,13 +273,11 @@ impl Db {
         let blob_dir = path.join("blobs");
         let tmp_dir = blob_dir.join("tmp");
         let index_dir = path.join("index");
+        let mut created = false;
         for d in [&log_dir, &blob_dir, &tmp_dir, &index_dir] {
+            created |= !d.exists();
             std::fs::create_dir_all(d).map_err(|e| StoreError::io("create directory", d, e))?;
         }
-        // The subdirectories' entries must survive power loss before anything in them
-        // is acknowledged.
-        fsync_dir(&path)?;
-        fsync_dir(&blob_dir)?;
         // Unfinished blob writes of a previous run: never referenced by any commit.
         for e in std::fs::read_dir(&tmp_dir).map_err(|e| StoreError::io("list", &tmp_dir, e))? {
             let e = e.map_err(|e| StoreError::io("list", &tmp_dir, e))?;
@@ -315,6 +313,20 @@ impl Db {
             seg.file
                 .sync_data()
                 .map_err(|e| StoreError::io("fsync segment", &seg.path, e))?;
+        }
+        // The subdirectories' entries must survive power loss before anything in them is
+        // acknowledged. After a clean close (the checkpoint covers the whole log, no
+        // zero-filled tail) they already do: the run that created them fsynced them
+        // before acknowledging anything. Otherwise a run may have crashed between
+        // creating and fsyncing them, so fsync again (each costs a device flush).
+        let clean = rec.replayed == 0
+            && !rec.cut
+            && rec.last.is_some()
+            && seg.index.base_covers() == rec.last
+            && rec.file_len == rec.end;
+        if created || !clean {
+            fsync_dir(&path)?;
+            fsync_dir(&blob_dir)?;
         }
         let inner = Arc::new(DbInner {
             path: path.clone(),
@@ -677,13 +689,15 @@ fn recover(seg: &Segment, progress: ProgressMode) -> Result<Recovered> {
     let mut last: Option<Covers> = None;
     let mut next_oid = 2u64;
     if let Some(c) = seg.index.base_covers() {
-        match read_record_at(&seg.file, &seg.path, c.start)? {
-            Some(rec) if rec.tid == c.tid && rec.crc == c.crc && c.start + rec.len == c.end => {
+        let len = c.end.saturating_sub(c.start);
+        match record_matches_at(&seg.file, &seg.path, c.start, len, c.tid, c.crc)? {
+            true => {
                 start = c.end;
                 last = Some(c);
-                next_oid = rec.next_oid.max(seg.index.base_next_oid().unwrap_or(2));
+                // Written at checkpoint time: at least the covered record's high-water mark.
+                next_oid = seg.index.base_next_oid().unwrap_or(2);
             }
-            _ => {
+            false => {
                 tracing::warn!(
                     path = %seg.index.path.display(),
                     "index checkpoint is ahead of or disagrees with the log; rebuilding it"
