@@ -859,7 +859,11 @@ impl DbInner {
 
     /// Loads the revision of `oid` visible at `snapshot`, decoded as a `T`, through the
     /// shared cache of decoded revisions.
-    pub(crate) fn load_shared<T>(&self, oid: Oid, snapshot: Tid) -> Result<Option<SharedValue>>
+    pub(crate) fn load_shared<T>(
+        &self,
+        oid: Oid,
+        snapshot: Tid,
+    ) -> Result<Option<(SharedValue, Tid)>>
     where
         T: serde::de::DeserializeOwned + Send + Sync + 'static,
     {
@@ -870,14 +874,21 @@ impl DbInner {
         };
         if let Some(v) = self.nodes.lock().get(oid, tid) {
             if v.is::<T>() {
-                return Ok(Some(v));
+                return Ok(Some((v, tid)));
             }
         }
         let e = read_entry(&seg.file, &seg.path, loc, oid, tid)?;
         let value: T = crate::codec::decode(oid, e.type_fp, &e.data)?;
         let value: SharedValue = Arc::new(value);
         self.nodes.lock().insert(oid, tid, value.clone());
-        Ok(Some(value))
+        Ok(Some((value, tid)))
+    }
+
+    /// Takes `value`, the cached decoded revision `(oid, tid)`, out of the shared cache
+    /// (a transaction is about to modify it and will offer its new revision at commit),
+    /// so the transaction may own it without a copy when nobody else holds it.
+    pub(crate) fn take_shared(&self, oid: Oid, tid: Tid, value: &SharedValue) {
+        self.nodes.lock().take(oid, tid, value);
     }
 
     /// Offers decoded revisions that a commit just wrote (as `tid`) to the shared cache.
@@ -991,8 +1002,18 @@ impl DbInner {
             now_us(),
             self.next_oid.load(Ordering::Relaxed),
         );
+        b.reserve(
+            ws.writes
+                .values()
+                .map(|w| {
+                    64 + w.enc.data.len() + 8 * w.enc.refs.oids.len() + 16 * w.enc.refs.blobs.len()
+                })
+                .sum::<usize>()
+                + 56 * ws.new_blobs.len()
+                + 64,
+        );
         for (&oid, w) in &ws.writes {
-            b.push_entry(oid, &encode_entry(oid, tid, &w.enc));
+            b.push_encoded(oid, tid, &w.enc);
             if b.encoded_len() > MAX_RECORD - 1024 {
                 return Err(StoreError::TooLarge {
                     bytes: b.encoded_len(),

@@ -162,6 +162,39 @@ impl RecordBuilder {
         }
     }
 
+    /// Reserves room for `bytes` more bytes (avoids regrowing a large record).
+    pub fn reserve(&mut self, bytes: usize) {
+        self.buf.reserve(bytes);
+    }
+
+    /// Appends the entry for `oid` at `tid`, encoded in place (the same bytes as
+    /// [`encode_entry`], without an intermediate buffer).
+    pub fn push_encoded(&mut self, oid: Oid, tid: Tid, enc: &Encoded) {
+        let len_at = self.buf.len();
+        self.buf.extend_from_slice(&0u32.to_le_bytes()); // entry length, patched below
+        let off = self.buf.len();
+        let b = &mut self.buf;
+        b.extend_from_slice(&oid.get().to_le_bytes());
+        b.extend_from_slice(&tid.get().to_le_bytes());
+        b.extend_from_slice(&enc.type_fp.to_le_bytes());
+        b.extend_from_slice(&(enc.refs.oids.len() as u32).to_le_bytes());
+        for r in &enc.refs.oids {
+            b.extend_from_slice(&r.get().to_le_bytes());
+        }
+        b.extend_from_slice(&(enc.refs.blobs.len() as u32).to_le_bytes());
+        for x in &enc.refs.blobs {
+            b.extend_from_slice(&x.0.to_le_bytes());
+        }
+        b.extend_from_slice(&(enc.data.len() as u32).to_le_bytes());
+        b.extend_from_slice(&enc.data);
+        let c = crc(&b[off..]);
+        b.extend_from_slice(&c.to_le_bytes());
+        let len = (b.len() - off) as u32;
+        b[len_at..off].copy_from_slice(&len.to_le_bytes());
+        self.entry_offsets.push((oid, off as u64, len));
+        self.n_entries += 1;
+    }
+
     /// Appends raw entry bytes for `oid`.
     pub fn push_entry(&mut self, oid: Oid, entry: &[u8]) {
         self.buf
@@ -575,4 +608,34 @@ pub(crate) fn read_entry(
         )));
     }
     Ok(e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::Refs;
+
+    #[test]
+    fn entries_encoded_in_place_equal_encode_entry() {
+        let oid = Oid::new(7).expect("non-zero");
+        let tid = Tid::new(9).expect("non-zero");
+        let enc = Encoded {
+            type_fp: 0xABCD,
+            refs: Refs {
+                oids: vec![Oid::new(3).expect("non-zero")],
+                blobs: vec![BlobId(5)],
+            },
+            data: b"state bytes".to_vec(),
+        };
+        let mut a = RecordBuilder::new(tid, 64, 1, 10);
+        a.push_entry(oid, &encode_entry(oid, tid, &enc));
+        let mut b = RecordBuilder::new(tid, 64, 1, 10);
+        b.push_encoded(oid, tid, &enc);
+        let (ra, oa) = a.finish(&[]);
+        let (rb, ob) = b.finish(&[]);
+        assert_eq!(ra, rb);
+        assert_eq!(oa, ob);
+        let rec = parse_record(&rb, 0).expect("parses");
+        assert_eq!(rec.entries[0].1.data, enc.data);
+    }
 }
