@@ -54,9 +54,10 @@ pub(crate) struct Segment {
     pub index: Index,
 }
 
-/// How far ahead of the log end the segment file is zero-filled, at most. Appending into space
-/// that is already allocated and written leaves the file's size and extents unchanged,
-/// so `fdatasync` needs no journal commit (measured: one device flush instead of two).
+/// How far ahead of the log end the segment file is zero-filled, at most. Writing into
+/// space that is already allocated and written leaves the file's size and extents
+/// unchanged, so `fdatasync` writes no metadata (no inode write, or with a journal no
+/// journal commit): measured on this VM, up to one device flush less per commit.
 pub(crate) const PREALLOC_CHUNK: u64 = 8 << 20;
 
 struct CommitState {
