@@ -20,7 +20,7 @@ use crate::resolve::ResolveConflict;
 use crate::txn::Txn;
 
 /// Most entries in a leaf before it splits.
-pub const MAX_LEAF: usize = 64;
+pub const MAX_LEAF: usize = 32;
 /// Most separators in a branch before it splits.
 pub const MAX_BRANCH: usize = 128;
 

@@ -29,8 +29,10 @@ pub struct StoreConfig {
     pub open_mode: OpenMode,
     /// Progress bars for long operations.
     pub progress: ProgressMode,
-    /// Memory the sled index may use for its page cache, in bytes (at least 1 MiB).
-    pub index_cache_bytes: u64,
+    /// Revisions committed since the last index checkpoint before the next one is
+    /// written (at least 1). After a crash, open replays at most about this many
+    /// revisions' records; after a clean close, none.
+    pub index_checkpoint_revisions: u64,
     /// Attempts `Db::transact` makes before giving up on conflicts (at least 1).
     pub max_attempts: u32,
 }
@@ -40,7 +42,7 @@ impl Default for StoreConfig {
         StoreConfig {
             open_mode: OpenMode::CreateIfMissing,
             progress: ProgressMode::Auto,
-            index_cache_bytes: 64 << 20,
+            index_checkpoint_revisions: 65_536,
             max_attempts: 8,
         }
     }
@@ -49,12 +51,9 @@ impl Default for StoreConfig {
 impl StoreConfig {
     /// Checks the values; `Db::open` calls this.
     pub fn validate(&self) -> Result<()> {
-        if self.index_cache_bytes < (1 << 20) {
+        if self.index_checkpoint_revisions == 0 {
             return Err(StoreError::Config {
-                detail: format!(
-                    "index_cache_bytes must be at least 1 MiB, got {}",
-                    self.index_cache_bytes
-                ),
+                detail: "index_checkpoint_revisions must be at least 1".into(),
             });
         }
         if self.max_attempts == 0 {

@@ -83,14 +83,16 @@ pub enum StoreError {
         /// What disagreed.
         detail: String,
     },
-    /// The sled index failed.
-    #[error("index (sled) error during {op}: {source}")]
-    Index {
-        /// What the store was doing.
-        op: &'static str,
-        /// The underlying sled error.
-        #[source]
-        source: sled::Error,
+    /// A block of an index checkpoint failed its check when read. The checkpoint is a
+    /// cache of the log: deleting the file makes the next open rebuild it.
+    #[error("corrupt index checkpoint {path} at offset {offset}: {detail}")]
+    CorruptIndex {
+        /// The checkpoint file.
+        path: PathBuf,
+        /// Byte offset of the damaged block.
+        offset: u64,
+        /// What was wrong.
+        detail: String,
     },
     /// A blob file is corrupt (checksum, header or hash mismatch).
     #[error("blob {id} ({path}) is corrupt: {detail}")]
@@ -221,10 +223,6 @@ impl StoreError {
             path: path.into(),
             source,
         }
-    }
-
-    pub(crate) fn index(op: &'static str, source: sled::Error) -> Self {
-        StoreError::Index { op, source }
     }
 }
 

@@ -9,8 +9,9 @@
 //!   [`ConflictError`]; [`Db::transact`] retries; `read_current` validates reads;
 //!   [`ResolveConflict`] merges concurrent changes of counters, logs and B-tree leaves;
 //! - commits that are durable when `commit` returns: an append-only, checksummed commit
-//!   log is the source of truth, fdatasync'ed with group commit; sled is only an index
-//!   (a cache of the log) that is checked and replayed on open;
+//!   log is the source of truth, fdatasync'ed with group commit into preallocated space; the
+//!   index (a memory-mapped checkpoint plus the revisions since) is a cache of the log,
+//!   checked and caught up on open;
 //! - a persistent B-tree ([`BTree`]), streaming checksummed blobs ([`BlobWriter`],
 //!   [`BlobReader`]), time travel ([`Db::snapshot_at`]), [`Db::pack`] and [`Db::verify`].
 //!
@@ -24,6 +25,7 @@ mod config;
 mod db;
 mod error;
 mod ids;
+mod index;
 mod log;
 mod nodecache;
 mod resolve;

@@ -23,3 +23,14 @@ pub(crate) fn start_writeback(file: &File, offset: u64, len: u64) {
         let _ = (file, offset, len);
     }
 }
+
+/// Maps `file` read-only. The store only maps its own index checkpoints, which are
+/// immutable once renamed into place (a new checkpoint is a new file), so the mapping
+/// never sees the file change under it.
+pub(crate) fn map_readonly(file: &File) -> std::io::Result<memmap2::Mmap> {
+    // SAFETY: memmap2 requires that the file is not modified (truncated or written) while
+    // mapped, or reads of the map are undefined. Checkpoint files are written completely
+    // under a temp name, fsynced and renamed, and never opened for writing again; a
+    // replacement is a new inode, so an existing mapping keeps the old, unchanged one.
+    unsafe { memmap2::Mmap::map(file) }
+}

@@ -61,8 +61,8 @@ struct Cached {
 
 /// A decoded object in a transaction's cache.
 enum CachedValue {
-    /// An unmodified committed revision, shared with other transactions.
-    Shared(SharedValue),
+    /// An unmodified committed revision (of that tid), shared with other transactions.
+    Shared(SharedValue, Tid),
     /// This transaction's own state (modified or new).
     Owned(Box<dyn Any + Send + Sync>),
 }
@@ -70,7 +70,7 @@ enum CachedValue {
 impl CachedValue {
     fn as_any(&self) -> &(dyn Any + Send + Sync) {
         match self {
-            CachedValue::Shared(v) => &**v,
+            CachedValue::Shared(v, _) => &**v,
             CachedValue::Owned(v) => &**v,
         }
     }
@@ -83,21 +83,34 @@ impl CachedValue {
         self.as_any().downcast_ref::<T>()
     }
 
-    /// The value for modification: a shared revision is copied first.
+    /// The value for modification: a shared revision is taken over when nobody else
+    /// holds it, and copied otherwise.
     fn downcast_mut<T: Clone + Send + Sync + 'static>(&mut self) -> Option<&mut T> {
-        if let CachedValue::Shared(v) = self {
-            let owned: T = v.downcast_ref::<T>()?.clone();
-            *self = CachedValue::Owned(Box::new(owned));
+        if let CachedValue::Shared(v, tid) = self {
+            let tid = *tid;
+            // Move the Arc out (a placeholder stands in for a moment), so that ours is
+            // the only reference when the shared cache has let go of it.
+            let v = std::mem::replace(v, Arc::new(()));
+            match v.downcast::<T>() {
+                Ok(v) => {
+                    let owned = Arc::try_unwrap(v).unwrap_or_else(|shared| (*shared).clone());
+                    *self = CachedValue::Owned(Box::new(owned));
+                }
+                Err(v) => {
+                    *self = CachedValue::Shared(v, tid);
+                    return None;
+                }
+            }
         }
         match self {
             CachedValue::Owned(v) => v.downcast_mut::<T>(),
-            CachedValue::Shared(_) => None,
+            CachedValue::Shared(..) => None,
         }
     }
 
     fn into_shared(self) -> SharedValue {
         match self {
-            CachedValue::Shared(v) => v,
+            CachedValue::Shared(v, _) => v,
             CachedValue::Owned(v) => SharedValue::from(v),
         }
     }
@@ -298,7 +311,7 @@ impl Txn {
         } else {
             // A committed revision: decoded once for the whole Db.
             match self.db.load_shared::<T>(oid, self.snapshot)? {
-                Some(v) if v.is::<T>() => CachedValue::Shared(v),
+                Some((v, tid)) if v.is::<T>() => CachedValue::Shared(v, tid),
                 // Stored as another type: decoding reports it.
                 Some(_) => CachedValue::Owned(Box::new(self.get::<T>(oid)?)),
                 None => {
@@ -372,6 +385,9 @@ impl Txn {
         }
         c.dirty = Some(encode_any::<T>);
         c.resolver = resolver;
+        if let CachedValue::Shared(v, tid) = &c.value {
+            self.db.take_shared(oid, *tid, v);
+        }
         let v = c.value.downcast_mut::<T>().expect("cache_load stored a T");
         Ok(f(v))
     }

@@ -182,6 +182,86 @@ fn lost_index_is_rebuilt_from_the_log() {
     db.verify().unwrap();
 }
 
+/// The index checkpoint of the fixture's image (one file in `index/`).
+fn checkpoint_file(image: &Path) -> PathBuf {
+    let files: Vec<PathBuf> = std::fs::read_dir(image.join("index"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    files[0].clone()
+}
+
+#[test]
+fn clean_close_leaves_a_checkpoint_covering_the_whole_log_and_no_zero_tail() {
+    let f = fixture(3);
+    assert!(checkpoint_file(&f.path).exists());
+    assert_eq!(file_len(&f.segment), *f.ends.last().unwrap());
+}
+
+#[test]
+fn stale_checkpoint_is_caught_up_from_the_log() {
+    let f = fixture(3);
+    let ckpt = checkpoint_file(&f.path);
+    let stale = std::fs::read(&ckpt).unwrap();
+    let db = Db::open(&f.path, cfg()).unwrap();
+    let mut tids = f.tids.clone();
+    for i in 4..=6u64 {
+        let mut t = db.begin();
+        t.set(f.counter, &i).unwrap();
+        tids.push(t.commit().unwrap());
+    }
+    drop(db);
+    std::fs::write(&ckpt, stale).unwrap();
+    let db = Db::open(&f.path, cfg()).unwrap();
+    assert_eq!(db.last_tid(), *tids.last().unwrap());
+    assert_eq!(db.begin().load(f.counter).unwrap(), 6);
+    assert_eq!(db.history(f.counter.oid()).unwrap(), tids);
+    db.verify().unwrap();
+}
+
+#[test]
+fn checkpoint_ahead_of_the_log_is_ignored_and_the_index_rebuilt() {
+    let f = fixture(5);
+    // The log loses its last two records (as if they had never been written), the
+    // checkpoint still covers them: it must not be believed.
+    let keep = f.ends[f.ends.len() - 3];
+    OpenOptions::new()
+        .write(true)
+        .open(&f.segment)
+        .unwrap()
+        .set_len(keep)
+        .unwrap();
+    let db = Db::open(&f.path, cfg()).unwrap();
+    assert_eq!(db.last_tid(), f.tids[f.tids.len() - 3]);
+    assert_eq!(db.begin().load(f.counter).unwrap(), 3);
+    assert!(db.begin().named_root::<String>("note4").unwrap().is_none());
+    assert_eq!(db.history(f.counter.oid()).unwrap().len(), 4);
+    db.verify().unwrap();
+}
+
+#[test]
+fn damaged_checkpoint_block_is_a_typed_error_and_the_next_open_rebuilds() {
+    let f = fixture(5);
+    let ckpt = checkpoint_file(&f.path);
+    let mut b = std::fs::read(&ckpt).unwrap();
+    b[4096 + 40] ^= 0x10; // inside the first block's entries
+    std::fs::write(&ckpt, b).unwrap();
+    let db = Db::open(&f.path, cfg()).unwrap();
+    match db.verify() {
+        Err(StoreError::CorruptIndex { path, offset, .. }) => {
+            assert_eq!(path, ckpt);
+            assert_eq!(offset, 4096);
+        }
+        other => panic!("expected CorruptIndex, got {other:?}"),
+    }
+    drop(db);
+    let db = Db::open(&f.path, cfg()).unwrap();
+    assert_eq!(db.begin().load(f.counter).unwrap(), 5);
+    assert_eq!(db.history(f.counter.oid()).unwrap().len(), 6);
+    db.verify().unwrap();
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 struct Holder {
     blob: BlobRef,
