@@ -207,6 +207,7 @@ pub fn lockstep(
         ..Default::default()
     };
     kv.storage_mut().log_block_copies();
+    gpu.reset_kv();
     let mut ids = vec![None; n];
     let last = seqs.iter().map(|s| s.start).max().unwrap_or(0) + steps;
     for step in 0..last {

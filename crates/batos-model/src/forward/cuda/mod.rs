@@ -177,6 +177,15 @@ impl CudaLlama {
         }
     }
 
+    /// Drops the device copy of the KV pool: the next [`CudaLlama::forward`] allocates
+    /// storage for the cache it is given. Call it when switching to another
+    /// `KvCacheManager` (a cache of a different size is otherwise
+    /// [`ForwardError::CacheMismatch`], since the runtime cannot tell a new cache from
+    /// a resized one).
+    pub fn reset_kv(&mut self) {
+        self.kv = None;
+    }
+
     /// Makes the device's adapter stacks match `adapters` now (the step does this
     /// itself; calling it ahead of time takes the upload out of the first step and lets
     /// a bench time the cold → hot upload alone). Waits for the uploads.
