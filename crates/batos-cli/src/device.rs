@@ -58,7 +58,7 @@ pub enum Stepper<'m> {
     Cpu(&'m LlamaModel),
     /// The model resident on a GPU.
     #[cfg(feature = "cuda")]
-    Cuda(std::cell::RefCell<batos::model::forward::cuda::CudaLlama>),
+    Cuda(Box<std::cell::RefCell<batos::model::forward::cuda::CudaLlama>>),
 }
 
 impl<'m> Stepper<'m> {
@@ -133,7 +133,7 @@ fn cuda_stepper<'m>(
         .context("querying the GPU's free memory")?;
     let budget = batos::types::MemoryBudget::new(format!("cuda:{ordinal}"), free as u64 / 10 * 9);
     let rt = CudaLlama::upload(model, dev, &budget).context("uploading the model to the GPU")?;
-    Ok(Stepper::Cuda(std::cell::RefCell::new(rt)))
+    Ok(Stepper::Cuda(Box::new(std::cell::RefCell::new(rt))))
 }
 
 #[cfg(test)]

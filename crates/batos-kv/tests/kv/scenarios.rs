@@ -333,7 +333,10 @@ fn block_copies_are_logged_for_a_mirror_only_when_asked() {
     compute(&mut kv, a.seq, None, 0);
     let f = kv.fork(a.seq).unwrap();
     kv.append_tokens(f, &[77]).unwrap().unwrap();
-    assert!(kv.storage_mut().take_block_copies().is_empty(), "log is off by default");
+    assert!(
+        kv.storage_mut().take_block_copies().is_empty(),
+        "log is off by default"
+    );
 
     kv.storage_mut().log_block_copies();
     let g = kv.fork(a.seq).unwrap();
@@ -341,7 +344,10 @@ fn block_copies_are_logged_for_a_mirror_only_when_asked() {
     let shared = kv.block_table(a.seq).unwrap().blocks()[1];
     let copied = kv.block_table(g).unwrap().blocks()[1];
     assert_eq!(kv.storage_mut().take_block_copies(), vec![(shared, copied)]);
-    assert!(kv.storage_mut().take_block_copies().is_empty(), "taking drains the log");
+    assert!(
+        kv.storage_mut().take_block_copies().is_empty(),
+        "taking drains the log"
+    );
 }
 
 #[test]
