@@ -17,7 +17,7 @@ use batos_lora::{
 use batos_model::forward::cuda::CudaLlama;
 use batos_model::forward::{ForwardBatch, LlamaDims, LlamaModel, SeqStep};
 use batos_store::{Db, StoreConfig};
-use batos_types::{MemoryBudget, SlotIdx};
+use batos_types::{AdapterGeneration, MemoryBudget, SlotIdx};
 
 /// Device 0, kernels from `BATOS_CUDA_PTX_DIR` when set (else NVRTC); `None` with a
 /// SKIP line when this machine has no driver or no device. Any other failure panics.
@@ -220,7 +220,9 @@ pub fn lockstep(
             }
             let (seq, tokens, cached) = match ids[i] {
                 None => {
-                    let a = kv.allocate_prompt(&s.prompt, None).unwrap().unwrap();
+                    // Prefix-cache entries are keyed by adapter, as the engine keys them.
+                    let generation = s.adapter.map(|a| AdapterGeneration([a.0 as u8 + 1; 32]));
+                    let a = kv.allocate_prompt(&s.prompt, generation).unwrap().unwrap();
                     ids[i] = Some(a.seq);
                     prefills += 1;
                     (a.seq, s.prompt[a.cached_tokens..].to_vec(), a.cached_tokens)
