@@ -39,26 +39,58 @@ __device__ __forceinline__ float4 load4(const bf16* p) {
                        bf16_bits_to_f32(u.y & 0xffffu), bf16_bits_to_f32(u.y >> 16));
 }
 
+// 16 bytes of K/V as floats: 4 (f32) or 8 (f16, bf16) elements.
+template <typename T> struct Vec16 { static constexpr int N = 16 / sizeof(T); };
+__device__ __forceinline__ void load16(const float* p, float* v) {
+    const float4 a = *reinterpret_cast<const float4*>(p);
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+}
+__device__ __forceinline__ void load16(const f16* p, float* v) {
+    const uint4 u = *reinterpret_cast<const uint4*>(p);
+    const u32 w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) { v[2 * i] = h2_lo(w[i]); v[2 * i + 1] = h2_hi(w[i]); }
+}
+__device__ __forceinline__ void load16(const bf16* p, float* v) {
+    const uint4 u = *reinterpret_cast<const uint4*>(p);
+    const u32 w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        v[2 * i] = bf16_bits_to_f32((u16)(w[i] & 0xffffu));
+        v[2 * i + 1] = bf16_bits_to_f32((u16)(w[i] >> 16));
+    }
+}
+
 // ---- decode: split-K over partitions of DEC_PARTITION positions ----------
-// grid (T, nkv, splits), block ATT_THREADS. One block serves all G = nh/nkv query
+// grid (T, nkv, splits), block ATT_THREADS. Block z covers positions [z*part,
+// (z+1)*part), part <= DEC_PARTITION chosen by the host so that the grid fills the
+// GPU (smaller partitions for few sequences). One block serves all G = nh/nkv query
 // heads of one kv head, so each K/V row is read once per token. Writes unnormalised
 // partial outputs [T, nh, splits, hd] with their running max and sum of exponentials.
-// Dynamic shared memory: G*hd + G*DEC_PARTITION + G*hd*(ATT_THREADS/(hd/4)) floats.
+// The partition's cache slots are resolved once into shared memory (no block-table
+// load on the K/V address path). Every K/V access is a 16-byte load: a key is
+// covered by L = pow2 >= hd/VW lanes (VW = 16 / sizeof(T)), so a warp reads 32/L
+// keys per step, and each warp keeps DEC_UNROLL steps of loads in flight before
+// using them. Needs hd % VW == 0 and hd / VW <= 32 (checked by the launcher).
+// Dynamic shared memory: G*hd + G*DEC_PARTITION + G*hd*(ATT_THREADS/(hd/VW)) floats.
+#define DEC_UNROLL 4
 template <typename T>
 __device__ void paged_decode_impl(const T* __restrict__ q, const T* __restrict__ k_cache,
                                   const T* __restrict__ v_cache, const i32* __restrict__ tok_seq,
                                   const i32* __restrict__ tok_pos, const i32* __restrict__ block_tables,
                                   float* __restrict__ part_o, float* __restrict__ part_m,
                                   float* __restrict__ part_l, int nh, int nkv, int hd, int block_size,
-                                  int max_blocks, float scale) {
+                                  int max_blocks, float scale, int part) {
+    constexpr int VW = Vec16<T>::N;
     extern __shared__ float smem[];
+    __shared__ i32 slot_of[DEC_PARTITION];
     const int t = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
     const int G = nh / nkv;
     const int tid = threadIdx.x, lane = tid & 31, wid = tid >> 5, nwarps = ATT_THREADS / 32;
     const int ctx = tok_pos[t] + 1;
-    const int p0 = split * DEC_PARTITION;
-    const int p1 = min(ctx, p0 + DEC_PARTITION);
-    const int hd4 = hd >> 2;
+    const int p0 = split * part;
+    const int p1 = min(ctx, p0 + part);
+    const int nch = hd / VW;  // 16-byte chunks per row
     if (p0 >= ctx) {
         for (int idx = tid; idx < G * hd; idx += ATT_THREADS) {
             const int g = idx / hd, d = idx - g * hd;
@@ -76,43 +108,48 @@ __device__ void paged_decode_impl(const T* __restrict__ q, const T* __restrict__
     float* red = sc + G * DEC_PARTITION;           // [KG][G][hd]
     const i32* bt = block_tables + (long long)tok_seq[t] * max_blocks;
     const long long kv_row = (long long)nkv * hd;
+    const T* kbase = k_cache + (long long)kvh * hd;
+    const T* vbase = v_cache + (long long)kvh * hd;
     for (int idx = tid; idx < G * hd; idx += ATT_THREADS) {
         const int g = idx / hd, d = idx - g * hd;
         qs[idx] = to_f32(q[(long long)t * nh * hd + (long long)(kvh * G + g) * hd + d]) * scale;
     }
+    for (int i = tid; i < p1 - p0; i += ATT_THREADS) {
+        const int j = p0 + i;
+        slot_of[i] = bt[j / block_size] * block_size + (j % block_size);
+    }
     __syncthreads();
 
-    // Scores: L lanes per key (power of two covering hd/4 float4 chunks).
+    // Scores: L lanes per key, 32/L keys per warp step, DEC_UNROLL steps in flight.
     int L = 1;
-    while (L < hd4 && L < 32) L <<= 1;
+    while (L < nch) L <<= 1;
     const int kpw = 32 / L;
     const int sub = lane / L, lk = lane - sub * L;
-    for (int base = p0 + wid * kpw; base < p1; base += nwarps * kpw) {
-        const int j = base + sub;
-        const bool valid = j < p1;
-        float dot[ATT_MAX_GROUP];
+    const bool lane_ok = lk < nch;
+    const int stride = nwarps * kpw;
+    for (int base = p0 + wid * kpw + sub; base - sub < p1; base += stride * DEC_UNROLL) {
+        float kv[DEC_UNROLL][VW];
 #pragma unroll
-        for (int g = 0; g < ATT_MAX_GROUP; ++g) dot[g] = 0.0f;
-        if (valid) {
-            const long long blk = bt[j / block_size];
-            const T* kp = k_cache + (blk * block_size + (j % block_size)) * kv_row + (long long)kvh * hd;
-            for (int c = lk; c < hd4; c += L) {
-                const float4 kv = load4(kp + 4 * c);
-#pragma unroll
-                for (int g = 0; g < ATT_MAX_GROUP; ++g) {
-                    if (g < G) {
-                        const float* qg = qs + g * hd + 4 * c;
-                        dot[g] += qg[0] * kv.x + qg[1] * kv.y + qg[2] * kv.z + qg[3] * kv.w;
-                    }
-                }
-            }
+        for (int u = 0; u < DEC_UNROLL; ++u) {
+            const int j = base + u * stride;
+            if (lane_ok && j < p1) load16(kbase + (long long)slot_of[j - p0] * kv_row + lk * VW, kv[u]);
         }
 #pragma unroll
-        for (int g = 0; g < ATT_MAX_GROUP; ++g) {
-            if (g < G) {
-                float v = dot[g];
-                for (int o = L >> 1; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-                if (valid && lk == 0) sc[g * DEC_PARTITION + (j - p0)] = v;
+        for (int u = 0; u < DEC_UNROLL; ++u) {
+            const int j = base + u * stride;
+            const bool valid = j < p1;
+#pragma unroll
+            for (int g = 0; g < ATT_MAX_GROUP; ++g) {
+                if (g < G) {
+                    float v = 0.0f;
+                    if (lane_ok && valid) {
+                        const float* qg = qs + g * hd + lk * VW;
+#pragma unroll
+                        for (int i = 0; i < VW; ++i) v += qg[i] * kv[u][i];
+                    }
+                    for (int o = L >> 1; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+                    if (valid && lk == 0) sc[g * DEC_PARTITION + (j - p0)] = v;
+                }
             }
         }
     }
@@ -136,31 +173,35 @@ __device__ void paged_decode_impl(const T* __restrict__ q, const T* __restrict__
     }
     __syncthreads();
 
-    // P.V: hd4 threads per value row, KG rows at a time.
-    const int KG = max(1, ATT_THREADS / hd4);
-    const int kg = tid / hd4, c4 = tid - kg * hd4;
+    // P.V: nch threads per value row (one 16-byte chunk each), KG rows at a time,
+    // unrolled so several V loads are in flight per thread.
+    const int KG = max(1, ATT_THREADS / nch);
+    const int kg = tid / nch, c = tid - kg * nch;
     if (kg < KG) {
-        for (int cc = c4; cc < hd4; cc += ATT_THREADS) {  // one pass unless hd > 512
-            float4 acc[ATT_MAX_GROUP];
+        float acc[ATT_MAX_GROUP][VW];
 #pragma unroll
-            for (int g = 0; g < ATT_MAX_GROUP; ++g) acc[g] = make_float4(0.f, 0.f, 0.f, 0.f);
-            for (int j = p0 + kg; j < p1; j += KG) {
-                const long long blk = bt[j / block_size];
-                const float4 vv = load4(v_cache + (blk * block_size + (j % block_size)) * kv_row + (long long)kvh * hd + 4 * cc);
+        for (int g = 0; g < ATT_MAX_GROUP; ++g)
 #pragma unroll
-                for (int g = 0; g < ATT_MAX_GROUP; ++g) {
-                    if (g < G) {
-                        const float p = sc[g * DEC_PARTITION + (j - p0)];
-                        acc[g].x += p * vv.x; acc[g].y += p * vv.y; acc[g].z += p * vv.z; acc[g].w += p * vv.w;
-                    }
-                }
-            }
+            for (int i = 0; i < VW; ++i) acc[g][i] = 0.0f;
+#pragma unroll 4
+        for (int j = p0 + kg; j < p1; j += KG) {
+            float vv[VW];
+            load16(vbase + (long long)slot_of[j - p0] * kv_row + c * VW, vv);
 #pragma unroll
             for (int g = 0; g < ATT_MAX_GROUP; ++g) {
                 if (g < G) {
-                    float* r = red + ((long long)kg * G + g) * hd + 4 * cc;
-                    r[0] = acc[g].x; r[1] = acc[g].y; r[2] = acc[g].z; r[3] = acc[g].w;
+                    const float p = sc[g * DEC_PARTITION + (j - p0)];
+#pragma unroll
+                    for (int i = 0; i < VW; ++i) acc[g][i] += p * vv[i];
                 }
+            }
+        }
+#pragma unroll
+        for (int g = 0; g < ATT_MAX_GROUP; ++g) {
+            if (g < G) {
+                float* r = red + ((long long)kg * G + g) * hd + c * VW;
+#pragma unroll
+                for (int i = 0; i < VW; ++i) r[i] = acc[g][i];
             }
         }
     }
@@ -324,8 +365,9 @@ __device__ void paged_prefill_impl(const T* __restrict__ q, const T* __restrict_
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(ATT_THREADS) paged_decode_##S(                   \
         const T* q, const T* kc, const T* vc, const i32* ts, const i32* tp, const i32* bt,        \
-        float* po, float* pm, float* pl, int nh, int nkv, int hd, int bs, int mb, float scale) {  \
-        paged_decode_impl<T>(q, kc, vc, ts, tp, bt, po, pm, pl, nh, nkv, hd, bs, mb, scale);      \
+        float* po, float* pm, float* pl, int nh, int nkv, int hd, int bs, int mb, float scale,    \
+        int part) {                                                                               \
+        paged_decode_impl<T>(q, kc, vc, ts, tp, bt, po, pm, pl, nh, nkv, hd, bs, mb, scale, part); \
     }                                                                                             \
     extern "C" __global__ void paged_decode_reduce_##S(const float* po, const float* pm,          \
                                                        const float* pl, T* out, int nh, int hd,   \

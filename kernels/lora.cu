@@ -171,6 +171,171 @@ __device__ void sgmv_expand_impl(const float* __restrict__ h, const T* __restric
     }
 }
 
+// ---- grouped (gather by slot, segmented) ----------------------------------
+// One shrink and one expand launch for a whole mixed batch, whatever the mix of
+// slots: the host sorts the active tokens by slot (stable, so token order within
+// a slot is kept) into `perm`, and cuts each slot's run into tiles of <=
+// GRP_TILE tokens: tile i covers perm[tile_start[i] .. + tile_len[i]], all of
+// slot tile_slot[i]; perm position p is also h row p. Every weight row is read
+// with 16-byte vector loads (8 elements), once per tile rather than once per token.
+// Needs in % 8 == 0 and out % 8 == 0 (checked by the launcher).
+#define GRP_TILE 16
+#define GRP_SHRINK_THREADS 256
+#define GRP_EXPAND_THREADS 128
+
+__device__ __forceinline__ void load8(const float* p, float* v) {
+    const float4 a = *reinterpret_cast<const float4*>(p), b = *reinterpret_cast<const float4*>(p + 4);
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+}
+__device__ __forceinline__ void load8(const f16* p, float* v) {
+    const uint4 u = *reinterpret_cast<const uint4*>(p);
+    const u32 w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) { v[2 * i] = h2_lo(w[i]); v[2 * i + 1] = h2_hi(w[i]); }
+}
+__device__ __forceinline__ void load8(const bf16* p, float* v) {
+    const uint4 u = *reinterpret_cast<const uint4*>(p);
+    const u32 w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        v[2 * i] = bf16_bits_to_f32((u16)(w[i] & 0xffffu));
+        v[2 * i + 1] = bf16_bits_to_f32((u16)(w[i] >> 16));
+    }
+}
+__device__ __forceinline__ void store8(float* p, const float* v) {
+    *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+    *reinterpret_cast<float4*>(p + 4) = make_float4(v[4], v[5], v[6], v[7]);
+}
+__device__ __forceinline__ void store8(f16* p, const float* v) {
+    u32 w[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) w[i] = (u32)f32_to_f16_bits(v[2 * i]) | ((u32)f32_to_f16_bits(v[2 * i + 1]) << 16);
+    *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
+}
+__device__ __forceinline__ void store8(bf16* p, const float* v) {
+    u32 w[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) w[i] = (u32)f32_to_bf16_bits(v[2 * i]) | ((u32)f32_to_bf16_bits(v[2 * i + 1]) << 16);
+    *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// grid (n_tiles, ksplits), block GRP_SHRINK_THREADS. The tile's x rows (gathered
+// through perm) for the block's LORA_K_CHUNK columns are staged in shared memory;
+// warp w owns rank rows w, w + 8, ...: lane l holds A[s, r, 8l .. 8l+8) of the chunk
+// (one 16-byte load; the first rows are issued before the staging barrier) and the
+// dot product with each of the tile's tokens is a warp sum. h [ksplits, rows, max_rank].
+template <typename T>
+__device__ void grouped_shrink_impl(const T* __restrict__ x, const T* __restrict__ a,
+                                    const i32* __restrict__ perm, const i32* __restrict__ tile_start,
+                                    const i32* __restrict__ tile_len, const i32* __restrict__ tile_slot,
+                                    const i32* __restrict__ ranks, float* __restrict__ h,
+                                    int in_dim, int max_rank, int rows) {
+    constexpr int NW = GRP_SHRINK_THREADS / WARP;
+    __shared__ __align__(16) float xs[GRP_TILE][LORA_K_CHUNK];
+    const int tile = blockIdx.x, ks = blockIdx.y;
+    const int p0 = tile_start[tile], len = tile_len[tile], s = tile_slot[tile];
+    const int rank = ranks[s];
+    const int kb = ks * LORA_K_CHUNK, kc = min(LORA_K_CHUNK, in_dim - kb);
+    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+    const bool lane_in = lane * 8 < kc;
+    const T* ap = a + ((long long)s * max_rank + wid) * in_dim + kb + lane * 8;  // row wid
+    const long long a_step = (long long)NW * in_dim;  // 8 rank rows
+    float av0[8], av1[8];
+    if (wid < rank && lane_in) load8(ap, av0);
+    if (wid + NW < rank && lane_in) load8(ap + a_step, av1);
+    for (int idx = threadIdx.x; idx < len * (LORA_K_CHUNK / 8); idx += GRP_SHRINK_THREADS) {
+        const int t = idx / (LORA_K_CHUNK / 8), c = (idx - t * (LORA_K_CHUNK / 8)) * 8;
+        if (c < kc) {
+            float v[8];
+            load8(x + (long long)perm[p0 + t] * in_dim + kb + c, v);
+            store8(&xs[t][c], v);
+        }
+    }
+    __syncthreads();
+    for (int r0 = wid; r0 < rank; r0 += 2 * NW) {
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            const int r = r0 + j * NW;
+            if (r < rank) {
+                for (int t = 0; t < len; ++t) {
+                    float d = 0.0f;
+                    if (lane_in) {
+                        float xv[8];
+                        load8(&xs[t][lane * 8], xv);
+#pragma unroll
+                        for (int i = 0; i < 8; ++i) d += (j == 0 ? av0[i] : av1[i]) * xv[i];
+                    }
+                    d = warp_sum(d);
+                    if (lane == 0) h[((long long)ks * rows + p0 + t) * max_rank + r] = d;
+                }
+            }
+        }
+        // Next two rank rows of this warp (rank > 16 only).
+        ap += 2 * a_step;
+        if (r0 + 2 * NW < rank && lane_in) load8(ap, av0);
+        if (r0 + 3 * NW < rank && lane_in) load8(ap + a_step, av1);
+    }
+}
+
+// grid (n_tiles, ceil(out / (GRP_EXPAND_THREADS * 8))), block GRP_EXPAND_THREADS,
+// dynamic shared memory GRP_TILE * max_rank floats. The K-split partials of the
+// tile's h rows are summed (split order: deterministic) into shared memory; thread
+// i owns 8 consecutive output columns: for 4 tokens at a time it streams the slot's
+// Bt rows (16-byte loads; re-reads for the next 4 tokens hit L1) and adds
+// scale * h · Bt into y in one 16-byte read-modify-write per token.
+template <typename T>
+__device__ void grouped_expand_impl(const float* __restrict__ h, const T* __restrict__ bt,
+                                    const i32* __restrict__ perm, const i32* __restrict__ tile_start,
+                                    const i32* __restrict__ tile_len, const i32* __restrict__ tile_slot,
+                                    const i32* __restrict__ ranks, const float* __restrict__ scales,
+                                    T* __restrict__ y, int out_dim, int max_rank, int ksplits, int rows) {
+    extern __shared__ float hs[];  // [len][rank]
+    const int tile = blockIdx.x;
+    const int p0 = tile_start[tile], len = tile_len[tile], s = tile_slot[tile];
+    const int rank = ranks[s];
+    for (int idx = threadIdx.x; idx < len * rank; idx += GRP_EXPAND_THREADS) {
+        const int t = idx / rank, r = idx - t * rank;
+        float v = 0.0f;
+#pragma unroll 8
+        for (int k = 0; k < ksplits; ++k) v += h[((long long)k * rows + p0 + t) * max_rank + r];
+        hs[idx] = v;
+    }
+    __syncthreads();
+    const int n0 = (blockIdx.y * GRP_EXPAND_THREADS + threadIdx.x) * 8;
+    if (n0 >= out_dim) return;
+    const T* b = bt + (long long)s * max_rank * out_dim + n0;
+    const float sc = scales[s];
+    for (int t0 = 0; t0 < len; t0 += 4) {
+        float acc[4][8];
+#pragma unroll
+        for (int tt = 0; tt < 4; ++tt)
+#pragma unroll
+            for (int i = 0; i < 8; ++i) acc[tt][i] = 0.0f;
+#pragma unroll 4
+        for (int r = 0; r < rank; ++r) {
+            float bv[8];
+            load8(b + (long long)r * out_dim, bv);
+#pragma unroll
+            for (int tt = 0; tt < 4; ++tt) {
+                const float hv = (t0 + tt < len) ? hs[(t0 + tt) * rank + r] : 0.0f;
+#pragma unroll
+                for (int i = 0; i < 8; ++i) acc[tt][i] += hv * bv[i];
+            }
+        }
+#pragma unroll
+        for (int tt = 0; tt < 4; ++tt) {
+            if (t0 + tt < len) {
+                T* yp = y + (long long)perm[p0 + t0 + tt] * out_dim + n0;
+                float yv[8];
+                load8(yp, yv);
+#pragma unroll
+                for (int i = 0; i < 8; ++i) yv[i] += sc * acc[tt][i];
+                store8(yp, yv);
+            }
+        }
+    }
+}
+
 #define LORA_ENTRY(T, S)                                                                         \
     extern "C" __global__ void bgmv_shrink_##S(const T* x, const T* a, const i32* tok,          \
                                                const i32* slot, const i32* ranks, float* h,     \
@@ -195,6 +360,18 @@ __device__ void sgmv_expand_impl(const float* __restrict__ h, const T* __restric
                                                int out_dim, int max_rank, int ksplits, int rows) { \
         sgmv_expand_impl<T>(h, bt, ts, tl, tsl, th, ranks, scales, y, out_dim, max_rank,       \
                             ksplits, rows);                                                      \
+    }                                                                                            \
+    extern "C" __global__ void __launch_bounds__(GRP_SHRINK_THREADS) grouped_shrink_##S(         \
+        const T* x, const T* a, const i32* perm, const i32* ts, const i32* tl, const i32* tsl,   \
+        const i32* ranks, float* h, int in_dim, int max_rank, int rows) {                        \
+        grouped_shrink_impl<T>(x, a, perm, ts, tl, tsl, ranks, h, in_dim, max_rank, rows);       \
+    }                                                                                            \
+    extern "C" __global__ void __launch_bounds__(GRP_EXPAND_THREADS) grouped_expand_##S(         \
+        const float* h, const T* bt, const i32* perm, const i32* ts, const i32* tl,              \
+        const i32* tsl, const i32* ranks, const float* scales, T* y, int out_dim, int max_rank,  \
+        int ksplits, int rows) {                                                                 \
+        grouped_expand_impl<T>(h, bt, perm, ts, tl, tsl, ranks, scales, y, out_dim, max_rank,    \
+                               ksplits, rows);                                                   \
     }
 
 LORA_ENTRY(float, f32)

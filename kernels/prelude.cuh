@@ -91,3 +91,54 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
     v = warp_max(v);
     return v;
 }
+
+// ---- packed f16 pairs (f16x2 in a u32: low half = first element) -------------
+#ifdef BATOS_CUDA_EMU
+__device__ __forceinline__ u32 h2_fma(u32 a, u32 b, u32 c) { return emu_h2_fma(a, b, c); }
+#else
+// d = a * b + c on both halves, one rounding (HFMA2).
+__device__ __forceinline__ u32 h2_fma(u32 a, u32 b, u32 c) {
+    u32 d;
+    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+#endif
+// (a & b) | c in one LOP3 (ptxas otherwise emits an AND and an OR for constant masks).
+#ifdef BATOS_CUDA_EMU
+__device__ __forceinline__ u32 lop3_and_or(u32 a, u32 b, u32 c) { return (a & b) | c; }
+#else
+__device__ __forceinline__ u32 lop3_and_or(u32 a, u32 b, u32 c) {
+    u32 d;
+    asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+#endif
+__device__ __forceinline__ float h2_lo(u32 h) { return f16_bits_to_f32((u16)(h & 0xffffu)); }
+__device__ __forceinline__ float h2_hi(u32 h) { return f16_bits_to_f32((u16)(h >> 16)); }
+
+// Streaming loads that skip L1 (read-once weights and K/V rows): the data goes
+// through L2 only, so L1 keeps the small operands (activations, scales) that are
+// reused. Emulation: plain loads.
+#ifdef BATOS_CUDA_EMU
+__device__ __forceinline__ uint4 ld_stream_v4(const void* p) { return *reinterpret_cast<const uint4*>(p); }
+__device__ __forceinline__ u32 ld_stream_u32(const u32* p) { return *p; }
+__device__ __forceinline__ float ld_cg_f32(const float* p) { return *p; }
+#else
+__device__ __forceinline__ uint4 ld_stream_v4(const void* p) {
+    uint4 v;
+    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+__device__ __forceinline__ u32 ld_stream_u32(const u32* p) {
+    u32 v;
+    asm("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(v) : "l"(p));
+    return v;
+}
+// L2-coherent load (skips L1): for data other blocks wrote during this launch.
+__device__ __forceinline__ float ld_cg_f32(const float* p) {
+    float v;
+    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p));
+    return v;
+}
+#endif

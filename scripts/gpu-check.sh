@@ -9,6 +9,7 @@
 #   nvrtc.txt     NVRTC compile check with the machine's own NVRTC
 #   sanitizer.txt compute-sanitizer memcheck (all tests) and racecheck (shared-memory kernels)
 #   bench.txt     bench output
+#   ncu.txt       Nsight Compute sections of the round-3 kernels (if ncu is installed)
 #   trace.txt     set -x trace of this script
 #
 #   OUT=/some/dir scripts/gpu-check.sh      # total well under 8 minutes
@@ -136,7 +137,19 @@ fi
 if [ -n "$SANITIZER" ]; then
   step "compute-sanitizer racecheck (shared-memory kernels)" 90 "$OUT/sanitizer.txt" \
     "${SAN_ENV[@]}" "$SANITIZER" --tool racecheck --error-exitcode 99 --print-limit 50 \
-    "$BIN/test-cuda_kernels" --test-threads=1 awq_gemm awq_gemv lora_sgmv paged_prefill top_p
+    "$BIN/test-cuda_kernels" --test-threads=1 awq_gemm awq_gemv lora_sgmv lora_grouped paged_decode paged_prefill top_p
+fi
+
+# ---- Nsight Compute on the round-3 kernels (matvec, grouped LoRA, f16 decode) ---
+NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/nsight-compute*/ncu 2>/dev/null | head -n1)
+echo "ncu: ${NCU:-not found}" >> "$ENV"
+if [ -n "$NCU" ]; then
+  step "ncu profile (awq_gemv_h2, grouped LoRA, paged_decode f16)" 150 "$OUT/ncu.txt" \
+    "${SAN_ENV[@]}" BATOS_BENCH_PROFILE=1 "$NCU" --section SpeedOfLight --section Occupancy \
+    --section LaunchStats --section SchedulerStats --section WarpStateStats \
+    -k 'regex:awq_gemv_h2|grouped_|paged_decode_f16' "$BIN/bench-cuda_kernels"
+else
+  echo "- ncu: not found, skipped" >> "$SUMMARY"
 fi
 
 # ---- summary ----------------------------------------------------------------------------
@@ -153,6 +166,9 @@ fi
   echo
   echo "## Bench"
   grep -E '^\||SKIPPED|panicked' "$OUT/bench.txt" 2>/dev/null
+  echo
+  echo "## ncu (per kernel: duration, DRAM/memory throughput, occupancy, issue activity)"
+  grep -E '^  [a-z_0-9]+_f16|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per Thread|Eligible Warps Per Scheduler|Issued Warp Per Scheduler|No Eligible|ERR_|==ERROR==' "$OUT/ncu.txt" 2>/dev/null | head -n 160
   echo
   echo "total: $(( $(date +%s) - START ))s"
 } >> "$SUMMARY"

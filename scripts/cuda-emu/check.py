@@ -28,9 +28,12 @@ def close(what, got, want, scale, rtol, atol=1e-6):
     print(f"ok {what}: max err {err.max():.3e}")
     return True
 OK = True
+# EMU_ONLY=awq,lora runs only those sections (elementwise, sampling, awq, awq_h2, lora, lora_grouped, decode, prefill, dense).
+ONLY = [w for w in os.environ.get("EMU_ONLY", "").split(",") if w]
+def section_on(name): return not ONLY or name in ONLY
 
 # ---- rms_norm / silu / rope / embedding
-for s in ["f32", "f16"]:
+for s in (["f32", "f16"] if section_on("elementwise") else []):
     dt = DT[s]; rows, d = 3, 577
     x = rng.uniform(-1, 1, (rows, d)).astype(dt); w = rng.uniform(-1, 1, d).astype(dt); out = np.zeros_like(x)
     launch("elementwise", f"rms_norm_{s}", (rows, 1, 1), 256, 0, x, w, out, d, 1e-5)
@@ -53,27 +56,29 @@ for s in ["f32", "f16"]:
         return np.concatenate([x1 * c - x2 * sn, x2 * c + x1 * sn], -1)
     OK &= close(f"rope q {s}", q, rot(q0), np.ones_like(q0), 2e-6 if s == "f32" else 4e-3, 1e-5)
     OK &= close(f"rope k {s}", k, rot(k0), np.ones_like(k0), 2e-6 if s == "f32" else 4e-3, 1e-5)
-tab = rng.uniform(-1, 1, (50, 37)).astype(np.float32); ids = np.array([0, 49, 7, 7, 23, 60], dtype=np.uint32); o = np.zeros((6, 37), np.float32)
-launch("elementwise", "embedding_f32", (6, 1, 1), 128, 0, tab, ids, o, ("u", 50), 37)
-OK &= bool(np.array_equal(o[:5], tab[ids[:5]]) and np.all(o[5] == 0)); print("embedding", OK)
+if section_on("elementwise"):
+    tab = rng.uniform(-1, 1, (50, 37)).astype(np.float32); ids = np.array([0, 49, 7, 7, 23, 60], dtype=np.uint32); o = np.zeros((6, 37), np.float32)
+    launch("elementwise", "embedding_f32", (6, 1, 1), 128, 0, tab, ids, o, ("u", 50), 37)
+    OK &= bool(np.array_equal(o[:5], tab[ids[:5]]) and np.all(o[5] == 0)); print("embedding", OK)
 
 # ---- argmax / top_p
-rows, V = 3, 4999
-lg = rng.uniform(-1, 1, (rows, V)).astype(np.float32); lg[1, 400] = 5; lg[1, 3000] = 5; lg[2, V - 1] = 7
-o = np.zeros(rows, np.uint32)
-launch("sampling", "argmax_f32", (rows, 1, 1), 256, 0, lg, o, V)
-print("argmax", o, np.argmax(lg, 1)); OK &= bool(np.array_equal(o, np.argmax(lg, 1)))
-rows, V = 6, 1000
-lg = (rng.uniform(-1, 1, (rows, V)) * 4).astype(np.float32); us = np.array([0, 0.1, 0.35, 0.5, 0.77, 0.999], np.float32)
-o = np.zeros(rows, np.uint32); temp, top_p = 0.7, 0.9
-launch("sampling", "top_p_f32", (rows, 1, 1), 512, 0, lg, us, o, V, 1 / temp, top_p)
-for r in range(rows):
-    z = lg[r].astype(np.float64) / temp; p = np.exp(z - z.max()); p /= p.sum()
-    order = np.argsort(-p, kind="stable"); cs = np.cumsum(p[order]); n = int(np.searchsorted(cs, top_p) + 1)
-    keep = np.zeros(V, bool); keep[order[:n]] = True
-    g = int(o[r]); mass = p[keep].sum(); before = p[:g][keep[:g]].sum(); t = us[r] * mass
-    good = keep[g] and before <= t + 1e-4 and t <= before + p[g] + 1e-4
-    print(f"top_p row {r}: token {g} keep={keep[g]} before={before:.4f} t={t:.4f} p={p[g]:.4f} {'ok' if good else 'FAIL'}"); OK &= bool(good)
+if section_on("sampling"):
+  rows, V = 3, 4999
+  lg = rng.uniform(-1, 1, (rows, V)).astype(np.float32); lg[1, 400] = 5; lg[1, 3000] = 5; lg[2, V - 1] = 7
+  o = np.zeros(rows, np.uint32)
+  launch("sampling", "argmax_f32", (rows, 1, 1), 256, 0, lg, o, V)
+  print("argmax", o, np.argmax(lg, 1)); OK &= bool(np.array_equal(o, np.argmax(lg, 1)))
+  rows, V = 6, 1000
+  lg = (rng.uniform(-1, 1, (rows, V)) * 4).astype(np.float32); us = np.array([0, 0.1, 0.35, 0.5, 0.77, 0.999], np.float32)
+  o = np.zeros(rows, np.uint32); temp, top_p = 0.7, 0.9
+  launch("sampling", "top_p_f32", (rows, 1, 1), 512, 0, lg, us, o, V, 1 / temp, top_p)
+  for r in range(rows):
+      z = lg[r].astype(np.float64) / temp; p = np.exp(z - z.max()); p /= p.sum()
+      order = np.argsort(-p, kind="stable"); cs = np.cumsum(p[order]); n = int(np.searchsorted(cs, top_p) + 1)
+      keep = np.zeros(V, bool); keep[order[:n]] = True
+      g = int(o[r]); mass = p[keep].sum(); before = p[:g][keep[:g]].sum(); t = us[r] * mass
+      good = keep[g] and before <= t + 1e-4 and t <= before + p[g] + 1e-4
+      print(f"top_p row {r}: token {g} keep={keep[g]} before={before:.4f} t={t:.4f} p={p[g]:.4f} {'ok' if good else 'FAIL'}"); OK &= bool(good)
 
 # ---- AWQ
 ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
@@ -101,7 +106,7 @@ def gemv(qw, qz, sc, x, T, K, N, G, target=64):
     y = np.zeros((T, N), DT[s]); n = T * N
     launch("awq", "awq_reduce_" + s, (min(-(-n // 256), 4096), 1, 1), 256, 0, part, y, splits, ("ll", n))
     return y, splits, rps
-for (K, N, G) in [(384, 200, 128), (512, 512, 64), (256, 64, 32), (1024, 72, 128), (96, 48, 16)]:
+for (K, N, G) in ([(384, 200, 128), (512, 512, 64), (256, 64, 32), (1024, 72, 128), (96, 48, 16)] if section_on("awq") else []):
     qw, qz, sc, W = awq_case(K, N, G)
     for s in ["f32", "f16"]:
         for T in [1, 3, 5]:
@@ -124,6 +129,36 @@ for (K, N, G) in [(384, 200, 128), (512, 512, 64), (256, 64, 32), (1024, 72, 128
                 xd = x.astype(np.float64)
                 OK &= close(f"gemm {s} T={T} {K}x{N} g{G} splits={splits}", y, xd @ W, np.abs(xd) @ np.abs(W), 4e-3 if s == "f32" else 6e-3)
 
+# ---- AWQ f16 matvec, packed-half2 path with the fused split reduction (mirrors gemv_h2_plan in awq.rs)
+def gemv_h2(qw, qz, sc, x, K, N, G, sms, counters=None):
+    T = x.shape[0]; out8 = N // 8; vec = 1 if T > 1 else (4 if out8 % 4 == 0 else 1)
+    bx = -(-out8 // (32 * vec))
+    seg = next(c for c in [32, 16, 8] if G % c == 0)
+    want_ = min(max((2 * sms) // bx, 1), 32)
+    rps = max(64, -(-(-(-K // want_)) // 64) * 64)
+    splits = -(-K // rps)
+    part = np.full((splits, T, N), np.nan, np.float32)
+    cnt = np.zeros(bx, np.uint32) if counters is None else counters
+    y = np.full((T, N), np.nan, np.float16)
+    if T > 1: launch("awq", "awq_gemv_h2t4_f16", (bx, splits, 1), 256, 0, qw, qz, sc, x, part, cnt, y, T, K, N, G, rps, seg)
+    else: launch("awq", f"awq_gemv_h2v{vec}_f16", (bx, splits, 1), 256, 0, qw, qz, sc, x, part, cnt, y, K, N, G, rps, seg)
+    return y, splits, rps, vec, cnt
+if section_on("awq_h2"):
+    for (K, N, G) in [(384, 200, 128), (512, 512, 64), (256, 64, 32), (1024, 72, 128), (96, 48, 16), (576, 960, 32), (1536, 1024, 128), (160, 256, 32), (192, 128, 64), (64, 64, 32), (128, 256, 8)]:
+        qw, qz, sc, W = awq_case(K, N, G)
+        for sms, T in [(1, 1), (4, 1), (132, 1), (132, 2), (4, 3), (132, 4)]:
+            for mag in [1.0, 40.0]:
+                x = (rng.uniform(-1, 1, (T, K)) * mag).astype(np.float16)
+                y, splits, rps, vec, cnt = gemv_h2(qw, qz, sc, x, K, N, G, sms)
+                xd = x.astype(np.float64)
+                rel = (np.abs(y.astype(np.float64) - xd @ W) / (np.abs(xd) @ np.abs(W) + 1e-9)).max()
+                print(f"   worst error relative to sum|x||W|: {rel:.2e}")
+                OK &= close(f"gemv_h2 T={T} v{vec} {K}x{N} g{G} |x|<{mag} splits={splits} rps={rps}", y, xd @ W, np.abs(xd) @ np.abs(W), 4e-3)
+                if cnt.any(): print("FAIL counters not reset", cnt); OK = False
+        # A second launch with the same (reset) tickets gives the same bits.
+        y2, *_ = gemv_h2(qw, qz, sc, x, K, N, G, 132, cnt)
+        if not np.array_equal(y2, gemv_h2(qw, qz, sc, x, K, N, G, 132)[0]): print("FAIL h2 not deterministic"); OK = False
+
 # ---- LoRA
 ranks = np.array([8, 16, 0, 4, 16, 1], np.int32); S, R, K, N = 6, 16, 600, 136
 A = rng.uniform(-1, 1, (S, R, K)).astype(np.float32); Bt = rng.uniform(-1, 1, (S, R, N)).astype(np.float32)
@@ -138,7 +173,7 @@ def lora_ref(x, y0, slots):
     return y, sc
 dec = [1, None, 0, 0, 4, None, 3, 1, 2, 5, None, 4, 1]
 pre = sum([[s_] * n for s_, n in [(1, 37), (None, 3), (0, 16), (4, 17), (2, 1), (None, 5), (3, 40)]], [])
-for s in ["f32", "f16"]:
+for s in (["f32", "f16"] if section_on("lora") else []):
     dt = DT[s]; As, Bs = A.astype(dt), Bt.astype(dt)
     for mode, slots in [("bgmv", dec), ("sgmv", pre), ("bgmv", pre), ("sgmv", dec)]:
         T = len(slots); x = rng.uniform(-1, 1, (T, K)).astype(dt); y0 = rng.uniform(-1, 1, (T, N)).astype(dt); y = y0.copy()
@@ -166,8 +201,40 @@ for s in ["f32", "f16"]:
         untouched = all(np.array_equal(y[t], y0[t]) for t, si in enumerate(slots) if si is None)
         OK &= untouched and close(f"lora {mode} {s} T={T}", y, want, sc, 1e-5 if s == "f32" else 4e-3)
 
+# ---- LoRA grouped (mirrors LoraMode::Grouped in lora.rs)
+def grouped_lists(slots):
+    act = sorted([(si, t) for t, si in enumerate(slots) if si is not None], key=lambda v: v[0])
+    perm = [t for _, t in act]; st, ln, sl = [], [], []; p = 0
+    while p < len(act):
+        e = p + 1
+        while e < len(act) and act[e][0] == act[p][0] and e - p < 16: e += 1
+        st.append(p); ln.append(e - p); sl.append(act[p][0]); p = e
+    return [np.array(v, np.int32) for v in (perm, st, ln, sl)]
+if section_on("lora_grouped"):
+    cases = [(ranks, 16, 600, 136, dec), (ranks, 16, 600, 136, pre),
+             (np.array([40, 3, 17, 0, 33], np.int32), 40, 776, 1288, [t % 5 for t in range(13)] + [0] * 20 + [None])]
+    for s in ["f32", "f16"]:
+        dt = DT[s]
+        for rk, R_, K_, N_, slots in cases:
+            S_ = len(rk)
+            A_ = rng.uniform(-1, 1, (S_, R_, K_)).astype(dt); B_ = rng.uniform(-1, 1, (S_, R_, N_)).astype(dt)
+            for si in range(S_): A_[si, rk[si]:] = 1e4; B_[si, rk[si]:] = -1e4
+            sc_ = (2.0 / np.maximum(rk, 1)).astype(np.float32)
+            T = len(slots); x = rng.uniform(-1, 1, (T, K_)).astype(dt); y0 = rng.uniform(-1, 1, (T, N_)).astype(dt); y = y0.copy()
+            perm, st, ln, sl = grouped_lists(slots); rows = len(perm); ks = -(-K_ // 256)
+            h = np.full((ks, rows, R_), np.nan, np.float32)
+            launch("lora", "grouped_shrink_" + s, (len(st), ks, 1), 256, 0, x, A_, perm, st, ln, sl, rk, h, K_, R_, rows)
+            launch("lora", "grouped_expand_" + s, (len(st), -(-N_ // 1024), 1), 128, 16 * R_ * 4, h, B_, perm, st, ln, sl, rk, sc_, y, N_, R_, ks, rows)
+            want_ = y0.astype(np.float64).copy(); scl = np.abs(want_) + 1e-3
+            for t, si in enumerate(slots):
+                if si is None: continue
+                r = rk[si]; a = A_[si, :r].astype(np.float64); b = B_[si, :r].astype(np.float64) * sc_[si]
+                hh = a @ x[t].astype(np.float64); want_[t] += hh @ b; scl[t] += (np.abs(a) @ np.abs(x[t].astype(np.float64))) @ np.abs(b)
+            untouched = all(np.array_equal(y[t], y0[t]) for t, si in enumerate(slots) if si is None)
+            OK &= untouched and close(f"lora grouped {s} T={T} R={R_} {K_}x{N_}", y, want_, scl, 1e-5 if s == "f32" else 4e-3)
+
 # ---- attention
-def attn(s, nh, nkv, hd, seqs, kernel, bs=16):
+def attn(s, nh, nkv, hd, seqs, kernel, bs=16, dec_part=256):
     dt = DT[s]; row = nkv * hd
     need = sum(-(-(p + t) // bs) for p, t in seqs); NB = need + 7
     perm = rng.permutation(NB); tables = []; i = 0
@@ -190,10 +257,10 @@ def attn(s, nh, nkv, hd, seqs, kernel, bs=16):
     ts, tp, tst, tln = [np.array(v, np.int32) for v in (ts, tp, tst, tln)]
     out = np.full((T, nh, hd), np.nan, dt); scale = 1 / math.sqrt(hd); G = nh // nkv
     if kernel == "decode":
-        maxctx = max(p + t for p, t in seqs); splits = -(-maxctx // 256)
+        maxctx = max(p + t for p, t in seqs); part = dec_part; splits = -(-maxctx // part)
         po = np.full((T, nh, splits, hd), np.nan, np.float32); pm = np.full((T, nh, splits), np.nan, np.float32); pl = pm.copy()
-        kg = max(1, 128 // (hd // 4)); smem = (G * hd + G * 256 + G * hd * kg) * 4
-        launch("attention", "paged_decode_" + s, (T, nkv, splits), 128, smem, q, kc, vc, ts, tp, bt, po, pm, pl, nh, nkv, hd, bs, mb, scale)
+        vw = 4 if s == "f32" else 8; kg = max(1, 128 // (hd // vw)); smem = (G * hd + G * 256 + G * hd * kg) * 4
+        launch("attention", "paged_decode_" + s, (T, nkv, splits), 128, smem, q, kc, vc, ts, tp, bt, po, pm, pl, nh, nkv, hd, bs, mb, scale, part)
         launch("attention", "paged_decode_reduce_" + s, (T, nh, 1), 128, 0, po, pm, pl, out, nh, hd, splits)
     else:
         smem = (16 * hd + 32 * (hd + 1) + 32 * hd + 16 * 32 + 48) * 4
@@ -210,38 +277,44 @@ def attn(s, nh, nkv, hd, seqs, kernel, bs=16):
             r += 1
     return close(f"attention {kernel} {s} hd={hd} {nh}/{nkv} {seqs}", out, want, sc, 1e-4 if s == "f32" else 4e-3, 1e-5)
 for s in ["f32", "f16"]:
-    OK &= attn(s, 9, 3, 64, [(0, 1), (16, 1), (299, 1), (700, 1), (255, 1), (256, 1)], "decode")
-    OK &= attn(s, 9, 3, 64, [(0, 37), (40, 20), (5, 3), (0, 16), (300, 17)], "prefill")
-OK &= attn("f32", 8, 2, 128, [(600, 1), (3, 1)], "decode")
-OK &= attn("f32", 4, 4, 32, [(40, 1), (513, 1)], "decode")
-OK &= attn("f32", 9, 3, 64, [(5, 20), (0, 3)], "decode")
-OK &= attn("f32", 8, 2, 128, [(0, 33), (70, 5)], "prefill")
-OK &= attn("f32", 4, 1, 32, [(17, 40)], "prefill")
+    if section_on("decode"): OK &= attn(s, 9, 3, 64, [(0, 1), (16, 1), (299, 1), (700, 1), (255, 1), (256, 1)], "decode")
+    if section_on("prefill"): OK &= attn(s, 9, 3, 64, [(0, 37), (40, 20), (5, 3), (0, 16), (300, 17)], "prefill")
+if section_on("decode"):
+    OK &= attn("f32", 8, 2, 128, [(600, 1), (3, 1)], "decode")
+    OK &= attn("f32", 4, 4, 32, [(40, 1), (513, 1)], "decode")
+    OK &= attn("f32", 9, 3, 64, [(5, 20), (0, 3)], "decode")
+    # Smaller partitions (the host's choice for few sequences) and odd block sizes.
+    OK &= attn("f16", 9, 3, 64, [(300, 1), (64, 1), (127, 1)], "decode", bs=7, dec_part=64)
+    OK &= attn("f32", 8, 2, 128, [(200, 1)], "decode", bs=5, dec_part=128)
+if section_on("prefill"):
+    OK &= attn("f32", 8, 2, 128, [(0, 33), (70, 5)], "prefill")
+    OK &= attn("f32", 4, 1, 32, [(17, 40)], "prefill")
 
 # ---- dense f16-weight matmul and row kernels (kernels/dense.cu)
-def dense(s, T, K, N):
-    dt = DT[s]
-    x = rng.uniform(-1, 1, (T, K)).astype(dt); w = rng.uniform(-1, 1, (N, K)).astype(np.float16)
-    y = np.full((T, N), np.nan, dt)
-    launch("dense", "dense_matmul_" + s, (-(-N // 8), -(-T // 8), 1), 256, 0, x, w, y, T, K, N)
-    xd, wd = x.astype(np.float64), w.astype(np.float64)
-    return close(f"dense_matmul {s} T={T} K={K} N={N}", y, xd @ wd.T, np.abs(xd) @ np.abs(wd).T + 1e-3, 1e-5 if s == "f32" else 4e-3)
-for s in ["f32", "f16"]:
-    OK &= dense(s, 1, 576, 40)
-    OK &= dense(s, 13, 64, 17)
-OK &= dense("f32", 9, 30, 11)
-OK &= dense("f32", 3, 1536, 24)
-a = rng.uniform(-1, 1, (5, 7)).astype(np.float32); b = rng.uniform(-1, 1, (5, 7)).astype(np.float32); want = a.astype(np.float64) + b
-launch("dense", "add_rows_f32", (1, 1, 1), 256, 0, a, b, ("ll", 35))
-OK &= close("add_rows f32", a, want, np.ones_like(want), 1e-7)
-src = rng.uniform(-1, 1, (6, 9)).astype(np.float32); rows = np.array([5, 0, 5, 2], np.int32); o = np.zeros((4, 9), np.float32)
-launch("dense", "gather_rows_f32", (4, 1, 1), 128, 0, src, rows, o, 9)
-ok = bool(np.array_equal(o, src[rows])); print("gather_rows", ok); OK &= ok
-fused = rng.uniform(-1, 1, (3, 10)).astype(np.float32); o = np.zeros((3, 4), np.float32)
-launch("dense", "copy_cols_f32", (3, 1, 1), 128, 0, fused, o, 10, 5, 4)
-ok = bool(np.array_equal(o, fused[:, 5:9])); print("copy_cols", ok); OK &= ok
-tab = rng.uniform(-1, 1, (50, 37)).astype(np.float16); ids = np.array([0, 49, 7, 60], dtype=np.uint32); o = np.zeros((4, 37), np.float32)
-launch("dense", "embed_h_f32", (4, 1, 1), 128, 0, tab, ids, o, ("u", 50), 37)
-ok = bool(np.array_equal(o[:3], tab[ids[:3]].astype(np.float32)) and np.all(o[3] == 0)); print("embed_h", ok); OK &= ok
+if section_on("dense"):
+    def dense(s, T, K, N):
+        dt = DT[s]
+        x = rng.uniform(-1, 1, (T, K)).astype(dt); w = rng.uniform(-1, 1, (N, K)).astype(np.float16)
+        y = np.full((T, N), np.nan, dt)
+        launch("dense", "dense_matmul_" + s, (-(-N // 8), -(-T // 8), 1), 256, 0, x, w, y, T, K, N)
+        xd, wd = x.astype(np.float64), w.astype(np.float64)
+        return close(f"dense_matmul {s} T={T} K={K} N={N}", y, xd @ wd.T, np.abs(xd) @ np.abs(wd).T + 1e-3, 1e-5 if s == "f32" else 4e-3)
+    for s in ["f32", "f16"]:
+        OK &= dense(s, 1, 576, 40)
+        OK &= dense(s, 13, 64, 17)
+    OK &= dense("f32", 9, 30, 11)
+    OK &= dense("f32", 3, 1536, 24)
+    a = rng.uniform(-1, 1, (5, 7)).astype(np.float32); b = rng.uniform(-1, 1, (5, 7)).astype(np.float32); want = a.astype(np.float64) + b
+    launch("dense", "add_rows_f32", (1, 1, 1), 256, 0, a, b, ("ll", 35))
+    OK &= close("add_rows f32", a, want, np.ones_like(want), 1e-7)
+    src = rng.uniform(-1, 1, (6, 9)).astype(np.float32); rows = np.array([5, 0, 5, 2], np.int32); o = np.zeros((4, 9), np.float32)
+    launch("dense", "gather_rows_f32", (4, 1, 1), 128, 0, src, rows, o, 9)
+    ok = bool(np.array_equal(o, src[rows])); print("gather_rows", ok); OK &= ok
+    fused = rng.uniform(-1, 1, (3, 10)).astype(np.float32); o = np.zeros((3, 4), np.float32)
+    launch("dense", "copy_cols_f32", (3, 1, 1), 128, 0, fused, o, 10, 5, 4)
+    ok = bool(np.array_equal(o, fused[:, 5:9])); print("copy_cols", ok); OK &= ok
+    tab = rng.uniform(-1, 1, (50, 37)).astype(np.float16); ids = np.array([0, 49, 7, 60], dtype=np.uint32); o = np.zeros((4, 37), np.float32)
+    launch("dense", "embed_h_f32", (4, 1, 1), 128, 0, tab, ids, o, ("u", 50), 37)
+    ok = bool(np.array_equal(o[:3], tab[ids[:3]].astype(np.float32)) and np.all(o[3] == 0)); print("embed_h", ok); OK &= ok
 print("ALL OK" if OK else "SOME FAILED")
 sys.exit(0 if OK else 1)

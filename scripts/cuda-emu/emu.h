@@ -24,7 +24,7 @@ inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return
 #define __device__
 #define __forceinline__ inline
 #define __restrict__
-#define __launch_bounds__(x)
+#define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
 #define __shared__ static
 
@@ -62,6 +62,27 @@ inline float __shfl_xor_sync(unsigned, float v, int o) {
 inline unsigned __shfl_xor_sync(unsigned, unsigned v, int o) {
     int t = threadIdx.x; g_blk->uslots[t] = v; emu_warp_bar().arrive_and_wait();
     int p = (t & ~31) | ((t & 31) ^ o); unsigned r = g_blk->uslots[p]; emu_warp_bar().arrive_and_wait(); return r;
+}
+inline float __shfl_sync(unsigned, float v, int src) {
+    int t = threadIdx.x; g_blk->fslots[t] = v; emu_warp_bar().arrive_and_wait();
+    float r = g_blk->fslots[(t & ~31) | (src & 31)]; emu_warp_bar().arrive_and_wait(); return r;
+}
+inline unsigned __shfl_sync(unsigned, unsigned v, int src) {
+    int t = threadIdx.x; g_blk->uslots[t] = v; emu_warp_bar().arrive_and_wait();
+    unsigned r = g_blk->uslots[(t & ~31) | (src & 31)]; emu_warp_bar().arrive_and_wait(); return r;
+}
+inline unsigned atomicAdd(unsigned* p, unsigned v) { return std::atomic_ref<unsigned>(*p).fetch_add(v); }
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+// fma.rn.f16x2: exact a*b+c in double (exact for the operands the kernels use), one rounding to f16.
+inline unsigned emu_h2_fma(unsigned a, unsigned b, unsigned c) {
+    auto h = [](unsigned x, int i) { return (double)emu_f16_to_f32((unsigned short)(x >> (16 * i))); };
+    unsigned r = 0;
+    for (int i = 0; i < 2; ++i) {
+        _Float16 v = (_Float16)(h(a, i) * h(b, i) + h(c, i));
+        unsigned short bits; std::memcpy(&bits, &v, 2);
+        r |= (unsigned)bits << (16 * i);
+    }
+    return r;
 }
 inline unsigned atomicMin(unsigned* p, unsigned v) {
     std::atomic_ref<unsigned> a(*p); unsigned old = a.load();

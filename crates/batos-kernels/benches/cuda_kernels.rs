@@ -177,6 +177,54 @@ fn bench_awq_gemv<T: Activation + FromF32>(dev: &CudaDevice, peak: f64, tokens: 
     }
 }
 
+/// The real model's (SmolLM2-135M) decode shapes, f16, one token: latency-bound
+/// layers of 0.1-0.5 MB. 256 MiB of distinct copies keep the figure a DRAM figure.
+fn bench_awq_gemv_small(dev: &CudaDevice, peak: f64) {
+    let mut rng = Rng(4);
+    for (k, n, what) in [
+        (576, 960, "qkv"),
+        (576, 576, "o"),
+        (576, 1536, "gate/up"),
+        (1536, 576, "down"),
+    ] {
+        let shape = AwqShape {
+            in_features: k,
+            out_features: n,
+            group_size: 128,
+        };
+        // One host copy uploaded many times: distinct device buffers, same bytes.
+        let qw: Vec<u32> = (0..shape.qweight_len()).map(|_| rng.u32()).collect();
+        let qz: Vec<u32> = (0..shape.qzeros_len()).map(|_| rng.u32()).collect();
+        let sc: Vec<f16> = (0..shape.scales_len())
+            .map(|_| f16::from_f32(0.01 + 0.01 * rng.f()))
+            .collect();
+        let up = || AwqWeights::upload(dev, shape, &qw, &qz, &sc).expect("upload AWQ layer");
+        let one = up();
+        let copies = (256usize << 20).div_ceil(one.weight_bytes()).clamp(1, 1024);
+        let mut layers = vec![one];
+        for _ in 1..copies {
+            layers.push(up());
+        }
+        let x = dev
+            .upload(&(0..k).map(|_| f16::from_f32(rng.f())).collect::<Vec<_>>())
+            .expect("x");
+        let mut y = dev.zeros::<f16>(n).expect("y");
+        let mut plan = awq::AwqGemvPlan::<f16>::new(dev, shape, 1).expect("gemv plan");
+        let us = time_us(dev, 3, || {
+            for l in &layers {
+                plan.run(dev, l, &x, &mut y)?;
+            }
+            Ok(())
+        }) / copies as f64;
+        let bw = (layers[0].weight_bytes() + 2 * (k + n)) as f64 / (us * 1e-6);
+        println!(
+            "| awq_gemv f16 T=1 SmolLM2 {what} | {k}x{n} g128 | {us:.2} us | {:.0} GB/s | {:.0}% of peak |",
+            bw / 1e9,
+            100.0 * bw / peak
+        );
+    }
+}
+
 fn bench_awq_gemm(dev: &CudaDevice) {
     let mut rng = Rng(2);
     for (k, n) in [(4096, 4096), (8192, 8192)] {
@@ -264,6 +312,14 @@ fn bench_lora_overhead(dev: &CudaDevice) {
             "SGMV on interleaved tokens",
             LoraPlan::new(dev, LoraMode::Sgmv, slots, &interleaved).expect("plan"),
         ),
+        (
+            "grouped, 16 adapters interleaved",
+            LoraPlan::new(dev, LoraMode::Grouped, slots, &interleaved).expect("plan"),
+        ),
+        (
+            "grouped, 16 adapters x 4-token runs",
+            LoraPlan::new(dev, LoraMode::Grouped, slots, &runs).expect("plan"),
+        ),
     ];
     let base = time_us(dev, 10, || {
         for l in &layers {
@@ -300,6 +356,8 @@ fn bench_attention(dev: &CudaDevice, peak: f64) {
         (9, 3, 64, 64, 1024, "SmolLM2 geometry"),
         (9, 3, 64, 16, 4096, "SmolLM2 geometry"),
         (9, 3, 64, 4, 16384, "SmolLM2 geometry, split-K"),
+        (9, 3, 64, 1, 4096, "SmolLM2 geometry, one sequence"),
+        (9, 3, 64, 8, 512, "SmolLM2 geometry, short contexts"),
         (32, 8, 128, 32, 2048, "Llama-8B geometry"),
     ];
     for (heads, kvh, hd, seqs, ctx, label) in cases {
@@ -393,6 +451,89 @@ fn decode_case<T: Activation>(
     );
 }
 
+/// `BATOS_BENCH_PROFILE=1`: launch only the round-3 kernels, each twice on
+/// representative shapes, for `ncu` (scripts/gpu-check.sh); nothing is timed.
+fn profile_launches(dev: &CudaDevice) -> CudaResult<()> {
+    let mut rng = Rng(7);
+    for (k, n) in [(4096, 4096), (8192, 28672), (576, 960), (1536, 576)] {
+        let shape = AwqShape {
+            in_features: k,
+            out_features: n,
+            group_size: 128,
+        };
+        let w = awq_layer(dev, shape, &mut rng);
+        let x = dev.upload(&(0..k).map(|_| f16::from_f32(rng.f())).collect::<Vec<_>>())?;
+        let mut y = dev.zeros::<f16>(n)?;
+        let mut plan = awq::AwqGemvPlan::<f16>::new(dev, shape, 1)?;
+        for _ in 0..2 {
+            plan.run(dev, &w, &x, &mut y)?;
+        }
+    }
+    let (tokens, k, n, slots, rank) = (64usize, 4096usize, 4096usize, 16usize, 16usize);
+    let lshape = LoraShape {
+        slots,
+        max_rank: rank,
+        in_features: k,
+        out_features: n,
+    };
+    let a: Vec<f16> = (0..slots * rank * k)
+        .map(|_| f16::from_f32(0.05 * rng.f()))
+        .collect();
+    let b: Vec<f16> = (0..slots * rank * n)
+        .map(|_| f16::from_f32(0.05 * rng.f()))
+        .collect();
+    let stack = LoraStack::upload(dev, lshape, &a, &b, &vec![rank; slots], &vec![2.0; slots])?;
+    let x = dev.upload(
+        &(0..tokens * k)
+            .map(|_| f16::from_f32(rng.f()))
+            .collect::<Vec<_>>(),
+    )?;
+    let mut y = dev.zeros::<f16>(tokens * n)?;
+    let interleaved: Vec<Option<SlotIdx>> = (0..tokens)
+        .map(|t| Some(SlotIdx((t % slots) as u16)))
+        .collect();
+    let plan = LoraPlan::new(dev, LoraMode::Grouped, slots, &interleaved)?;
+    let mut h = dev.alloc::<f32>(lora::shrink_scratch_len(&stack, &plan))?;
+    for _ in 0..2 {
+        lora::lora_shrink(dev, &stack, &plan, &x, &mut h)?;
+        lora::lora_expand(dev, &stack, &plan, &h, &mut y)?;
+    }
+    for (heads, kvh, hd, seqs, ctx) in [
+        (9, 3, 64, 64, 1024),
+        (9, 3, 64, 1, 4096),
+        (32, 8, 128, 32, 2048),
+    ] {
+        let bs = 16;
+        let per = ctx / bs;
+        let layout = PagedKvLayout {
+            num_blocks: seqs * per,
+            block_size: bs,
+            num_kv_heads: kvh,
+            head_dim: hd,
+        };
+        let tables: Vec<Vec<BlockId>> = (0..seqs)
+            .map(|s| (0..per).map(|b| BlockId((b * seqs + s) as u32)).collect())
+            .collect();
+        let queries: Vec<SeqQuery<'_>> = tables
+            .iter()
+            .map(|t| SeqQuery {
+                block_table: t,
+                first_pos: ctx - 1,
+                tokens: 1,
+            })
+            .collect();
+        let batch = AttentionBatch::new(dev, layout, &queries)?;
+        let kc = dev.zeros::<f16>(layout.cache_len())?;
+        let vc = dev.zeros::<f16>(layout.cache_len())?;
+        let q = dev.zeros::<f16>(seqs * heads * hd)?;
+        let mut out = dev.zeros::<f16>(seqs * heads * hd)?;
+        for _ in 0..2 {
+            attention::paged_attention_decode(dev, &batch, heads, &q, &kc, &vc, &mut out)?;
+        }
+    }
+    dev.synchronize()
+}
+
 fn main() {
     let dev: Arc<CudaDevice> = match CudaDevice::with_config(CudaDeviceConfig {
         kernels: KernelSource::from_env(),
@@ -405,6 +546,11 @@ fn main() {
         }
     };
     dev.warm_up().expect("compile kernels");
+    if std::env::var_os("BATOS_BENCH_PROFILE").is_some() {
+        profile_launches(&dev).expect("profile launches");
+        println!("profile launches done");
+        return;
+    }
     let (theoretical, source) = peak_bandwidth(&dev);
     let copy = copy_bandwidth(&dev);
     // Percentages are of the theoretical peak, or of the measured copy rate if the
@@ -429,6 +575,9 @@ fn main() {
         }
     };
     section("awq_gemv f16 T=1", &|| bench_awq_gemv::<f16>(&dev, peak, 1));
+    section("awq_gemv f16 T=1 SmolLM2", &|| {
+        bench_awq_gemv_small(&dev, peak)
+    });
     section("awq_gemv f32 T=1", &|| bench_awq_gemv::<f32>(&dev, peak, 1));
     section("awq_gemv f16 T=4", &|| bench_awq_gemv::<f16>(&dev, peak, 4));
     section("awq_gemm", &|| bench_awq_gemm(&dev));

@@ -548,6 +548,55 @@ fn awq_gemv_matches_dequantised_reference() {
 }
 
 #[test]
+fn awq_gemv_packed_half2_matches_reference_and_is_deterministic() {
+    let Some(dev) = device() else { return };
+    // f16, 1-4 tokens: the packed-half2 kernels with the fused split sum. The real
+    // model's fused qkv (576x960) and down (1536x576) shapes, scalar columns
+    // (out/8 = 25), several column blocks with a ragged last one (out/8 = 257),
+    // and groups 16/32/128 (f16 segments of 16 and 32 rows).
+    for (k, n, g, seed) in [
+        (576, 960, 128, 31),
+        (1536, 576, 128, 32),
+        (384, 200, 128, 33),
+        (256, 2056, 32, 34),
+        (96, 48, 16, 35),
+        (4096, 1024, 128, 36),
+    ] {
+        let shape = AwqShape {
+            in_features: k,
+            out_features: n,
+            group_size: g,
+        };
+        let case = awq_case(shape, seed);
+        // 1 token: h2v4/h2v1; 2-4 tokens: h2t4 (3 leaves a padded token slot).
+        for tokens in [1, 2, 3, 4] {
+            awq_check::<f16>(&dev, &case, tokens, AwqPath::Gemv, 4e-3);
+        }
+    }
+    // One plan launched back to back: the split tickets are reset by every launch,
+    // and the split sum runs in split order, so each result is bit-identical.
+    let shape = AwqShape {
+        in_features: 4096,
+        out_features: 1024,
+        group_size: 128,
+    };
+    let c = awq_case(shape, 41);
+    let w = AwqWeights::upload(&dev, shape, &c.qweight, &c.qzeros, &c.scales).unwrap();
+    let mut rng = Rng(6);
+    let x = dev.upload(&conv::<f16>(&rng.vec(4096))).unwrap();
+    let mut plan = awq::AwqGemvPlan::<f16>::new(&dev, shape, 1).unwrap();
+    let mut first = dev.alloc::<f16>(1024).unwrap();
+    plan.run(&dev, &w, &x, &mut first).unwrap();
+    let first = first.to_host().unwrap();
+    for _ in 0..3 {
+        let mut y = dev.alloc::<f16>(1024).unwrap();
+        plan.run(&dev, &w, &x, &mut y).unwrap();
+        plan.run(&dev, &w, &x, &mut y).unwrap();
+        assert_eq!(y.to_host().unwrap(), first);
+    }
+}
+
+#[test]
 fn awq_gemv_plan_is_reusable_across_layers_and_checks_the_shape() {
     let Some(dev) = device() else { return };
     // Several column blocks (one block covers 32*vec packed columns), a ragged last
@@ -685,13 +734,22 @@ struct LoraCase {
 }
 
 fn lora_case(seed: u64) -> LoraCase {
-    let ranks = vec![8, 16, 0, 4, 16, 1];
+    // in > 256 so the shrink splits K over blocks.
+    lora_case_with(seed, vec![8, 16, 0, 4, 16, 1], 16, 600, 136)
+}
+
+fn lora_case_with(
+    seed: u64,
+    ranks: Vec<usize>,
+    max_rank: usize,
+    in_features: usize,
+    out_features: usize,
+) -> LoraCase {
     let shape = LoraShape {
         slots: ranks.len(),
-        max_rank: 16,
-        // > 256 so the shrink splits K over blocks.
-        in_features: 600,
-        out_features: 136,
+        max_rank,
+        in_features,
+        out_features,
     };
     let mut rng = Rng(seed);
     let mut a = rng.vec(shape.slots * shape.max_rank * shape.in_features);
@@ -857,6 +915,37 @@ fn lora_sgmv_matches_reference_with_mixed_ranks() {
     lora_run::<f16>(&dev, &c, LoraMode::Sgmv, &prefill_slots());
     lora_run::<bf16>(&dev, &c, LoraMode::Sgmv, &prefill_slots());
     lora_run::<f32>(&dev, &c, LoraMode::Sgmv, &decode_slots());
+}
+
+#[test]
+fn lora_grouped_matches_reference_with_mixed_ranks() {
+    let Some(dev) = device() else { return };
+    let c = lora_case(33);
+    for slots in [decode_slots(), prefill_slots()] {
+        lora_run::<f32>(&dev, &c, LoraMode::Grouped, &slots);
+        lora_run::<f16>(&dev, &c, LoraMode::Grouped, &slots);
+        lora_run::<bf16>(&dev, &c, LoraMode::Grouped, &slots);
+    }
+    // Ranks above 16 (several passes of rank rows per warp), more than 1024 output
+    // columns (several expand column blocks), a slot with more than one tile.
+    let big = lora_case_with(34, vec![40, 3, 17, 0, 33], 40, 776, 1288);
+    let mut slots: Vec<Option<SlotIdx>> = (0..45).map(|t| Some(SlotIdx((t % 5) as u16))).collect();
+    slots.extend(vec![Some(SlotIdx(0)); 20]);
+    slots.push(None);
+    lora_run::<f32>(&dev, &big, LoraMode::Grouped, &slots);
+    lora_run::<f16>(&dev, &big, LoraMode::Grouped, &slots);
+    // Features that are not multiples of 8 are a typed error for this mode.
+    let odd = lora_case_with(35, vec![4, 2], 4, 60, 36);
+    let stack = LoraStack::<f32>::upload(&dev, odd.shape, &odd.a, &odd.bt, &odd.ranks, &odd.scales)
+        .unwrap();
+    let plan = LoraPlan::new(&dev, LoraMode::Grouped, 2, &[Some(SlotIdx(1))]).unwrap();
+    let x = dev.upload(&[0.0f32; 60]).unwrap();
+    let mut y = dev.upload(&[0.0f32; 36]).unwrap();
+    let err = lora::lora_apply(&dev, &stack, &plan, &x, &mut y);
+    assert!(
+        matches!(err, Err(CudaError::InvalidArgument { .. })),
+        "{err:?}"
+    );
 }
 
 #[test]
@@ -1091,6 +1180,50 @@ fn paged_prefill_matches_reference_with_chunked_context() {
         &attn_case(9, 3, 64, &[(100, 1), (0, 24), (33, 1)], 54),
         None,
     );
+}
+
+#[test]
+fn paged_decode_rejects_head_dims_it_cannot_load_in_16_bytes() {
+    let Some(dev) = device() else { return };
+    // f16 rows are read 8 elements at a time: head_dim 36 is fine for f32 (9 x 4)
+    // but a typed error for f16.
+    let layout = PagedKvLayout {
+        num_blocks: 2,
+        block_size: 16,
+        num_kv_heads: 1,
+        head_dim: 36,
+    };
+    let table = [BlockId(0)];
+    let q = [SeqQuery {
+        block_table: &table,
+        first_pos: 3,
+        tokens: 1,
+    }];
+    let batch = AttentionBatch::new(&dev, layout, &q).unwrap();
+    let n = layout.cache_len();
+    let err = attention::paged_attention_decode(
+        &dev,
+        &batch,
+        1,
+        &dev.zeros::<f16>(36).unwrap(),
+        &dev.zeros::<f16>(n).unwrap(),
+        &dev.zeros::<f16>(n).unwrap(),
+        &mut dev.zeros::<f16>(36).unwrap(),
+    );
+    assert!(
+        matches!(err, Err(CudaError::InvalidArgument { .. })),
+        "{err:?}"
+    );
+    attention::paged_attention_decode(
+        &dev,
+        &batch,
+        1,
+        &dev.zeros::<f32>(36).unwrap(),
+        &dev.zeros::<f32>(n).unwrap(),
+        &dev.zeros::<f32>(n).unwrap(),
+        &mut dev.zeros::<f32>(36).unwrap(),
+    )
+    .unwrap();
 }
 
 #[test]

@@ -86,7 +86,14 @@ impl ModuleId {
                 "awq_reduce",
                 "awq_gemm",
             ],
-            ModuleId::Lora => &["bgmv_shrink", "bgmv_expand", "sgmv_shrink", "sgmv_expand"],
+            ModuleId::Lora => &[
+                "bgmv_shrink",
+                "bgmv_expand",
+                "sgmv_shrink",
+                "sgmv_expand",
+                "grouped_shrink",
+                "grouped_expand",
+            ],
             ModuleId::Attention => &[
                 "write_kv",
                 "paged_decode",
@@ -101,9 +108,15 @@ impl ModuleId {
                 "embed_h",
             ],
         };
+        // Kernels that exist for f16 activations only (packed-half2 arithmetic).
+        let f16_only: &[&str] = match self {
+            ModuleId::Awq => &["awq_gemv_h2v4", "awq_gemv_h2v1", "awq_gemv_h2t4"],
+            _ => &[],
+        };
         bases
             .iter()
             .flat_map(|b| ["f32", "f16", "bf16"].map(|s| format!("{b}_{s}")))
+            .chain(f16_only.iter().map(|b| format!("{b}_f16")))
             .collect()
     }
 
@@ -312,9 +325,10 @@ mod tests {
             );
             for entry in id.entry_points() {
                 let (base, suffix) = entry.rsplit_once('_').expect("name_suffix");
-                // Entry points are stamped out by a macro: `<base>_##S` with S = suffix.
+                // Entry points are stamped out by a macro (`<base>_##S` with S = suffix),
+                // or written out for the f16-only kernels.
                 assert!(
-                    src.contains(&format!("{base}_##S")),
+                    src.contains(&format!("{base}_##S")) || src.contains(&format!("{entry}(")),
                     "{}: {entry}",
                     id.name()
                 );

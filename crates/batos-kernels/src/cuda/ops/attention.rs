@@ -305,15 +305,39 @@ pub fn paged_attention_decode<T: Activation>(
     }
     let l = batch.layout;
     let hd = l.head_dim;
-    let kg = (THREADS / (hd / 4)).max(1);
-    let shared = (group * hd + group * DECODE_PARTITION + group * hd * kg) * 4;
-    if shared > MAX_SHARED {
+    // The kernel reads K/V in 16-byte chunks: 4 (f32) or 8 (f16, bf16) elements,
+    // at most 32 chunks (one warp) per row.
+    let vw = 16 / std::mem::size_of::<T>();
+    if hd % vw != 0 || hd / vw > 32 {
         return Err(CudaError::invalid(
             OP,
-            format!("head_dim {hd} with group {group} needs {shared} bytes of shared memory"),
+            format!(
+                "head_dim {hd} must be a multiple of {vw} and at most {} for {}",
+                32 * vw,
+                T::SUFFIX
+            ),
         ));
     }
-    let splits = batch.max_ctx.div_ceil(DECODE_PARTITION).max(1);
+    as_i32(OP, "cache slots", l.num_blocks * l.block_size)?;
+    let kg = (THREADS / (hd / vw)).max(1);
+    let shared = (group * hd + group * DECODE_PARTITION + group * hd * kg) * 4;
+    // The kernel's static shared memory: the partition's slots and the row statistics.
+    let fixed = (DECODE_PARTITION + 2 * MAX_GROUP) * 4;
+    if shared + fixed > MAX_SHARED {
+        return Err(CudaError::invalid(
+            OP,
+            format!(
+                "head_dim {hd} with group {group} needs {} bytes of shared memory",
+                shared + fixed
+            ),
+        ));
+    }
+    let part = decode_partition(
+        batch.tokens * l.num_kv_heads,
+        batch.max_ctx,
+        dev.multiprocessors(),
+    );
+    let splits = batch.max_ctx.div_ceil(part).max(1);
     let parts = batch.tokens * heads * splits;
     let mut part_o = dev.alloc::<f32>(parts * hd)?;
     let mut part_m = dev.alloc::<f32>(parts)?;
@@ -326,6 +350,7 @@ pub fn paged_attention_decode<T: Activation>(
         as_i32(OP, "max_blocks", batch.max_blocks)?,
     );
     let scale = 1.0f32 / (hd as f32).sqrt();
+    let part_i = part as i32; // <= DECODE_PARTITION
     let grid = (
         as_u32(OP, "tokens", batch.tokens)?,
         as_u32(OP, "kv_heads", l.num_kv_heads)?,
@@ -357,10 +382,14 @@ pub fn paged_attention_decode<T: Activation>(
             .arg(&hd_i)
             .arg(&bs)
             .arg(&mb)
-            .arg(&scale);
+            .arg(&scale)
+            .arg(&part_i);
         // SAFETY: paged_decode_<T>(q, k_cache, v_cache, tok_seq, tok_pos, block_tables,
-        // part_o, part_m, part_l, nh, nkv, hd, block_size, max_blocks, scale) with the
-        // dynamic shared size the kernel documents. Every position read is
+        // part_o, part_m, part_l, nh, nkv, hd, block_size, max_blocks, scale, int part)
+        // with part <= DECODE_PARTITION (the kernel's shared score rows) and the
+        // dynamic shared size the kernel documents; hd % (16 / sizeof T) == 0 keeps the
+        // 16-byte K/V loads aligned and inside the head's row, slots fit i32 (checked
+        // above). Every position read is
         // <= tok_pos[t] < blocks(seq)*block_size and every block id < num_blocks
         // (checked in AttentionBatch::new); partials hold tokens*nh*splits entries and
         // gridDim.z == splits.
@@ -385,6 +414,17 @@ pub fn paged_attention_decode<T: Activation>(
     // SAFETY: paged_decode_reduce_<T>(part_o, part_m, part_l, out, nh, hd, splits);
     // block (t, h) reads its splits partials and writes out[(t*nh + h)*hd ..+hd].
     unsafe { launch(OP, &mut args, cfg(grid, THREADS as u32, 0)) }
+}
+
+/// Positions per decode partition: [`DECODE_PARTITION`], halved (down to 64) while
+/// the grid of `rows` (tokens × KV heads) × partitions would not give every SM two
+/// blocks, so one sequence or a few short ones still spread over the GPU.
+pub(crate) fn decode_partition(rows: usize, max_ctx: usize, sms: usize) -> usize {
+    let mut part = DECODE_PARTITION;
+    while part > 64 && rows * max_ctx.div_ceil(part) < 2 * sms {
+        part /= 2;
+    }
+    part
 }
 
 /// Flash-style prefill kernel (head_dim <= 128).
@@ -458,4 +498,26 @@ pub fn paged_attention_prefill<T: Activation>(
     // one sequence; key positions read are <= the tile's last position, covered by its
     // validated block table.
     unsafe { launch(OP, &mut args, cfg(grid, THREADS as u32, shared as u32)) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_partition_shrinks_only_for_small_grids() {
+        // 64 sequences x 3 KV heads x 1024 positions already fill 132 SMs.
+        assert_eq!(decode_partition(64 * 3, 1024, 132), 256);
+        // One sequence: more, smaller partitions, never below 64 positions.
+        assert_eq!(decode_partition(3, 4096, 132), 64);
+        assert_eq!(decode_partition(3, 128, 132), 64);
+        assert_eq!(decode_partition(8 * 8, 2048, 132), 256);
+        assert_eq!(decode_partition(24, 2048, 132), 128);
+        for rows in [1, 3, 24, 192, 2048] {
+            for ctx in [1, 128, 1000, 4096, 16384] {
+                let p = decode_partition(rows, ctx, 132);
+                assert!((64..=DECODE_PARTITION).contains(&p) && p.is_power_of_two());
+            }
+        }
+    }
 }

@@ -9,6 +9,7 @@ use super::super::registry::ModuleId;
 use cudarc::driver::PushKernelArg;
 
 use super::{as_i32, as_u32, cfg, kname, launch, Activation};
+use batos_types::DType;
 
 /// Dimensions of an AWQ linear layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -190,6 +191,9 @@ pub struct AwqGemvPlan<T: Activation> {
     gemv: cudarc::driver::CudaFunction,
     reduce: cudarc::driver::CudaFunction,
     partial: DeviceBuffer<f32>,
+    /// Split tickets of the fused-reduction (packed-half2) path, one per column
+    /// block; the kernel leaves them at zero after every launch.
+    counters: DeviceBuffer<u32>,
     _t: std::marker::PhantomData<T>,
 }
 
@@ -205,7 +209,11 @@ impl<T: Activation> AwqGemvPlan<T> {
             ));
         }
         as_i32(OP, "tokens*out", tokens * shape.out_features)?;
-        let plan = gemv_plan(shape, tokens, dev.multiprocessors());
+        let plan = if T::DTYPE == DType::F16 && tokens <= 4 && shape.group_size % 8 == 0 {
+            gemv_h2_plan(shape, tokens, dev.multiprocessors())
+        } else {
+            gemv_plan(shape, tokens, dev.multiprocessors())
+        };
         // Every launch parameter must fit the kernel's int arguments.
         as_u32(OP, "blocks_x", plan.blocks_x)?;
         as_u32(OP, "splits", plan.splits)?;
@@ -223,6 +231,7 @@ impl<T: Activation> AwqGemvPlan<T> {
             gemv: dev.function(ModuleId::Awq, &kname::<T>(plan.variant))?,
             reduce: dev.function(ModuleId::Awq, &kname::<T>("awq_reduce"))?,
             partial: dev.alloc::<f32>(plan.splits * tokens * shape.out_features)?,
+            counters: dev.zeros::<u32>(if plan.fused { plan.blocks_x } else { 1 })?,
             _t: std::marker::PhantomData,
         })
     }
@@ -259,6 +268,9 @@ impl<T: Activation> AwqGemvPlan<T> {
         let (s, p, tokens) = (self.shape, self.plan, self.tokens);
         // Bounds were checked in `new`, so these conversions are lossless.
         let grid = (p.blocks_x as u32, p.splits as u32, p.blocks_z as u32);
+        if p.fused {
+            return self.run_fused(dev, w, x, y, grid);
+        }
         let (nt, k, n, g, rps, ch) = (
             tokens as i32,
             s.in_features as i32,
@@ -307,6 +319,61 @@ impl<T: Activation> AwqGemvPlan<T> {
         // SAFETY: awq_reduce_<T>(const float* partial, T* y, int splits, long long n):
         // reads partial[s*n + i] for s < splits, i < n (= tokens*out = y.len()).
         unsafe { launch(OP, &mut args, cfg((blocks, 1, 1), 256, 0)) }
+    }
+}
+
+impl<T: Activation> AwqGemvPlan<T> {
+    /// The packed-half2 f16 matvec with the split-K sum fused into the same launch.
+    fn run_fused(
+        &mut self,
+        dev: &CudaDevice,
+        w: &AwqWeights,
+        x: &DeviceBuffer<T>,
+        y: &mut DeviceBuffer<T>,
+        grid: (u32, u32, u32),
+    ) -> CudaResult<()> {
+        const OP: &str = "awq_gemv";
+        let (s, p) = (self.shape, self.plan);
+        let (nt, k, n, g, rps, seg) = (
+            self.tokens as i32,
+            s.in_features as i32,
+            s.out_features as i32,
+            s.group_size as i32,
+            p.rows_per_split as i32,
+            p.chunk as i32,
+        );
+        let (qv, zv, sv, xv, mut pv, mut cv, mut yv) = (
+            w.qweight.view(),
+            w.qzeros.view(),
+            w.scales.view(),
+            x.view(),
+            self.partial.view_mut(),
+            self.counters.view_mut(),
+            y.view_mut(),
+        );
+        let mut args = dev.stream().launch_builder(&self.gemv);
+        args.arg(&qv)
+            .arg(&zv)
+            .arg(&sv)
+            .arg(&xv)
+            .arg(&mut pv)
+            .arg(&mut cv)
+            .arg(&mut yv);
+        if p.variant == "awq_gemv_h2t4" {
+            args.arg(&nt);
+        }
+        args.arg(&k).arg(&n).arg(&g).arg(&rps).arg(&seg);
+        // SAFETY: awq_gemv_h2v{4,1}_f16(const u32* qw, const u32* qz, const f16* sc, const
+        // f16* x, float* partial, u32* counters, f16* y, int in, int out, int group, int
+        // rows_per_split, int seg), and awq_gemv_h2t4_f16 with `int ntok` (1..=4) after y,
+        // H2_THREADS threads. T is f16 here (the plan picks these kernels only for
+        // DType::F16), x holds tokens*in and y tokens*out elements (checked above). rows_per_split is a multiple of 64 so every warp's slice is a multiple of
+        // the 8-row ring, seg (8, 16 or 32) divides the group, so a segment never straddles
+        // two groups; lanes with j0 >= out/8 load nothing and stores are masked to out; v4
+        // is chosen only when out/8 % 4 == 0 (aligned 16-byte loads). partial holds
+        // splits*tokens*out floats for blockIdx.y < splits, counters one u32 per column block
+        // (zeroed at plan creation and reset to zero by the last block of every launch).
+        unsafe { launch(OP, &mut args, cfg(grid, GEMV_THREADS as u32, 0)) }
     }
 }
 
@@ -404,6 +471,44 @@ pub(crate) struct GemvPlan {
     pub chunk: usize,
     pub rows_per_split: usize,
     pub splits: usize,
+    /// The packed-half2 kernel with the split sum fused in (no `awq_reduce` launch);
+    /// `chunk` is then its f16 accumulation segment (8, 16 or 32 rows).
+    pub fused: bool,
+}
+
+/// Geometry of the packed-half2 f16 matvec (1-4 tokens, group % 8 == 0).
+///
+/// Blocks of 8 warps share 32·VEC packed columns (one token: VEC = 4 where out/8
+/// allows 16-byte loads; 2-4 tokens: VEC = 1, the `h2t4` kernel) and split their K
+/// range into 8 equal warp slices. K is split so
+/// that the grid fills about two blocks per SM (the resident count) in one wave,
+/// with at least 64 rows per block (8 per warp, one ring of loads) and at most 32
+/// splits, which bounds the f32 partials the last block of a column range sums.
+pub(crate) fn gemv_h2_plan(s: AwqShape, tokens: usize, sms: usize) -> GemvPlan {
+    let out8 = s.out_features / 8;
+    let (variant, vec) = if tokens > 1 {
+        ("awq_gemv_h2t4", 1)
+    } else if out8 % 4 == 0 {
+        ("awq_gemv_h2v4", 4)
+    } else {
+        ("awq_gemv_h2v1", 1)
+    };
+    let blocks_x = out8.div_ceil(vec * 32);
+    let seg = [32usize, 16, 8]
+        .into_iter()
+        .find(|c| s.group_size % c == 0)
+        .unwrap_or(8);
+    let want = ((2 * sms) / blocks_x).clamp(1, 32);
+    let rows_per_split = (s.in_features.div_ceil(want).div_ceil(64) * 64).max(64);
+    GemvPlan {
+        variant,
+        blocks_x,
+        blocks_z: 1,
+        chunk: seg,
+        rows_per_split,
+        splits: s.in_features.div_ceil(rows_per_split),
+        fused: true,
+    }
 }
 
 pub(crate) fn gemv_plan(s: AwqShape, tokens: usize, sms: usize) -> GemvPlan {
@@ -443,6 +548,7 @@ pub(crate) fn gemv_plan(s: AwqShape, tokens: usize, sms: usize) -> GemvPlan {
         chunk,
         rows_per_split,
         splits,
+        fused: false,
     }
 }
 
@@ -521,6 +627,48 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn gemv_h2_plan_slices_are_whole_rings_and_fill_one_wave() {
+        for s in shapes() {
+            for (sms, tokens) in [(1, 1), (108, 1), (132, 1), (132, 2), (132, 4), (1, 3)] {
+                let p = gemv_h2_plan(s, tokens, sms);
+                assert!(p.fused && p.blocks_z == 1);
+                assert_eq!(
+                    p.rows_per_split % 64,
+                    0,
+                    "8 warps x 8-row ring: {s:?} {p:?}"
+                );
+                assert_eq!(s.group_size % p.chunk, 0, "{s:?} {p:?}");
+                assert!(p.splits * p.rows_per_split >= s.in_features, "{s:?} {p:?}");
+                assert!((p.splits - 1) * p.rows_per_split < s.in_features);
+                assert!(p.splits <= 32, "{s:?} {p:?}");
+                assert!(
+                    p.blocks_x * p.splits <= (2 * sms).max(p.blocks_x),
+                    "{s:?} {p:?}"
+                );
+                let vec = if p.variant.ends_with("v4") { 4 } else { 1 };
+                assert_eq!((s.out_features / 8) % vec, 0);
+                assert!(p.blocks_x * vec * 32 >= s.out_features / 8);
+                assert_eq!(p.variant == "awq_gemv_h2t4", tokens > 1);
+            }
+        }
+        // The real model's fused qkv (576x960) and a large layer on an H100/H200.
+        let qkv = AwqShape {
+            in_features: 576,
+            out_features: 960,
+            group_size: 128,
+        };
+        let p = gemv_h2_plan(qkv, 1, 132);
+        assert_eq!((p.variant, p.blocks_x, p.splits), ("awq_gemv_h2v4", 1, 9));
+        let big = AwqShape {
+            in_features: 8192,
+            out_features: 28672,
+            group_size: 128,
+        };
+        let p = gemv_h2_plan(big, 1, 132);
+        assert_eq!((p.blocks_x, p.splits, p.rows_per_split), (28, 9, 960));
     }
 
     #[test]

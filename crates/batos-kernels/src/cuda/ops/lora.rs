@@ -107,6 +107,11 @@ pub enum LoraMode {
     Bgmv,
     /// Segments of consecutive tokens sharing a slot, cut into tiles (prefill).
     Sgmv,
+    /// Any mix (decode, prefill or both): the active tokens are sorted by slot
+    /// (stably) and each slot's tokens are cut into tiles of <= [`SGMV_TILE`]; one
+    /// shrink and one expand launch for the whole batch, 16-byte weight loads, each
+    /// weight row read once per tile. Needs in and out features that are multiples of 8.
+    Grouped,
 }
 
 /// Device-side launch lists for one batch, built on the host from the per-token
@@ -118,7 +123,8 @@ pub struct LoraPlan {
     rows: usize,
     launches: usize,
     /// BGMV: token index and slot per active token. SGMV: per tile
-    /// (start token, length, slot, first h row).
+    /// (start token, length, slot, first h row). Grouped: the active tokens sorted
+    /// by slot, then per tile (start in that list, length, slot).
     lists: Vec<DeviceBuffer<i32>>,
 }
 
@@ -147,7 +153,8 @@ impl LoraPlan {
         }
         let rows = token_slots.iter().filter(|s| s.is_some()).count();
         let host = host_lists(mode, token_slots);
-        let launches = host[0].len();
+        // Grouped: list 0 is the token order, the tiles start at list 1.
+        let launches = host[usize::from(mode == LoraMode::Grouped)].len();
         let lists = host
             .iter()
             .map(|l| dev.upload(l))
@@ -271,7 +278,50 @@ pub fn lora_shrink<T: Activation>(
             // plan; blockIdx.y < ksplits indexes the partial, h holds ksplits*rows*max_rank.
             unsafe { launch(OP, &mut args, cfg((n, ks, 1), 128, 0)) }
         }
+        LoraMode::Grouped => {
+            check_grouped(OP, s)?;
+            let f = dev.function(ModuleId::Lora, &kname::<T>("grouped_shrink"))?;
+            let (pv, ts, tl, tsl) = (
+                plan.lists[0].view(),
+                plan.lists[1].view(),
+                plan.lists[2].view(),
+                plan.lists[3].view(),
+            );
+            let mut args = dev.stream().launch_builder(&f);
+            args.arg(&xv)
+                .arg(&av)
+                .arg(&pv)
+                .arg(&ts)
+                .arg(&tl)
+                .arg(&tsl)
+                .arg(&rv)
+                .arg(&mut hv)
+                .arg(&k)
+                .arg(&r)
+                .arg(&rows);
+            // SAFETY: grouped_shrink_<T>(x, a, perm, tile_start, tile_len, tile_slot, ranks,
+            // h, int in, int max_rank, int rows), 256 threads. perm holds the rows active
+            // tokens (each < tokens), each tile covers perm[start..start+len] with len <=
+            // SGMV_TILE (the shared x tile) and one slot < slots, as built by the plan; in %
+            // 8 == 0 (checked above) keeps every 16-byte load aligned and inside its row;
+            // blockIdx.y < ksplits, h holds ksplits*rows*max_rank floats.
+            unsafe { launch(OP, &mut args, cfg((n, ks, 1), 256, 0)) }
+        }
     }
+}
+
+/// The grouped kernels read and write 8 elements (16 bytes for f16) at a time.
+fn check_grouped(op: &'static str, s: LoraShape) -> CudaResult<()> {
+    if s.in_features % 8 != 0 || s.out_features % 8 != 0 {
+        return Err(CudaError::invalid(
+            op,
+            format!(
+                "LoraMode::Grouped needs in and out features that are multiples of 8, got {} x {}",
+                s.in_features, s.out_features
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Expand: `y[t] += scale[s] * h[row] · Bt[s]` for every active token.
@@ -353,6 +403,40 @@ pub fn lora_expand<T: Activation>(
             // of dynamic shared memory; tiles as built by the plan.
             unsafe { launch(OP, &mut args, cfg((n, col_blocks, 1), 256, shared)) }
         }
+        LoraMode::Grouped => {
+            check_grouped(OP, s)?;
+            let f = dev.function(ModuleId::Lora, &kname::<T>("grouped_expand"))?;
+            let (pv, ts, tl, tsl) = (
+                plan.lists[0].view(),
+                plan.lists[1].view(),
+                plan.lists[2].view(),
+                plan.lists[3].view(),
+            );
+            let mut args = dev.stream().launch_builder(&f);
+            args.arg(&hv)
+                .arg(&bv)
+                .arg(&pv)
+                .arg(&ts)
+                .arg(&tl)
+                .arg(&tsl)
+                .arg(&rv)
+                .arg(&scv)
+                .arg(&mut yv)
+                .arg(&n_out)
+                .arg(&r)
+                .arg(&ks)
+                .arg(&rows);
+            // 128 threads x 8 columns per block.
+            let blocks = as_u32(OP, "column blocks", s.out_features.div_ceil(1024))?;
+            let shared = (SGMV_TILE * s.max_rank * 4) as u32;
+            // SAFETY: grouped_expand_<T>(h, bt, perm, tile_start, tile_len, tile_slot,
+            // ranks, scales, y, int out, int max_rank, int ksplits, int rows), 128 threads,
+            // SGMV_TILE*max_rank floats (<= 32 KiB) of dynamic shared memory for the
+            // tile's len*rank sums. Tiles and perm as in the shrink; threads with a first
+            // column >= out return after the barrier, and out % 8 == 0 keeps each 8-column
+            // (16-byte for f16) access aligned and inside the row.
+            unsafe { launch(OP, &mut args, cfg((n, blocks, 1), 128, shared)) }
+        }
     }
 }
 
@@ -407,6 +491,30 @@ fn host_lists(mode: LoraMode, token_slots: &[Option<SlotIdx>]) -> Vec<Vec<i32>> 
             }
             vec![start, len, slot, hrow]
         }
+        LoraMode::Grouped => {
+            // Stable sort of the active tokens by slot: token order within a slot stays.
+            let mut active: Vec<(u16, i32)> = token_slots
+                .iter()
+                .enumerate()
+                .filter_map(|(t, s)| s.map(|s| (s.0, t as i32)))
+                .collect();
+            active.sort_by_key(|(s, _)| *s);
+            let perm: Vec<i32> = active.iter().map(|(_, t)| *t).collect();
+            let (mut start, mut len, mut slot) = (vec![], vec![], vec![]);
+            let mut p = 0;
+            while p < active.len() {
+                let s = active[p].0;
+                let mut end = p + 1;
+                while end < active.len() && active[end].0 == s && end - p < SGMV_TILE {
+                    end += 1;
+                }
+                start.push(p as i32);
+                len.push((end - p) as i32);
+                slot.push(i32::from(s));
+                p = end;
+            }
+            vec![perm, start, len, slot]
+        }
     }
 }
 
@@ -422,6 +530,28 @@ mod tests {
     fn bgmv_lists_skip_tokens_without_adapter() {
         let l = host_lists(LoraMode::Bgmv, &slots(&[Some(2), None, Some(0), None]));
         assert_eq!(l, vec![vec![0, 2], vec![2, 0]]);
+    }
+
+    #[test]
+    fn grouped_lists_sort_tokens_by_slot_and_cut_tiles() {
+        let mut v = vec![Some(2), None, Some(0), Some(2), Some(0), None];
+        v.extend(vec![Some(1); 17]);
+        let l = host_lists(LoraMode::Grouped, &slots(&v));
+        let mut perm = vec![2, 4, 0, 3];
+        perm.splice(2..2, 6..23);
+        assert_eq!(
+            l[0], perm,
+            "slot 0 tokens, then slot 1, then slot 2, each in token order"
+        );
+        assert_eq!(l[1], vec![0, 2, 18, 19], "tile starts in the sorted list");
+        assert_eq!(
+            l[2],
+            vec![2, 16, 1, 2],
+            "17 tokens of slot 1 make tiles of 16 and 1"
+        );
+        assert_eq!(l[3], vec![0, 1, 1, 2], "slots");
+        let none = host_lists(LoraMode::Grouped, &slots(&[None, None]));
+        assert!(none.iter().all(|l| l.is_empty()));
     }
 
     #[test]
