@@ -4,9 +4,10 @@
 #   1. scripts/gpu-check.sh with a 330 s budget: kernel parity tests, sanitizers,
 #      NVRTC check, kernel bench (its 7 files under $OUT, summary.md first);
 #   2. the device-resident engine: GPU parity tests (synthetic model, int4, full
-#      budget, real weights with and without adapters in mixed batches), the engine
-#      builder test, then the decode / bandwidth / cold->hot bench, into
-#      $OUT/engine.txt (the 8th file), with its results appended to summary.md.
+#      budget, real weights with and without adapters in mixed batches) and the
+#      engine builder test, appended to $OUT/tests.txt; the decode / bandwidth /
+#      cold->hot bench appended to $OUT/bench.txt (gpu-check.sh already writes the 8
+#      files that come back); the engine's results appended to summary.md.
 # Total well under 10 minutes (GPU_ENGINE_BUDGET, default 170 s, for part 2).
 #
 #   OUT=/some/dir bash scripts/gpu-engine-check.sh
@@ -18,7 +19,8 @@ BIN=$PWD/.gpu-bin
 
 GPU_CHECK_BUDGET=${GPU_CHECK_BUDGET:-330} OUT="$OUT" bash scripts/gpu-check.sh > /dev/null 2>&1
 
-LOG="$OUT/engine.txt"
+TESTS="$OUT/tests.txt"
+BENCH="$OUT/bench.txt"
 SUMMARY="$OUT/summary.md"
 START=$(date +%s)
 DEADLINE=$((START + ${GPU_ENGINE_BUDGET:-170}))
@@ -33,8 +35,8 @@ MODEL=$(ls "$BIN"/smollm2-*l.gguf 2>/dev/null | head -n1)
 [ -n "$MODEL" ] && export BATOS_GPU_MODEL="$MODEL"
 export RUST_BACKTRACE=1
 
-run() { # name limit cmd...
-  local name=$1 limit=$2 t0 rc left; shift 2
+run() { # log name limit cmd...
+  local LOG=$1 name=$2 limit=$3 t0 rc left; shift 3
   t0=$(date +%s); left=$((DEADLINE - t0 - 5))
   if [ "$left" -lt 15 ]; then echo "- engine: $name: SKIPPED (budget spent)" >> "$SUMMARY"; return; fi
   [ "$limit" -gt "$left" ] && limit=$left
@@ -46,17 +48,17 @@ run() { # name limit cmd...
   echo "===== $name: $verdict" >> "$LOG"
 }
 
-{ echo "model: ${MODEL:-none carried}"; echo "ptx: ${BATOS_CUDA_PTX_DIR:-none (NVRTC)}"; } >> "$LOG"
-run "GPU parity tests (batos-model cuda_forward)" 90 "$BIN/test-cuda_forward" --test-threads=1 --nocapture
-run "engine device selection (batos-engine device)" 40 "$BIN/test-engine_device" --test-threads=1 --nocapture
-run "engine bench (cuda_forward)" 120 "$BIN/bench-cuda_forward"
+{ echo; echo "===== ENGINE (issue 8) model: ${MODEL:-none carried}, ptx: ${BATOS_CUDA_PTX_DIR:-none (NVRTC)}"; } | tee -a "$TESTS" >> "$BENCH"
+run "$TESTS" "GPU parity tests (batos-model cuda_forward)" 90 "$BIN/test-cuda_forward" --test-threads=1 --nocapture
+run "$TESTS" "engine device selection (batos-engine device)" 40 "$BIN/test-engine_device" --test-threads=1 --nocapture
+run "$BENCH" "engine bench (cuda_forward)" 120 "$BIN/bench-cuda_forward"
 
 {
   echo
   echo "## Engine (device-resident runtime)"
-  grep -E '^test |test result:|SKIP|panicked|greedy steps|step-1|max rel' "$LOG" | head -n 40
+  sed -n '/===== ENGINE/,$p' "$TESTS" | grep -E '^test |test result:|SKIP|panicked|greedy steps|step-1|max rel|identical' | head -n 40
   echo
-  grep -E '^\||^device |adapters on the device|bandwidth|cold -> hot' "$LOG"
+  sed -n '/===== ENGINE/,$p' "$BENCH" | grep -E '^\||^device |adapters on the device|bandwidth|cold -> hot|panicked|SKIP'
   echo
   echo "engine part: $(( $(date +%s) - START ))s"
 } >> "$SUMMARY"
