@@ -43,6 +43,22 @@ fn mixed_specs(prompts: &[Vec<u32>], slots: &[Option<batos_types::SlotIdx>]) -> 
         .collect()
 }
 
+/// Runs without a GPU: the synthetic adapters the GPU tests and bench use pass the
+/// audit and fill hot slots.
+#[test]
+fn synthetic_adapters_pass_the_audit_and_go_hot() {
+    let synth = SyntheticLlama::new(LlamaConfig::new(tiny_params()).unwrap(), 3);
+    let d = *synth.model(WeightDType::F16).unwrap().dims();
+    let hot = hot_adapters(&d, 3, 8);
+    let snap = hot.snapshot();
+    assert_eq!(snap.len(), 3);
+    assert!(hot.slots.iter().all(|s| snap.is_filled(*s)));
+    let table = snap.table(1, batos_lora::Projection::Down);
+    assert!(table
+        .iter()
+        .all(|s| s.as_ref().is_some_and(|s| s.rank() == 8)));
+}
+
 #[test]
 fn synthetic_model_matches_the_cpu_in_mixed_batches() {
     let test = "synthetic_model_matches_the_cpu_in_mixed_batches";

@@ -83,7 +83,7 @@ pub struct CudaLlama {
     weights: DeviceWeights,
     kv: Option<DeviceKv>,
     lora: DeviceLora,
-    _weights_reservation: Reservation,
+    weights_reservation: Reservation,
 }
 
 impl std::fmt::Debug for CudaLlama {
@@ -152,7 +152,7 @@ impl CudaLlama {
             inv_freq,
             weights,
             kv: None,
-            _weights_reservation: reservation,
+            weights_reservation: reservation,
         })
     }
 
@@ -169,7 +169,7 @@ impl CudaLlama {
     /// Bytes held on the device.
     pub fn memory(&self) -> CudaMemory {
         CudaMemory {
-            weights: self._weights_reservation.bytes(),
+            weights: self.weights_reservation.bytes(),
             kv: self.kv.as_ref().map_or(0, |k| k.bytes() as u64),
             adapters: self.lora.bytes(),
             weight_bytes_per_step: self.weights.bytes_per_step() as u64,
