@@ -3,7 +3,7 @@
 import re, subprocess, sys, os
 root = sys.argv[1]; out = sys.argv[2]
 pre = open(f"{root}/kernels/prelude.cuh").read()
-mods = ["elementwise", "sampling", "awq", "lora", "attention"]
+mods = ["elementwise", "sampling", "awq", "lora", "attention", "dense"]
 for m in mods:
     body = open(f"{root}/kernels/{m}.cu").read()
     body = re.sub(r"extern __shared__ float (\w+)\[\];", r"float* \1 = emu_dyn_smem();", body)

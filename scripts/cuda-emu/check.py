@@ -3,7 +3,7 @@
 import ctypes as C, numpy as np, sys, math
 import os
 D = os.environ.get("EMU_DIR", "/tmp/batos-cuda-emu")
-libs = {m: C.CDLL(f"{D}/lib{m}_emu.so") for m in ["elementwise", "sampling", "awq", "lora", "attention"]}
+libs = {m: C.CDLL(f"{D}/lib{m}_emu.so") for m in ["elementwise", "sampling", "awq", "lora", "attention", "dense"]}
 def P(a): return a.ctypes.data_as(C.c_void_p)
 def launch(mod, name, grid, block, smem, *args):
     f = getattr(libs[mod], "L_" + name)
@@ -28,7 +28,7 @@ def close(what, got, want, scale, rtol, atol=1e-6):
     print(f"ok {what}: max err {err.max():.3e}")
     return True
 OK = True
-# EMU_ONLY=awq,lora runs only those sections (elementwise, sampling, awq, awq_h2, lora, lora_grouped, decode, prefill).
+# EMU_ONLY=awq,lora runs only those sections (elementwise, sampling, awq, awq_h2, lora, lora_grouped, decode, prefill, dense).
 ONLY = [w for w in os.environ.get("EMU_ONLY", "").split(",") if w]
 def section_on(name): return not ONLY or name in ONLY
 
@@ -290,5 +290,32 @@ if section_on("decode"):
 if section_on("prefill"):
     OK &= attn("f32", 8, 2, 128, [(0, 33), (70, 5)], "prefill")
     OK &= attn("f32", 4, 1, 32, [(17, 40)], "prefill")
+
+# ---- dense f16-weight matmul and row kernels (kernels/dense.cu)
+if section_on("dense"):
+    def dense(s, T, K, N):
+        dt = DT[s]
+        x = rng.uniform(-1, 1, (T, K)).astype(dt); w = rng.uniform(-1, 1, (N, K)).astype(np.float16)
+        y = np.full((T, N), np.nan, dt)
+        launch("dense", "dense_matmul_" + s, (-(-N // 8), -(-T // 8), 1), 256, 0, x, w, y, T, K, N)
+        xd, wd = x.astype(np.float64), w.astype(np.float64)
+        return close(f"dense_matmul {s} T={T} K={K} N={N}", y, xd @ wd.T, np.abs(xd) @ np.abs(wd).T + 1e-3, 1e-5 if s == "f32" else 4e-3)
+    for s in ["f32", "f16"]:
+        OK &= dense(s, 1, 576, 40)
+        OK &= dense(s, 13, 64, 17)
+    OK &= dense("f32", 9, 30, 11)
+    OK &= dense("f32", 3, 1536, 24)
+    a = rng.uniform(-1, 1, (5, 7)).astype(np.float32); b = rng.uniform(-1, 1, (5, 7)).astype(np.float32); want = a.astype(np.float64) + b
+    launch("dense", "add_rows_f32", (1, 1, 1), 256, 0, a, b, ("ll", 35))
+    OK &= close("add_rows f32", a, want, np.ones_like(want), 1e-7)
+    src = rng.uniform(-1, 1, (6, 9)).astype(np.float32); rows = np.array([5, 0, 5, 2], np.int32); o = np.zeros((4, 9), np.float32)
+    launch("dense", "gather_rows_f32", (4, 1, 1), 128, 0, src, rows, o, 9)
+    ok = bool(np.array_equal(o, src[rows])); print("gather_rows", ok); OK &= ok
+    fused = rng.uniform(-1, 1, (3, 10)).astype(np.float32); o = np.zeros((3, 4), np.float32)
+    launch("dense", "copy_cols_f32", (3, 1, 1), 128, 0, fused, o, 10, 5, 4)
+    ok = bool(np.array_equal(o, fused[:, 5:9])); print("copy_cols", ok); OK &= ok
+    tab = rng.uniform(-1, 1, (50, 37)).astype(np.float16); ids = np.array([0, 49, 7, 60], dtype=np.uint32); o = np.zeros((4, 37), np.float32)
+    launch("dense", "embed_h_f32", (4, 1, 1), 128, 0, tab, ids, o, ("u", 50), 37)
+    ok = bool(np.array_equal(o[:3], tab[ids[:3]].astype(np.float32)) and np.all(o[3] == 0)); print("embed_h", ok); OK &= ok
 print("ALL OK" if OK else "SOME FAILED")
 sys.exit(0 if OK else 1)

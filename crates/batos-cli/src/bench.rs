@@ -28,6 +28,7 @@ use batos::model::forward::{ForwardBatch, LlamaModel, SeqStep};
 use batos::model::LlamaConfig;
 use serde_json::json;
 
+use crate::device::{DeviceArgs, Stepper};
 use crate::{runtime, DTypeArg};
 
 #[derive(Debug, clap::Args)]
@@ -57,6 +58,8 @@ pub struct BenchArgs {
     /// Also write the results as JSON here.
     #[arg(long, value_name = "OUT")]
     json: Option<PathBuf>,
+    #[command(flatten)]
+    device: DeviceArgs,
 }
 
 /// Text to cut prompts of exact lengths from.
@@ -126,6 +129,7 @@ fn lm_head_flops(c: &LlamaConfig) -> f64 {
 
 struct Bench<'a> {
     model: &'a LlamaModel,
+    run: Stepper<'a>,
 }
 
 impl Bench<'_> {
@@ -136,6 +140,7 @@ impl Bench<'_> {
     /// Seconds for one prefill of `prompt` into a fresh cache, plus one sample.
     fn prefill_once(&self, prompt: &[u32]) -> anyhow::Result<f64> {
         let mut kv = runtime::kv_cache(self.model, 1, prompt.len() + 1)?;
+        self.run.new_cache(&mut kv);
         let mut sampler = Self::greedy()?;
         let t0 = Instant::now();
         let alloc = kv.allocate_prompt(prompt, None)??;
@@ -145,7 +150,7 @@ impl Bench<'_> {
         );
         let table = kv.block_table(alloc.seq)?.blocks().to_vec();
         let batch = ForwardBatch::new(vec![SeqStep::new(prompt.to_vec(), 0, table)]);
-        let out = self.model.forward(&batch, kv.storage_mut())?;
+        let out = self.run.forward(&batch, &mut kv)?;
         kv.mark_computed(alloc.seq, prompt.len())?;
         let logits = out.last_logits(0).context("no logits for the prompt")?;
         sampler.sample(
@@ -163,6 +168,7 @@ impl Bench<'_> {
     fn decode_once(&self, prompts: &[Vec<u32>], steps: usize) -> anyhow::Result<(f64, Vec<u32>)> {
         let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
         let mut kv = runtime::kv_cache(self.model, prompts.len(), longest + steps + 1)?;
+        self.run.new_cache(&mut kv);
         struct Seq {
             id: SeqId,
             prompt: Vec<u32>,
@@ -186,9 +192,7 @@ impl Bench<'_> {
                 sampler: Self::greedy()?,
             });
         }
-        let out = self
-            .model
-            .forward(&ForwardBatch::new(batch), kv.storage_mut())?;
+        let out = self.run.forward(&ForwardBatch::new(batch), &mut kv)?;
         for (i, s) in seqs.iter_mut().enumerate() {
             kv.mark_computed(s.id, s.prompt.len())?;
             sample_into(
@@ -209,9 +213,7 @@ impl Bench<'_> {
                 let table = kv.block_table(s.id)?.blocks().to_vec();
                 batch.push(SeqStep::new(vec![token], pos, table));
             }
-            let out = self
-                .model
-                .forward(&ForwardBatch::new(batch), kv.storage_mut())?;
+            let out = self.run.forward(&ForwardBatch::new(batch), &mut kv)?;
             for (i, s) in seqs.iter_mut().enumerate() {
                 let pos = s.prompt.len() + s.output.len();
                 kv.mark_computed(s.id, pos)?;
@@ -285,7 +287,10 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             c.max_position_embeddings
         );
     }
-    let bench = Bench { model: &rt.model };
+    let bench = Bench {
+        model: &rt.model,
+        run: Stepper::new(&rt.model, &args.device)?,
+    };
     let weight_bytes = rt.model.weight_bytes() as f64;
     let threads = batos::kernels::cpu::num_threads();
     println!(

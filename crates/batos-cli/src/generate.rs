@@ -13,6 +13,7 @@ use batos::model::generate::{
 };
 use batos::model::{ChatMessage, GenerationPrompt, ModelTokenizer, SpecialTokenText};
 
+use crate::device::DeviceArgs;
 use crate::{runtime, DTypeArg};
 
 #[derive(Debug, clap::Args)]
@@ -75,6 +76,8 @@ pub struct GenerateArgs {
     /// Print timings to stderr when done.
     #[arg(long)]
     timings: bool,
+    #[command(flatten)]
+    device: DeviceArgs,
 }
 
 pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
@@ -126,6 +129,9 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
         .sampling
         .validate()
         .context("invalid sampling flags")?;
+    if !args.device.is_cpu() {
+        return run_on_engine(args, rt, prompt, params);
+    }
     let kv = runtime::kv_cache(&rt.model, 1, prompt.len() + args.max_tokens)?;
     let mut generator = SimpleGenerator::new(&rt.model, kv, GeneratorConfig::default());
     let stream = StreamingDecoder::new(&rt.tokenizer, &args.stop, &stop_token_ids);
@@ -185,6 +191,65 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
             elapsed
         );
     }
+    Ok(())
+}
+
+/// Generation through the engine on a non-CPU device (the device-resident runtime):
+/// text is printed as the engine streams it.
+fn run_on_engine(
+    args: &GenerateArgs,
+    rt: runtime::Runtime,
+    prompt: Vec<u32>,
+    params: GenerationParams,
+) -> anyhow::Result<()> {
+    use batos::engine::{Engine, GenerateRequest, Prompt, StopReason, StreamEvent};
+    anyhow::ensure!(
+        args.logprobs.is_none(),
+        "--logprobs is only printed on --device cpu"
+    );
+    let blocks = (prompt.len() + args.max_tokens).div_ceil(16) + 1;
+    let engine = args
+        .device
+        .configure(Engine::builder())
+        .runtime_model(rt.model, Some(rt.tokenizer))
+        .kv_pool_blocks(blocks)
+        .build()
+        .context("cannot start the engine")?;
+    let started = Instant::now();
+    let stream = engine.generate(GenerateRequest::new(Prompt::Tokens(prompt), params))?;
+    let mut stdout = std::io::stdout().lock();
+    let mut n = 0usize;
+    let mut first = None;
+    for event in stream {
+        match event {
+            StreamEvent::Token(t) => {
+                n += 1;
+                first.get_or_insert_with(Instant::now);
+                if let Some(text) = t.text {
+                    write!(stdout, "{text}")?;
+                    stdout.flush()?;
+                }
+            }
+            StreamEvent::Finished(f) => {
+                writeln!(stdout)?;
+                if let StopReason::Failed { message } = &f.reason {
+                    anyhow::bail!("generation failed: {message}");
+                }
+            }
+        }
+    }
+    if args.timings {
+        let total = started.elapsed().as_secs_f64();
+        let ttft = first.map(|t| t.duration_since(started).as_secs_f64());
+        eprintln!(
+            "[{n} generated on {:?}; load {:.2} s, first token {:.3} s, total {:.2} s]",
+            args.device.device,
+            rt.load_seconds,
+            ttft.unwrap_or(f64::NAN),
+            total
+        );
+    }
+    engine.shutdown(batos::engine::ShutdownMode::Drain)?;
     Ok(())
 }
 

@@ -7,12 +7,14 @@
 //! batos generate --image DIR --prompt TEXT [--chat] [--system TEXT] [sampling flags]
 //! batos bench --image DIR [--prompt-lens 128,512] [--decode-tokens 128] [--concurrency 1,4,16]
 //! batos serve --image DIR [--config FILE.toml] [--host H] [--port P] [--api-key K] [--enable-lora-loading --admin-api-key K --lora-dir DIR] ...
+//! (generate and bench take --device cpu|cuda|cuda:N [--cuda-ptx-dir DIR])
 //! ```
 //!
 //! Logs go to stderr, filtered by `RUST_LOG` (default `warn`, `info` for `serve`); generated text goes to
 //! stdout as it is produced. Errors print their whole cause chain and exit with status 1.
 
 mod bench;
+mod device;
 mod generate;
 mod import;
 mod info;

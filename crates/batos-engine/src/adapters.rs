@@ -96,6 +96,13 @@ pub trait AdapterResidency: Send + Sync {
 
     /// Hot slots: the most distinct adapters one step can use.
     fn hot_slots(&self) -> usize;
+
+    /// The hot slots now, for a runtime that keeps its own copy of them (the CUDA
+    /// runtime mirrors them in device memory); `None` when this residency serves the
+    /// base model only (the default).
+    fn hot_snapshot(&self) -> Option<batos_lora::HotSnapshot> {
+        None
+    }
 }
 
 /// The base model only: every adapter name is refused with

@@ -20,6 +20,7 @@ use crate::adapters::{AdapterInfo, AdapterResidency, AdapterSource, AdapterTicke
 use crate::error::{EngineError, Result};
 use crate::metrics::{LatencyHistogram, MetricsSnapshot, ITL_BUCKETS, TTFT_BUCKETS};
 use crate::request::{GenerateRequest, GenerationParams, Prompt, StopReason, StreamEvent, Timings};
+use crate::runner::{CudaOptions, Runner};
 use crate::scheduler::{RequestEvent, RequestLimits, Scheduler, SchedulerConfig};
 use crate::stream::{channel, Sink, TokenStream};
 
@@ -70,6 +71,7 @@ pub struct EngineBuilder {
     device: Device,
     adapters: Option<Arc<dyn AdapterResidency>>,
     budget: Option<MemoryBudget>,
+    cuda: CudaOptions,
 }
 
 impl Default for EngineBuilder {
@@ -87,6 +89,7 @@ impl Default for EngineBuilder {
             device: Device::Cpu,
             adapters: None,
             budget: None,
+            cuda: CudaOptions::default(),
         }
     }
 }
@@ -170,9 +173,20 @@ impl EngineBuilder {
         self
     }
 
-    /// Where the kernels run (default the CPU).
+    /// Where the model runs (default the CPU). `Device::Cuda(n)` takes the
+    /// device-resident path: weights, KV blocks and hot adapter slots in GPU memory
+    /// (needs the `cuda` feature; without it, or without a driver or device, `build`
+    /// fails with [`EngineError::Device`]).
     pub fn device(mut self, device: Device) -> Self {
         self.device = device;
+        self
+    }
+
+    /// On CUDA, load the kernels as PTX made ahead of time (`<module>-<arch>.ptx`, see
+    /// `scripts/gpu-prepare.sh`) from `dir` instead of compiling them with NVRTC.
+    /// Ignored on the CPU.
+    pub fn cuda_ptx_dir(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
+        self.cuda.ptx_dir = Some(dir.into());
         self
     }
 
@@ -183,7 +197,9 @@ impl EngineBuilder {
     }
 
     /// The memory budget the KV pool draws from (default: a budget of its own, exactly
-    /// the pool's size). Share one with the adapter manager to bound both.
+    /// the pool's size). Share one with the adapter manager to bound both. On CUDA this
+    /// is the device's budget: the weights, the KV pool and the device's hot adapter
+    /// stacks are all reserved from it (default: 90% of the device's free memory).
     pub fn memory_budget(mut self, budget: MemoryBudget) -> Self {
         self.budget = Some(budget);
         self
@@ -227,8 +243,8 @@ impl EngineBuilder {
             }
             Some(ModelSource::Runtime { model, tokenizer }) => (*model, tokenizer.map(|t| *t)),
         };
-        let model = model.with_device(self.device);
         let dims = *model.dims();
+        let (runner, budget) = Runner::new(model, self.device, self.budget, &self.cuda)?;
         let shape = KvShape {
             num_layers: dims.num_layers,
             num_kv_heads: dims.num_kv_heads,
@@ -248,13 +264,16 @@ impl EngineBuilder {
             value: format!("{:?}, block_size {}", self.kv_pool, self.block_size),
             reason: e.to_string(),
         })?;
-        let budget = self.budget.unwrap_or_else(|| {
+        let budget = budget.unwrap_or_else(|| {
             MemoryBudget::new(
                 "engine KV pool",
                 kv_config.num_blocks() as u64 * kv_config.bytes_per_block(),
             )
         });
-        let kv = KvCacheManager::new(kv_config, &budget)?;
+        let mut kv = KvCacheManager::new(kv_config, &budget)?;
+        if runner.mirrors_kv() {
+            kv.storage_mut().log_block_copies();
+        }
         let tokenizer = tokenizer.map(Arc::new);
         let decoder = tokenizer
             .clone()
@@ -270,7 +289,7 @@ impl EngineBuilder {
         let limits = scheduler.limits();
         let (tx, rx) = mpsc::channel();
         let worker = Worker {
-            model,
+            runner,
             scheduler,
             residency: residency.clone(),
             rx,
@@ -512,7 +531,7 @@ struct SinkState {
 
 /// The step loop's state; lives on the engine thread.
 struct Worker {
-    model: LlamaModel,
+    runner: Runner,
     scheduler: Scheduler,
     residency: Arc<dyn AdapterResidency>,
     rx: Receiver<Command>,
@@ -660,9 +679,11 @@ impl Worker {
             self.stalled = true;
             return;
         }
-        let out = self
-            .residency
-            .forward(&self.model, &plan.batch, self.scheduler.kv_storage_mut());
+        let out = self.runner.forward(
+            &*self.residency,
+            &plan.batch,
+            self.scheduler.kv_storage_mut(),
+        );
         let events = out.and_then(|out| self.scheduler.commit(&plan, &out));
         match events {
             Ok(events) => self.dispatch(events),

@@ -83,6 +83,16 @@ pub enum EngineError {
     /// The engine is shutting down or has stopped; nothing new is accepted.
     #[error("the engine is shut down")]
     ShutDown,
+    /// The device asked for cannot be used: a build without the `cuda` feature, no
+    /// driver library, no such device, or kernels that would not load.
+    #[error("device {device}: {source}")]
+    Device {
+        /// The device, e.g. `cuda:0`.
+        device: String,
+        /// Why (`KernelError::Cuda` carries the driver's or NVRTC's reason).
+        #[source]
+        source: batos_kernels::KernelError,
+    },
     /// The engine thread could not be started or died.
     #[error("engine thread: {reason}")]
     Thread {

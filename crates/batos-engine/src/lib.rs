@@ -40,6 +40,7 @@ mod error;
 mod lora;
 pub mod metrics;
 mod request;
+mod runner;
 pub mod scheduler;
 mod stream;
 

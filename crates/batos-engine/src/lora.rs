@@ -203,4 +203,8 @@ impl AdapterResidency for LoraResidency {
     fn hot_slots(&self) -> usize {
         self.manager.stats().hot_slots
     }
+
+    fn hot_snapshot(&self) -> Option<batos_lora::HotSnapshot> {
+        Some(self.manager.hot_snapshot())
+    }
 }

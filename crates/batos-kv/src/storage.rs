@@ -35,6 +35,10 @@ pub struct KvStorage {
     layers: Vec<LayerBuffers>,
     bytes_per_block: u64,
     reservation: Reservation,
+    /// Block copies made by [`KvStorage::copy_block`], kept for a mirror of this storage
+    /// (a device-resident cache) to replay; `None` unless [`KvStorage::log_block_copies`]
+    /// turned the log on.
+    copy_log: Option<Vec<(BlockId, BlockId)>>,
 }
 
 impl KvStorage {
@@ -61,6 +65,7 @@ impl KvStorage {
             layers,
             bytes_per_block: config.bytes_per_block(),
             reservation,
+            copy_log: None,
         })
     }
 
@@ -72,6 +77,22 @@ impl KvStorage {
     pub fn num_layers(&self) -> usize {
         self.layers.len()
     }
+    /// Starts recording every `(src, dst)` block copy (copy-on-write) so that a mirror of
+    /// this storage, such as a device-resident KV cache, can replay them with
+    /// [`KvStorage::take_block_copies`]. Off by default: nobody drains the log then.
+    pub fn log_block_copies(&mut self) {
+        self.copy_log.get_or_insert_with(Vec::new);
+    }
+
+    /// The block copies recorded since the last call, oldest first (empty when the log
+    /// is off).
+    pub fn take_block_copies(&mut self) -> Vec<(BlockId, BlockId)> {
+        self.copy_log
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
     /// Bytes held against the budget.
     pub fn reserved_bytes(&self) -> u64 {
         self.reservation.bytes()
@@ -117,6 +138,9 @@ impl KvStorage {
         }
         if src == dst {
             return Ok(());
+        }
+        if let Some(log) = &mut self.copy_log {
+            log.push((src, dst));
         }
         let n = self.layout.block_elems();
         let (s, d) = (src.index() * n, dst.index() * n);

@@ -25,16 +25,20 @@ pub enum ModuleId {
     Lora,
     /// Paged attention decode (split-K) and prefill, KV write (`kernels/attention.cu`).
     Attention,
+    /// Dense f16-weight matmul and the row kernels of the device-resident model
+    /// runtime (`kernels/dense.cu`).
+    Dense,
 }
 
 impl ModuleId {
     /// Every module, for compile checks and warm-up.
-    pub const ALL: [ModuleId; 5] = [
+    pub const ALL: [ModuleId; 6] = [
         ModuleId::Elementwise,
         ModuleId::Sampling,
         ModuleId::Awq,
         ModuleId::Lora,
         ModuleId::Attention,
+        ModuleId::Dense,
     ];
 
     /// The module's file stem in `kernels/`.
@@ -45,6 +49,7 @@ impl ModuleId {
             ModuleId::Awq => "awq",
             ModuleId::Lora => "lora",
             ModuleId::Attention => "attention",
+            ModuleId::Dense => "dense",
         }
     }
 
@@ -55,6 +60,7 @@ impl ModuleId {
             ModuleId::Awq => include_str!("../../../../kernels/awq.cu"),
             ModuleId::Lora => include_str!("../../../../kernels/lora.cu"),
             ModuleId::Attention => include_str!("../../../../kernels/attention.cu"),
+            ModuleId::Dense => include_str!("../../../../kernels/dense.cu"),
         }
     }
 
@@ -93,6 +99,13 @@ impl ModuleId {
                 "paged_decode",
                 "paged_decode_reduce",
                 "paged_prefill",
+            ],
+            ModuleId::Dense => &[
+                "dense_matmul",
+                "add_rows",
+                "gather_rows",
+                "copy_cols",
+                "embed_h",
             ],
         };
         // Kernels that exist for f16 activations only (packed-half2 arithmetic).

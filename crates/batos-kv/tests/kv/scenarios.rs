@@ -326,6 +326,31 @@ fn fork_copies_a_shared_partial_block_on_write() {
 }
 
 #[test]
+fn block_copies_are_logged_for_a_mirror_only_when_asked() {
+    let (mut kv, _b) = manager(4, 8, 0);
+    let p = prompt(6, 0);
+    let a = kv.allocate_prompt(&p, None).unwrap().unwrap();
+    compute(&mut kv, a.seq, None, 0);
+    let f = kv.fork(a.seq).unwrap();
+    kv.append_tokens(f, &[77]).unwrap().unwrap();
+    assert!(
+        kv.storage_mut().take_block_copies().is_empty(),
+        "log is off by default"
+    );
+
+    kv.storage_mut().log_block_copies();
+    let g = kv.fork(a.seq).unwrap();
+    kv.append_tokens(g, &[78]).unwrap().unwrap();
+    let shared = kv.block_table(a.seq).unwrap().blocks()[1];
+    let copied = kv.block_table(g).unwrap().blocks()[1];
+    assert_eq!(kv.storage_mut().take_block_copies(), vec![(shared, copied)]);
+    assert!(
+        kv.storage_mut().take_block_copies().is_empty(),
+        "taking drains the log"
+    );
+}
+
+#[test]
 fn pool_bytes_come_from_the_budget() {
     let cfg = config(4, 10);
     let per = cfg.bytes_per_block();

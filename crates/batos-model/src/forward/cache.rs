@@ -1,6 +1,7 @@
 //! How the forward pass reaches the paged KV cache it is handed.
 
 use batos_kernels::KvCacheLayout;
+use batos_types::BlockId;
 
 /// Mutable access to a paged KV cache's storage: per layer, one K and one V buffer of
 /// f32 `[num_blocks, block_size, num_kv_heads, head_dim]` (see `CONTRACTS.md`).
@@ -16,6 +17,12 @@ pub trait KvCacheMut {
     fn num_blocks(&self) -> usize;
     /// The K and V buffers of `layer`; `None` past the last layer.
     fn layer_mut(&mut self, layer: usize) -> Option<(&mut [f32], &mut [f32])>;
+    /// Block copies (copy-on-write, `(src, dst)`) the cache manager made since the last
+    /// call, for a runtime that keeps its own copy of the storage (the device-resident
+    /// CUDA runtime) to replay. The default records none.
+    fn take_block_copies(&mut self) -> Vec<(BlockId, BlockId)> {
+        Vec::new()
+    }
 }
 
 impl KvCacheMut for batos_kv::KvStorage {
@@ -38,5 +45,9 @@ impl KvCacheMut for batos_kv::KvStorage {
         batos_kv::KvStorage::layer_mut(self, layer)
             .ok()
             .map(|l| (l.k, l.v))
+    }
+
+    fn take_block_copies(&mut self) -> Vec<(BlockId, BlockId)> {
+        batos_kv::KvStorage::take_block_copies(self)
     }
 }

@@ -54,6 +54,21 @@ pub enum ForwardError {
     /// A sequence names a LoRA slot, which this forward pass cannot apply yet.
     #[error("sequence {seq}: LoRA slot {slot:?} requested, but the forward pass runs the base model only")]
     AdapterUnsupported { seq: usize, slot: SlotIdx },
+    /// A sequence names a hot slot the adapter snapshot does not fill.
+    #[error("sequence {seq}: LoRA slot {slot:?} is empty (the snapshot has {slots} slots)")]
+    EmptyAdapterSlot {
+        seq: usize,
+        slot: SlotIdx,
+        slots: usize,
+    },
+    /// The device's byte budget cannot hold what is being placed there (weights, hot
+    /// adapter stacks): an expected outcome of sizing, reported with the ledger's numbers.
+    #[error("device memory budget: no room for {what}: {source}")]
+    DeviceBudget {
+        what: &'static str,
+        #[source]
+        source: batos_types::BudgetError,
+    },
     /// The cache's shape does not match the model.
     #[error("KV cache {what}: expected {expected}, got {got}")]
     CacheMismatch {

@@ -106,13 +106,24 @@ pub(crate) fn rope_config(config: &LlamaConfig) -> Result<RopeConfig, ForwardErr
 /// One decoder layer in runtime layout: q/k/v fused into one `[q + 2 kv, hidden]`
 /// matrix and gate/up into one `[2 ffn, hidden]`, so each is one matmul per step.
 #[derive(Clone, Debug)]
-struct LlamaLayer {
-    attn_norm: Vec<f32>,
-    qkv: Linear,
-    o_proj: Linear,
-    mlp_norm: Vec<f32>,
-    gate_up: Linear,
-    down: Linear,
+pub(super) struct LlamaLayer {
+    pub(super) attn_norm: Vec<f32>,
+    pub(super) qkv: Linear,
+    pub(super) o_proj: Linear,
+    pub(super) mlp_norm: Vec<f32>,
+    pub(super) gate_up: Linear,
+    pub(super) down: Linear,
+}
+
+/// Borrowed runtime tensors of a [`LlamaModel`], for a runtime that uploads them
+/// elsewhere (the CUDA runtime in `forward::cuda`).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(super) struct ModelParts<'a> {
+    pub rope: &'a Rope,
+    pub embed: &'a Matrix,
+    pub layers: &'a [LlamaLayer],
+    pub final_norm: &'a [f32],
+    pub lm_head: Option<&'a Matrix>,
 }
 
 /// A Llama-family decoder ready to run batched forward steps.
@@ -413,6 +424,18 @@ impl LlamaModel {
     pub fn with_device(mut self, device: Device) -> LlamaModel {
         self.device = device;
         self
+    }
+
+    /// The runtime tensors, borrowed.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(super) fn parts(&self) -> ModelParts<'_> {
+        ModelParts {
+            rope: &self.rope,
+            embed: &self.embed,
+            layers: &self.layers,
+            final_norm: &self.final_norm,
+            lm_head: self.lm_head.as_ref(),
+        }
     }
 
     /// Where the kernels run.

@@ -8,6 +8,8 @@
 
 mod batch;
 mod cache;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 mod error;
 mod llama;
 mod weights;

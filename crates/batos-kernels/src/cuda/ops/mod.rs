@@ -6,6 +6,7 @@
 
 pub mod attention;
 pub mod awq;
+pub mod dense;
 pub mod elementwise;
 pub mod lora;
 pub mod sampling;
