@@ -6,6 +6,7 @@
 //! batos info --image DIR
 //! batos generate --image DIR --prompt TEXT [--chat] [--system TEXT] [sampling flags]
 //! batos bench --image DIR [--prompt-lens 128,512] [--decode-tokens 128] [--concurrency 1,4,16]
+//! batos loadtest --url http://HOST:PORT --clients N --models a,b,c,d [--duration 60s] [--max-tokens N]
 //! ```
 //!
 //! Logs go to stderr, filtered by `RUST_LOG` (default `warn`); generated text goes to
@@ -15,6 +16,7 @@ mod bench;
 mod generate;
 mod import;
 mod info;
+mod loadtest;
 mod runtime;
 
 use std::path::PathBuf;
@@ -44,6 +46,9 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Measure prefill and decode throughput and peak memory end to end.
     Bench(bench::BenchArgs),
+    /// Drive an OpenAI-compatible server with concurrent streaming clients and report
+    /// output tokens/s, time to first token and inter-token latency.
+    Loadtest(loadtest::LoadtestArgs),
 }
 
 /// Element type for stored or runtime weights.
@@ -101,6 +106,7 @@ fn main() -> ExitCode {
         Command::Info(args) => info::run(&args),
         Command::Generate(args) => generate::run(&args),
         Command::Bench(args) => bench::run(&args),
+        Command::Loadtest(args) => loadtest::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
