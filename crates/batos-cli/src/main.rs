@@ -6,10 +6,11 @@
 //! batos info --image DIR
 //! batos generate --image DIR --prompt TEXT [--chat] [--system TEXT] [sampling flags]
 //! batos bench --image DIR [--prompt-lens 128,512] [--decode-tokens 128] [--concurrency 1,4,16]
+//! batos serve --image DIR [--config FILE.toml] [--host H] [--port P] [--api-key K] [--enable-lora-loading --admin-api-key K --lora-dir DIR] ...
 //! batos loadtest --url http://HOST:PORT --clients N --models a,b,c,d [--duration 60s] [--max-tokens N]
 //! ```
 //!
-//! Logs go to stderr, filtered by `RUST_LOG` (default `warn`); generated text goes to
+//! Logs go to stderr, filtered by `RUST_LOG` (default `warn`, `info` for `serve`); generated text goes to
 //! stdout as it is produced. Errors print their whole cause chain and exit with status 1.
 
 mod bench;
@@ -18,6 +19,7 @@ mod import;
 mod info;
 mod loadtest;
 mod runtime;
+mod serve;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -46,6 +48,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Measure prefill and decode throughput and peak memory end to end.
     Bench(bench::BenchArgs),
+    /// Serve the image's model and adapters over an OpenAI/vLLM-compatible HTTP API.
+    Serve(serve::ServeArgs),
     /// Drive an OpenAI-compatible server with concurrent streaming clients and report
     /// output tokens/s, time to first token and inter-token latency.
     Loadtest(loadtest::LoadtestArgs),
@@ -89,23 +93,29 @@ pub struct ImageArg {
     pub image: PathBuf,
 }
 
-fn init_tracing() {
+fn init_tracing(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
+    // A server's log is its record: say what it does unless told otherwise.
+    init_tracing(match cli.command {
+        Command::Serve(_) => "info",
+        _ => "warn",
+    });
     let result = match cli.command {
         Command::Import { source } => import::run(source),
         Command::Info(args) => info::run(&args),
         Command::Generate(args) => generate::run(&args),
         Command::Bench(args) => bench::run(&args),
+        Command::Serve(args) => serve::run(&args),
         Command::Loadtest(args) => loadtest::run(&args),
     };
     match result {

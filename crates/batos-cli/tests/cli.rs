@@ -451,3 +451,103 @@ fn hf_directory_round_trip_offline() {
         "top_p",
     );
 }
+
+/// Sends one HTTP/1.1 request to `addr` and returns the status and body.
+fn http_call(addr: &str, method: &str, path: &str, extra: &str, body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{extra}Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap();
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    (status, body.to_string())
+}
+
+#[test]
+fn serve_listens_answers_and_stops_on_sigterm() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let hf = dir.path().join("hf");
+    std::fs::create_dir(&hf).unwrap();
+    tiny_hf_dir(&hf);
+    let image = dir.path().join("image");
+    ok(
+        batos(&["import", "hf", path_str(&hf), "--image", path_str(&image)]),
+        "import hf",
+    );
+    // The file sets the key and a port that the flag overrides.
+    let config = dir.path().join("serve.toml");
+    std::fs::write(
+        &config,
+        "port = 1\napi_key = \"sk-file\"\n[engine]\nkv_cache_bytes = 8388608\n",
+    )
+    .unwrap();
+
+    // Loading enabled without an admin key is refused before anything starts.
+    fails_with(
+        batos(&[
+            "serve",
+            "--image",
+            path_str(&image),
+            "--enable-lora-loading",
+        ]),
+        "admin_api_key",
+    );
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_batos"))
+        .args([
+            "serve",
+            "--image",
+            path_str(&image),
+            "--config",
+            path_str(&config),
+            "--port",
+            "0",
+            "--served-model-name",
+            "tiny",
+            "--max-loras",
+            "2",
+        ])
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    let addr = first
+        .strip_prefix("listening on http://")
+        .unwrap_or_else(|| panic!("unexpected first line {first:?}"))
+        .to_string();
+
+    assert_eq!(http_call(&addr, "GET", "/health", "", "").0, 200);
+    let req = r#"{"model": "tiny", "prompt": "w4 w5 w6", "max_tokens": 4, "temperature": 0, "ignore_eos": true}"#;
+    let json = "Content-Type: application/json\r\n";
+    let (status, _) = http_call(&addr, "POST", "/v1/completions", json, req);
+    assert_eq!(status, 401, "the key from the config file is required");
+    let auth = format!("{json}Authorization: Bearer sk-file\r\n");
+    let (status, body) = http_call(&addr, "POST", "/v1/completions", &auth, req);
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["model"], "tiny");
+    assert_eq!(v["usage"]["completion_tokens"], 4);
+
+    // SIGTERM drains and exits cleanly.
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let status = child.wait().unwrap();
+    assert!(status.success(), "serve exited with {status}");
+}
