@@ -10,8 +10,9 @@
 #   LLAMA_PY     python with llama-cpp-python[server] [/work/venv-llamacpp/bin/python]
 #   ADAPTER      the reference r16 PEFT adapter [../shared/reference/adapters/lora_r16]
 #   DURATION     per run [60s]; MAX_TOKENS [128]
-#   SERVE_FLAGS  extra flags for batos serve
+#   SERVE_FLAGS  flags for batos serve [--kv-cache-mib 1536: 64 seats of 512 tokens]
 #   ONLY         batos or llamacpp to run one server only
+#   PYTHON       a python with numpy, for scripts/perturb_adapter.py [python3]
 set -euo pipefail
 
 OUT=${1:?usage: $0 OUT_DIR [CLIENTS...]}
@@ -23,7 +24,7 @@ LLAMA_PY=${LLAMA_PY:-/work/venv-llamacpp/bin/python}
 ADAPTER=${ADAPTER:-../shared/reference/adapters/lora_r16}
 DURATION=${DURATION:-60s}
 MAX_TOKENS=${MAX_TOKENS:-128}
-SERVE_FLAGS=${SERVE_FLAGS:-}
+SERVE_FLAGS=${SERVE_FLAGS:---kv-cache-mib 1536}
 ONLY=${ONLY:-}
 BATOS_PORT=18080
 LLAMA_PORT=18090
@@ -47,7 +48,7 @@ if [ ! -d "$OUT/adapters/a3" ]; then
     cp -r "$ADAPTER" "$OUT/adapters/a0"
     chmod -R u+w "$OUT/adapters/a0"
     for i in 1 2 3; do
-        python3 scripts/perturb_adapter.py "$ADAPTER" "$OUT/adapters/a$i" \
+        "${PYTHON:-python3}" scripts/perturb_adapter.py "$ADAPTER" "$OUT/adapters/a$i" \
             --scale "0.$((i * 3))" --noise 0.3 --seed "$i"
     done
 fi
@@ -57,11 +58,11 @@ if [ ! -d "$OUT/image" ]; then
     "$BATOS" import gguf "$GGUF" --image "$OUT/image" --dtype f16
 fi
 
-run_load() { # name url models clients
-    local name=$1 url=$2 models=$3 clients=$4
+run_load() { # name url models clients extra-body
+    local name=$1 url=$2 models=$3 clients=$4 extra=$5
     log "$name: $clients clients, load average $(cut -d' ' -f1-3 /proc/loadavg)"
     "$BATOS" loadtest --url "$url" --clients "$clients" --models "$models" \
-        --duration "$DURATION" --max-tokens "$MAX_TOKENS" --extra-body '{"ignore_eos": true}' \
+        --duration "$DURATION" --max-tokens "$MAX_TOKENS" --extra-body "$extra" \
         --label "$name-$clients" --json "$OUT/$name-$clients.json" | tee "$OUT/$name-$clients.txt"
     # Let the server finish or drop what the closed window left behind.
     sleep 5
@@ -84,7 +85,8 @@ if [ "$ONLY" != llamacpp ]; then
     done
     curl -s "http://127.0.0.1:$BATOS_PORT/v1/models" >"$OUT/batos-models.json"
     for c in $CLIENTS; do
-        run_load batos "http://127.0.0.1:$BATOS_PORT" a0,a1,a2,a3 "$c"
+        # Every request runs to max_tokens: no early end of stream.
+        run_load batos "http://127.0.0.1:$BATOS_PORT" a0,a1,a2,a3 "$c" '{"ignore_eos": true}'
     done
     curl -s "http://127.0.0.1:$BATOS_PORT/metrics" >"$OUT/batos-metrics.txt"
     kill $BATOS_PID
@@ -104,7 +106,9 @@ if [ "$ONLY" != batos ]; then
     wait_http "http://127.0.0.1:$LLAMA_PORT/v1/models"
     for c in $CLIENTS; do
         # llama.cpp has no adapters: every client asks for the base model.
-        run_load llamacpp "http://127.0.0.1:$LLAMA_PORT" smollm2 "$c"
+        # Its server has no ignore_eos: ban the end tokens (<|endoftext|> 0, <|im_end|> 2).
+        run_load llamacpp "http://127.0.0.1:$LLAMA_PORT" smollm2 "$c" \
+            '{"logit_bias": {"0": -100, "2": -100}}'
         # Its queue of abandoned requests drains one token each; wait for it.
         sleep 20
     done

@@ -487,7 +487,8 @@ fn bad_requests_are_refused_and_leases_released() {
 /// default scheduler config. All 64 are admitted (64 seats, 4 adapters ≤ max_loras),
 /// every request's prompt is computed within ⌈prompt tokens / (budget − 64)⌉ + 1 steps
 /// of arrival (chunked prefill shares each step with the decodes of those already
-/// running), and from then on every step decodes all 64 together, with no preemption.
+/// running), and from then on every step decodes all 64 together, with no preemption,
+/// in a batch grouped by adapter.
 #[test]
 fn sixty_four_streams_over_four_adapters_decode_together() {
     let model = model();
@@ -521,6 +522,12 @@ fn sixty_four_streams_over_four_adapters_decode_together() {
         steps += 1;
         assert!(plan.preempted.is_empty(), "step {steps} preempted");
         assert!(plan.distinct_adapters() <= 4);
+        // Grouped by adapter, so the LoRA kernels read each adapter once per run.
+        assert!(plan
+            .batch
+            .seqs
+            .windows(2)
+            .all(|w| w[0].adapter <= w[1].adapter));
         let decodes = plan.seqs.iter().filter(|s| !s.prefill).count();
         if decodes == 64 {
             full_decode_steps += 1;
