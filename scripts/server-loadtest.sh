@@ -12,6 +12,7 @@
 #   DURATION     per run [60s]; MAX_TOKENS [128]
 #   SERVE_FLAGS  flags for batos serve [--kv-cache-mib 1536: 64 seats of 512 tokens]
 #   ONLY         batos or llamacpp to run one server only
+#   LLAMA_THREADS  llama.cpp threads [2]
 #   PYTHON       a python with numpy, for scripts/perturb_adapter.py [python3]
 set -euo pipefail
 
@@ -26,6 +27,7 @@ DURATION=${DURATION:-60s}
 MAX_TOKENS=${MAX_TOKENS:-128}
 SERVE_FLAGS=${SERVE_FLAGS:---kv-cache-mib 1536}
 ONLY=${ONLY:-}
+LLAMA_THREADS=${LLAMA_THREADS:-2}
 BATOS_PORT=18080
 LLAMA_PORT=18090
 mkdir -p "$OUT"
@@ -98,7 +100,7 @@ if [ "$ONLY" != batos ]; then
     log "starting llama_cpp.server"
     # --interrupt_requests False: by default a new request makes the streaming one end
     # early with [DONE]; with it off every request runs to its end, one at a time.
-    "$LLAMA_PY" -m llama_cpp.server --model "$GGUF" --n_threads 2 --n_ctx 2048 \
+    "$LLAMA_PY" -m llama_cpp.server --model "$GGUF" --n_threads "$LLAMA_THREADS" --n_ctx 2048 \
         --host 127.0.0.1 --port $LLAMA_PORT --interrupt_requests False \
         >"$OUT/llamacpp-serve.log" 2>&1 &
     LLAMA_PID=$!
