@@ -14,9 +14,10 @@
 //!
 //! - **Tokens** are counted as SSE chunks that carry text (`choices[0].text` for
 //!   completions, `choices[0].delta.content` for chat); role-only and finish-only chunks
-//!   do not count. Both batos and llama-cpp-python's server send one chunk per token
-//!   (llama-cpp-python merges the pieces of a character split across tokens into one
-//!   chunk, a rare case for English text). When the server also reports `usage` in the
+//!   do not count. Both batos and llama-cpp-python's server send one chunk per token,
+//!   except that both send a character split across tokens in one chunk once it is
+//!   complete (and batos holds back text that may begin a stop string until it is known
+//!   not to be one): rare for English text. When the server also reports `usage` in the
 //!   stream (`stream_options.include_usage`, which this tool always asks for), the
 //!   count is checked against it for every completed request and mismatches are
 //!   reported.
