@@ -7,6 +7,7 @@
 //! batos generate --image DIR --prompt TEXT [--chat] [--system TEXT] [sampling flags]
 //! batos bench --image DIR [--prompt-lens 128,512] [--decode-tokens 128] [--concurrency 1,4,16]
 //! batos serve --image DIR [--config FILE.toml] [--host H] [--port P] [--api-key K] [--enable-lora-loading --admin-api-key K --lora-dir DIR] ...
+//! batos loadtest --url http://HOST:PORT --clients N --models a,b,c,d [--duration 60s] [--max-tokens N]
 //! (generate and bench take --device cpu|cuda|cuda:N [--cuda-ptx-dir DIR])
 //! ```
 //!
@@ -18,6 +19,7 @@ mod device;
 mod generate;
 mod import;
 mod info;
+mod loadtest;
 mod runtime;
 mod serve;
 
@@ -50,6 +52,9 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Serve the image's model and adapters over an OpenAI/vLLM-compatible HTTP API.
     Serve(serve::ServeArgs),
+    /// Drive an OpenAI-compatible server with concurrent streaming clients and report
+    /// output tokens/s, time to first token and inter-token latency.
+    Loadtest(loadtest::LoadtestArgs),
 }
 
 /// Element type for stored or runtime weights.
@@ -113,6 +118,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate::run(&args),
         Command::Bench(args) => bench::run(&args),
         Command::Serve(args) => serve::run(&args),
+        Command::Loadtest(args) => loadtest::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -47,7 +47,16 @@ pub enum KvPoolSize {
     Bytes(u64),
     /// Exactly this many blocks.
     Blocks(usize),
+    /// Enough blocks for `max_num_seqs` sequences of this many tokens each (capped at
+    /// the model's context), so every seat can hold a request of that length without
+    /// preemption. The default, with [`DEFAULT_TOKENS_PER_SEQ`].
+    TokensPerSeq(usize),
 }
+
+/// The default [`KvPoolSize::TokensPerSeq`]: 64 seats of 512 tokens are 32 768 tokens,
+/// 1.4 GiB of f32 K/V for SmolLM2-135M (46 KiB a token). The buffers are zeroed
+/// lazily by the OS, so memory is touched only as blocks are first used.
+pub const DEFAULT_TOKENS_PER_SEQ: usize = 512;
 
 /// How to shut down.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -79,7 +88,7 @@ impl Default for EngineBuilder {
         let s = SchedulerConfig::default();
         EngineBuilder {
             model: None,
-            kv_pool: KvPoolSize::Bytes(256 << 20),
+            kv_pool: KvPoolSize::TokensPerSeq(DEFAULT_TOKENS_PER_SEQ),
             block_size: 16,
             max_num_seqs: s.max_num_seqs.get(),
             max_batch_tokens: s.max_batch_tokens.get(),
@@ -124,7 +133,8 @@ impl EngineBuilder {
         self
     }
 
-    /// KV pool size in bytes (default 256 MiB).
+    /// KV pool size in bytes (default: [`KvPoolSize::TokensPerSeq`] of
+    /// [`DEFAULT_TOKENS_PER_SEQ`]).
     pub fn kv_pool_bytes(mut self, bytes: u64) -> Self {
         self.kv_pool = KvPoolSize::Bytes(bytes);
         self
@@ -133,6 +143,12 @@ impl EngineBuilder {
     /// KV pool size in blocks.
     pub fn kv_pool_blocks(mut self, blocks: usize) -> Self {
         self.kv_pool = KvPoolSize::Blocks(blocks);
+        self
+    }
+
+    /// KV pool size, in any of its forms.
+    pub fn kv_pool(mut self, size: KvPoolSize) -> Self {
+        self.kv_pool = size;
         self
     }
 
@@ -258,6 +274,15 @@ impl EngineBuilder {
             KvPoolSize::Blocks(n) => KvCacheConfig::new(shape, 1 << 30)
                 .and_then(|c| c.with_block_size(self.block_size))
                 .and_then(|c| c.with_num_blocks(n)),
+            KvPoolSize::TokensPerSeq(tokens) => {
+                let per_seq = tokens
+                    .min(dims.max_position)
+                    .div_ceil(self.block_size.max(1));
+                let blocks = per_seq.saturating_mul(sched_config.max_num_seqs.get());
+                KvCacheConfig::new(shape, 1 << 30)
+                    .and_then(|c| c.with_block_size(self.block_size))
+                    .and_then(|c| c.with_num_blocks(blocks))
+            }
         }
         .map_err(|e| EngineError::InvalidConfig {
             field: "kv_pool",

@@ -35,6 +35,7 @@
 //! shares the KV cache: other threads see it only through [`MetricsSnapshot`].
 
 pub mod adapters;
+mod detokenize;
 mod engine;
 mod error;
 mod lora;
@@ -47,7 +48,9 @@ mod stream;
 pub use adapters::{
     AdapterInfo, AdapterResidency, AdapterSource, AdapterTicket, BaseOnly, LeaseId,
 };
-pub use engine::{Engine, EngineBuilder, KvPoolSize, ModelSource, ShutdownMode};
+pub use engine::{
+    Engine, EngineBuilder, KvPoolSize, ModelSource, ShutdownMode, DEFAULT_TOKENS_PER_SEQ,
+};
 pub use error::{EngineError, Result, SlotsBusy};
 pub use lora::LoraResidency;
 pub use metrics::{LatencyHistogram, MetricsSnapshot};

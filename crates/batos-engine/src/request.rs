@@ -76,8 +76,10 @@ pub enum StopReason {
 pub struct TokenEvent {
     /// The token id.
     pub token: u32,
-    /// The text this token added, when the engine has a tokenizer; held back while
-    /// it ends in an incomplete character.
+    /// The text this token added, when the engine has a tokenizer. Text is held back
+    /// while it ends in an incomplete character or in what may be the start of a stop
+    /// string; the last token of a request carries all that remains, so the texts of a
+    /// request's tokens add up to its [`FinishEvent::text`].
     pub text: Option<String>,
     /// Its logprob and the top alternatives, when the request asked for logprobs.
     pub logprobs: Option<Sampled>,

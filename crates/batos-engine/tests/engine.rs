@@ -11,8 +11,8 @@ use std::task::{Context, Poll, Wake};
 use std::thread;
 
 use batos_engine::{
-    Engine, EngineError, FinishReason, GenerateRequest, GenerationParams, Prompt, ShutdownMode,
-    StopReason, StreamEvent,
+    Engine, EngineError, FinishReason, GenerateRequest, GenerationParams, KvPoolSize, Prompt,
+    ShutdownMode, StopReason, StreamEvent, DEFAULT_TOKENS_PER_SEQ,
 };
 use batos_kernels::sampling::SamplingParams;
 use batos_model::generate::{GenerationRequest, GeneratorConfig, SimpleGenerator};
@@ -430,4 +430,44 @@ fn stress_generate_and_cancel() {
         .unwrap()
         .shutdown(ShutdownMode::Drain)
         .unwrap();
+}
+
+/// The default KV pool seats every request at the default length: `max_num_seqs`
+/// sequences of `DEFAULT_TOKENS_PER_SEQ` tokens (capped at the model's context), so a
+/// full house of streams decodes without preemption. Sizing by tokens per seat follows
+/// `max_num_seqs`, and a size of zero is a typed error.
+#[test]
+fn default_kv_pool_holds_every_seat() {
+    let context = model().dims().max_position;
+    let per_seq = DEFAULT_TOKENS_PER_SEQ.min(context);
+    for seqs in [64, 8] {
+        let engine = Engine::builder()
+            .runtime_model(model(), None)
+            .max_num_seqs(seqs)
+            .build()
+            .unwrap();
+        let limits = engine.limits();
+        assert!(
+            limits.kv_capacity_tokens >= seqs * per_seq,
+            "{} tokens for {seqs} seats of {per_seq}",
+            limits.kv_capacity_tokens
+        );
+        assert!(limits.kv_capacity_tokens < seqs * per_seq + seqs * 16);
+        engine.shutdown(ShutdownMode::Cancel).unwrap();
+    }
+    let err = Engine::builder()
+        .runtime_model(model(), None)
+        .kv_pool(KvPoolSize::TokensPerSeq(0))
+        .build()
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            EngineError::InvalidConfig {
+                field: "kv_pool",
+                ..
+            }
+        ),
+        "{err}"
+    );
 }

@@ -482,3 +482,76 @@ fn bad_requests_are_refused_and_leases_released() {
     assert_eq!(residency.live_leases(), 0);
     assert!(!sched.has_work());
 }
+
+/// The serving load: 64 streams over 4 adapters arriving together, under the
+/// default scheduler config. All 64 are admitted (64 seats, 4 adapters ≤ max_loras),
+/// every request's prompt is computed within ⌈prompt tokens / (budget − 64)⌉ + 1 steps
+/// of arrival (chunked prefill shares each step with the decodes of those already
+/// running), and from then on every step decodes all 64 together, with no preemption,
+/// in a batch grouped by adapter.
+#[test]
+fn sixty_four_streams_over_four_adapters_decode_together() {
+    let model = model();
+    let names = ["a", "b", "c", "d"];
+    let residency = TestAdapters::new(&names, 4);
+    let cfg = SchedulerConfig::default();
+    assert_eq!(cfg.max_num_seqs.get(), 64);
+    assert!(cfg.max_loras >= 4);
+    let (prompt_len, max_tokens) = (40, 24);
+    // Every seat can hold a whole request: 64 × ⌈64 / 16⌉ blocks.
+    let mut sched = scheduler(&model, cfg, 64 * 4, 16, residency.clone());
+    for i in 0..64u64 {
+        let ticket = residency.acquire(names[i as usize % 4]).unwrap();
+        sched
+            .add(
+                RequestId(i),
+                tokens(prompt_len, i as u32, 256),
+                GenerationParams::greedy(max_tokens),
+                Some(ticket),
+            )
+            .unwrap();
+    }
+    let budget = cfg.max_batch_tokens.get();
+    let ttft_bound = (64 * prompt_len).div_ceil(budget - 64) + 1;
+    let mut out = Outputs::default();
+    let mut first_token_step = HashMap::new();
+    let mut full_decode_steps = 0;
+    let mut steps = 0;
+    while sched.has_work() {
+        let (plan, events) = step(&mut sched, &model, residency.as_ref());
+        steps += 1;
+        assert!(plan.preempted.is_empty(), "step {steps} preempted");
+        assert!(plan.distinct_adapters() <= 4);
+        // Grouped by adapter, so the LoRA kernels read each adapter once per run.
+        assert!(plan
+            .batch
+            .seqs
+            .windows(2)
+            .all(|w| w[0].adapter <= w[1].adapter));
+        let decodes = plan.seqs.iter().filter(|s| !s.prefill).count();
+        if decodes == 64 {
+            full_decode_steps += 1;
+        }
+        for e in &events {
+            if matches!(e.event, StreamEvent::Token(_)) {
+                first_token_step.entry(e.request).or_insert(steps);
+            }
+        }
+        out.take(events);
+    }
+    assert_eq!(out.finish.len(), 64);
+    assert_eq!(first_token_step.len(), 64);
+    let worst = *first_token_step.values().max().unwrap();
+    assert!(
+        worst <= ttft_bound,
+        "a first token came at step {worst}, bound {ttft_bound}"
+    );
+    // Once all prompts are in, each of the remaining decode steps holds all 64
+    // (the first token of each request comes from its prefill step).
+    assert!(
+        full_decode_steps >= max_tokens - 1 - worst,
+        "only {full_decode_steps} steps decoded all 64 (of {steps})"
+    );
+    assert_eq!(residency.live_leases(), 0);
+    assert_eq!(residency.live_pins(), 0);
+}
