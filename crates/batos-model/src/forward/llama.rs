@@ -16,7 +16,7 @@ use super::batch::{AdapterSupport, BatchLimits, ForwardBatch, ForwardOutput, Ste
 use super::cache::KvCacheMut;
 use super::error::ForwardError;
 use super::weights::{Linear, Matrix, WeightDType};
-use crate::quant::{Int4Weight, QuantError, QuantizedWeights};
+use crate::quant::{Int4Weight, QuantError, QuantizedEmbedding, QuantizedWeights};
 
 fn kernel(op: &'static str) -> impl FnOnce(KernelError) -> ForwardError {
     move |source| ForwardError::Kernel { op, source }
@@ -150,11 +150,14 @@ pub struct LlamaModel {
     dims: LlamaDims,
     heads: AttentionHeads,
     rope: Rope,
-    embed: Matrix,
+    /// The embedding table (int4 in a quantised model whose head is tied to it).
+    embed: Linear,
     layers: Vec<LlamaLayer>,
     final_norm: Vec<f32>,
     /// `None` when the output projection is tied to the embedding table.
-    lm_head: Option<Matrix>,
+    lm_head: Option<Linear>,
+    /// The dtype of the dense matrices.
+    dense_dtype: WeightDType,
 }
 
 /// Per-step activations `[rows, width]`, allocated once per call.
@@ -294,23 +297,23 @@ impl LlamaModel {
                 )?),
             });
         }
-        let embed = Matrix::from_f32(
+        let embed = Linear::Dense(Matrix::from_f32(
             "model.embed_tokens",
             &weights.embed_tokens().to_f32_vec(),
             dims.vocab_size,
             hid,
             dtype,
-        )?;
+        )?);
         let lm_head = if weights.is_tied() {
             None
         } else {
-            Some(Matrix::from_f32(
+            Some(Linear::Dense(Matrix::from_f32(
                 "lm_head",
                 &weights.lm_head().to_f32_vec(),
                 dims.vocab_size,
                 hid,
                 dtype,
-            )?)
+            )?))
         };
         Ok(LlamaModel {
             device: Device::Cpu,
@@ -321,6 +324,7 @@ impl LlamaModel {
             layers,
             final_norm: norm("model.norm".into(), weights.norm())?,
             lm_head,
+            dense_dtype: dtype,
         })
     }
 
@@ -355,22 +359,25 @@ impl LlamaModel {
                 down: Linear::Int4(l.down_proj.clone()),
             });
         }
-        let embed = Matrix::from_f32(
-            "model.embed_tokens",
-            &weights.embed_tokens.to_f32_vec(),
-            dims.vocab_size,
-            hid,
-            dense,
-        )?;
+        let embed = match &weights.embed_tokens {
+            QuantizedEmbedding::Int4(w) => Linear::Int4(w.clone()),
+            QuantizedEmbedding::Dense(t) => Linear::Dense(Matrix::from_f32(
+                "model.embed_tokens",
+                &t.to_f32_vec(),
+                dims.vocab_size,
+                hid,
+                dense,
+            )?),
+        };
         let lm_head = match &weights.lm_head {
             None => None,
-            Some(h) => Some(Matrix::from_f32(
+            Some(h) => Some(Linear::Dense(Matrix::from_f32(
                 "lm_head",
                 &h.to_f32_vec(),
                 dims.vocab_size,
                 hid,
                 dense,
-            )?),
+            )?)),
         };
         Ok(LlamaModel {
             device: Device::Cpu,
@@ -381,6 +388,7 @@ impl LlamaModel {
             layers,
             final_norm: weights.norm.to_f32_vec(),
             lm_head,
+            dense_dtype: dense,
         })
     }
 
@@ -420,9 +428,9 @@ impl LlamaModel {
         self.device
     }
 
-    /// The dtype the matrices are stored in.
+    /// The dtype the dense matrices are stored in (int4 projections aside).
     pub fn weight_dtype(&self) -> WeightDType {
-        self.embed.dtype()
+        self.dense_dtype
     }
 
     /// The sizes this model runs with.
@@ -444,7 +452,7 @@ impl LlamaModel {
             })
             .sum();
         self.embed.size_in_bytes()
-            + self.lm_head.as_ref().map_or(0, Matrix::size_in_bytes)
+            + self.lm_head.as_ref().map_or(0, Linear::size_in_bytes)
             + layers
             + norms
     }
