@@ -149,8 +149,11 @@ fn int4_forward_is_close_to_f32() {
 }
 
 #[test]
-fn int4_embedding_round_trips_and_runs_the_same() {
-    use batos_model::quant::{quantize_weights_awq, AwqConfig, Calibration, QuantizedEmbedding};
+fn gptq_with_int4_embedding_round_trips_and_runs_the_same() {
+    use batos_model::quant::{
+        quantize_weights_awq, AwqConfig, Calibration, Compensation, EmbeddingQuant,
+        QuantizedEmbedding,
+    };
     use batos_model::synthetic::SyntheticLlama;
     let params = batos_model::LlamaParams {
         tie_word_embeddings: true,
@@ -162,7 +165,9 @@ fn int4_embedding_round_trips_and_runs_the_same() {
     let cfg = AwqConfig::default()
         .with_group_size(32)
         .with_grid(5)
-        .with_search_tokens(64);
+        .with_search_tokens(64)
+        .with_compensation(Compensation::Gptq { damp: 0.01 })
+        .with_embedding(EmbeddingQuant::Int4);
     let out = quantize_weights_awq(&config, &synth.weights(), &cfg, &calib).unwrap();
     let QuantizedEmbedding::Int4(table) = &out.weights.embed_tokens else {
         panic!("the tied embedding stayed dense");

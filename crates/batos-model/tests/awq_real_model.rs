@@ -5,6 +5,9 @@
 //!   64) beats round to nearest at the same group size and stays within
 //!   `AWQ_PPL_BOUND` × the f32 perplexity (the full-size figures are in
 //!   docs/perf/awq.md);
+//! - the same model with its tied embedding/head also int4 (round to nearest, group
+//!   64) holds at most 30 % of the f16 model's weight bytes, and its perplexity stays
+//!   within `INT4_HEAD_PPL_BOUND` × f32;
 //! - the quantised model written as an AutoAWQ checkpoint and loaded back gives
 //!   bit-identical logits.
 //!
@@ -16,13 +19,15 @@ mod common;
 use batos_model::forward::{LlamaModel, WeightDType};
 use batos_model::quant::{
     perplexity, quantize_awq, quantize_rtn, sequence_logits, AwqConfig, Calibration, ClipSearch,
-    QuantizedModel, SHIPPED_CALIBRATION_TEXT, SHIPPED_HELDOUT_TEXT,
+    Int4Weight, QuantizedEmbedding, QuantizedModel, SHIPPED_CALIBRATION_TEXT, SHIPPED_HELDOUT_TEXT,
 };
 use batos_model::{LoadOptions, LoadedModel};
 
 /// AWQ's held-out perplexity may exceed f32's by at most this factor in the CI
 /// configuration (measured: see docs/perf/awq.md).
 const AWQ_PPL_BOUND: f64 = 1.20;
+/// The same with the tied embedding/head int4 too (measured: see docs/perf/awq.md).
+const INT4_HEAD_PPL_BOUND: f64 = 1.40;
 const GROUP: usize = 64;
 const WINDOW: usize = 256;
 
@@ -63,6 +68,33 @@ fn awq_perplexity_is_bounded_and_its_checkpoint_round_trips() {
         p_awq <= AWQ_PPL_BOUND * p_f32,
         "AWQ perplexity {p_awq} exceeds {AWQ_PPL_BOUND} x f32 {p_f32}"
     );
+
+    // The tied embedding/head int4 as well: the whole model within 30 % of f16's bytes.
+    let f16_bytes = LlamaModel::from_weights(&model.config, &model.weights, WeightDType::F16)
+        .unwrap()
+        .weight_bytes();
+    let (v, h) = (model.config.vocab_size, model.config.hidden_size);
+    let table = model.weights.embed_tokens().to_f32_vec();
+    let mut small = awq.weights.clone();
+    small.embed_tokens = QuantizedEmbedding::Int4(
+        Int4Weight::quantize("model.embed_tokens", &table, v, h, GROUP, None).unwrap(),
+    );
+    let small_model = LlamaModel::from_quantized(&awq.config, &small, WeightDType::F16).unwrap();
+    let p_small = perplexity(&small_model, heldout, WINDOW)
+        .unwrap()
+        .perplexity;
+    let share = small_model.weight_bytes() as f64 / f16_bytes as f64;
+    println!(
+        "int4 embedding/head too: ppl {p_small:.3}, weights {} bytes = {:.1} % of f16",
+        small_model.weight_bytes(),
+        100.0 * share
+    );
+    assert!(share <= 0.30, "int4 model holds {share:.3} of f16's bytes");
+    assert!(
+        p_small <= INT4_HEAD_PPL_BOUND * p_f32,
+        "int4-head perplexity {p_small} exceeds {INT4_HEAD_PPL_BOUND} x f32 {p_f32}"
+    );
+    drop(small_model);
 
     // quantise → AutoAWQ layout → load → identical outputs.
     let dir = tempfile::tempdir().unwrap();
