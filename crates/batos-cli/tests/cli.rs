@@ -555,11 +555,9 @@ fn quantize_awq_makes_the_int4_model_the_base_offline() {
         let out = gen
             .generate(&ids, &GenerationParams::greedy(12), None)
             .unwrap();
-        let text = q
-            .tokenizer
+        q.tokenizer
             .decode(&out.tokens, batos::model::SpecialTokenText::Keep)
-            .unwrap();
-        text
+            .unwrap()
     };
     let o = ok(
         batos(&[
