@@ -17,7 +17,12 @@
 //! 4. optionally search, per output row and input group, a clipping bound
 //!    `max|w|·(1 − i/grid)` minimising that group's output error (not for q/k, whose
 //!    errors the attention scores amplify — as AutoAWQ);
-//! 5. quantise (asymmetric int4, groups of `group_size` inputs).
+//! 5. optionally compensate rounding errors GPTQ-style ([`Compensation::Gptq`]: each
+//!    input column's error is spread over the later columns through the inverse input
+//!    Hessian, the parameter search of step 4 running per group as it is reached);
+//! 6. quantise (asymmetric int4, groups of `group_size` inputs), and, with
+//!    [`EmbeddingQuant::Int4`], the tied embedding/head too, its inputs being the final
+//!    norm's output on the calibration tokens.
 //!
 //! The search objective is each projection group's output (AutoAWQ inspects the
 //! attention block as a whole for q/k/v; the projection outputs are what the int4
