@@ -46,7 +46,7 @@ pub struct QuantizeArgs {
     awq: bool,
     /// Inputs sharing one scale and zero point (must divide every projection's input
     /// width).
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 32)]
     group: usize,
     /// Calibration text (UTF-8); default: the public-domain text shipped with batos.
     #[arg(long, value_name = "FILE")]
@@ -67,11 +67,11 @@ pub struct QuantizeArgs {
     #[arg(long)]
     no_clip: bool,
     /// Error compensation.
-    #[arg(long, value_enum, default_value = "off")]
+    #[arg(long, value_enum, default_value = "gptq")]
     compensation: CompensationArg,
-    /// How the tied embedding/head is stored (int4 brings SmolLM2 to 27 % of its f16
-    /// bytes at a perplexity cost: docs/perf/awq.md).
-    #[arg(long, value_enum, default_value = "dense")]
+    /// How the tied embedding/head is stored (int4 brings SmolLM2 under 30 % of its
+    /// f16 bytes: docs/perf/awq.md).
+    #[arg(long, value_enum, default_value = "int4")]
     embedding: EmbeddingArg,
 }
 

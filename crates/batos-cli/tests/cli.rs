@@ -496,6 +496,8 @@ fn quantize_awq_makes_the_int4_model_the_base_offline() {
             "--awq",
             "--image",
             image,
+            "--group",
+            "64",
             "--calibration",
             path_str(&calib),
         ]),
