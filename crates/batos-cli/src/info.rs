@@ -23,6 +23,7 @@ pub fn run(args: &InfoArgs) -> anyhow::Result<()> {
             StoredDType::F32 => "f32",
             StoredDType::F16 => "f16",
             StoredDType::BF16 => "bf16",
+            StoredDType::I32 => "int4 (AWQ)",
             _ => "other",
         })
         .collect();

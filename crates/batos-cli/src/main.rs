@@ -3,6 +3,7 @@
 //! ```text
 //! batos import gguf PATH --image DIR [--dtype f32|f16|bf16]
 //! batos import hf DIR --image DIR [--dtype f32|f16|bf16]
+//! batos quantize --awq --image DIR [--group 64] [--calibration FILE] [--compensation gptq|off] [--embedding int4|dense]
 //! batos info --image DIR
 //! batos generate --image DIR --prompt TEXT [--chat] [--system TEXT] [sampling flags]
 //! batos bench --image DIR [--prompt-lens 128,512] [--decode-tokens 128] [--concurrency 1,4,16]
@@ -20,6 +21,7 @@ mod generate;
 mod import;
 mod info;
 mod loadtest;
+mod quantize;
 mod runtime;
 mod serve;
 
@@ -44,6 +46,9 @@ enum Command {
         #[command(subcommand)]
         source: import::ImportSource,
     },
+    /// Quantize the image's base model to int4 (AWQ); the result becomes the image's
+    /// current base in one commit, the earlier base stays in history until a pack.
+    Quantize(quantize::QuantizeArgs),
     /// Describe the model stored in a living image.
     Info(info::InfoArgs),
     /// Generate text with the image's model, streaming it to stdout.
@@ -114,6 +119,7 @@ fn main() -> ExitCode {
     });
     let result = match cli.command {
         Command::Import { source } => import::run(source),
+        Command::Quantize(args) => quantize::run(&args),
         Command::Info(args) => info::run(&args),
         Command::Generate(args) => generate::run(&args),
         Command::Bench(args) => bench::run(&args),

@@ -7,7 +7,8 @@ use std::time::Instant;
 use anyhow::Context;
 use batos::kv::{KvCacheConfig, KvCacheManager, KvShape};
 use batos::model::forward::{LlamaModel, WeightDType};
-use batos::model::image::open_model_with;
+use batos::model::image::{open_base_with, BaseModel};
+use batos::model::quant::{QuantizedEmbedding, QuantizedModel};
 use batos::model::{ChatTemplate, LlamaConfig, LoadedModel, ModelTokenizer, Progress};
 use batos::store::{LivingImage, OpenMode, ProgressMode, StoreConfig};
 use batos::types::{DType, MemoryBudget};
@@ -35,46 +36,71 @@ pub struct Runtime {
     pub load_seconds: f64,
 }
 
-/// Reads the image's model and builds the runtime model, with matrices in `weights`
-/// (default: the stored element type).
+/// Reads the image's model and builds the runtime model, with dense matrices in
+/// `weights` (default: the stored element type; f16 beside an int4 base's projections).
 pub fn load(image_dir: &Path, weights: Option<DTypeArg>) -> anyhow::Result<Runtime> {
     let started = Instant::now();
     let db = open_image(image_dir, OpenMode::OpenExisting)?;
-    let loaded = open_model_with(&db, Progress::Bar)
+    let base = open_base_with(&db, Progress::Bar)
         .with_context(|| format!("cannot load the model from {}", image_dir.display()))?;
     // The image's lock is not needed once the model is in memory.
     drop(db);
-    let dtype = match weights {
-        Some(w) => w.weight_dtype(),
-        None => match loaded.weights.embed_tokens().dtype() {
-            DType::F16 => WeightDType::F16,
-            DType::BF16 => WeightDType::BF16,
-            _ => WeightDType::F32,
-        },
+    let stored_dtype = |d: DType| match d {
+        DType::F16 => WeightDType::F16,
+        DType::BF16 => WeightDType::BF16,
+        _ => WeightDType::F32,
     };
-    let model = LlamaModel::from_weights(&loaded.config, &loaded.weights, dtype)
-        .context("cannot build the runtime model")?;
-    let load_seconds = started.elapsed().as_secs_f64();
-    tracing::info!(seconds = load_seconds, ?dtype, "runtime model ready");
-    let LoadedModel {
-        config,
-        weights: loaded_weights,
-        tokenizer,
-        chat_template,
-        ..
-    } = loaded;
-    // The runtime model holds its own copy: free the loaded one and hand its pages back
+    let (model, config, tokenizer, chat_template) = match base {
+        BaseModel::Dense(loaded) => {
+            let dtype = weights.map_or_else(
+                || stored_dtype(loaded.weights.embed_tokens().dtype()),
+                DTypeArg::weight_dtype,
+            );
+            let model = LlamaModel::from_weights(&loaded.config, &loaded.weights, dtype)
+                .context("cannot build the runtime model")?;
+            tracing::info!(?dtype, "runtime model ready");
+            let LoadedModel {
+                config,
+                tokenizer,
+                chat_template,
+                ..
+            } = loaded;
+            (model, config, tokenizer, chat_template)
+        }
+        BaseModel::Int4(q) => {
+            let dtype = match (&q.weights.embed_tokens, weights) {
+                (_, Some(w)) => w.weight_dtype(),
+                (QuantizedEmbedding::Dense(t), None) => stored_dtype(t.dtype()),
+                (_, None) => WeightDType::F16,
+            };
+            let model = LlamaModel::from_quantized(&q.config, &q.weights, dtype)
+                .context("cannot build the int4 runtime model")?;
+            tracing::info!(dense = ?dtype, group = q.weights.group_size, "int4 runtime model ready");
+            let QuantizedModel {
+                config,
+                tokenizer,
+                chat_template,
+                ..
+            } = q;
+            (model, config, tokenizer, chat_template)
+        }
+        other => anyhow::bail!(
+            "unsupported base model kind in {}: {other:?}",
+            image_dir.display()
+        ),
+    };
+    // The runtime model holds its own copy: the loaded one is gone; hand its pages back
     // to the OS.
-    drop(loaded_weights);
     release_free_memory();
-    let runtime = Runtime {
+    let load_seconds = started.elapsed().as_secs_f64();
+    tracing::info!(seconds = load_seconds, "model loaded");
+    Ok(Runtime {
         config,
         model,
         tokenizer,
         chat_template,
         load_seconds,
-    };
-    Ok(runtime)
+    })
 }
 
 /// Returns freed heap pages to the OS. glibc keeps the pages of freed mid-sized blocks

@@ -551,3 +551,143 @@ fn serve_listens_answers_and_stops_on_sigterm() {
     let status = child.wait().unwrap();
     assert!(status.success(), "serve exited with {status}");
 }
+
+/// `batos quantize --awq` on a synthetic model: the int4 model becomes the image's base
+/// in one commit (the dense one stays in history), `info` says so, and `generate` serves
+/// it from the image alone with the same tokens as the library's int4 model.
+#[test]
+fn quantize_awq_makes_the_int4_model_the_base_offline() {
+    use batos::model::forward::{LlamaModel, WeightDType};
+    use batos::model::image::{model_summary, open_base, BaseModel};
+    let dir = tempfile::tempdir().unwrap();
+    let hf = dir.path().join("hf");
+    std::fs::create_dir(&hf).unwrap();
+    tiny_hf_dir(&hf);
+    let image_path = dir.path().join("image");
+    let image = path_str(&image_path);
+    ok(
+        batos(&[
+            "import",
+            "hf",
+            path_str(&hf),
+            "--image",
+            image,
+            "--dtype",
+            "bf16",
+        ]),
+        "import hf",
+    );
+    let root_commits = || {
+        let db = batos::store::LivingImage::open(&image_path, Default::default()).unwrap();
+        model_summary(&db).unwrap().root_history.len()
+    };
+    let imported = root_commits();
+    // A calibration text over the tiny vocabulary.
+    let calib = dir.path().join("calib.txt");
+    let words: Vec<String> = (0..400)
+        .map(|i| format!("w{}", (i * 7 + i / 5) % 31 + 1))
+        .collect();
+    std::fs::write(&calib, words.join(" ")).unwrap();
+
+    // The tiny model's widths (64, 64, 96) are whole groups of 32, not of 64.
+    fails_with(
+        batos(&[
+            "quantize",
+            "--awq",
+            "--image",
+            image,
+            "--group",
+            "64",
+            "--calibration",
+            path_str(&calib),
+        ]),
+        "96",
+    );
+    let o = ok(
+        batos(&[
+            "quantize",
+            "--awq",
+            "--image",
+            image,
+            "--group",
+            "32",
+            "--calibration",
+            path_str(&calib),
+            "--samples",
+            "8",
+            "--sample-len",
+            "32",
+            "--search-tokens",
+            "128",
+        ]),
+        "quantize",
+    );
+    assert!(
+        stdout(&o).contains("AWQ int4 (group 32, 256 calibration tokens)"),
+        "{}",
+        stdout(&o)
+    );
+    let info = stdout(&ok(batos(&["info", "--image", image]), "info"));
+    assert!(info.contains("int4 (AWQ)"), "{info}");
+    assert!(info.contains("AWQ int4 (group 32"), "{info}");
+
+    // The quantised base is current; the import is one commit earlier in history.
+    assert_eq!(root_commits(), imported + 1, "quantize is one commit");
+    let want = {
+        let db = batos::store::LivingImage::open(&image_path, Default::default()).unwrap();
+        let BaseModel::Int4(q) = open_base(&db).unwrap() else {
+            panic!("the base is not int4 after quantize");
+        };
+        assert_eq!(q.weights.group_size, 32);
+        let model = LlamaModel::from_quantized(&q.config, &q.weights, WeightDType::BF16).unwrap();
+        let d = model.dims();
+        let shape = batos::kv::KvShape {
+            num_layers: d.num_layers,
+            num_kv_heads: d.num_kv_heads,
+            head_dim: d.head_dim,
+        };
+        let kv = batos::kv::KvCacheManager::new(
+            batos::kv::KvCacheConfig::new(shape, 1 << 20).unwrap(),
+            &batos::types::MemoryBudget::new("test", 1 << 30),
+        )
+        .unwrap();
+        use batos::model::generate::{GenerationParams, GeneratorConfig, SimpleGenerator};
+        let mut gen = SimpleGenerator::new(&model, kv, GeneratorConfig::default());
+        let ids = q.tokenizer.encode_prompt("w4 w5 w6").unwrap();
+        let out = gen
+            .generate(&ids, &GenerationParams::greedy(12), None)
+            .unwrap();
+        q.tokenizer
+            .decode(&out.tokens, batos::model::SpecialTokenText::Keep)
+            .unwrap()
+    };
+    let o = ok(
+        batos(&[
+            "generate",
+            "--image",
+            image,
+            "--prompt",
+            "w4 w5 w6",
+            "--max-tokens",
+            "12",
+            "--ignore-eos",
+        ]),
+        "generate from the int4 base",
+    );
+    assert_eq!(stdout(&o), format!("{want}\n"));
+
+    // An int4 base is not quantised twice.
+    fails_with(
+        batos(&[
+            "quantize",
+            "--awq",
+            "--image",
+            image,
+            "--group",
+            "32",
+            "--calibration",
+            path_str(&calib),
+        ]),
+        "already int4",
+    );
+}

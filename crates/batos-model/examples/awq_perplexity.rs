@@ -3,7 +3,7 @@
 //! figures of docs/perf/awq.md.
 //!
 //! ```text
-//! cargo run --release -p batos-model --example awq_perplexity -- [samples] [sample_len] [search_tokens] [grid] [clip:0|1] [group] [save_dir]
+//! cargo run --release -p batos-model --example awq_perplexity -- [samples] [sample_len] [search_tokens] [grid] [clip:0|1] [group] [gptq_damp:0=off] [embed:0|1] [save_dir]
 //! ```
 
 use std::time::Instant;
@@ -11,8 +11,8 @@ use std::time::Instant;
 use anyhow::Result;
 use batos_model::forward::{LlamaModel, WeightDType};
 use batos_model::quant::{
-    perplexity, quantize_awq, quantize_rtn, AwqConfig, Calibration, ClipSearch,
-    SHIPPED_CALIBRATION_TEXT, SHIPPED_HELDOUT_TEXT,
+    perplexity, quantize_awq, quantize_rtn, AwqConfig, Calibration, ClipSearch, Compensation,
+    EmbeddingQuant, SHIPPED_CALIBRATION_TEXT, SHIPPED_HELDOUT_TEXT,
 };
 use batos_model::{LoadOptions, LoadedModel, Progress};
 
@@ -26,6 +26,8 @@ fn main() -> Result<()> {
     let (samples, sample_len, search, grid, clip) =
         (arg(0, 16), arg(1, 128), arg(2, 256), arg(3, 20), arg(4, 1));
     let group = arg(5, 64);
+    let damp: f32 = args.get(6).and_then(|s| s.parse().ok()).unwrap_or(0.01);
+    let embed = arg(7, 1);
     let window = 256;
 
     let model =
@@ -51,17 +53,20 @@ fn main() -> Result<()> {
     );
     println!("f16: weights {} bytes", f16_model.weight_bytes());
 
-    let t = Instant::now();
-    let rtn = quantize_rtn(&model, group)?;
-    let rtn_secs = t.elapsed().as_secs_f32();
-    let rtn_model = LlamaModel::from_quantized(&rtn.config, &rtn.weights, WeightDType::F16)?;
-    let p_rtn = perplexity(&rtn_model, &heldout, window)?;
-    println!(
-        "rtn g{group}: ppl {:.4} ({:+.2}% vs f32), quantise {rtn_secs:.1}s, weights {} bytes",
-        p_rtn.perplexity,
-        100.0 * (p_rtn.perplexity / p_f32.perplexity - 1.0),
-        rtn_model.weight_bytes()
-    );
+    // BATOS_AWQ_SKIP_RTN=1 skips the round-to-nearest baseline (for sweeps).
+    if std::env::var_os("BATOS_AWQ_SKIP_RTN").is_none() {
+        let t = Instant::now();
+        let rtn = quantize_rtn(&model, group)?;
+        let rtn_secs = t.elapsed().as_secs_f32();
+        let rtn_model = LlamaModel::from_quantized(&rtn.config, &rtn.weights, WeightDType::F16)?;
+        let p_rtn = perplexity(&rtn_model, &heldout, window)?;
+        println!(
+            "rtn g{group}: ppl {:.4} ({:+.2}% vs f32), quantise {rtn_secs:.1}s, weights {} bytes",
+            p_rtn.perplexity,
+            100.0 * (p_rtn.perplexity / p_f32.perplexity - 1.0),
+            rtn_model.weight_bytes()
+        );
+    }
 
     let calibration = Calibration::from_tokens(&calib_tokens, sample_len, samples)?;
     let cfg = AwqConfig::default()
@@ -76,6 +81,16 @@ fn main() -> Result<()> {
         } else {
             ClipSearch::Off
         })
+        .with_compensation(if damp > 0.0 {
+            Compensation::Gptq { damp }
+        } else {
+            Compensation::Off
+        })
+        .with_embedding(if embed == 1 {
+            EmbeddingQuant::Int4
+        } else {
+            EmbeddingQuant::Dense
+        })
         .with_progress(Progress::Bar);
     let t = Instant::now();
     let awq = quantize_awq(&model, &cfg, &calibration)?;
@@ -83,7 +98,7 @@ fn main() -> Result<()> {
     let awq_model = LlamaModel::from_quantized(&awq.config, &awq.weights, WeightDType::F16)?;
     let p_awq = perplexity(&awq_model, &heldout, window)?;
     println!(
-        "awq g{group} ({} calibration tokens = {samples}x{sample_len}, search {search}, grid {grid}, clip {clip}): ppl {:.4} ({:+.2}% vs f32), quantise {awq_secs:.1}s, weights {} bytes",
+        "awq g{group} ({} calibration tokens = {samples}x{sample_len}, search {search}, grid {grid}, clip {clip}, gptq damp {damp}, int4 embedding {embed}): ppl {:.4} ({:+.2}% vs f32), quantise {awq_secs:.1}s, weights {} bytes",
         calibration.num_tokens(),
         p_awq.perplexity,
         100.0 * (p_awq.perplexity / p_f32.perplexity - 1.0),
@@ -91,7 +106,7 @@ fn main() -> Result<()> {
     );
     let int4_linear: usize = awq.weights.layers.iter().map(|l| l.size_in_bytes()).sum();
     println!("int4 blocks (projections + norms): {int4_linear} bytes");
-    if let Some(dir) = args.get(6) {
+    if let Some(dir) = args.get(8) {
         awq.save_autoawq(dir)?;
         println!("saved AutoAWQ checkpoint to {dir}");
     }

@@ -45,6 +45,7 @@ use crate::chat_template::ChatTemplate;
 use crate::config::LlamaConfig;
 use crate::error::ModelError;
 use crate::model::LoadedModel;
+use crate::quant::{QuantError, QuantizedModel, QuantizedWeights};
 use crate::tensor::{Tensor, TensorData};
 use crate::tokenizer::ModelTokenizer;
 use crate::weights::{ModelWeights, Progress, TensorRole};
@@ -88,6 +89,16 @@ pub enum ImageError {
         #[source]
         source: ModelError,
     },
+    /// The image's base is int4: [`open_model`] returns dense models only; use
+    /// [`open_base`].
+    #[error("the base model in the living image at {} is int4 (AWQ); it opens with open_base, not as a dense model", image.display())]
+    QuantizedBase {
+        /// The image directory.
+        image: PathBuf,
+    },
+    /// The image's int4 tensors do not form a valid quantised model.
+    #[error(transparent)]
+    Quant(#[from] QuantError),
     /// The model itself is not storable (e.g. a tensor dtype the image cannot hold).
     #[error(transparent)]
     Model(#[from] ModelError),
@@ -119,6 +130,15 @@ pub enum ModelSource {
     InMemory {
         /// What it is.
         description: String,
+    },
+    /// AWQ int4 quantisation of an earlier base of the same image.
+    Awq {
+        /// The earlier base's source, as it displayed.
+        base: String,
+        /// Inputs sharing one scale and zero point.
+        group_size: u64,
+        /// Calibration tokens the quantiser ran on.
+        calibration_tokens: u64,
     },
 }
 
@@ -153,6 +173,14 @@ impl std::fmt::Display for ModelSource {
             ModelSource::Gguf { path, .. } => write!(f, "GGUF {path}"),
             ModelSource::HfDir { path } => write!(f, "HF directory {path}"),
             ModelSource::InMemory { description } => write!(f, "in-memory model ({description})"),
+            ModelSource::Awq {
+                base,
+                group_size,
+                calibration_tokens,
+            } => write!(
+                f,
+                "AWQ int4 (group {group_size}, {calibration_tokens} calibration tokens) of {base}"
+            ),
         }
     }
 }
@@ -180,15 +208,41 @@ pub enum StoredDType {
     F16,
     /// bfloat16s.
     BF16,
+    /// 32-bit words of packed int4 codes or zero points (AutoAWQ's `qweight`/`qzeros`).
+    I32,
 }
 
 impl StoredDType {
-    /// The runtime dtype.
+    /// The runtime dtype (packed int4 words are [`DType::Int4`]).
     pub fn dtype(self) -> DType {
         match self {
             StoredDType::F32 => DType::F32,
             StoredDType::F16 => DType::F16,
             StoredDType::BF16 => DType::BF16,
+            StoredDType::I32 => DType::Int4,
+        }
+    }
+
+    fn st_dtype(self) -> safetensors::Dtype {
+        match self {
+            StoredDType::F32 => safetensors::Dtype::F32,
+            StoredDType::F16 => safetensors::Dtype::F16,
+            StoredDType::BF16 => safetensors::Dtype::BF16,
+            StoredDType::I32 => safetensors::Dtype::I32,
+        }
+    }
+
+    fn from_st_dtype(dtype: safetensors::Dtype, tensor: &str) -> Result<Self> {
+        match dtype {
+            safetensors::Dtype::F32 => Ok(StoredDType::F32),
+            safetensors::Dtype::F16 => Ok(StoredDType::F16),
+            safetensors::Dtype::BF16 => Ok(StoredDType::BF16),
+            safetensors::Dtype::I32 => Ok(StoredDType::I32),
+            other => Err(ModelError::UnsupportedDType {
+                name: tensor.to_owned(),
+                dtype: format!("{other:?}"),
+            }
+            .into()),
         }
     }
 
@@ -207,7 +261,7 @@ impl StoredDType {
 
     fn size(self) -> usize {
         match self {
-            StoredDType::F32 => 4,
+            StoredDType::F32 | StoredDType::I32 => 4,
             StoredDType::F16 | StoredDType::BF16 => 2,
         }
     }
@@ -335,6 +389,21 @@ fn json_err(what: &'static str, source: serde_json::Error) -> ImageError {
     }
 }
 
+/// One tensor on its way into the image.
+struct PendingTensor<'a> {
+    name: String,
+    dtype: StoredDType,
+    shape: Vec<usize>,
+    bytes: std::borrow::Cow<'a, [u8]>,
+}
+
+/// What a base model brings besides its tensors.
+struct ModelParts<'a> {
+    config: &'a LlamaConfig,
+    tokenizer: &'a ModelTokenizer,
+    chat_template: Option<&'a ChatTemplate>,
+}
+
 /// Writes `model` into `image` in one transaction and makes it the current base model
 /// (the root [`MODEL_ROOT`]). A model already there stays in history. Retries on a
 /// conflicting commit (another writer moved a root meanwhile).
@@ -344,10 +413,70 @@ pub fn import_model(
     source: ModelSource,
     progress: Progress,
 ) -> Result<ImportReport> {
+    let tensors = model
+        .weights
+        .iter()
+        .map(|(role, tensor)| {
+            let name = role.hf_name();
+            Ok(PendingTensor {
+                dtype: StoredDType::from_dtype(tensor.dtype(), &name)?,
+                name,
+                shape: tensor.shape().to_vec(),
+                bytes: std::borrow::Cow::Borrowed(tensor.as_bytes()),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let parts = ModelParts {
+        config: &model.config,
+        tokenizer: &model.tokenizer,
+        chat_template: model.chat_template.as_ref(),
+    };
+    import_tensors(image, &parts, tensors, source, progress)
+}
+
+/// Writes an int4 model into `image` in one transaction and makes it the current base
+/// (the root [`MODEL_ROOT`]); the earlier base stays in history until a pack. Tensors
+/// are stored under AutoAWQ's names (`….qweight`/`….qzeros` as [`StoredDType::I32`],
+/// `….scales` F16, norms F32, a dense embedding in its own type).
+pub fn import_quantized(
+    image: &LivingImage,
+    model: &QuantizedModel,
+    source: ModelSource,
+    progress: Progress,
+) -> Result<ImportReport> {
+    model.weights.validate(&model.config)?;
+    let tensors = model
+        .weights
+        .stored_tensors()
+        .into_iter()
+        .map(|(name, dt, shape, bytes)| {
+            Ok(PendingTensor {
+                dtype: StoredDType::from_st_dtype(dt, &name)?,
+                name,
+                shape,
+                bytes: std::borrow::Cow::Owned(bytes),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let parts = ModelParts {
+        config: &model.config,
+        tokenizer: &model.tokenizer,
+        chat_template: model.chat_template.as_ref(),
+    };
+    import_tensors(image, &parts, tensors, source, progress)
+}
+
+fn import_tensors(
+    image: &LivingImage,
+    parts: &ModelParts<'_>,
+    tensors: Vec<PendingTensor<'_>>,
+    source: ModelSource,
+    progress: Progress,
+) -> Result<ImportReport> {
     let started = Instant::now();
-    let total: u64 = model.weights.total_bytes() as u64;
-    let count = model.weights.iter().count();
-    tracing::info!(image = %image.path().display(), %source, tensors = count, bytes = total, "importing model into the living image");
+    let total: u64 = tensors.iter().map(|t| t.bytes.len() as u64).sum();
+    let count = tensors.len();
+    tracing::info!(image = %image.path().display(), %source, tensors = count, bytes = total, "storing model in the living image");
     let provenance = Provenance {
         source,
         imported_at_unix_s: SystemTime::now()
@@ -356,11 +485,19 @@ pub fn import_model(
             .unwrap_or(0),
         importer_version: env!("CARGO_PKG_VERSION").to_owned(),
     };
-    let config_json = serde_json::to_string(&model.config).map_err(|e| json_err("config", e))?;
-    let tokenizer_json = model.tokenizer.to_json()?;
+    let config_json = serde_json::to_string(parts.config).map_err(|e| json_err("config", e))?;
+    let tokenizer_json = parts.tokenizer.to_json()?;
     let record = image.transact(|txn| {
-        let bar = bytes_bar(progress, total, "import into image");
-        let record = write_model(txn, model, &provenance, &config_json, &tokenizer_json, &bar)?;
+        let bar = bytes_bar(progress, total, "store in image");
+        let record = write_model(
+            txn,
+            parts,
+            &tensors,
+            &provenance,
+            &config_json,
+            &tokenizer_json,
+            &bar,
+        )?;
         bar.finish_and_clear();
         let r = txn.insert_new(&record)?;
         txn.set_named_root(MODEL_ROOT, r)?;
@@ -373,7 +510,7 @@ pub fn import_model(
         .copied()
         .unwrap_or_else(|| image.last_tid());
     let seconds = started.elapsed().as_secs_f64();
-    tracing::info!(%tid, tensors = count, bytes = total, seconds, "model imported");
+    tracing::info!(%tid, tensors = count, bytes = total, seconds, "model stored");
     Ok(ImportReport {
         tid,
         record,
@@ -385,7 +522,8 @@ pub fn import_model(
 
 fn write_model(
     txn: &mut Txn,
-    model: &LoadedModel,
+    parts: &ModelParts<'_>,
+    pending: &[PendingTensor<'_>],
     provenance: &Provenance,
     config_json: &str,
     tokenizer_json: &str,
@@ -397,9 +535,8 @@ fn write_model(
     let tokenizer = txn.insert_new(&TokenizerRecord {
         json: tokenizer_json.to_owned(),
     })?;
-    let chat_template = model
+    let chat_template = parts
         .chat_template
-        .as_ref()
         .map(|t| {
             txn.insert_new(&ChatTemplateRecord {
                 source: t.source().to_owned(),
@@ -411,15 +548,13 @@ fn write_model(
     let provenance = txn.insert_new(provenance)?;
     let mut tensors = Vec::new();
     let mut total_bytes = 0u64;
-    for (role, tensor) in model.weights.iter() {
-        let name = role.hf_name();
-        let dtype = StoredDType::from_dtype(tensor.dtype(), &name)?;
-        let bytes = tensor.as_bytes();
+    for t in pending {
+        let bytes: &[u8] = &t.bytes;
         let mut w = txn.blob_writer()?;
         // Chunked so the bar moves within big tensors (the embedding is ~100 MiB in f32).
         for chunk in bytes.chunks(4 << 20) {
             w.write_all(chunk).map_err(|e| ImageError::CorruptTensor {
-                tensor: name.clone(),
+                tensor: t.name.clone(),
                 source: StoreError::Io {
                     op: "write tensor blob",
                     path: PathBuf::from(format!("<blob {}>", w.id())),
@@ -429,12 +564,12 @@ fn write_model(
             bar.inc(chunk.len() as u64);
         }
         let blob = w.finish()?;
-        tracing::debug!(tensor = %name, dtype = %tensor.dtype(), shape = ?tensor.shape(), bytes = bytes.len(), "tensor stored");
+        tracing::debug!(tensor = %t.name, dtype = ?t.dtype, shape = ?t.shape, bytes = bytes.len(), "tensor stored");
         total_bytes += bytes.len() as u64;
         tensors.push(txn.insert_new(&TensorRecord {
-            name,
-            dtype,
-            shape: tensor.shape().iter().map(|&d| d as u64).collect(),
+            name: t.name.clone(),
+            dtype: t.dtype,
+            shape: t.shape.iter().map(|&d| d as u64).collect(),
             blob,
         })?);
     }
@@ -507,18 +642,98 @@ pub fn model_summary(image: &LivingImage) -> Result<ModelSummary> {
     })
 }
 
-/// Opens the current model from the image alone (no other file), checking every blob
-/// (the store verifies chunk checksums and the content hash) and every shape.
+/// A base model as the image holds it: dense (imported), or int4 (quantised with
+/// `batos quantize --awq`).
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub enum BaseModel {
+    /// f32/f16/bf16 weights.
+    Dense(LoadedModel),
+    /// int4 projections in AutoAWQ's layout.
+    Int4(QuantizedModel),
+}
+
+impl BaseModel {
+    /// The config.
+    pub fn config(&self) -> &LlamaConfig {
+        match self {
+            BaseModel::Dense(m) => &m.config,
+            BaseModel::Int4(m) => &m.config,
+        }
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &ModelTokenizer {
+        match self {
+            BaseModel::Dense(m) => &m.tokenizer,
+            BaseModel::Int4(m) => &m.tokenizer,
+        }
+    }
+
+    /// The chat template, if any.
+    pub fn chat_template(&self) -> Option<&ChatTemplate> {
+        match self {
+            BaseModel::Dense(m) => m.chat_template.as_ref(),
+            BaseModel::Int4(m) => m.chat_template.as_ref(),
+        }
+    }
+}
+
+/// Whether a record's tensors are an int4 model (AutoAWQ's packed names).
+fn is_int4(txn: &Txn, rec: &ModelRecord) -> Result<bool> {
+    for r in &rec.tensors {
+        if txn.load(*r)?.dtype == StoredDType::I32 {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Opens the current (dense) model from the image alone (no other file), checking every
+/// blob (the store verifies chunk checksums and the content hash) and every shape. An
+/// int4 base is [`ImageError::QuantizedBase`]: open it with [`open_base`].
 pub fn open_model(image: &LivingImage) -> Result<LoadedModel> {
     open_model_with(image, Progress::Hidden)
 }
 
 /// [`open_model`] with a progress display.
 pub fn open_model_with(image: &LivingImage, progress: Progress) -> Result<LoadedModel> {
-    let started = Instant::now();
     let txn = image.begin();
     let (_, rec) = record_or_missing(image, &txn)?;
-    let config = load_config(&txn, rec.config)?;
+    if is_int4(&txn, &rec)? {
+        return Err(ImageError::QuantizedBase {
+            image: image.path().to_owned(),
+        });
+    }
+    match open_record(image, &txn, &rec, progress)? {
+        BaseModel::Dense(m) => Ok(m),
+        BaseModel::Int4(_) => Err(ImageError::QuantizedBase {
+            image: image.path().to_owned(),
+        }),
+    }
+}
+
+/// Opens the current base model, dense or int4, from the image alone, with the same
+/// checks as [`open_model`] (and, for int4, every packed tensor's type and shape).
+pub fn open_base(image: &LivingImage) -> Result<BaseModel> {
+    open_base_with(image, Progress::Hidden)
+}
+
+/// [`open_base`] with a progress display.
+pub fn open_base_with(image: &LivingImage, progress: Progress) -> Result<BaseModel> {
+    let txn = image.begin();
+    let (_, rec) = record_or_missing(image, &txn)?;
+    open_record(image, &txn, &rec, progress)
+}
+
+fn open_record(
+    image: &LivingImage,
+    txn: &Txn,
+    rec: &ModelRecord,
+    progress: Progress,
+) -> Result<BaseModel> {
+    let started = Instant::now();
+    let config = load_config(txn, rec.config)?;
     let tokenizer = ModelTokenizer::from_json(&txn.load(rec.tokenizer)?.json).map_err(|e| {
         ImageError::BadObject {
             what: "tokenizer",
@@ -540,44 +755,115 @@ pub fn open_model_with(image: &LivingImage, progress: Progress) -> Result<Loaded
         }
     };
     let bar = bytes_bar(progress, rec.total_bytes, "load from image");
-    let mut tensors = Vec::with_capacity(rec.tensors.len());
-    for r in &rec.tensors {
-        let t = txn.load(*r)?;
-        let role = TensorRole::from_hf_name(&t.name).ok_or_else(|| ImageError::TensorMismatch {
-            tensor: t.name.clone(),
-            detail: "no Llama weight has this name".into(),
-        })?;
-        let tensor = read_tensor(&txn, &t)?;
-        bar.inc(t.blob.len());
-        tensors.push((role, tensor));
-    }
-    bar.finish_and_clear();
     let source = format!("living image {}", image.path().display());
-    // Checks every shape against the config and that no tensor is missing.
-    let weights = ModelWeights::from_tensors(&config, tensors, &source).map_err(|e| match e {
-        ModelError::ShapeMismatch {
-            name,
-            expected,
-            got,
-        } => ImageError::TensorMismatch {
-            tensor: name,
-            detail: format!("shape {got:?}, the stored config implies {expected:?}"),
-        },
-        other => ImageError::Model(other),
-    })?;
+    let base = if is_int4(txn, rec)? {
+        let mut tensors = Vec::with_capacity(rec.tensors.len());
+        let mut group_size = None;
+        for r in &rec.tensors {
+            let t = txn.load(*r)?;
+            let bytes = read_bytes(txn, &t)?;
+            bar.inc(t.blob.len());
+            let shape: Vec<usize> = t.shape.iter().map(|&d| d as usize).collect();
+            if t.name == "model.layers.0.self_attn.q_proj.scales" {
+                group_size = shape
+                    .first()
+                    .filter(|&&g| g > 0)
+                    .map(|&g| config.hidden_size / g);
+            }
+            tensors.push((t.name, t.dtype.st_dtype(), shape, bytes));
+        }
+        let group_size = group_size.ok_or_else(|| ImageError::TensorMismatch {
+            tensor: "model.layers.0.self_attn.q_proj.scales".into(),
+            detail: "missing or empty in an int4 model: the group size is unknown".into(),
+        })?;
+        let weights = QuantizedWeights::from_stored(image.path(), &config, group_size, tensors)?;
+        BaseModel::Int4(QuantizedModel {
+            config,
+            weights,
+            tokenizer,
+            chat_template,
+        })
+    } else {
+        let mut tensors = Vec::with_capacity(rec.tensors.len());
+        for r in &rec.tensors {
+            let t = txn.load(*r)?;
+            let role =
+                TensorRole::from_hf_name(&t.name).ok_or_else(|| ImageError::TensorMismatch {
+                    tensor: t.name.clone(),
+                    detail: "no Llama weight has this name".into(),
+                })?;
+            let tensor = read_tensor(txn, &t)?;
+            bar.inc(t.blob.len());
+            tensors.push((role, tensor));
+        }
+        // Checks every shape against the config and that no tensor is missing.
+        let weights =
+            ModelWeights::from_tensors(&config, tensors, &source).map_err(|e| match e {
+                ModelError::ShapeMismatch {
+                    name,
+                    expected,
+                    got,
+                } => ImageError::TensorMismatch {
+                    tensor: name,
+                    detail: format!("shape {got:?}, the stored config implies {expected:?}"),
+                },
+                other => ImageError::Model(other),
+            })?;
+        BaseModel::Dense(LoadedModel {
+            config,
+            weights,
+            tokenizer,
+            chat_template,
+        })
+    };
+    bar.finish_and_clear();
     tracing::info!(
         image = %image.path().display(),
         tensors = rec.tensors.len(),
         bytes = rec.total_bytes,
+        int4 = matches!(base, BaseModel::Int4(_)),
         seconds = started.elapsed().as_secs_f64(),
         "model opened from the living image"
     );
-    Ok(LoadedModel {
-        config,
-        weights,
-        tokenizer,
-        chat_template,
-    })
+    Ok(base)
+}
+
+/// A tensor's blob as bytes, length checked against its record.
+fn read_bytes(txn: &Txn, t: &TensorRecord) -> Result<Vec<u8>> {
+    let n = t
+        .shape
+        .iter()
+        .try_fold(1u64, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| ImageError::TensorMismatch {
+            tensor: t.name.clone(),
+            detail: format!("shape {:?} overflows", t.shape),
+        })?;
+    let want = n * t.dtype.size() as u64;
+    if t.blob.len() != want {
+        return Err(ImageError::TensorMismatch {
+            tensor: t.name.clone(),
+            detail: format!(
+                "blob holds {} bytes, {:?} of shape {:?} needs {want}",
+                t.blob.len(),
+                t.dtype,
+                t.shape
+            ),
+        });
+    }
+    let corrupt = |source: StoreError| ImageError::CorruptTensor {
+        tensor: t.name.clone(),
+        source,
+    };
+    let mut reader = txn.open_blob(&t.blob).map_err(corrupt)?;
+    let mut buf = Vec::with_capacity(want as usize);
+    let got = reader.copy_to(&mut buf).map_err(corrupt)?;
+    if got != want {
+        return Err(ImageError::TensorMismatch {
+            tensor: t.name.clone(),
+            detail: format!("read {got} bytes, expected {want}"),
+        });
+    }
+    Ok(buf)
 }
 
 /// Reads one tensor's blob straight into a typed buffer (no second copy).
@@ -633,6 +919,11 @@ fn read_tensor(txn: &Txn, t: &TensorRecord) -> Result<Tensor> {
             let mut v = vec![bf16::ZERO; n];
             fill(bytemuck::cast_slice_mut(&mut v))?;
             TensorData::BF16(v)
+        }
+        StoredDType::I32 => {
+            return Err(mismatch(
+                "packed int4 words where a dense tensor belongs".into(),
+            ))
         }
     };
     Ok(Tensor::new(shape, data)?)
@@ -813,6 +1104,56 @@ mod tests {
         assert_eq!(open_model(&db).unwrap().weights, second.weights);
         assert!(model_summary(&db).unwrap().root_history.len() >= 2);
         // The old base is still readable as of its commit.
+        let old = db.snapshot_at(r1.tid).unwrap();
+        let (r, _) = current_record(&old).unwrap().unwrap();
+        assert_eq!(r, r1.record);
+    }
+
+    #[test]
+    fn quantized_base_replaces_the_dense_one_and_opens_as_int4() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open_db(dir.path());
+        let dense = tiny_model(DType::F32);
+        let r1 = import_model(
+            &db,
+            &dense,
+            ModelSource::in_memory("dense"),
+            Progress::Hidden,
+        )
+        .unwrap();
+        let weights = crate::quant::quantize_weights_rtn(&dense.config, &dense.weights, 8).unwrap();
+        let q = QuantizedModel {
+            config: dense.config.clone(),
+            weights,
+            tokenizer: dense.tokenizer.clone(),
+            chat_template: dense.chat_template.clone(),
+        };
+        let source = ModelSource::Awq {
+            base: ModelSource::in_memory("dense").to_string(),
+            group_size: 8,
+            calibration_tokens: 0,
+        };
+        let r2 = import_quantized(&db, &q, source.clone(), Progress::Hidden).unwrap();
+        assert!(r2.tid > r1.tid);
+        match open_base(&db).unwrap() {
+            BaseModel::Int4(back) => {
+                assert_eq!(back.config, q.config);
+                assert_eq!(back.weights, q.weights);
+                assert_eq!(
+                    back.chat_template.map(|t| t.source().to_owned()),
+                    q.chat_template.as_ref().map(|t| t.source().to_owned())
+                );
+            }
+            other => panic!("expected an int4 base, got {other:?}"),
+        }
+        assert!(matches!(
+            open_model(&db),
+            Err(ImageError::QuantizedBase { .. })
+        ));
+        let summary = model_summary(&db).unwrap();
+        assert_eq!(summary.provenance.source, source);
+        assert!(summary.dtypes.contains(&StoredDType::I32));
+        // The dense base is still readable as of its commit, until a pack.
         let old = db.snapshot_at(r1.tid).unwrap();
         let (r, _) = current_record(&old).unwrap().unwrap();
         assert_eq!(r, r1.record);

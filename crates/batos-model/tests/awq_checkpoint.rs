@@ -147,3 +147,53 @@ fn int4_forward_is_close_to_f32() {
     );
     assert!(rms(&diff) > 0.0);
 }
+
+#[test]
+fn gptq_with_int4_embedding_round_trips_and_runs_the_same() {
+    use batos_model::quant::{
+        quantize_weights_awq, AwqConfig, Calibration, Compensation, EmbeddingQuant,
+        QuantizedEmbedding,
+    };
+    use batos_model::synthetic::SyntheticLlama;
+    let params = batos_model::LlamaParams {
+        tie_word_embeddings: true,
+        ..awq_common::awq_params()
+    };
+    let synth = SyntheticLlama::new(batos_model::LlamaConfig::new(params).unwrap(), 9);
+    let config = synth.config.clone();
+    let calib = Calibration::from_tokens(&token_stream(256, config.vocab_size, 2), 32, 8).unwrap();
+    let cfg = AwqConfig::default()
+        .with_group_size(32)
+        .with_grid(5)
+        .with_search_tokens(64)
+        .with_compensation(Compensation::Gptq { damp: 0.01 })
+        .with_embedding(EmbeddingQuant::Int4);
+    let out = quantize_weights_awq(&config, &synth.weights(), &cfg, &calib).unwrap();
+    let QuantizedEmbedding::Int4(table) = &out.weights.embed_tokens else {
+        panic!("the tied embedding stayed dense");
+    };
+    let (v, h) = (config.vocab_size, config.hidden_size);
+    assert_eq!([table.rows(), table.cols()], [v, h]);
+    // 4 bits a weight plus an f16 scale and a 4-bit zero per 32 weights.
+    assert_eq!(
+        table.size_in_bytes(),
+        v * h / 2 + (h / 32) * v * 2 + (h / 32) * v / 2
+    );
+
+    let q = QuantizedModel {
+        tokenizer: word_tokenizer(v),
+        config,
+        weights: out.weights,
+        chat_template: None,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    q.save_autoawq(dir.path()).unwrap();
+    let back = QuantizedModel::load_autoawq(dir.path()).unwrap();
+    assert_eq!(back.weights, q.weights);
+    let tokens = token_stream(40, v, 1);
+    let a = LlamaModel::from_quantized(&q.config, &q.weights, WeightDType::F32).unwrap();
+    let b = LlamaModel::from_quantized(&back.config, &back.weights, WeightDType::F32).unwrap();
+    let la = sequence_logits(&a, &tokens).unwrap();
+    assert!(la.iter().all(|x| x.is_finite()));
+    assert_eq!(la, sequence_logits(&b, &tokens).unwrap());
+}

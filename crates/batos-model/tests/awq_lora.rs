@@ -1,5 +1,5 @@
 //! LoRA over the AWQ int4 base (CI-sized AWQ: 4 × 128 calibration tokens, search 128,
-//! α grid 10, group 64), with the reference adapter `adapters/lora_r16` in f32 beside
+//! α grid 10, group 32, GPTQ and the int4 tied embedding/head as by default), with the reference adapter `adapters/lora_r16` in f32 beside
 //! the int4 projections:
 //! - along each reference prompt's f32 + adapter greedy continuation
 //!   (../shared/reference/lora_r16.json, 32 tokens), the int4 + adapter model predicts
@@ -107,7 +107,7 @@ fn lora_over_awq_agrees_with_f32_and_is_deterministic() {
     let model = LoadedModel::from_gguf(&path, &LoadOptions::default()).unwrap();
     let calib = Calibration::from_text(&model.tokenizer, SHIPPED_CALIBRATION_TEXT, 128, 4).unwrap();
     let cfg = AwqConfig::default()
-        .with_group_size(64)
+        .with_group_size(32)
         .with_grid(10)
         .with_search_tokens(128)
         .with_clip(ClipSearch::Off);

@@ -1,10 +1,12 @@
 //! AWQ on the real model, SmolLM2-135M-Instruct (its Q4_1 GGUF dequantized to f32), with
 //! a CI-sized calibration (4 samples of 128 tokens of the shipped calibration text,
-//! 128 search tokens, a 10-point α grid, no clip search):
+//! 128 search tokens, a 10-point α grid, no clip search) and the default GPTQ
+//! compensation and int4 tied embedding/head:
 //! - perplexity on the first 512 tokens of the shipped held-out text: AWQ int4 (group
-//!   64) beats round to nearest at the same group size and stays within
-//!   `AWQ_PPL_BOUND` × the f32 perplexity (the full-size figures are in
+//!   32) beats round to nearest at the same group size (projections only) and stays
+//!   within `AWQ_PPL_BOUND` × the f32 perplexity (the full-size figures are in
 //!   docs/perf/awq.md);
+//! - the int4 model holds at most 30 % of the f16 model's weight bytes;
 //! - the quantised model written as an AutoAWQ checkpoint and loaded back gives
 //!   bit-identical logits.
 //!
@@ -16,14 +18,14 @@ mod common;
 use batos_model::forward::{LlamaModel, WeightDType};
 use batos_model::quant::{
     perplexity, quantize_awq, quantize_rtn, sequence_logits, AwqConfig, Calibration, ClipSearch,
-    QuantizedModel, SHIPPED_CALIBRATION_TEXT, SHIPPED_HELDOUT_TEXT,
+    QuantizedEmbedding, QuantizedModel, SHIPPED_CALIBRATION_TEXT, SHIPPED_HELDOUT_TEXT,
 };
 use batos_model::{LoadOptions, LoadedModel};
 
 /// AWQ's held-out perplexity may exceed f32's by at most this factor in the CI
 /// configuration (measured: see docs/perf/awq.md).
 const AWQ_PPL_BOUND: f64 = 1.20;
-const GROUP: usize = 64;
+const GROUP: usize = 32;
 const WINDOW: usize = 256;
 
 #[test]
@@ -62,6 +64,25 @@ fn awq_perplexity_is_bounded_and_its_checkpoint_round_trips() {
     assert!(
         p_awq <= AWQ_PPL_BOUND * p_f32,
         "AWQ perplexity {p_awq} exceeds {AWQ_PPL_BOUND} x f32 {p_f32}"
+    );
+
+    // The tied embedding/head is int4 too: the whole model within 30 % of f16's bytes.
+    assert!(matches!(
+        awq.weights.embed_tokens,
+        QuantizedEmbedding::Int4(_)
+    ));
+    let f16_bytes = LlamaModel::from_weights(&model.config, &model.weights, WeightDType::F16)
+        .unwrap()
+        .weight_bytes();
+    let share = awq_model.weight_bytes() as f64 / f16_bytes as f64;
+    println!(
+        "awq weights {} bytes = {:.1} % of f16",
+        awq_model.weight_bytes(),
+        100.0 * share
+    );
+    assert!(
+        share <= 0.30,
+        "the int4 model holds {share:.3} of f16's bytes"
     );
 
     // quantise → AutoAWQ layout → load → identical outputs.

@@ -16,7 +16,7 @@ use super::batch::{AdapterSupport, BatchLimits, ForwardBatch, ForwardOutput, Ste
 use super::cache::KvCacheMut;
 use super::error::ForwardError;
 use super::weights::{Linear, Matrix, WeightDType};
-use crate::quant::{Int4Weight, QuantError, QuantizedWeights};
+use crate::quant::{Int4Weight, QuantError, QuantizedEmbedding, QuantizedWeights};
 
 fn kernel(op: &'static str) -> impl FnOnce(KernelError) -> ForwardError {
     move |source| ForwardError::Kernel { op, source }
@@ -161,11 +161,14 @@ pub struct LlamaModel {
     dims: LlamaDims,
     heads: AttentionHeads,
     rope: Rope,
-    embed: Matrix,
+    /// The embedding table (int4 in a quantised model whose head is tied to it).
+    embed: Linear,
     layers: Vec<LlamaLayer>,
     final_norm: Vec<f32>,
     /// `None` when the output projection is tied to the embedding table.
-    lm_head: Option<Matrix>,
+    lm_head: Option<Linear>,
+    /// The dtype of the dense matrices.
+    dense_dtype: WeightDType,
 }
 
 /// Per-step activations `[rows, width]`, allocated once per call.
@@ -305,23 +308,23 @@ impl LlamaModel {
                 )?),
             });
         }
-        let embed = Matrix::from_f32(
+        let embed = Linear::Dense(Matrix::from_f32(
             "model.embed_tokens",
             &weights.embed_tokens().to_f32_vec(),
             dims.vocab_size,
             hid,
             dtype,
-        )?;
+        )?);
         let lm_head = if weights.is_tied() {
             None
         } else {
-            Some(Matrix::from_f32(
+            Some(Linear::Dense(Matrix::from_f32(
                 "lm_head",
                 &weights.lm_head().to_f32_vec(),
                 dims.vocab_size,
                 hid,
                 dtype,
-            )?)
+            )?))
         };
         Ok(LlamaModel {
             device: Device::Cpu,
@@ -332,6 +335,7 @@ impl LlamaModel {
             layers,
             final_norm: norm("model.norm".into(), weights.norm())?,
             lm_head,
+            dense_dtype: dtype,
         })
     }
 
@@ -366,22 +370,25 @@ impl LlamaModel {
                 down: Linear::Int4(l.down_proj.clone()),
             });
         }
-        let embed = Matrix::from_f32(
-            "model.embed_tokens",
-            &weights.embed_tokens.to_f32_vec(),
-            dims.vocab_size,
-            hid,
-            dense,
-        )?;
+        let embed = match &weights.embed_tokens {
+            QuantizedEmbedding::Int4(w) => Linear::Int4(w.clone()),
+            QuantizedEmbedding::Dense(t) => Linear::Dense(Matrix::from_f32(
+                "model.embed_tokens",
+                &t.to_f32_vec(),
+                dims.vocab_size,
+                hid,
+                dense,
+            )?),
+        };
         let lm_head = match &weights.lm_head {
             None => None,
-            Some(h) => Some(Matrix::from_f32(
+            Some(h) => Some(Linear::Dense(Matrix::from_f32(
                 "lm_head",
                 &h.to_f32_vec(),
                 dims.vocab_size,
                 hid,
                 dense,
-            )?),
+            )?)),
         };
         Ok(LlamaModel {
             device: Device::Cpu,
@@ -392,6 +399,7 @@ impl LlamaModel {
             layers,
             final_norm: weights.norm.to_f32_vec(),
             lm_head,
+            dense_dtype: dense,
         })
     }
 
@@ -426,16 +434,32 @@ impl LlamaModel {
         self
     }
 
-    /// The runtime tensors, borrowed.
+    /// The runtime tensors, borrowed. The device runtime uploads a dense embedding and
+    /// head only: an int4 one (AWQ's `EmbeddingQuant::Int4`) is a typed error.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    pub(super) fn parts(&self) -> ModelParts<'_> {
-        ModelParts {
+    pub(super) fn parts(&self) -> Result<ModelParts<'_>, ForwardError> {
+        fn dense<'m>(what: &str, l: &'m Linear) -> Result<&'m Matrix, ForwardError> {
+            match l {
+                Linear::Dense(m) => Ok(m),
+                Linear::Int4(_) => Err(ForwardError::BadConfig {
+                    reason: format!(
+                        "{what} is int4; the device runtime needs it dense (quantize with \
+                         `--embedding dense`)"
+                    ),
+                }),
+            }
+        }
+        Ok(ModelParts {
             rope: &self.rope,
-            embed: &self.embed,
+            embed: dense("the embedding", &self.embed)?,
             layers: &self.layers,
             final_norm: &self.final_norm,
-            lm_head: self.lm_head.as_ref(),
-        }
+            lm_head: self
+                .lm_head
+                .as_ref()
+                .map(|l| dense("the LM head", l))
+                .transpose()?,
+        })
     }
 
     /// Where the kernels run.
@@ -443,9 +467,9 @@ impl LlamaModel {
         self.device
     }
 
-    /// The dtype the matrices are stored in.
+    /// The dtype the dense matrices are stored in (int4 projections aside).
     pub fn weight_dtype(&self) -> WeightDType {
-        self.embed.dtype()
+        self.dense_dtype
     }
 
     /// The sizes this model runs with.
@@ -467,7 +491,7 @@ impl LlamaModel {
             })
             .sum();
         self.embed.size_in_bytes()
-            + self.lm_head.as_ref().map_or(0, Matrix::size_in_bytes)
+            + self.lm_head.as_ref().map_or(0, Linear::size_in_bytes)
             + layers
             + norms
     }

@@ -82,15 +82,6 @@ impl Matrix {
         Matrix::from_f32(name, &values, rows, cols, dtype)
     }
 
-    /// The storage dtype.
-    pub fn dtype(&self) -> WeightDType {
-        match self.data {
-            MatrixData::F32(_) => WeightDType::F32,
-            MatrixData::F16(_) => WeightDType::F16,
-            MatrixData::BF16(_) => WeightDType::BF16,
-        }
-    }
-
     /// Bytes the elements occupy.
     pub fn size_in_bytes(&self) -> usize {
         let elem = match self.data {

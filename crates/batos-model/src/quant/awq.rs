@@ -17,7 +17,12 @@
 //! 4. optionally search, per output row and input group, a clipping bound
 //!    `max|w|·(1 − i/grid)` minimising that group's output error (not for q/k, whose
 //!    errors the attention scores amplify — as AutoAWQ);
-//! 5. quantise (asymmetric int4, groups of `group_size` inputs).
+//! 5. optionally compensate rounding errors GPTQ-style ([`Compensation::Gptq`]: each
+//!    input column's error is spread over the later columns through the inverse input
+//!    Hessian, the parameter search of step 4 running per group as it is reached);
+//! 6. quantise (asymmetric int4, groups of `group_size` inputs), and, with
+//!    [`EmbeddingQuant::Int4`], the tied embedding/head too, its inputs being the final
+//!    norm's output on the calibration tokens.
 //!
 //! The search objective is each projection group's output (AutoAWQ inspects the
 //! attention block as a whole for q/k/v; the projection outputs are what the int4
@@ -36,8 +41,9 @@ use crate::tokenizer::ModelTokenizer;
 use crate::weights::{LayerTensor, ModelWeights, Progress, TensorRole};
 
 use super::error::QuantError;
+use super::gptq::{gptq, hessian, InverseFactor};
 use super::int4::{fake_quantize, group_params, GroupParams, Int4Weight};
-use super::model::{QuantizedLayer, QuantizedModel, QuantizedWeights};
+use super::model::{QuantizedEmbedding, QuantizedLayer, QuantizedModel, QuantizedWeights};
 
 /// The public-domain calibration text shipped with batos (see `data/README.md`).
 pub const SHIPPED_CALIBRATION_TEXT: &str = include_str!("../../data/calibration.txt");
@@ -55,36 +61,71 @@ pub enum ClipSearch {
     Grid { grid: usize, max_shrink: f32 },
 }
 
+/// Error compensation after the scale search (see [`AwqConfig::compensation`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum Compensation {
+    /// Each weight rounds independently (AutoAWQ).
+    Off,
+    /// GPTQ: columns quantised in order, each one's rounding error spread over the
+    /// later columns through the inverse input Hessian, damped by `damp · mean(diag H)`.
+    Gptq { damp: f32 },
+}
+
+/// How [`AwqConfig`] stores the token embedding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum EmbeddingQuant {
+    /// Unchanged (AutoAWQ's choice): the tied 49,152 × 576 table of SmolLM2 is then
+    /// half of the int4 model's bytes.
+    Dense,
+    /// int4 like the projections when the head is tied to the embedding, with the
+    /// head's inputs (the final norm's output on the calibration tokens) as the
+    /// quantisation's activations; an untied model keeps its dense embedding and head.
+    Int4,
+}
+
 /// Settings of [`quantize_awq`].
 #[derive(Clone, Copy, Debug, PartialEq)]
 #[non_exhaustive]
 pub struct AwqConfig {
-    /// Inputs sharing one scale and zero point (64 suits SmolLM2: 576 is not a multiple
-    /// of 128).
+    /// Inputs sharing one scale and zero point (32 by default: 576 is not a multiple of
+    /// 128, and at 32 SmolLM2 with GPTQ and an int4 head is both the smallest and the
+    /// most accurate model measured; see docs/perf/awq.md).
     pub group_size: usize,
     /// Points of the α grid in `[0, 1)`.
     pub grid: usize,
     /// Calibration tokens (the first ones) the scale and clip searches evaluate on; the
     /// activation statistics use every calibration token.
     pub search_tokens: usize,
-    /// The clipping search.
+    /// The clipping search: with GPTQ, the parameter search each group runs when the
+    /// compensation reaches it.
     pub clip: ClipSearch,
+    /// Error compensation within each projection.
+    pub compensation: Compensation,
+    /// How the (tied) embedding is stored.
+    pub embedding: EmbeddingQuant,
     /// Progress display.
     pub progress: Progress,
 }
 
 impl Default for AwqConfig {
     /// AutoAWQ's defaults where they apply: 20-point α grid, clip search over 10
-    /// bounds down to half the range; group size 64; 256 search tokens.
+    /// bounds down to half the range; then group size 32, 256 search tokens, GPTQ
+    /// (damping 0.01) and an int4 tied embedding/head — on SmolLM2 the configuration
+    /// that is within 30 % of the f16 bytes at the best measured perplexity
+    /// (docs/perf/awq.md).
     fn default() -> Self {
         AwqConfig {
-            group_size: 64,
+            group_size: 32,
             grid: 20,
             search_tokens: 256,
             clip: ClipSearch::Grid {
                 grid: 20,
                 max_shrink: 0.5,
             },
+            compensation: Compensation::Gptq { damp: 0.01 },
+            embedding: EmbeddingQuant::Int4,
             progress: Progress::Hidden,
         }
     }
@@ -111,6 +152,16 @@ impl AwqConfig {
         self.clip = clip;
         self
     }
+    /// Sets the error compensation.
+    pub fn with_compensation(mut self, compensation: Compensation) -> Self {
+        self.compensation = compensation;
+        self
+    }
+    /// Sets how the embedding is stored.
+    pub fn with_embedding(mut self, embedding: EmbeddingQuant) -> Self {
+        self.embedding = embedding;
+        self
+    }
     /// Sets the progress display.
     pub fn with_progress(mut self, progress: Progress) -> Self {
         self.progress = progress;
@@ -133,6 +184,14 @@ impl AwqConfig {
                 return bad(
                     "clip",
                     format!("grid {grid} must be positive and max_shrink {max_shrink} in [0, 1)"),
+                );
+            }
+        }
+        if let Compensation::Gptq { damp } = self.compensation {
+            if !(damp > 0.0 && damp < 1.0) {
+                return bad(
+                    "compensation",
+                    format!("GPTQ damping {damp} must be in (0, 1)"),
                 );
             }
         }
@@ -438,93 +497,164 @@ fn search_scales(
     Ok((alpha, s, ratio))
 }
 
-/// Per (row, group) quantisation parameters of `w` (`[rows, cols]`, already scaled)
-/// minimising the group's weighted error `Σᵢ hᵢ·(wᵢ − ŵᵢ)²`, where `hᵢ = mean(xᵢ²)` over
-/// the inputs `x` (`[T, cols]`, already divided by the scales) — the diagonal of the
-/// group's output-error form, as llama.cpp's importance-weighted k-quants use it.
-///
-/// Candidates: AutoAWQ's clipping bounds `max|w|·(1 − i/grid)`, each refined by a
-/// weighted least-squares refit of the scale for the zero point and its two
-/// neighbours (the zero point must stay an integer code).
-fn search_params(
-    x: &[f32],
-    w: &[f32],
-    cols: usize,
-    group: usize,
-    grid: usize,
-    max_shrink: f32,
-) -> Vec<GroupParams> {
-    let t = x.len() / cols;
+/// Per-channel importance `hᵢ = mean(xᵢ²)` of inputs `x` (`[T, cols]`), floored at
+/// 1e-3 of the mean so channels never excited during calibration still count: the
+/// diagonal of a projection's output-error form, as llama.cpp's importance-weighted
+/// k-quants use it.
+fn channel_importance(x: &[f32], cols: usize) -> Vec<f32> {
+    let t = (x.len() / cols).max(1) as f64;
     let mut h = vec![0f64; cols];
     for row in x.chunks_exact(cols) {
         for (a, &v) in h.iter_mut().zip(row) {
             *a += f64::from(v) * f64::from(v);
         }
     }
-    let mean_h = h.iter().sum::<f64>() / (cols as f64 * t.max(1) as f64);
-    // A floor keeps channels never excited during calibration from being ignored.
-    let h: Vec<f32> = h
-        .iter()
-        .map(|&v| (v / t.max(1) as f64 + 1e-3 * mean_h) as f32)
-        .collect();
+    let mean_h = h.iter().sum::<f64>() / (cols as f64 * t);
+    h.iter().map(|&v| (v / t + 1e-3 * mean_h) as f32).collect()
+}
+
+/// Quantisation parameters for one group `wg` minimising its weighted error
+/// `Σᵢ hᵢ·(wᵢ − ŵᵢ)²`.
+///
+/// Candidates: AutoAWQ's clipping bounds `max|w|·(1 − i/grid)`, each refined by a
+/// weighted least-squares refit of the scale for the zero point and its two
+/// neighbours (the zero point must stay an integer code).
+fn search_group(wg: &[f32], hg: &[f32], grid: usize, max_shrink: f32) -> GroupParams {
     let steps = ((max_shrink * grid as f32) as usize).max(1);
-    w.par_chunks(cols)
-        .flat_map_iter(|row| {
-            let h = &h;
-            row.chunks(group).enumerate().map(move |(g, wg)| {
-                let hg = &h[g * group..(g + 1) * group];
-                let err = |p: &GroupParams| -> f32 {
-                    wg.iter()
-                        .zip(hg)
-                        .map(|(&v, &hv)| {
-                            let d = v - p.dequant(p.code(v));
-                            hv * d * d
-                        })
-                        .sum()
-                };
-                let max = wg.iter().fold(0f32, |m, &v| m.max(v.abs()));
-                let mut best_p = group_params(wg, None);
-                let mut best = err(&best_p);
-                for i in 0..steps {
-                    let bound = max * (1.0 - i as f32 / grid as f32);
-                    let p = group_params(wg, Some(bound));
-                    let e = err(&p);
-                    if e < best {
-                        (best, best_p) = (e, p);
-                    }
-                    for dz in [-1i32, 0, 1] {
-                        let z = i32::from(p.zero) + dz;
-                        if !(0..=15).contains(&z) {
-                            continue;
-                        }
-                        // Weighted least squares for the scale given the codes.
-                        let (mut num, mut den) = (0f64, 0f64);
-                        for (&v, &hv) in wg.iter().zip(hg) {
-                            let c = f64::from(i32::from(p.code(v)) - z);
-                            num += f64::from(hv) * f64::from(v) * c;
-                            den += f64::from(hv) * c * c;
-                        }
-                        if den <= 0.0 || num <= 0.0 {
-                            continue;
-                        }
-                        let scale = half::f16::from_f64(num / den);
-                        if !(scale.to_f32() > 0.0 && scale.is_finite()) {
-                            continue;
-                        }
-                        let q = GroupParams {
-                            scale,
-                            zero: z as u8,
-                        };
-                        let e = err(&q);
-                        if e < best {
-                            (best, best_p) = (e, q);
-                        }
-                    }
-                }
-                best_p
+    let err = |p: &GroupParams| -> f32 {
+        wg.iter()
+            .zip(hg)
+            .map(|(&v, &hv)| {
+                let d = v - p.dequant(p.code(v));
+                hv * d * d
             })
+            .sum()
+    };
+    let max = wg.iter().fold(0f32, |m, &v| m.max(v.abs()));
+    let mut best_p = group_params(wg, None);
+    let mut best = err(&best_p);
+    for i in 0..steps {
+        let bound = max * (1.0 - i as f32 / grid as f32);
+        let p = group_params(wg, Some(bound));
+        let e = err(&p);
+        if e < best {
+            (best, best_p) = (e, p);
+        }
+        for dz in [-1i32, 0, 1] {
+            let z = i32::from(p.zero) + dz;
+            if !(0..=15).contains(&z) {
+                continue;
+            }
+            // Weighted least squares for the scale given the codes.
+            let (mut num, mut den) = (0f64, 0f64);
+            for (&v, &hv) in wg.iter().zip(hg) {
+                let c = f64::from(i32::from(p.code(v)) - z);
+                num += f64::from(hv) * f64::from(v) * c;
+                den += f64::from(hv) * c * c;
+            }
+            if den <= 0.0 || num <= 0.0 {
+                continue;
+            }
+            let scale = half::f16::from_f64(num / den);
+            if !(scale.to_f32() > 0.0 && scale.is_finite()) {
+                continue;
+            }
+            let q = GroupParams {
+                scale,
+                zero: z as u8,
+            };
+            let e = err(&q);
+            if e < best {
+                (best, best_p) = (e, q);
+            }
+        }
+    }
+    best_p
+}
+
+/// What one projection group's quantisation needs from its (scaled) inputs.
+struct InputStats {
+    /// Per-channel importance (see [`channel_importance`]).
+    importance: Vec<f32>,
+    /// GPTQ's inverse-Hessian factor, when compensation is on.
+    factor: Option<InverseFactor>,
+}
+
+impl InputStats {
+    /// From inputs `x` (`[T, cols]`) as the unscaled model sees them and the AWQ
+    /// scales `s` the projection's columns were multiplied by.
+    fn new(name: &str, x: &[f32], s: &[f32], cfg: &AwqConfig) -> Result<InputStats, QuantError> {
+        let cols = s.len();
+        let needs_inputs = !matches!(
+            (cfg.clip, cfg.compensation),
+            (ClipSearch::Off, Compensation::Off)
+        );
+        if !needs_inputs {
+            return Ok(InputStats {
+                importance: Vec::new(),
+                factor: None,
+            });
+        }
+        let mut xs = x.to_vec();
+        let inv: Vec<f32> = s.iter().map(|v| 1.0 / v).collect();
+        scale_cols(&mut xs, &inv);
+        let factor = match cfg.compensation {
+            Compensation::Off => None,
+            Compensation::Gptq { damp } => Some(InverseFactor::new(
+                name,
+                &hessian(&xs, cols)?,
+                cols,
+                f64::from(damp),
+            )?),
+        };
+        Ok(InputStats {
+            importance: channel_importance(&xs, cols),
+            factor,
         })
-        .collect()
+    }
+}
+
+/// Quantises one projection `w` (`[rows, cols]`, columns already scaled) as `cfg`
+/// says: round to nearest or the parameter search per group, optionally under GPTQ.
+fn quantize_linear(
+    name: &str,
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    cfg: &AwqConfig,
+    stats: &InputStats,
+) -> Result<Int4Weight, QuantError> {
+    let gs = cfg.group_size;
+    let layout = Int4Layout::new(cols, rows, gs).map_err(|source| QuantError::BadInt4 {
+        name: name.to_owned(),
+        source,
+    })?;
+    let choose = |wg: &[f32], g0: usize| match cfg.clip {
+        ClipSearch::Off => group_params(wg, None),
+        ClipSearch::Grid { grid, max_shrink } => {
+            search_group(wg, &stats.importance[g0..g0 + wg.len()], grid, max_shrink)
+        }
+    };
+    match &stats.factor {
+        Some(factor) => {
+            let (params, values) = gptq(w, cols, gs, factor, choose);
+            Int4Weight::quantize_with_params(name, &values, layout, &params)
+        }
+        None => match cfg.clip {
+            ClipSearch::Off => Int4Weight::quantize(name, w, rows, cols, gs, None),
+            ClipSearch::Grid { .. } => {
+                let params: Vec<GroupParams> = w
+                    .par_chunks(cols)
+                    .flat_map_iter(|row| {
+                        row.chunks(gs)
+                            .enumerate()
+                            .map(move |(g, wg)| choose(wg, g * gs))
+                    })
+                    .collect();
+                Int4Weight::quantize_with_params(name, w, layout, &params)
+            }
+        },
+    }
 }
 
 /// AWQ of `weights` (see the [module docs](self)). Deterministic: the same inputs give
@@ -675,48 +805,28 @@ pub fn quantize_weights_awq(
         unscale_rows(&mut b.up, &s_d);
         scale_cols(&mut b.down, &s_d);
 
-        // Parameter search (clipping and zero-point refits), on the scaled weights and
-        // correspondingly scaled inputs; plain min/max when it is off.
-        let gs = cfg.group_size;
-        let lin = |t: LayerTensor, w: &[f32], x: &[f32], s: &[f32]| {
+        // Parameter search (clipping and zero-point refits) and GPTQ compensation, on
+        // the scaled weights and correspondingly scaled inputs (every calibration token).
+        let st_qkv = InputStats::new("q/k/v", &inputs.attn_in, &s_qkv, cfg)?;
+        let st_o = InputStats::new("o_proj", &inputs.o_in, &s_o, cfg)?;
+        let st_gu = InputStats::new("gate/up", &inputs.mlp_in, &s_gu, cfg)?;
+        let st_d = InputStats::new("down_proj", &inputs.down_in, &s_d, cfg)?;
+        let lin = |t: LayerTensor, w: &[f32], stats: &InputStats| {
             let role = TensorRole::Layer {
                 layer: li,
                 tensor: t,
             };
             let shape = role.expected_shape(config);
-            let name = role.hf_name();
-            match cfg.clip {
-                ClipSearch::Off => Int4Weight::quantize(&name, w, shape[0], shape[1], gs, None),
-                ClipSearch::Grid { grid, max_shrink } => {
-                    let layout = Int4Layout::new(shape[1], shape[0], gs).map_err(|source| {
-                        QuantError::BadInt4 {
-                            name: name.clone(),
-                            source,
-                        }
-                    })?;
-                    let mut xs = x.to_vec();
-                    let inv: Vec<f32> = s.iter().map(|v| 1.0 / v).collect();
-                    scale_cols(&mut xs, &inv);
-                    let params = search_params(&xs, w, shape[1], gs, grid, max_shrink);
-                    Int4Weight::quantize_with_params(&name, w, layout, &params)
-                }
-            }
+            quantize_linear(&role.hf_name(), w, shape[0], shape[1], cfg, stats)
         };
-        let attn_x = &inputs.attn_in[..ts * h];
-        let mlp_x = &inputs.mlp_in[..ts * h];
         layers.push(QuantizedLayer {
-            q_proj: lin(LayerTensor::Q, &b.q, attn_x, &s_qkv)?,
-            k_proj: lin(LayerTensor::K, &b.k, attn_x, &s_qkv)?,
-            v_proj: lin(LayerTensor::V, &b.v, attn_x, &s_qkv)?,
-            o_proj: lin(LayerTensor::O, &b.o, &inputs.o_in[..ts * qd], &s_o)?,
-            gate_proj: lin(LayerTensor::Gate, &b.gate, mlp_x, &s_gu)?,
-            up_proj: lin(LayerTensor::Up, &b.up, mlp_x, &s_gu)?,
-            down_proj: lin(
-                LayerTensor::Down,
-                &b.down,
-                &inputs.down_in[..ts * ffn],
-                &s_d,
-            )?,
+            q_proj: lin(LayerTensor::Q, &b.q, &st_qkv)?,
+            k_proj: lin(LayerTensor::K, &b.k, &st_qkv)?,
+            v_proj: lin(LayerTensor::V, &b.v, &st_qkv)?,
+            o_proj: lin(LayerTensor::O, &b.o, &st_o)?,
+            gate_proj: lin(LayerTensor::Gate, &b.gate, &st_gu)?,
+            up_proj: lin(LayerTensor::Up, &b.up, &st_gu)?,
+            down_proj: lin(LayerTensor::Down, &b.down, &st_d)?,
             attn_norm: b.attn_norm,
             mlp_norm: b.mlp_norm,
         });
@@ -729,8 +839,24 @@ pub fn quantize_weights_awq(
         bar.inc(1);
     }
     bar.finish_and_clear();
+    let embed_tokens = match cfg.embedding {
+        EmbeddingQuant::Int4 if weights.is_tied() => {
+            // The head's inputs: the final norm of the last block's output.
+            let mut y = vec![0f32; t * h];
+            cpu::rms_norm(&x, &weights.norm().to_f32_vec(), c.rms_norm_eps, &mut y)
+                .map_err(kern("calib final norm"))?;
+            let stats = InputStats::new("lm_head", &y, &vec![1.0; h], cfg)?;
+            let table = weights.embed_tokens().to_f32_vec();
+            let q = quantize_linear("model.embed_tokens", &table, c.vocab_size, h, cfg, &stats)?;
+            tracing::debug!(bytes = q.size_in_bytes(), "int4 embedding/head");
+            QuantizedEmbedding::Int4(q)
+        }
+        EmbeddingQuant::Int4 | EmbeddingQuant::Dense => {
+            QuantizedEmbedding::Dense(weights.embed_tokens().clone())
+        }
+    };
     let weights = QuantizedWeights {
-        embed_tokens: weights.embed_tokens().clone(),
+        embed_tokens,
         layers,
         norm: weights.norm().clone(),
         lm_head: (!weights.is_tied()).then(|| weights.lm_head().clone()),

@@ -26,7 +26,7 @@ use crate::weights::{LayerTensor, TensorRole};
 
 use super::error::QuantError;
 use super::int4::Int4Weight;
-use super::model::{QuantizedLayer, QuantizedModel, QuantizedWeights, LINEARS};
+use super::model::{QuantizedEmbedding, QuantizedLayer, QuantizedModel, QuantizedWeights, LINEARS};
 
 /// The `quantization_config` of an AutoAWQ int4 GEMM checkpoint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -115,6 +115,36 @@ fn linear_prefix(layer: usize, t: LayerTensor) -> String {
     name.strip_suffix(".weight").unwrap_or(&name).to_owned()
 }
 
+/// Where an int4 embedding's tensors live (`model.embed_tokens.qweight` ...).
+const EMBED_PREFIX: &str = "model.embed_tokens";
+
+/// A safetensors entry to write: name, dtype, shape, bytes.
+type Owned = (String, Dtype, Vec<usize>, Vec<u8>);
+
+/// AutoAWQ's three tensors of one int4 layer.
+fn push_int4(owned: &mut Vec<Owned>, prefix: &str, q: &Int4Weight) {
+    let lay = q.layout();
+    let wpr = lay.words_per_row();
+    owned.push((
+        format!("{prefix}.qweight"),
+        Dtype::I32,
+        vec![lay.in_features(), wpr],
+        bytemuck::cast_slice(q.qweight()).to_vec(),
+    ));
+    owned.push((
+        format!("{prefix}.qzeros"),
+        Dtype::I32,
+        vec![lay.groups(), wpr],
+        bytemuck::cast_slice(q.qzeros()).to_vec(),
+    ));
+    owned.push((
+        format!("{prefix}.scales"),
+        Dtype::F16,
+        vec![lay.groups(), lay.out_features()],
+        bytemuck::cast_slice(q.scales()).to_vec(),
+    ));
+}
+
 fn st_dtype(d: DType) -> Dtype {
     match d {
         DType::F16 => Dtype::F16,
@@ -171,24 +201,13 @@ fn hf_config_json(config: &LlamaConfig) -> serde_json::Value {
     v
 }
 
-impl QuantizedModel {
-    /// Writes an AutoAWQ checkpoint into `dir` (created if needed): `config.json` with
-    /// its `quantization_config`, `model.safetensors`, `tokenizer.json` and
-    /// `tokenizer_config.json` (special tokens and chat template).
-    pub fn save_autoawq(&self, dir: impl AsRef<Path>) -> Result<(), QuantError> {
-        let dir = dir.as_ref();
-        self.weights.validate(&self.config)?;
-        std::fs::create_dir_all(dir).map_err(|e| QuantError::io("create", dir, e))?;
-        let mut cfg = hf_config_json(&self.config);
-        cfg["quantization_config"] = AwqCheckpointConfig {
-            group_size: self.weights.group_size,
-        }
-        .to_json();
-        write_json(&dir.join("config.json"), &cfg)?;
-
-        let w = &self.weights;
-        let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
-        let mut dense = |role: TensorRole, t: &Tensor| {
+impl QuantizedWeights {
+    /// Every tensor under its AutoAWQ name (`….qweight` / `….qzeros` as I32, `….scales`
+    /// F16, dense tensors in their own type), as little-endian bytes.
+    pub(crate) fn stored_tensors(&self) -> Vec<Owned> {
+        let w = self;
+        let mut owned: Vec<Owned> = Vec::new();
+        let dense = |owned: &mut Vec<Owned>, role: TensorRole, t: &Tensor| {
             owned.push((
                 role.hf_name(),
                 st_dtype(t.dtype()),
@@ -196,10 +215,14 @@ impl QuantizedModel {
                 t.as_bytes().to_vec(),
             ))
         };
-        dense(TensorRole::TokenEmbedding, &w.embed_tokens);
-        dense(TensorRole::FinalNorm, &w.norm);
+        match &w.embed_tokens {
+            QuantizedEmbedding::Dense(t) => dense(&mut owned, TensorRole::TokenEmbedding, t),
+            // Not something AutoAWQ writes; batos reads it back (same three tensors).
+            QuantizedEmbedding::Int4(q) => push_int4(&mut owned, EMBED_PREFIX, q),
+        }
+        dense(&mut owned, TensorRole::FinalNorm, &w.norm);
         if let Some(h) = &w.lm_head {
-            dense(TensorRole::LmHead, h);
+            dense(&mut owned, TensorRole::LmHead, h);
         }
         for (layer, l) in w.layers.iter().enumerate() {
             for (t, norm) in [
@@ -215,29 +238,145 @@ impl QuantizedModel {
             }
             for t in LINEARS {
                 let q = l.linear(t).expect("LINEARS are projections");
-                let lay = q.layout();
-                let p = linear_prefix(layer, t);
-                let wpr = lay.words_per_row();
-                owned.push((
-                    format!("{p}.qweight"),
-                    Dtype::I32,
-                    vec![lay.in_features(), wpr],
-                    bytemuck::cast_slice(q.qweight()).to_vec(),
-                ));
-                owned.push((
-                    format!("{p}.qzeros"),
-                    Dtype::I32,
-                    vec![lay.groups(), wpr],
-                    bytemuck::cast_slice(q.qzeros()).to_vec(),
-                ));
-                owned.push((
-                    format!("{p}.scales"),
-                    Dtype::F16,
-                    vec![lay.groups(), lay.out_features()],
-                    bytemuck::cast_slice(q.scales()).to_vec(),
-                ));
+                push_int4(&mut owned, &linear_prefix(layer, t), q);
             }
         }
+        owned
+    }
+
+    /// Rebuilds the weights from named tensors (as [`QuantizedWeights::stored_tensors`]
+    /// names them), checking every name, type and shape; `source` is for errors.
+    pub(crate) fn from_stored(
+        source: &Path,
+        config: &LlamaConfig,
+        group_size: usize,
+        tensors: Vec<Owned>,
+    ) -> Result<QuantizedWeights, QuantError> {
+        let path = source.to_path_buf();
+        let mut dense: HashMap<TensorRole, Tensor> = HashMap::new();
+        let mut packed: Packed = BTreeMap::new();
+        for (name, dt, shape, bytes) in tensors {
+            if name.ends_with("rotary_emb.inv_freq") {
+                continue;
+            }
+            if [".qweight", ".qzeros", ".scales"]
+                .iter()
+                .any(|s| name.ends_with(s))
+            {
+                packed.insert(name, (path.clone(), dt, shape, bytes));
+                continue;
+            }
+            let role = TensorRole::from_hf_name(&name).ok_or_else(|| QuantError::BadTensor {
+                path: path.clone(),
+                name: name.clone(),
+                reason: "no Llama weight maps to this name".into(),
+            })?;
+            let dtype = match dt {
+                Dtype::F32 => DType::F32,
+                Dtype::F16 => DType::F16,
+                Dtype::BF16 => DType::BF16,
+                other => {
+                    return Err(QuantError::BadTensor {
+                        path: path.clone(),
+                        name,
+                        reason: format!("dtype {other:?} (expected F32, F16 or BF16)"),
+                    })
+                }
+            };
+            dense.insert(role, Tensor::from_le_bytes(shape, dtype, &bytes)?);
+        }
+        let qc = AwqCheckpointConfig { group_size };
+        let dir = source;
+        let source = dir.to_path_buf();
+        let mut take_dense = |role: TensorRole| {
+            dense
+                .remove(&role)
+                .ok_or_else(|| QuantError::MissingTensor {
+                    path: source.clone(),
+                    name: role.hf_name(),
+                })
+        };
+        let embed_tokens = if packed.contains_key(&format!("{EMBED_PREFIX}.qweight")) {
+            QuantizedEmbedding::Int4(take_linear(
+                &mut packed,
+                dir,
+                EMBED_PREFIX,
+                vec![config.vocab_size, config.hidden_size],
+                qc,
+            )?)
+        } else {
+            QuantizedEmbedding::Dense(take_dense(TensorRole::TokenEmbedding)?)
+        };
+        let norm = take_dense(TensorRole::FinalNorm)?;
+        let lm_head = if config.tie_word_embeddings {
+            None
+        } else {
+            Some(take_dense(TensorRole::LmHead)?)
+        };
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for layer in 0..config.num_hidden_layers {
+            let mut norm_of = |t: LayerTensor| -> Result<Vec<f32>, QuantError> {
+                Ok(take_dense(TensorRole::Layer { layer, tensor: t })?.to_f32_vec())
+            };
+            let attn_norm = norm_of(LayerTensor::AttnNorm)?;
+            let mlp_norm = norm_of(LayerTensor::MlpNorm)?;
+            let mut lin = |t: LayerTensor| -> Result<Int4Weight, QuantError> {
+                let role = TensorRole::Layer { layer, tensor: t };
+                let shape = role.expected_shape(config);
+                take_linear(&mut packed, dir, &linear_prefix(layer, t), shape, qc)
+            };
+            layers.push(QuantizedLayer {
+                attn_norm,
+                q_proj: lin(LayerTensor::Q)?,
+                k_proj: lin(LayerTensor::K)?,
+                v_proj: lin(LayerTensor::V)?,
+                o_proj: lin(LayerTensor::O)?,
+                mlp_norm,
+                gate_proj: lin(LayerTensor::Gate)?,
+                up_proj: lin(LayerTensor::Up)?,
+                down_proj: lin(LayerTensor::Down)?,
+            });
+        }
+        let leftover = dense
+            .keys()
+            .map(|r| r.hf_name())
+            .chain(packed.keys().cloned())
+            .next();
+        if let Some(name) = leftover {
+            return Err(QuantError::BadTensor {
+                path: dir.to_path_buf(),
+                name,
+                reason: "not used by a model with this config".into(),
+            });
+        }
+        let weights = QuantizedWeights {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            group_size: qc.group_size,
+        };
+        weights.validate(config)?;
+        Ok(weights)
+    }
+}
+
+impl QuantizedModel {
+    /// Writes an AutoAWQ checkpoint into `dir` (created if needed): `config.json` with
+    /// its `quantization_config`, `model.safetensors`, `tokenizer.json` and
+    /// `tokenizer_config.json` (special tokens and chat template).
+    pub fn save_autoawq(&self, dir: impl AsRef<Path>) -> Result<(), QuantError> {
+        let dir = dir.as_ref();
+        self.weights.validate(&self.config)?;
+        std::fs::create_dir_all(dir).map_err(|e| QuantError::io("create", dir, e))?;
+        let mut cfg = hf_config_json(&self.config);
+        cfg["quantization_config"] = AwqCheckpointConfig {
+            group_size: self.weights.group_size,
+        }
+        .to_json();
+        write_json(&dir.join("config.json"), &cfg)?;
+
+        let owned = self.weights.stored_tensors();
         let path = dir.join("model.safetensors");
         let views = owned
             .iter()
@@ -301,8 +440,7 @@ impl QuantizedModel {
         let tokenizer = ModelTokenizer::from_hf_dir(dir)?;
         let chat_template = ChatTemplate::from_hf_dir(dir)?;
         let files = checkpoint_files(dir)?;
-        let mut dense: HashMap<TensorRole, Tensor> = HashMap::new();
-        let mut packed: BTreeMap<String, (PathBuf, Dtype, Vec<usize>, Vec<u8>)> = BTreeMap::new();
+        let mut tensors: Vec<Owned> = Vec::new();
         for path in &files {
             let bytes = std::fs::read(path).map_err(|e| QuantError::io("read", path, e))?;
             let st = SafeTensors::deserialize(&bytes).map_err(|e| QuantError::BadTensor {
@@ -311,105 +449,15 @@ impl QuantizedModel {
                 reason: e.to_string(),
             })?;
             for (name, view) in st.iter() {
-                if name.ends_with("rotary_emb.inv_freq") {
-                    continue;
-                }
-                if [".qweight", ".qzeros", ".scales"]
-                    .iter()
-                    .any(|s| name.ends_with(s))
-                {
-                    packed.insert(
-                        name.to_owned(),
-                        (
-                            path.clone(),
-                            view.dtype(),
-                            view.shape().to_vec(),
-                            view.data().to_vec(),
-                        ),
-                    );
-                    continue;
-                }
-                let role = TensorRole::from_hf_name(name).ok_or_else(|| QuantError::BadTensor {
-                    path: path.clone(),
-                    name: name.to_owned(),
-                    reason: "no Llama weight maps to this name".into(),
-                })?;
-                let dtype = match view.dtype() {
-                    Dtype::F32 => DType::F32,
-                    Dtype::F16 => DType::F16,
-                    Dtype::BF16 => DType::BF16,
-                    other => {
-                        return Err(QuantError::BadTensor {
-                            path: path.clone(),
-                            name: name.to_owned(),
-                            reason: format!("dtype {other:?} (expected F32, F16 or BF16)"),
-                        })
-                    }
-                };
-                let t = Tensor::from_le_bytes(view.shape().to_vec(), dtype, view.data())?;
-                dense.insert(role, t);
+                tensors.push((
+                    name.to_owned(),
+                    view.dtype(),
+                    view.shape().to_vec(),
+                    view.data().to_vec(),
+                ));
             }
         }
-        let source = dir.to_path_buf();
-        let mut take_dense = |role: TensorRole| {
-            dense
-                .remove(&role)
-                .ok_or_else(|| QuantError::MissingTensor {
-                    path: source.clone(),
-                    name: role.hf_name(),
-                })
-        };
-        let embed_tokens = take_dense(TensorRole::TokenEmbedding)?;
-        let norm = take_dense(TensorRole::FinalNorm)?;
-        let lm_head = if config.tie_word_embeddings {
-            None
-        } else {
-            Some(take_dense(TensorRole::LmHead)?)
-        };
-        let mut layers = Vec::with_capacity(config.num_hidden_layers);
-        for layer in 0..config.num_hidden_layers {
-            let mut norm_of = |t: LayerTensor| -> Result<Vec<f32>, QuantError> {
-                Ok(take_dense(TensorRole::Layer { layer, tensor: t })?.to_f32_vec())
-            };
-            let attn_norm = norm_of(LayerTensor::AttnNorm)?;
-            let mlp_norm = norm_of(LayerTensor::MlpNorm)?;
-            let mut lin = |t: LayerTensor| -> Result<Int4Weight, QuantError> {
-                let role = TensorRole::Layer { layer, tensor: t };
-                let shape = role.expected_shape(&config);
-                take_linear(&mut packed, dir, &linear_prefix(layer, t), shape, qc)
-            };
-            layers.push(QuantizedLayer {
-                attn_norm,
-                q_proj: lin(LayerTensor::Q)?,
-                k_proj: lin(LayerTensor::K)?,
-                v_proj: lin(LayerTensor::V)?,
-                o_proj: lin(LayerTensor::O)?,
-                mlp_norm,
-                gate_proj: lin(LayerTensor::Gate)?,
-                up_proj: lin(LayerTensor::Up)?,
-                down_proj: lin(LayerTensor::Down)?,
-            });
-        }
-        let leftover = dense
-            .keys()
-            .map(|r| r.hf_name())
-            .chain(packed.keys().cloned())
-            .next();
-        if let Some(name) = leftover {
-            return Err(QuantError::BadTensor {
-                path: dir.to_path_buf(),
-                name,
-                reason: "not used by a model with this config".into(),
-            });
-        }
-        let weights = QuantizedWeights {
-            embed_tokens,
-            layers,
-            norm,
-            lm_head,
-            group_size: qc.group_size,
-        };
-        weights.validate(&config)?;
+        let weights = QuantizedWeights::from_stored(dir, &config, qc.group_size, tensors)?;
         tracing::info!(dir = %dir.display(), group_size = qc.group_size, "loaded AutoAWQ checkpoint");
         Ok(QuantizedModel {
             config,

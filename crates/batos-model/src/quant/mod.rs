@@ -13,17 +13,18 @@ mod awq;
 mod checkpoint;
 mod error;
 mod eval;
+mod gptq;
 mod int4;
 mod model;
 mod rtn;
 
 pub use awq::{
     quantize_awq, quantize_weights_awq, AwqConfig, AwqOutcome, Calibration, ClipSearch,
-    LayerSearch, SHIPPED_CALIBRATION_TEXT, SHIPPED_HELDOUT_TEXT,
+    Compensation, EmbeddingQuant, LayerSearch, SHIPPED_CALIBRATION_TEXT, SHIPPED_HELDOUT_TEXT,
 };
 pub use checkpoint::AwqCheckpointConfig;
 pub use error::QuantError;
 pub use eval::{perplexity, sequence_logits, Perplexity};
 pub use int4::{fake_quantize, Int4Weight};
-pub use model::{QuantizedLayer, QuantizedModel, QuantizedWeights, LINEARS};
+pub use model::{QuantizedEmbedding, QuantizedLayer, QuantizedModel, QuantizedWeights, LINEARS};
 pub use rtn::{quantize_rtn, quantize_weights_rtn};

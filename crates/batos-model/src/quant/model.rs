@@ -63,11 +63,52 @@ impl QuantizedLayer {
     }
 }
 
-/// All weights of an int4 Llama: dense embedding, final norm and (untied) head, int4
-/// blocks.
+/// The token embedding of an int4 model: dense, or int4 (`[vocab, hidden]` as an
+/// output-major linear layer, groups along `hidden`) when the head is tied to it and
+/// quantised with it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum QuantizedEmbedding {
+    /// Kept in its original element type (what AutoAWQ does).
+    Dense(Tensor),
+    /// int4 in AutoAWQ's layout; the embedding gathers dequantised rows, the tied head
+    /// multiplies them on the fly.
+    Int4(Int4Weight),
+}
+
+impl QuantizedEmbedding {
+    /// `[rows, cols]`.
+    pub fn shape(&self) -> [usize; 2] {
+        match self {
+            QuantizedEmbedding::Dense(t) => match t.shape() {
+                [r, c] => [*r, *c],
+                other => [other.iter().product(), 1],
+            },
+            QuantizedEmbedding::Int4(w) => [w.rows(), w.cols()],
+        }
+    }
+
+    /// The table as row-major f32 (dequantised when int4).
+    pub fn to_f32_vec(&self) -> Vec<f32> {
+        match self {
+            QuantizedEmbedding::Dense(t) => t.to_f32_vec(),
+            QuantizedEmbedding::Int4(w) => w.dequantize(),
+        }
+    }
+
+    /// Bytes held.
+    pub fn size_in_bytes(&self) -> usize {
+        match self {
+            QuantizedEmbedding::Dense(t) => t.as_bytes().len(),
+            QuantizedEmbedding::Int4(w) => w.size_in_bytes(),
+        }
+    }
+}
+
+/// All weights of an int4 Llama: embedding (dense or int4), final norm and (untied)
+/// head, int4 blocks.
 #[derive(Clone, Debug, PartialEq)]
 pub struct QuantizedWeights {
-    pub embed_tokens: Tensor,
+    pub embed_tokens: QuantizedEmbedding,
     pub layers: Vec<QuantizedLayer>,
     pub norm: Tensor,
     /// `None` when the head is tied to the embedding.
@@ -91,11 +132,32 @@ impl QuantizedWeights {
             }
         };
         let (h, v) = (config.hidden_size, config.vocab_size);
-        shape(
-            TensorRole::TokenEmbedding.hf_name(),
-            &self.embed_tokens,
-            vec![v, h],
-        )?;
+        let embed = self.embed_tokens.shape();
+        if embed != [v, h] {
+            return Err(QuantError::Shape {
+                name: TensorRole::TokenEmbedding.hf_name(),
+                expected: vec![v, h],
+                got: embed[0] * embed[1],
+            });
+        }
+        if let QuantizedEmbedding::Int4(w) = &self.embed_tokens {
+            if !config.tie_word_embeddings {
+                return Err(QuantError::InvalidConfig {
+                    field: "embed_tokens",
+                    reason: "an int4 embedding needs the head tied to it".into(),
+                });
+            }
+            if w.layout().group_size() != self.group_size {
+                return Err(QuantError::InvalidConfig {
+                    field: "group_size",
+                    reason: format!(
+                        "the int4 embedding has group size {}, the model {}",
+                        w.layout().group_size(),
+                        self.group_size
+                    ),
+                });
+            }
+        }
         shape(TensorRole::FinalNorm.hf_name(), &self.norm, vec![h])?;
         match (&self.lm_head, config.tie_word_embeddings) {
             (Some(t), false) => shape(TensorRole::LmHead.hf_name(), t, vec![v, h])?,
@@ -160,7 +222,7 @@ impl QuantizedWeights {
     /// Bytes held by all weights.
     pub fn size_in_bytes(&self) -> usize {
         let dense = |t: &Tensor| t.as_bytes().len();
-        dense(&self.embed_tokens)
+        self.embed_tokens.size_in_bytes()
             + dense(&self.norm)
             + self.lm_head.as_ref().map_or(0, dense)
             + self

@@ -7,7 +7,7 @@ use crate::weights::{LayerTensor, ModelWeights, TensorRole};
 
 use super::error::QuantError;
 use super::int4::Int4Weight;
-use super::model::{QuantizedLayer, QuantizedModel, QuantizedWeights};
+use super::model::{QuantizedEmbedding, QuantizedLayer, QuantizedModel, QuantizedWeights};
 
 /// Quantises one projection of `weights` (block `layer`, tensor `t`) round to nearest.
 pub(crate) fn quantize_linear(
@@ -55,7 +55,7 @@ pub fn quantize_weights_rtn(
         });
     }
     let w = QuantizedWeights {
-        embed_tokens: weights.embed_tokens().clone(),
+        embed_tokens: QuantizedEmbedding::Dense(weights.embed_tokens().clone()),
         layers,
         norm: weights.norm().clone(),
         lm_head: (!weights.is_tied()).then(|| weights.lm_head().clone()),

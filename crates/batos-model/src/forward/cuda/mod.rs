@@ -124,7 +124,7 @@ impl CudaLlama {
         dev: Arc<CudaDevice>,
         budget: &MemoryBudget,
     ) -> Result<CudaLlama, ForwardError> {
-        let parts = model.parts();
+        let parts = model.parts()?;
         let dims = *model.dims();
         let bytes = weights::device_bytes(&parts);
         let reservation = budget
