@@ -1,0 +1,233 @@
+//! The precision hot slots hold: the copy of an adapter's A and B the batched kernels
+//! stream every decode step.
+//!
+//! A decode step over many distinct adapters reads every adapter's A and B once per
+//! step, so the bytes per element set its speed (see `docs/perf/lora.md`). The warm
+//! tier keeps the canonical f32 decode (the generation is computed from it, and
+//! materialisation and device copies start from it); a half-precision format adds a
+//! converted copy of the matrices it narrows, built once when the adapter enters the
+//! warm tier and charged to the same warm reservation.
+
+use crate::adapter::LoraWeights;
+use crate::shapes::Projection;
+use batos_kernels::cpu::lora::{LoraDType, LoraMatrix, LoraSlot};
+use half::{bf16, f16};
+
+/// The element types hot slots keep `A` and `B` in. Activations and accumulation are
+/// f32 whatever the format.
+///
+/// Tolerance: rounding to bf16 moves each element by at most 2⁻⁸ of itself, to f16 by
+/// 2⁻¹¹ (values below f16's normal range round in absolute terms, ≤ 3·10⁻⁸), so the
+/// update `scale·(x·Aᵀ)·Bᵀ` moves by at most about twice that of
+/// `scale·Σⱼ(Σₖ|xₖ·Aⱼₖ|)·|Bₒⱼ|` — a small fraction of the LoRA delta, itself a small
+/// part of the projection output. On the real model with the reference r16 adapter
+/// (`crates/batos-model/tests/lora_conformance.rs`) the step-1 logits stay within
+/// 3.0·10⁻⁴ of the f32 PEFT reference with f16 slots (asserted < 10⁻³, as for f32
+/// slots) and 6.0·10⁻³ with bf16 (asserted < 10⁻²); greedy tokens are identical.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct HotFormat {
+    /// Element type of `A` (`[rank, in]`, read by the shrink).
+    pub a: LoraDType,
+    /// Element type of `B` (`[out, rank]`, read by the expand).
+    pub b: LoraDType,
+}
+
+impl HotFormat {
+    /// f32 throughout: the slot reads the warm copy in place, nothing is converted.
+    pub const F32: HotFormat = HotFormat {
+        a: LoraDType::F32,
+        b: LoraDType::F32,
+    };
+    /// bf16 `A` and `B`: half the bytes, f32's range, 8 significant bits.
+    pub const BF16: HotFormat = HotFormat {
+        a: LoraDType::BF16,
+        b: LoraDType::BF16,
+    };
+    /// f16 `A` and `B`: half the bytes, 11 significant bits; a matrix with a value
+    /// beyond f16's range (±65504) is kept in bf16 instead.
+    pub const F16: HotFormat = HotFormat {
+        a: LoraDType::F16,
+        b: LoraDType::F16,
+    };
+
+    /// Whether nothing is converted.
+    pub fn is_f32(&self) -> bool {
+        *self == HotFormat::F32
+    }
+
+    /// An upper bound of the bytes the converted copy of an adapter takes, from its
+    /// decoded f32 size (exact when both matrices are narrowed).
+    pub fn extra_bytes_bound(&self, f32_bytes: u64) -> u64 {
+        if self.is_f32() {
+            0
+        } else {
+            f32_bytes / 2
+        }
+    }
+}
+
+impl Default for HotFormat {
+    /// f16: half the bytes of f32, and on the real model within the f32 tolerance of
+    /// the PEFT reference (bf16 is not: see `docs/perf/lora.md`).
+    fn default() -> Self {
+        HotFormat::F16
+    }
+}
+
+/// A matrix narrowed to half precision.
+#[derive(Clone, Debug, PartialEq)]
+enum Half {
+    F16(Vec<f16>),
+    BF16(Vec<bf16>),
+}
+
+impl Half {
+    /// `src` in `dtype`, or `None` for f32 (the slot reads the f32 copy).
+    fn convert(src: &[f32], dtype: LoraDType) -> Option<Half> {
+        match dtype {
+            LoraDType::F32 => None,
+            LoraDType::F16 if src.iter().all(|v| v.abs() <= f16::MAX.to_f32()) => {
+                let mut out = vec![f16::ZERO; src.len()];
+                half::slice::HalfFloatSliceExt::convert_from_f32_slice(&mut out[..], src);
+                Some(Half::F16(out))
+            }
+            // bf16 (or an f16 request whose values do not fit f16).
+            LoraDType::F16 | LoraDType::BF16 => {
+                let mut out = vec![bf16::ZERO; src.len()];
+                half::slice::HalfFloatSliceExt::convert_from_f32_slice(&mut out[..], src);
+                Some(Half::BF16(out))
+            }
+        }
+    }
+
+    fn view(&self) -> LoraMatrix<'_> {
+        match self {
+            Half::F16(v) => LoraMatrix::F16(v),
+            Half::BF16(v) => LoraMatrix::BF16(v),
+        }
+    }
+
+    fn bytes(&self) -> u64 {
+        (match self {
+            Half::F16(v) => v.len(),
+            Half::BF16(v) => v.len(),
+        } * 2) as u64
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+struct HalfPair {
+    a: Option<Half>,
+    b: Option<Half>,
+}
+
+/// The narrowed matrices of one adapter, indexed like its [`LoraWeights`]; a matrix
+/// the format keeps in f32 is read from the f32 weights.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HotWeights {
+    format: HotFormat,
+    num_layers: usize,
+    pairs: Vec<Option<HalfPair>>,
+    bytes: u64,
+}
+
+impl HotWeights {
+    /// Converts every pair of `weights` to `format`.
+    pub fn convert(weights: &LoraWeights, format: HotFormat) -> HotWeights {
+        let n = Projection::ALL.len();
+        let mut pairs = vec![None; weights.num_layers() * n];
+        let mut bytes = 0;
+        for (layer, p, pair) in weights.iter() {
+            let hp = HalfPair {
+                a: Half::convert(&pair.a, format.a),
+                b: Half::convert(&pair.b, format.b),
+            };
+            bytes += hp.a.as_ref().map_or(0, Half::bytes) + hp.b.as_ref().map_or(0, Half::bytes);
+            pairs[layer * n + p.index()] = Some(hp);
+        }
+        HotWeights {
+            format,
+            num_layers: weights.num_layers(),
+            pairs,
+            bytes,
+        }
+    }
+
+    /// The format it was converted to.
+    pub fn format(&self) -> HotFormat {
+        self.format
+    }
+
+    /// Bytes of the converted matrices.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// The kernels' view of `(layer, p)`: the narrowed matrices where there are any,
+    /// the f32 ones of `weights` (the weights this was converted from) elsewhere.
+    pub fn slot<'a>(
+        &'a self,
+        weights: &'a LoraWeights,
+        layer: usize,
+        p: Projection,
+    ) -> Option<LoraSlot<'a>> {
+        let pair = weights.pair(layer, p)?;
+        if layer >= self.num_layers {
+            return Some(pair.slot());
+        }
+        let half = self.pairs[layer * Projection::ALL.len() + p.index()].as_ref();
+        let pick = |h: Option<&'a Half>, f: &'a [f32]| h.map_or(LoraMatrix::F32(f), Half::view);
+        Some(LoraSlot::from_matrices(
+            pick(half.and_then(|h| h.a.as_ref()), &pair.a),
+            pick(half.and_then(|h| h.b.as_ref()), &pair.b),
+            pair.rank,
+            pair.scale,
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::adapter::LoraPair;
+
+    fn weights(a: Vec<f32>, b: Vec<f32>) -> LoraWeights {
+        let mut w = LoraWeights::empty(2);
+        let pair = LoraPair {
+            rank: 1,
+            scale: 0.5,
+            a,
+            b,
+        };
+        w.insert(1, Projection::V, pair).unwrap();
+        w
+    }
+
+    #[test]
+    fn mixed_formats_keep_f32_matrices_in_place() {
+        let w = weights(vec![0.1, -0.2, 0.3], vec![1.5, 2.5]);
+        let f = HotFormat {
+            a: LoraDType::F32,
+            b: LoraDType::BF16,
+        };
+        let h = HotWeights::convert(&w, f);
+        assert_eq!(h.bytes(), 2 * 2, "only B is copied");
+        let s = h.slot(&w, 1, Projection::V).unwrap();
+        assert_eq!(s.a(), LoraMatrix::F32(&[0.1, -0.2, 0.3]));
+        assert_eq!(s.b().dtype(), LoraDType::BF16);
+        assert_eq!((s.rank(), s.scale()), (1, 0.5));
+        assert!(h.slot(&w, 0, Projection::V).is_none(), "no pair there");
+        assert!(HotWeights::convert(&w, HotFormat::F32).bytes() == 0);
+    }
+
+    #[test]
+    fn f16_falls_back_to_bf16_for_values_out_of_its_range() {
+        let w = weights(vec![1e5, 0.0, 1.0], vec![0.25, 0.5]);
+        let h = HotWeights::convert(&w, HotFormat::F16);
+        let s = h.slot(&w, 1, Projection::V).unwrap();
+        assert_eq!(s.a().dtype(), LoraDType::BF16, "1e5 does not fit f16");
+        assert_eq!(s.a().get(0), Some(bf16::from_f32(1e5).to_f32()));
+        assert_eq!(s.b().dtype(), LoraDType::F16);
+        assert_eq!(h.bytes(), (3 + 2) * 2);
+    }
+}
