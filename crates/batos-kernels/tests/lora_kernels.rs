@@ -5,7 +5,7 @@
 mod common;
 
 use batos_kernels::cpu::lora::{
-    self, reference, LoraDType, LoraMatrix, LoraSegment, LoraSlot, LoraSlots, LoraTarget,
+    self, reference, BLayout, LoraDType, LoraMatrix, LoraSegment, LoraSlot, LoraSlots, LoraTarget,
 };
 use batos_kernels::cpu::reference as base;
 use batos_kernels::{KernelError, WeightView};
@@ -351,6 +351,7 @@ fn rejects_bad_arguments_with_typed_errors() {
 struct Stored {
     a: Store,
     b: Store,
+    layout: BLayout,
     rank: usize,
     scale: f32,
 }
@@ -380,14 +381,36 @@ impl Store {
 }
 
 fn store(table: &[Option<Owned>], a: LoraDType, b: LoraDType) -> Vec<Option<Stored>> {
+    store_as(table, a, b, BLayout::OutRank)
+}
+
+/// `B` transposed to `[rank, out]` when `layout` says so.
+fn store_as(
+    table: &[Option<Owned>],
+    a: LoraDType,
+    b: LoraDType,
+    layout: BLayout,
+) -> Vec<Option<Stored>> {
     table
         .iter()
         .map(|o| {
-            o.as_ref().map(|o| Stored {
-                a: Store::new(&o.a, a),
-                b: Store::new(&o.b, b),
-                rank: o.rank,
-                scale: o.scale,
+            o.as_ref().map(|o| {
+                let bt: Vec<f32> = match layout {
+                    BLayout::OutRank => o.b.clone(),
+                    BLayout::RankOut => {
+                        let out = o.b.len() / o.rank;
+                        (0..o.rank * out)
+                            .map(|i| o.b[(i % out) * o.rank + i / out])
+                            .collect()
+                    }
+                };
+                Stored {
+                    a: Store::new(&o.a, a),
+                    b: Store::new(&bt, b),
+                    layout,
+                    rank: o.rank,
+                    scale: o.scale,
+                }
             })
         })
         .collect()
@@ -396,8 +419,10 @@ fn store(table: &[Option<Owned>], a: LoraDType, b: LoraDType) -> Vec<Option<Stor
 fn stored_views(s: &[Option<Stored>]) -> Vec<Option<LoraSlot<'_>>> {
     s.iter()
         .map(|o| {
-            o.as_ref()
-                .map(|o| LoraSlot::from_matrices(o.a.view(), o.b.view(), o.rank, o.scale))
+            o.as_ref().map(|o| {
+                LoraSlot::from_matrices(o.a.view(), o.b.view(), o.rank, o.scale)
+                    .with_b_layout(o.layout)
+            })
         })
         .collect()
 }
@@ -410,9 +435,13 @@ fn half_slots_match_the_reference_on_odd_shapes_mixed_ranks_and_mixed_dtypes() {
     for &(n_in, n_out) in &[(1, 1), (7, 3), (37, 29), (65, 130), (576, 192)] {
         let ranks = [Some(1), Some(3), None, Some(8), Some(17), Some(16)];
         let table = make_slots(&mut rng, n_in, n_out, &ranks);
-        for da in DTYPES {
-            for db in DTYPES {
-                let stored = store(&table, da, db);
+        for (da, db, layout) in DTYPES.iter().flat_map(|&a| {
+            DTYPES
+                .iter()
+                .flat_map(move |&b| [(a, b, BLayout::OutRank), (a, b, BLayout::RankOut)])
+        }) {
+            {
+                let stored = store_as(&table, da, db, layout);
                 let v = stored_views(&stored);
                 let slots = LoraSlots::new(n_in, n_out, &v).unwrap();
                 for &t in &[1usize, 9, 20] {
@@ -425,8 +454,15 @@ fn half_slots_match_the_reference_on_odd_shapes_mixed_ranks_and_mixed_dtypes() {
                     lora::bgmv(&x, &tokens, &slots, &mut got).unwrap();
                     // f32 accumulation against f64 over the same (widened) values.
                     let tol = 2e-6 * (n_in as f32).sqrt() * 8.0;
-                    let what = format!("A {da} B {db} in {n_in} out {n_out} T {t}");
+                    let what = format!("A {da} B {db} {layout:?} in {n_in} out {n_out} T {t}");
                     assert_close(&got, &want, tol, tol, &what);
+                    // The two halves agree with the fused call.
+                    let r = slots.max_rank();
+                    let mut h = vec![0f32; t * r];
+                    lora::shrink(&x, &tokens, &slots, &mut h).unwrap();
+                    let mut split = y0.clone();
+                    lora::expand(&h, &tokens, &slots, &mut split).unwrap();
+                    assert_close(&split, &want, tol, tol, &format!("split {what}"));
                 }
             }
         }
@@ -495,7 +531,7 @@ fn fused_group_matches_each_projection_alone_and_the_reference() {
     let mut rng = TestRng::new(47);
     let n_in = 45;
     // q, k, v-like widths, one adapter missing from k (adapts q and v only).
-    let widths = [40usize, 13, 13];
+    let widths = [75usize, 13, 13];
     let ranks = [
         [Some(4), None, Some(16), Some(9)],
         [Some(4), None, None, Some(9)],
@@ -507,12 +543,14 @@ fn fused_group_matches_each_projection_alone_and_the_reference() {
         .zip(&ranks)
         .map(|(&w, r)| make_slots(&mut rng, n_in, w, r))
         .collect();
-    for (da, db) in [
-        (LoraDType::F32, LoraDType::F32),
-        (LoraDType::BF16, LoraDType::BF16),
-        (LoraDType::F32, LoraDType::F16),
+    for (da, db, layout) in [
+        (LoraDType::F32, LoraDType::F32, BLayout::OutRank),
+        (LoraDType::BF16, LoraDType::BF16, BLayout::OutRank),
+        (LoraDType::F32, LoraDType::F16, BLayout::OutRank),
+        (LoraDType::F16, LoraDType::F16, BLayout::RankOut),
+        (LoraDType::F32, LoraDType::F32, BLayout::RankOut),
     ] {
-        let stored: Vec<_> = tables.iter().map(|t| store(t, da, db)).collect();
+        let stored: Vec<_> = tables.iter().map(|t| store_as(t, da, db, layout)).collect();
         let views: Vec<_> = stored.iter().map(|s| stored_views(s)).collect();
         let slots: Vec<LoraSlots<'_>> = views
             .iter()
@@ -539,7 +577,7 @@ fn fused_group_matches_each_projection_alone_and_the_reference() {
             lora::apply_fused(&x, &tokens, &targets, &mut got, y_width).unwrap();
             let mut want = y0.clone();
             reference::apply_fused(&x, &tokens, &targets, &mut want, y_width).unwrap();
-            let what = format!("A {da} B {db} T {t}");
+            let what = format!("A {da} B {db} {layout:?} T {t}");
             assert_close(
                 &got,
                 &want,

@@ -6,11 +6,13 @@
 //! tier keeps the canonical f32 decode (the generation is computed from it, and
 //! materialisation and device copies start from it); a half-precision format adds a
 //! converted copy of the matrices it narrows, built once when the adapter enters the
-//! warm tier and charged to the same warm reservation.
+//! warm tier and charged to the same warm reservation. A narrowed `B` is stored
+//! transposed (`[rank, out]`, [`BLayout::RankOut`]), the layout the expand streams
+//! fastest.
 
 use crate::adapter::LoraWeights;
 use crate::shapes::Projection;
-use batos_kernels::cpu::lora::{LoraDType, LoraMatrix, LoraSlot};
+use batos_kernels::cpu::lora::{BLayout, LoraDType, LoraMatrix, LoraSlot};
 use half::{bf16, f16};
 
 /// The element types hot slots keep `A` and `B` in. Activations and accumulation are
@@ -140,7 +142,7 @@ impl HotWeights {
         for (layer, p, pair) in weights.iter() {
             let hp = HalfPair {
                 a: Half::convert(&pair.a, format.a),
-                b: Half::convert(&pair.b, format.b),
+                b: Half::convert(&transpose(&pair.b, pair.rank), format.b),
             };
             bytes += hp.a.as_ref().map_or(0, Half::bytes) + hp.b.as_ref().map_or(0, Half::bytes);
             pairs[layer * n + p.index()] = Some(hp);
@@ -176,14 +178,28 @@ impl HotWeights {
             return Some(pair.slot());
         }
         let half = self.pairs[layer * Projection::ALL.len() + p.index()].as_ref();
-        let pick = |h: Option<&'a Half>, f: &'a [f32]| h.map_or(LoraMatrix::F32(f), Half::view);
-        Some(LoraSlot::from_matrices(
-            pick(half.and_then(|h| h.a.as_ref()), &pair.a),
-            pick(half.and_then(|h| h.b.as_ref()), &pair.b),
-            pair.rank,
-            pair.scale,
-        ))
+        let a = half
+            .and_then(|h| h.a.as_ref())
+            .map_or(LoraMatrix::F32(&pair.a), Half::view);
+        let slot = match half.and_then(|h| h.b.as_ref()) {
+            Some(b) => LoraSlot::from_matrices(a, b.view(), pair.rank, pair.scale)
+                .with_b_layout(BLayout::RankOut),
+            None => LoraSlot::from_matrices(a, LoraMatrix::F32(&pair.b), pair.rank, pair.scale),
+        };
+        Some(slot)
     }
+}
+
+/// `b` (`[out, rank]`) as `[rank, out]`.
+fn transpose(b: &[f32], rank: usize) -> Vec<f32> {
+    let out = b.len() / rank.max(1);
+    let mut t = vec![0f32; b.len()];
+    for (o, row) in b.chunks_exact(rank.max(1)).enumerate() {
+        for (j, v) in row.iter().enumerate() {
+            t[j * out + o] = *v;
+        }
+    }
+    t
 }
 
 #[cfg(test)]
@@ -215,6 +231,8 @@ mod tests {
         let s = h.slot(&w, 1, Projection::V).unwrap();
         assert_eq!(s.a(), LoraMatrix::F32(&[0.1, -0.2, 0.3]));
         assert_eq!(s.b().dtype(), LoraDType::BF16);
+        assert_eq!(s.b_layout(), BLayout::RankOut);
+        assert_eq!((s.b_at(0, 0), s.b_at(1, 0)), (Some(1.5), Some(2.5)));
         assert_eq!((s.rank(), s.scale()), (1, 0.5));
         assert!(h.slot(&w, 0, Projection::V).is_none(), "no pair there");
         assert!(HotWeights::convert(&w, HotFormat::F32).bytes() == 0);
@@ -229,5 +247,32 @@ mod tests {
         assert_eq!(s.a().get(0), Some(bf16::from_f32(1e5).to_f32()));
         assert_eq!(s.b().dtype(), LoraDType::F16);
         assert_eq!(h.bytes(), (3 + 2) * 2);
+    }
+}
+
+#[cfg(test)]
+mod transpose_tests {
+    use super::*;
+    use crate::adapter::LoraPair;
+
+    #[test]
+    fn narrowed_b_is_transposed_and_reads_back_element_by_element() {
+        // rank 2, out 3: B = [[1, 2], [3, 4], [5, 6]].
+        let mut w = LoraWeights::empty(1);
+        let pair = LoraPair {
+            rank: 2,
+            scale: 1.0,
+            a: vec![0.5; 2 * 4],
+            b: vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
+        };
+        w.insert(0, Projection::O, pair).unwrap();
+        let h = HotWeights::convert(&w, HotFormat::F16);
+        let s = h.slot(&w, 0, Projection::O).unwrap();
+        assert_eq!(s.b().to_f32_vec(), vec![1.0, 3.0, 5.0, 2.0, 4.0, 6.0]);
+        for o in 0..3 {
+            for j in 0..2 {
+                assert_eq!(s.b_at(o, j), Some((o * 2 + j + 1) as f32));
+            }
+        }
     }
 }

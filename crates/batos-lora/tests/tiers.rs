@@ -610,16 +610,17 @@ fn half_hot_formats_narrow_once_and_charge_their_bytes() {
             for (layer, p) in [(0, Projection::Q), (1, Projection::Down)] {
                 let slot = snap.table(layer, p)[pin.slot().index()].unwrap();
                 let pair = lease.adapter().weights.pair(layer, p).unwrap();
-                for (m, src) in [(slot.a(), &pair.a), (slot.b(), &pair.b)] {
-                    assert_eq!(m.dtype(), dtype, "{format:?} layer {layer} {p:?}");
-                    let want: Vec<f32> = src
-                        .iter()
-                        .map(|&v| match dtype {
-                            LoraDType::F16 => half::f16::from_f32(v).to_f32(),
-                            _ => half::bf16::from_f32(v).to_f32(),
-                        })
-                        .collect();
-                    assert_eq!(m.to_f32_vec(), want, "round to nearest");
+                let narrow = |v: f32| match dtype {
+                    LoraDType::F16 => half::f16::from_f32(v).to_f32(),
+                    _ => half::bf16::from_f32(v).to_f32(),
+                };
+                assert_eq!((slot.a().dtype(), slot.b().dtype()), (dtype, dtype));
+                let want_a: Vec<f32> = pair.a.iter().map(|&v| narrow(v)).collect();
+                assert_eq!(slot.a().to_f32_vec(), want_a, "A rounds to nearest");
+                // B may be stored transposed: compare element by element.
+                for (i, &v) in pair.b.iter().enumerate() {
+                    let (o, j) = (i / pair.rank, i % pair.rank);
+                    assert_eq!(slot.b_at(o, j), Some(narrow(v)), "B[{o}, {j}]");
                 }
             }
             drop((snap, pin, lease));

@@ -130,13 +130,25 @@ impl<'a> From<&'a [bf16]> for LoraMatrix<'a> {
     }
 }
 
+/// How a slot's `B` is laid out in memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum BLayout {
+    /// `[out, rank]` row-major: PEFT's `lora_B.weight` as stored.
+    #[default]
+    OutRank,
+    /// `[rank, out]` row-major (B transposed): the expand streams out-wide rows and
+    /// needs no horizontal sums, the faster layout for hot copies.
+    RankOut,
+}
+
 /// One hot adapter's matrices for one projection: `A [rank, in]`, `B [out, rank]`
-/// (PEFT's `lora_A.weight` / `lora_B.weight`), and the scale `alpha / r` (or
-/// `alpha / sqrt(r)` for rsLoRA).
+/// (PEFT's `lora_A.weight` / `lora_B.weight`; `B` may be stored transposed, see
+/// [`BLayout`]), and the scale `alpha / r` (or `alpha / sqrt(r)` for rsLoRA).
 #[derive(Clone, Copy, Debug)]
 pub struct LoraSlot<'a> {
     a: LoraMatrix<'a>,
     b: LoraMatrix<'a>,
+    b_layout: BLayout,
     rank: usize,
     scale: f32,
 }
@@ -151,7 +163,42 @@ impl<'a> LoraSlot<'a> {
     /// Wraps `a` and `b` in any element types (they may differ: an f32 `A` with a
     /// bf16 `B` is fine).
     pub fn from_matrices(a: LoraMatrix<'a>, b: LoraMatrix<'a>, rank: usize, scale: f32) -> Self {
-        LoraSlot { a, b, rank, scale }
+        LoraSlot {
+            a,
+            b,
+            b_layout: BLayout::OutRank,
+            rank,
+            scale,
+        }
+    }
+
+    /// The same slot with `B` read in `layout` (its length is the same either way).
+    pub fn with_b_layout(self, layout: BLayout) -> Self {
+        LoraSlot {
+            b_layout: layout,
+            ..self
+        }
+    }
+
+    /// How `B` is laid out.
+    pub fn b_layout(&self) -> BLayout {
+        self.b_layout
+    }
+
+    /// Element `(o, j)` of `B` (`o < out`, `j < rank`) widened to f32, whatever the
+    /// layout; `None` outside the matrix.
+    pub fn b_at(&self, o: usize, j: usize) -> Option<f32> {
+        if j >= self.rank {
+            return None;
+        }
+        let out = self.b.len() / self.rank;
+        if o >= out {
+            return None;
+        }
+        match self.b_layout {
+            BLayout::OutRank => self.b.get(o * self.rank + j),
+            BLayout::RankOut => self.b.get(j * out + o),
+        }
     }
 
     /// The adapter's rank for this projection.
@@ -169,7 +216,7 @@ impl<'a> LoraSlot<'a> {
         self.a
     }
 
-    /// `B`, `[out, rank]` row-major.
+    /// `B`, `[out, rank]` row-major, or `[rank, out]` (see [`LoraSlot::b_layout`]).
     pub fn b(&self) -> LoraMatrix<'a> {
         self.b
     }
@@ -511,6 +558,14 @@ pub mod reference {
             .sum()
     }
 
+    /// `Σ_j h[j]·B[o, j]` in f64, in either layout of `B`.
+    fn dot_b(h: &[f32], s: &LoraSlot<'_>, o: usize) -> f64 {
+        h.iter()
+            .enumerate()
+            .map(|(j, &p)| p as f64 * s.b_at(o, j).unwrap_or(0.0) as f64)
+            .sum()
+    }
+
     /// `h[t, ..r] = x[t] · Aᵀ` for every token with a slot; `h` is `[T, max_rank]` and
     /// the rows (and columns past the slot's rank) of other tokens are left as they are.
     pub fn shrink(
@@ -555,7 +610,7 @@ pub mod reference {
             let r = s.rank;
             let hi = &h[i * r_max..i * r_max + r];
             for o in 0..n_out {
-                let d = dot(hi, s.b, o * r);
+                let d = dot_b(hi, &s, o);
                 y[i * n_out + o] += (s.scale as f64 * d) as f32;
             }
         }
@@ -613,7 +668,7 @@ pub mod reference {
                 let h: Vec<f32> = (0..s.rank).map(|j| dot(xi, s.a, j * n_in) as f32).collect();
                 let row = &mut y[i * y_width + g.column..i * y_width + g.column + n_out];
                 for (o, yv) in row.iter_mut().enumerate() {
-                    *yv += (s.scale as f64 * dot(&h, s.b, o * s.rank)) as f32;
+                    *yv += (s.scale as f64 * dot_b(&h, &s, o)) as f32;
                 }
             }
         }
@@ -788,7 +843,7 @@ fn run_task(simd: bool, x: &[f32], n_in: usize, targets: &[LoraTarget<'_>], task
         };
         let h = &mut h[..n * s.rank];
         with_matrix!(s.a, a => with_matrix!(s.b, b => {
-            let p = Pair { a, b, rank: s.rank, scale: s.scale };
+            let p = Pair { a, b, b_layout: s.b_layout, rank: s.rank, scale: s.scale };
             apply_pair(simd, &xs[..n], p, h, out)
         }));
     }
@@ -805,6 +860,7 @@ struct Out<'r, 'y> {
 struct Pair<'s, EA, EB> {
     a: &'s [EA],
     b: &'s [EB],
+    b_layout: BLayout,
     rank: usize,
     scale: f32,
 }
@@ -820,6 +876,7 @@ fn apply_pair<EA: SlotElem, EB: SlotElem>(
     let Pair {
         a,
         b,
+        b_layout,
         rank: r,
         scale,
     } = p;
@@ -834,7 +891,10 @@ fn apply_pair<EA: SlotElem, EB: SlotElem>(
             for v in h.iter_mut() {
                 *v *= scale;
             }
-            avx2::expand_tile(h, b, r, out);
+            match b_layout {
+                BLayout::OutRank => avx2::expand_tile(h, b, r, out),
+                BLayout::RankOut => avx2::expand_tile_t(h, b, r, out),
+            }
         }
         return;
     }
@@ -850,11 +910,36 @@ fn apply_pair<EA: SlotElem, EB: SlotElem>(
     for v in h.iter_mut() {
         *v *= scale;
     }
-    // Expand: each B row is read once for the task's tokens.
-    for o in 0..out.width {
-        let row = &b[o * r..(o + 1) * r];
-        for (t, y) in out.rows.iter_mut().enumerate() {
-            y[out.column + o] += dot_scalar(&h[t * r..(t + 1) * r], row);
+    expand_scalar(h, b, b_layout, r, out);
+}
+
+/// The scalar expand: `out.rows[t][column + o] += h[t] · B[o]` in either layout.
+fn expand_scalar<E: SlotElem>(h: &[f32], b: &[E], layout: BLayout, r: usize, out: Out<'_, '_>) {
+    match layout {
+        // Each B row is read once for the task's tokens.
+        BLayout::OutRank => {
+            for o in 0..out.width {
+                let row = &b[o * r..(o + 1) * r];
+                for (t, y) in out.rows.iter_mut().enumerate() {
+                    y[out.column + o] += dot_scalar(&h[t * r..(t + 1) * r], row);
+                }
+            }
+        }
+        // Sum over the rank per output first, then add: the order of the SIMD path.
+        BLayout::RankOut => {
+            let mut acc = vec![0f32; out.width];
+            for (t, y) in out.rows.iter_mut().enumerate() {
+                acc.fill(0.0);
+                for (j, row) in b.chunks_exact(out.width).take(r).enumerate() {
+                    let hv = h[t * r + j];
+                    for (a, bv) in acc.iter_mut().zip(row) {
+                        *a += hv * bv.to_f32();
+                    }
+                }
+                for (yv, a) in y[out.column..out.column + out.width].iter_mut().zip(&acc) {
+                    *yv += a;
+                }
+            }
         }
     }
 }
@@ -1029,6 +1114,77 @@ mod avx2 {
         }
     }
 
+    /// [`expand_tile`] for `B` stored transposed, `bt` `[r, width]`: for each token,
+    /// eight blocks of eight outputs accumulate `h[t, c]·bt[c]` over the rank in
+    /// registers (eight independent FMA chains), then add to the row once.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn expand_tile_t<E: SlotElem>(
+        h: &[f32],
+        bt: &[E],
+        r: usize,
+        out: Out<'_, '_>,
+    ) {
+        const BLOCKS: usize = 8;
+        let (n, n_out, col) = (out.rows.len(), out.width, out.column);
+        assert!(
+            h.len() >= n * r
+                && bt.len() >= n_out * r
+                && out.rows.iter().all(|y| y.len() >= col + n_out)
+        );
+        let pb = bt.as_ptr();
+        for (t, y) in out.rows.iter_mut().enumerate() {
+            let ht = &h[t * r..(t + 1) * r];
+            let py = y[col..col + n_out].as_mut_ptr();
+            let mut o = 0;
+            while o + 8 * BLOCKS <= n_out {
+                let mut acc = [_mm256_setzero_ps(); BLOCKS];
+                for (c, &hc) in ht.iter().enumerate() {
+                    let hv = _mm256_set1_ps(hc);
+                    // SAFETY: row c of bt holds n_out elements and o + 64 <= n_out.
+                    unsafe {
+                        let row = pb.add(c * n_out + o);
+                        for (k, acc) in acc.iter_mut().enumerate() {
+                            *acc = _mm256_fmadd_ps(hv, E::load8(row.add(8 * k)), *acc);
+                        }
+                    }
+                }
+                for (k, acc) in acc.iter().enumerate() {
+                    // SAFETY: o + 8k + 8 <= n_out: inside the row's columns.
+                    unsafe {
+                        let p = py.add(o + 8 * k);
+                        _mm256_storeu_ps(p, _mm256_add_ps(_mm256_loadu_ps(p), *acc));
+                    }
+                }
+                o += 8 * BLOCKS;
+            }
+            while o + 8 <= n_out {
+                let mut acc = _mm256_setzero_ps();
+                for (c, &hc) in ht.iter().enumerate() {
+                    // SAFETY: o + 8 <= n_out inside row c of bt.
+                    acc = unsafe {
+                        _mm256_fmadd_ps(_mm256_set1_ps(hc), E::load8(pb.add(c * n_out + o)), acc)
+                    };
+                }
+                // SAFETY: o + 8 <= n_out: inside the row's columns.
+                unsafe {
+                    let p = py.add(o);
+                    _mm256_storeu_ps(p, _mm256_add_ps(_mm256_loadu_ps(p), acc));
+                }
+                o += 8;
+            }
+            for oo in o..n_out {
+                let mut acc = 0f32;
+                for (c, &hc) in ht.iter().enumerate() {
+                    acc = hc.mul_add(bt[c * n_out + oo].to_f32(), acc);
+                }
+                y[col + oo] += acc;
+            }
+        }
+    }
+
     /// Dot product of the common prefix of `x` and `m`.
     ///
     /// # Safety
@@ -1119,14 +1275,44 @@ pub fn expand(
         let Some(s) = s else { continue };
         let s = slots.get(op, *s)?;
         let r = s.rank;
-        let hi = &h[i * r_max..i * r_max + r];
-        with_matrix!(s.b, b => {
-            for o in 0..n_out {
-                y[i * n_out + o] += s.scale * dot(simd, hi, &b[o * r..(o + 1) * r]);
-            }
-        });
+        let hi: Vec<f32> = h[i * r_max..i * r_max + r]
+            .iter()
+            .map(|v| v * s.scale)
+            .collect();
+        let mut row = [&mut y[i * n_out..(i + 1) * n_out]];
+        let out = Out {
+            rows: &mut row,
+            column: 0,
+            width: n_out,
+        };
+        with_matrix!(s.b, b => expand_one(simd, &hi, b, s.b_layout, r, out));
     }
     Ok(())
+}
+
+/// `out += h · Bᵀ` for one token (`h` already scaled).
+fn expand_one<E: SlotElem>(
+    simd: bool,
+    h: &[f32],
+    b: &[E],
+    layout: BLayout,
+    r: usize,
+    out: Out<'_, '_>,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: `simd` is true only when AVX2, FMA and F16C were detected; lengths
+        // were validated with the slot table and the call.
+        unsafe {
+            match layout {
+                BLayout::OutRank => avx2::expand_tile(h, b, r, out),
+                BLayout::RankOut => avx2::expand_tile_t(h, b, r, out),
+            }
+        }
+        return;
+    }
+    let _ = simd;
+    expand_scalar(h, b, layout, r, out)
 }
 
 /// LoRA for a group of projections that read the same input: for every target and
