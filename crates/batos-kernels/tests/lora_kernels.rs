@@ -360,14 +360,29 @@ enum Store {
     F32(Vec<f32>),
     F16(Vec<f16>),
     BF16(Vec<bf16>),
+    I8(Vec<i8>, Vec<f32>),
 }
 
 impl Store {
-    fn new(v: &[f32], dtype: LoraDType) -> Store {
+    /// `v` (`rows` rows) in `dtype`; int8 gets one absmax scale per row.
+    fn new(v: &[f32], rows: usize, dtype: LoraDType) -> Store {
         match dtype {
             LoraDType::F32 => Store::F32(v.to_vec()),
             LoraDType::F16 => Store::F16(v.iter().map(|&x| f16::from_f32(x)).collect()),
             LoraDType::BF16 => Store::BF16(v.iter().map(|&x| bf16::from_f32(x)).collect()),
+            LoraDType::I8 => {
+                let mut q = Vec::with_capacity(v.len());
+                let mut scales = Vec::with_capacity(rows);
+                for row in v.chunks_exact(v.len() / rows) {
+                    let s = row.iter().fold(0f32, |m, x| m.max(x.abs())) / 127.0;
+                    scales.push(s);
+                    q.extend(
+                        row.iter()
+                            .map(|&x| if s > 0.0 { (x / s).round() as i8 } else { 0 }),
+                    );
+                }
+                Store::I8(q, scales)
+            }
         }
     }
 
@@ -376,6 +391,7 @@ impl Store {
             Store::F32(v) => LoraMatrix::F32(v),
             Store::F16(v) => LoraMatrix::F16(v),
             Store::BF16(v) => LoraMatrix::BF16(v),
+            Store::I8(q, scales) => LoraMatrix::I8 { q, scales },
         }
     }
 }
@@ -404,9 +420,13 @@ fn store_as(
                             .collect()
                     }
                 };
+                let b_rows = match layout {
+                    BLayout::OutRank => o.b.len() / o.rank,
+                    BLayout::RankOut => o.rank,
+                };
                 Stored {
-                    a: Store::new(&o.a, a),
-                    b: Store::new(&bt, b),
+                    a: Store::new(&o.a, o.rank, a),
+                    b: Store::new(&bt, b_rows, b),
                     layout,
                     rank: o.rank,
                     scale: o.scale,
@@ -427,7 +447,12 @@ fn stored_views(s: &[Option<Stored>]) -> Vec<Option<LoraSlot<'_>>> {
         .collect()
 }
 
-const DTYPES: [LoraDType; 3] = [LoraDType::F32, LoraDType::F16, LoraDType::BF16];
+const DTYPES: [LoraDType; 4] = [
+    LoraDType::F32,
+    LoraDType::F16,
+    LoraDType::BF16,
+    LoraDType::I8,
+];
 
 #[test]
 fn half_slots_match_the_reference_on_odd_shapes_mixed_ranks_and_mixed_dtypes() {
@@ -440,6 +465,10 @@ fn half_slots_match_the_reference_on_odd_shapes_mixed_ranks_and_mixed_dtypes() {
                 .iter()
                 .flat_map(move |&b| [(a, b, BLayout::OutRank), (a, b, BLayout::RankOut)])
         }) {
+            // An int8 B is only ever stored transposed (its row scales are per rank).
+            if db == LoraDType::I8 && layout == BLayout::OutRank {
+                continue;
+            }
             {
                 let stored = store_as(&table, da, db, layout);
                 let v = stored_views(&stored);
@@ -549,6 +578,7 @@ fn fused_group_matches_each_projection_alone_and_the_reference() {
         (LoraDType::F32, LoraDType::F16, BLayout::OutRank),
         (LoraDType::F16, LoraDType::F16, BLayout::RankOut),
         (LoraDType::F32, LoraDType::F32, BLayout::RankOut),
+        (LoraDType::I8, LoraDType::I8, BLayout::RankOut),
     ] {
         let stored: Vec<_> = tables.iter().map(|t| store_as(t, da, db, layout)).collect();
         let views: Vec<_> = stored.iter().map(|s| stored_views(s)).collect();
@@ -675,4 +705,45 @@ fn fused_rejects_bad_groups_with_typed_errors() {
     // The valid call writes columns 1..4 of row 0 only.
     lora::apply_fused(&x, &tokens, &ok, &mut y, 4).unwrap();
     assert_eq!(y, [0.0, 2.0, 2.0, 2.0, 0.0, 0.0, 0.0, 0.0]);
+}
+
+#[test]
+fn int8_slots_need_rank_rows_of_scales_and_a_transposed_b() {
+    let (q, sc2, sc3) = (vec![1i8; 2 * 4], vec![0.5f32; 2], vec![0.5f32; 3]);
+    let b = vec![0.25f32; 2 * 3];
+    let i8m = |scales| LoraMatrix::I8 { q: &q, scales };
+    let slot = |a, b_layout| {
+        [Some(
+            LoraSlot::from_matrices(a, LoraMatrix::F32(&b), 2, 1.0).with_b_layout(b_layout),
+        )]
+    };
+    // Three scales for two rank rows.
+    let t = slot(i8m(&sc3), BLayout::OutRank);
+    assert!(matches!(
+        LoraSlots::new(4, 3, &t),
+        Err(KernelError::InvalidShape { what: "A", .. })
+    ));
+    // An int8 B in the PEFT layout (its rows would be outputs, not ranks).
+    let bq = vec![1i8; 2 * 3];
+    let t = [Some(LoraSlot::from_matrices(
+        i8m(&sc2),
+        LoraMatrix::I8 {
+            q: &bq,
+            scales: &sc2,
+        },
+        2,
+        1.0,
+    ))];
+    assert!(matches!(
+        LoraSlots::new(4, 3, &t),
+        Err(KernelError::InvalidShape { what: "B", .. })
+    ));
+    // Non-finite scales.
+    let nan = [f32::NAN, 1.0];
+    let t = slot(i8m(&nan), BLayout::OutRank);
+    assert!(LoraSlots::new(4, 3, &t).is_err());
+    // A valid one dequantises as q · scale.
+    let t = slot(i8m(&sc2), BLayout::OutRank);
+    let slots = LoraSlots::new(4, 3, &t).unwrap();
+    assert_eq!(slots.slots()[0].unwrap().a().get(5), Some(0.5));
 }

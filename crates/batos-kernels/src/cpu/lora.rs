@@ -39,6 +39,8 @@ pub enum LoraDType {
     F16,
     /// bfloat16: 8 significant bits, f32's range.
     BF16,
+    /// Symmetric int8 per row (see [`LoraMatrix::I8`]): a quarter of f32's bytes.
+    I8,
 }
 
 impl LoraDType {
@@ -47,6 +49,7 @@ impl LoraDType {
         match self {
             LoraDType::F32 => 4,
             LoraDType::F16 | LoraDType::BF16 => 2,
+            LoraDType::I8 => 1,
         }
     }
 }
@@ -57,6 +60,7 @@ impl std::fmt::Display for LoraDType {
             LoraDType::F32 => "f32",
             LoraDType::F16 => "f16",
             LoraDType::BF16 => "bf16",
+            LoraDType::I8 => "i8",
         })
     }
 }
@@ -67,6 +71,14 @@ pub enum LoraMatrix<'a> {
     F32(&'a [f32]),
     F16(&'a [f16]),
     BF16(&'a [bf16]),
+    /// Symmetric int8 with one f32 scale per row: element `i` is
+    /// `q[i] · scales[i / row_len]`, `row_len = q.len() / scales.len()`. The kernels
+    /// fold the row scales into the rank-sized intermediate, so the rows must be the
+    /// rank dimension: `A` (`[rank, in]`) and a transposed `B` ([`BLayout::RankOut`]).
+    I8 {
+        q: &'a [i8],
+        scales: &'a [f32],
+    },
 }
 
 impl<'a> LoraMatrix<'a> {
@@ -76,6 +88,15 @@ impl<'a> LoraMatrix<'a> {
             LoraMatrix::F32(s) => s.len(),
             LoraMatrix::F16(s) => s.len(),
             LoraMatrix::BF16(s) => s.len(),
+            LoraMatrix::I8 { q, .. } => q.len(),
+        }
+    }
+
+    /// The per-row scales of an [`LoraMatrix::I8`] matrix.
+    pub fn row_scales(&self) -> Option<&'a [f32]> {
+        match self {
+            LoraMatrix::I8 { scales, .. } => Some(scales),
+            _ => None,
         }
     }
 
@@ -90,6 +111,7 @@ impl<'a> LoraMatrix<'a> {
             LoraMatrix::F32(_) => LoraDType::F32,
             LoraMatrix::F16(_) => LoraDType::F16,
             LoraMatrix::BF16(_) => LoraDType::BF16,
+            LoraMatrix::I8 { .. } => LoraDType::I8,
         }
     }
 
@@ -99,6 +121,11 @@ impl<'a> LoraMatrix<'a> {
             LoraMatrix::F32(s) => s.get(i).copied(),
             LoraMatrix::F16(s) => s.get(i).map(|v| v.to_f32()),
             LoraMatrix::BF16(s) => s.get(i).map(|v| v.to_f32()),
+            LoraMatrix::I8 { q, scales } => {
+                let row_len = q.len() / scales.len().max(1);
+                let v = *q.get(i)?;
+                Some(v as f32 * scales.get(i / row_len.max(1))?)
+            }
         }
     }
 
@@ -108,6 +135,7 @@ impl<'a> LoraMatrix<'a> {
             LoraMatrix::F32(s) => s.to_vec(),
             LoraMatrix::F16(s) => s.iter().map(|v| v.to_f32()).collect(),
             LoraMatrix::BF16(s) => s.iter().map(|v| v.to_f32()).collect(),
+            LoraMatrix::I8 { .. } => (0..self.len()).filter_map(|i| self.get(i)).collect(),
         }
     }
 }
@@ -291,6 +319,33 @@ impl<'a> LoraSlots<'a> {
             let b_len = s.rank.checked_mul(out_features);
             if b_len != Some(s.b.len()) {
                 return Err(bad("B", b_len, s.b.len()));
+            }
+            let scales_bad = |what: &'static str, reason: String| KernelError::InvalidShape {
+                op,
+                what,
+                reason: format!("slot {i}: {reason}"),
+            };
+            for (what, m) in [("A", s.a), ("B", s.b)] {
+                let Some(sc) = m.row_scales() else { continue };
+                if sc.len() != s.rank {
+                    return Err(scales_bad(
+                        what,
+                        format!(
+                            "{} i8 row scales, expected one per rank row ({})",
+                            sc.len(),
+                            s.rank
+                        ),
+                    ));
+                }
+                if sc.iter().any(|v| !v.is_finite()) {
+                    return Err(scales_bad(what, "a non-finite i8 row scale".into()));
+                }
+            }
+            if s.b.row_scales().is_some() && s.b_layout != BLayout::RankOut {
+                return Err(scales_bad(
+                    "B",
+                    "an i8 B must be stored [rank, out] (BLayout::RankOut)".into(),
+                ));
             }
             max_rank = max_rank.max(s.rank);
         }
@@ -712,16 +767,84 @@ impl SlotElem for bf16 {
     }
 }
 
+impl SlotElem for i8 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self as f32
+    }
+}
+
+// The AVX2 loads of int8 rows (without their row scale, which the kernels fold into
+// the rank-sized intermediate).
+#[cfg(target_arch = "x86_64")]
+impl super::simd::Elem for i8 {
+    #[inline(always)]
+    unsafe fn load8(p: *const i8) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller guarantees 8 readable bytes and AVX2.
+        unsafe {
+            let v = _mm_loadl_epi64(p as *const __m128i);
+            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v))
+        }
+    }
+    fn widen(self) -> f32 {
+        self as f32
+    }
+}
+#[cfg(not(target_arch = "x86_64"))]
+impl super::simd::Elem for i8 {}
+
 /// Runs `$body` with `$s` bound to the typed slice inside a [`LoraMatrix`]
-/// (monomorphising the body per element type).
+/// (monomorphising the body per element type; int8 row scales are read separately).
 macro_rules! with_matrix {
     ($m:expr, $s:ident => $body:expr) => {
         match $m {
             LoraMatrix::F32($s) => $body,
             LoraMatrix::F16($s) => $body,
             LoraMatrix::BF16($s) => $body,
+            LoraMatrix::I8 { q: $s, .. } => $body,
         }
     };
+}
+
+/// The factor `h[·, j]` is multiplied by after the shrink: the slot's scale and the
+/// int8 row scales of `A` row `j` and transposed-`B` row `j`.
+#[derive(Clone, Copy)]
+struct Fold<'s> {
+    scale: f32,
+    a: Option<&'s [f32]>,
+    b: Option<&'s [f32]>,
+}
+
+impl Fold<'_> {
+    fn of<'s>(s: &LoraSlot<'s>) -> Fold<'s> {
+        Fold {
+            scale: s.scale,
+            a: None,
+            b: None,
+        }
+    }
+
+    #[inline]
+    fn at(&self, j: usize) -> f32 {
+        let mut f = self.scale;
+        if let Some(a) = self.a {
+            f *= a[j];
+        }
+        if let Some(b) = self.b {
+            f *= b[j];
+        }
+        f
+    }
+
+    /// Scales `h` (`[n, r]`).
+    fn apply(&self, h: &mut [f32], r: usize) {
+        for row in h.chunks_exact_mut(r) {
+            for (j, v) in row.iter_mut().enumerate() {
+                *v *= self.at(j);
+            }
+        }
+    }
 }
 
 fn simd_available() -> bool {
@@ -843,7 +966,18 @@ fn run_task(simd: bool, x: &[f32], n_in: usize, targets: &[LoraTarget<'_>], task
         };
         let h = &mut h[..n * s.rank];
         with_matrix!(s.a, a => with_matrix!(s.b, b => {
-            let p = Pair { a, b, b_layout: s.b_layout, rank: s.rank, scale: s.scale };
+            let fold = Fold {
+                a: s.a.row_scales(),
+                b: s.b.row_scales(),
+                ..Fold::of(&s)
+            };
+            let p = Pair {
+                a,
+                b,
+                b_layout: s.b_layout,
+                rank: s.rank,
+                fold,
+            };
             apply_pair(simd, &xs[..n], p, h, out)
         }));
     }
@@ -862,7 +996,7 @@ struct Pair<'s, EA, EB> {
     b: &'s [EB],
     b_layout: BLayout,
     rank: usize,
-    scale: f32,
+    fold: Fold<'s>,
 }
 
 /// `out[t] += scale · (xs[t] · Aᵀ) · Bᵀ` for one slot and the task's tokens.
@@ -878,7 +1012,7 @@ fn apply_pair<EA: SlotElem, EB: SlotElem>(
         b,
         b_layout,
         rank: r,
-        scale,
+        fold,
     } = p;
     let n_in = a.len() / r;
     #[cfg(target_arch = "x86_64")]
@@ -888,9 +1022,7 @@ fn apply_pair<EA: SlotElem, EB: SlotElem>(
         // the call were validated).
         unsafe {
             avx2::shrink_tile(xs, a, n_in, r, h);
-            for v in h.iter_mut() {
-                *v *= scale;
-            }
+            fold.apply(h, r);
             match b_layout {
                 BLayout::OutRank => avx2::expand_tile(h, b, r, out),
                 BLayout::RankOut => avx2::expand_tile_t(h, b, r, out),
@@ -907,9 +1039,7 @@ fn apply_pair<EA: SlotElem, EB: SlotElem>(
         }
     }
     // Fold the scale into h once rather than into every output.
-    for v in h.iter_mut() {
-        *v *= scale;
-    }
+    fold.apply(h, r);
     expand_scalar(h, b, b_layout, r, out);
 }
 
@@ -1248,9 +1378,11 @@ pub fn shrink(
         let Some(s) = s else { continue };
         let s = slots.get(op, *s)?;
         let xi = &x[i * n_in..(i + 1) * n_in];
+        let row_scale = s.a.row_scales();
         with_matrix!(s.a, a => {
             for j in 0..s.rank {
-                h[i * r_max + j] = dot(simd, xi, &a[j * n_in..(j + 1) * n_in]);
+                let d = dot(simd, xi, &a[j * n_in..(j + 1) * n_in]);
+                h[i * r_max + j] = row_scale.map_or(d, |sc| d * sc[j]);
             }
         });
     }
@@ -1275,9 +1407,14 @@ pub fn expand(
         let Some(s) = s else { continue };
         let s = slots.get(op, *s)?;
         let r = s.rank;
+        let fold = Fold {
+            b: s.b.row_scales(),
+            ..Fold::of(&s)
+        };
         let hi: Vec<f32> = h[i * r_max..i * r_max + r]
             .iter()
-            .map(|v| v * s.scale)
+            .enumerate()
+            .map(|(j, v)| v * fold.at(j))
             .collect();
         let mut row = [&mut y[i * n_out..(i + 1) * n_out]];
         let out = Out {
