@@ -51,20 +51,28 @@ impl HotFormat {
         a: LoraDType::F16,
         b: LoraDType::F16,
     };
+    /// Symmetric int8 `A` and `B` with one f32 scale per rank row: a quarter of the
+    /// bytes; each element moves by at most half a step, 1/254 of its row's largest.
+    pub const I8: HotFormat = HotFormat {
+        a: LoraDType::I8,
+        b: LoraDType::I8,
+    };
 
     /// Whether nothing is converted.
     pub fn is_f32(&self) -> bool {
         *self == HotFormat::F32
     }
 
-    /// An upper bound of the bytes the converted copy of an adapter takes, from its
-    /// decoded f32 size (exact when both matrices are narrowed).
-    pub fn extra_bytes_bound(&self, f32_bytes: u64) -> u64 {
-        if self.is_f32() {
-            0
-        } else {
-            f32_bytes / 2
-        }
+    /// The bytes the converted copy of an adapter is expected to take, from its
+    /// decoded f32 size (what admission reserves before converting; the reservation is
+    /// then set to the exact size).
+    pub fn extra_bytes_estimate(&self, f32_bytes: u64) -> u64 {
+        let per = |d: LoraDType| match d {
+            LoraDType::F32 => 0,
+            d => d.size() as u64,
+        };
+        // A and B hold about the same number of elements in a LoRA pair.
+        f32_bytes / 4 * (per(self.a) + per(self.b)) / 2
     }
 }
 
@@ -76,18 +84,35 @@ impl Default for HotFormat {
     }
 }
 
-/// A matrix narrowed to half precision.
+/// A matrix narrowed to half precision or int8.
 #[derive(Clone, Debug, PartialEq)]
 enum Half {
     F16(Vec<f16>),
     BF16(Vec<bf16>),
+    I8 { q: Vec<i8>, scales: Vec<f32> },
 }
 
 impl Half {
-    /// `src` in `dtype`, or `None` for f32 (the slot reads the f32 copy).
-    fn convert(src: &[f32], dtype: LoraDType) -> Option<Half> {
+    /// `src` (`rows` rows) in `dtype`, or `None` for f32 (the slot reads the f32 copy).
+    fn convert(src: &[f32], rows: usize, dtype: LoraDType) -> Option<Half> {
         match dtype {
             LoraDType::F32 => None,
+            LoraDType::I8 => {
+                let row_len = src.len() / rows.max(1);
+                let mut q = Vec::with_capacity(src.len());
+                let mut scales = Vec::with_capacity(rows);
+                for row in src.chunks_exact(row_len.max(1)) {
+                    let max = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    let scale = max / 127.0;
+                    scales.push(scale);
+                    let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+                    q.extend(
+                        row.iter()
+                            .map(|v| (v * inv).round().clamp(-127.0, 127.0) as i8),
+                    );
+                }
+                Some(Half::I8 { q, scales })
+            }
             LoraDType::F16 if src.iter().all(|v| v.abs() <= f16::MAX.to_f32()) => {
                 let mut out = vec![f16::ZERO; src.len()];
                 half::slice::HalfFloatSliceExt::convert_from_f32_slice(&mut out[..], src);
@@ -106,14 +131,16 @@ impl Half {
         match self {
             Half::F16(v) => LoraMatrix::F16(v),
             Half::BF16(v) => LoraMatrix::BF16(v),
+            Half::I8 { q, scales } => LoraMatrix::I8 { q, scales },
         }
     }
 
     fn bytes(&self) -> u64 {
         (match self {
-            Half::F16(v) => v.len(),
-            Half::BF16(v) => v.len(),
-        } * 2) as u64
+            Half::F16(v) => v.len() * 2,
+            Half::BF16(v) => v.len() * 2,
+            Half::I8 { q, scales } => q.len() + scales.len() * 4,
+        }) as u64
     }
 }
 
@@ -140,9 +167,10 @@ impl HotWeights {
         let mut pairs = vec![None; weights.num_layers() * n];
         let mut bytes = 0;
         for (layer, p, pair) in weights.iter() {
+            // Both are stored with the rank as rows: A [rank, in], B transposed.
             let hp = HalfPair {
-                a: Half::convert(&pair.a, format.a),
-                b: Half::convert(&transpose(&pair.b, pair.rank), format.b),
+                a: Half::convert(&pair.a, pair.rank, format.a),
+                b: Half::convert(&transpose(&pair.b, pair.rank), pair.rank, format.b),
             };
             bytes += hp.a.as_ref().map_or(0, Half::bytes) + hp.b.as_ref().map_or(0, Half::bytes);
             pairs[layer * n + p.index()] = Some(hp);
@@ -274,5 +302,58 @@ mod transpose_tests {
                 assert_eq!(s.b_at(o, j), Some((o * 2 + j + 1) as f32));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod int8_tests {
+    use super::*;
+    use crate::adapter::LoraPair;
+
+    #[test]
+    fn int8_rows_round_within_half_a_step_of_their_scale() {
+        let mut w = LoraWeights::empty(1);
+        let a: Vec<f32> = (0..2 * 5).map(|i| (i as f32 - 4.5) * 0.013).collect();
+        let b: Vec<f32> = (0..3 * 2).map(|i| (i as f32 - 2.0) * 0.7).collect();
+        let pair = LoraPair {
+            rank: 2,
+            scale: 1.0,
+            a: a.clone(),
+            b: b.clone(),
+        };
+        w.insert(0, Projection::Q, pair).unwrap();
+        let h = HotWeights::convert(&w, HotFormat::I8);
+        let s = h.slot(&w, 0, Projection::Q).unwrap();
+        assert_eq!(s.a().dtype(), LoraDType::I8);
+        assert_eq!(h.bytes(), (10 + 2 * 4) + (6 + 2 * 4));
+        let sa = s.a().row_scales().unwrap();
+        for (i, v) in a.iter().enumerate() {
+            let got = s.a().get(i).unwrap();
+            assert!(
+                (got - v).abs() <= sa[i / 5] / 2.0 + 1e-7,
+                "A[{i}]: {got} vs {v}"
+            );
+        }
+        let sb = s.b().row_scales().unwrap();
+        for (i, v) in b.iter().enumerate() {
+            let (o, j) = (i / 2, i % 2);
+            let got = s.b_at(o, j).unwrap();
+            assert!(
+                (got - v).abs() <= sb[j] / 2.0 + 1e-7,
+                "B[{o}, {j}]: {got} vs {v}"
+            );
+        }
+        // A zero row keeps a zero scale and zeros.
+        let mut z = LoraWeights::empty(1);
+        let pair = LoraPair {
+            rank: 1,
+            scale: 1.0,
+            a: vec![0.0; 4],
+            b: vec![0.0; 3],
+        };
+        z.insert(0, Projection::K, pair).unwrap();
+        let hz = HotWeights::convert(&z, HotFormat::I8);
+        let sz = hz.slot(&z, 0, Projection::K).unwrap();
+        assert_eq!(sz.a().to_f32_vec(), vec![0.0; 4]);
     }
 }

@@ -508,7 +508,7 @@ impl AdapterManager {
     ) -> Result<Arc<Resident>> {
         let bytes = record.decoded_bytes;
         let format = self.inner.config.hot_format;
-        let admitted = bytes + format.extra_bytes_bound(bytes);
+        let admitted = bytes + format.extra_bytes_estimate(bytes);
         let mut reservation = self.admit_warm(name, admitted)?;
         let loaded = self
             .inner
@@ -532,7 +532,18 @@ impl AdapterManager {
         warm.remove_pending(admitted);
         let (adapter, hot) = loaded?;
         let exact = adapter.bytes() + hot.as_ref().map_or(0, HotWeights::bytes);
-        reservation.shrink(admitted.saturating_sub(exact));
+        if exact > admitted {
+            // The estimate was short (int8 row scales on very narrow matrices).
+            reservation
+                .grow(exact - admitted)
+                .map_err(|source| LoraError::Admission {
+                    name: name.into(),
+                    bytes: exact,
+                    source,
+                })?;
+        } else {
+            reservation.shrink(admitted - exact);
+        }
         let resident = Arc::new(Resident::new(name.into(), adapter, hot, reservation));
         warm.insert(resident.clone(), demand == Demand::Prefetch);
         Ok(resident)
