@@ -294,6 +294,7 @@ fn decode(c: &mut Criterion) {
             ("f32", HotFormat::F32),
             ("f16", HotFormat::F16),
             ("bf16", HotFormat::BF16),
+            ("i8", HotFormat::I8),
         ] {
             // Each adapter as one-layer weights, narrowed exactly as the hot tier does.
             let weights: Vec<LoraWeights> = l
@@ -445,6 +446,7 @@ fn real_decode(c: &mut Criterion) {
         ("f32", HotFormat::F32),
         ("bf16", HotFormat::BF16),
         ("f16", HotFormat::F16),
+        ("i8", HotFormat::I8),
     ];
     for (seqs, adapters) in [(16usize, 4usize), (64, 64)] {
         let dir = tempfile::tempdir().unwrap();
@@ -507,35 +509,66 @@ fn real_decode(c: &mut Criterion) {
         );
         model.forward(&prefill, kv.storage_mut()).expect("prefill");
         // Base, then every hot format, back to back in one run (the machine is noisy).
-        let runs = std::iter::once(None).chain(hot.iter().map(Some));
-        for run in runs {
-            let batch = ForwardBatch::new(
-                (0..seqs)
-                    .map(|i| {
-                        let mut s = SeqStep::new(vec![42], 64, tables[i].clone());
-                        if let Some((_, _, slots, _)) = run {
-                            s.adapter = Some(slots[i % adapters]);
-                        }
-                        s
-                    })
-                    .collect(),
-            );
-            let empty = batos::lora::HotSnapshot::default();
-            let (label, snapshot) = match run {
-                Some((label, snap, _, _)) => (format!("lora_{label}"), snap),
-                None => ("base".to_string(), &empty),
-            };
+        let empty = batos::lora::HotSnapshot::default();
+        let runs: Vec<(String, ForwardBatch, &batos::lora::HotSnapshot)> = std::iter::once(None)
+            .chain(hot.iter().map(Some))
+            .map(|run| {
+                let batch = ForwardBatch::new(
+                    (0..seqs)
+                        .map(|i| {
+                            let mut s = SeqStep::new(vec![42], 64, tables[i].clone());
+                            if let Some((_, _, slots, _)) = run {
+                                s.adapter = Some(slots[i % adapters]);
+                            }
+                            s
+                        })
+                        .collect(),
+                );
+                match run {
+                    Some((label, snap, _, _)) => (format!("lora_{label}"), batch, snap),
+                    None => ("base".to_string(), batch, &empty),
+                }
+            })
+            .collect();
+        for (label, batch, snapshot) in &runs {
             g.throughput(criterion::Throughput::Elements(seqs as u64));
             let id = format!("{seqs}seq_{adapters}adapters_r16/{label}");
             g.bench_function(id, |b| {
                 bench_cpu(b, || {
                     black_box(
                         model
-                            .forward_with_adapters(&batch, kv.storage_mut(), snapshot)
+                            .forward_with_adapters(batch, kv.storage_mut(), snapshot)
                             .expect("decode"),
                     );
                 })
             });
+        }
+        // The same steps interleaved (base, f32, bf16, ... , base, ...) so that every
+        // variant sees the same background load; the medians' ratios are printed.
+        let rounds = 15;
+        let mut times: Vec<Vec<f64>> = vec![Vec::new(); runs.len()];
+        for _ in 0..rounds {
+            for (k, (_, batch, snapshot)) in runs.iter().enumerate() {
+                let start = process_cpu();
+                black_box(
+                    model
+                        .forward_with_adapters(batch, kv.storage_mut(), snapshot)
+                        .expect("decode"),
+                );
+                times[k].push((process_cpu() - start).as_secs_f64() * 1e3);
+            }
+        }
+        let median = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let medians: Vec<f64> = times.iter_mut().map(median).collect();
+        for ((label, _, _), m) in runs.iter().zip(&medians) {
+            eprintln!(
+                "lora/real_decode interleaved {seqs}seq_{adapters}adapters_r16/{label}: \
+                 median {m:.1} ms CPU over {rounds} rounds, throughput vs base {:.3}",
+                medians[0] / m
+            );
         }
     }
     g.finish();
