@@ -11,17 +11,21 @@
 //!   sequences over 64 adapters).
 //! - `lora/prefill/...`: 2 × 64-token prefill runs, segmented (SGMV) vs gathered (BGMV).
 //!
+//! - `lora/decode_cpu/.../lora_fused_{f32,f16,bf16}`: the LoRA part alone as the
+//!   forward pass runs it (q/k/v and gate/up as fused groups), hot slots in each
+//!   `HotFormat`.
 //! - `lora/real_decode_f32_cpu/...` (process CPU time): one decode step of the real model (f32 weights) for
 //!   16 sequences over 4 adapters and 64 sequences over 64 adapters (r16), base vs
-//!   adapters; skipped with a message when the model cannot be fetched.
+//!   adapters in each hot format (`lora_f32`, `lora_bf16`, `lora_f16`), back to back
+//!   in one run; skipped with a message when the model cannot be fetched.
 //!
 //! Run: `cargo bench --bench lora` (figures in docs/perf/lora.md).
 
 use batos::kernels::cpu::{self, lora as k};
 use batos::kernels::WeightView;
 use batos::lora::{
-    AdapterFiles, AdapterManager, BaseShapes, Expect, HotStorage, LoraPair, LoraWeights,
-    ManagerConfig, PrefetchPolicy, Projection,
+    AdapterFiles, AdapterManager, BaseShapes, Expect, HotFormat, HotStorage, HotWeights, LoraPair,
+    LoraWeights, ManagerConfig, PrefetchPolicy, Projection,
 };
 use batos::store::{Db, StoreConfig};
 use batos::types::{MemoryBudget, SlotIdx};
@@ -284,6 +288,90 @@ fn decode(c: &mut Criterion) {
                 })
             },
         );
+        // The LoRA part as the forward pass runs it: q/k/v and gate/up as fused groups
+        // into their fused outputs, o and down alone, slots in f32 or bf16.
+        for (label, format) in [
+            ("f32", HotFormat::F32),
+            ("f16", HotFormat::F16),
+            ("bf16", HotFormat::BF16),
+            ("i8", HotFormat::I8),
+        ] {
+            // Each adapter as one-layer weights, narrowed exactly as the hot tier does.
+            let weights: Vec<LoraWeights> = l
+                .adapters
+                .iter()
+                .map(|a| {
+                    let mut w = LoraWeights::empty(1);
+                    for (pi, &p) in Projection::ALL.iter().enumerate() {
+                        let pair = LoraPair {
+                            rank: r,
+                            scale: 2.0,
+                            a: a[pi].0.clone(),
+                            b: a[pi].1.clone(),
+                        };
+                        w.insert(0, p, pair).unwrap();
+                    }
+                    w
+                })
+                .collect();
+            let hot: Vec<HotWeights> = weights
+                .iter()
+                .map(|w| HotWeights::convert(w, format))
+                .collect();
+            let tables: Vec<Vec<Option<k::LoraSlot<'_>>>> = Projection::ALL
+                .iter()
+                .map(|&p| {
+                    weights
+                        .iter()
+                        .zip(&hot)
+                        .map(|(w, h)| h.slot(w, 0, p))
+                        .collect()
+                })
+                .collect();
+            let slots: Vec<k::LoraSlots<'_>> = Projection::ALL
+                .iter()
+                .zip(&tables)
+                .map(|(&p, t)| {
+                    let (i, o) = base.dims(p);
+                    k::LoraSlots::new(i, o, t).unwrap()
+                })
+                .collect();
+            let pos = |p: Projection| Projection::ALL.iter().position(|&q| q == p).unwrap();
+            // Groups: (members, input projection for x) with columns laid out in order.
+            let groups: Vec<Vec<Projection>> = vec![
+                vec![Projection::Q, Projection::K, Projection::V],
+                vec![Projection::O],
+                vec![Projection::Gate, Projection::Up],
+                vec![Projection::Down],
+            ];
+            let mut fused_y: Vec<Vec<f32>> = groups
+                .iter()
+                .map(|m| {
+                    let w: usize = m.iter().map(|&p| base.dims(p).1).sum();
+                    vec![0f32; seqs * w]
+                })
+                .collect();
+            g.bench_function(
+                format!("{seqs}seq_{adapters}adapters_r{r}/lora_fused_{label}"),
+                |b| {
+                    bench_cpu(b, || {
+                        for (members, yv) in groups.iter().zip(fused_y.iter_mut()) {
+                            let mut col = 0;
+                            let targets: Vec<k::LoraTarget<'_>> = members
+                                .iter()
+                                .map(|&p| {
+                                    let t = k::LoraTarget::new(slots[pos(p)], col);
+                                    col += base.dims(p).1;
+                                    t
+                                })
+                                .collect();
+                            let xin = &x[pos(members[0])];
+                            k::apply_fused(xin, &tokens, &targets, yv, col).unwrap();
+                        }
+                    })
+                },
+            );
+        }
     }
     g.finish();
 }
@@ -354,23 +442,42 @@ fn real_decode(c: &mut Criterion) {
     g.sample_size(10)
         .warm_up_time(std::time::Duration::from_millis(500))
         .measurement_time(std::time::Duration::from_secs(4));
+    let formats = [
+        ("f32", HotFormat::F32),
+        ("bf16", HotFormat::BF16),
+        ("f16", HotFormat::F16),
+        ("i8", HotFormat::I8),
+    ];
     for (seqs, adapters) in [(16usize, 4usize), (64, 64)] {
         let dir = tempfile::tempdir().unwrap();
-        let mgr = manager_sized(dir.path(), adapters);
-        let mut pins = Vec::new();
+        // One manager per hot format over one image: the same adapters in each.
+        let db = Db::open(dir.path().join("image"), StoreConfig::default()).unwrap();
+        let mgrs: Vec<(&str, AdapterManager)> = formats
+            .iter()
+            .map(|&(label, f)| (label, manager_sized(&db, adapters, f)))
+            .collect();
         for a in 0..adapters {
-            let name = format!("a{a}");
-            mgr.add_files(
-                &name,
-                adapter_files(&base, 16, 100 + a as u64),
-                "bench",
-                Expect::Absent,
-            )
-            .unwrap();
-            let lease = mgr.acquire(&name).unwrap();
-            pins.push((mgr.pin_hot(&lease).unwrap(), lease));
+            mgrs[0]
+                .1
+                .add_files(
+                    &format!("a{a}"),
+                    adapter_files(&base, 16, 100 + a as u64),
+                    "bench",
+                    Expect::Absent,
+                )
+                .unwrap();
         }
-        let snapshot = mgr.hot_snapshot();
+        // (label, snapshot, slot of adapter i, pins and leases kept alive)
+        let mut hot = Vec::new();
+        for (label, mgr) in &mgrs {
+            let mut held = Vec::new();
+            for a in 0..adapters {
+                let lease = mgr.acquire(&format!("a{a}")).unwrap();
+                held.push((mgr.pin_hot(&lease).unwrap(), lease));
+            }
+            let slots: Vec<SlotIdx> = held.iter().map(|(p, _)| p.slot()).collect();
+            hot.push((*label, mgr.hot_snapshot(), slots, held));
+        }
         let d = model.dims();
         let shape = KvShape {
             num_layers: d.num_layers,
@@ -401,47 +508,82 @@ fn real_decode(c: &mut Criterion) {
                 .collect(),
         );
         model.forward(&prefill, kv.storage_mut()).expect("prefill");
-        for with_lora in [false, true] {
-            let batch = ForwardBatch::new(
-                (0..seqs)
-                    .map(|i| {
-                        let mut s = SeqStep::new(vec![42], 64, tables[i].clone());
-                        if with_lora {
-                            s.adapter = Some(pins[i % adapters].0.slot());
-                        }
-                        s
-                    })
-                    .collect(),
-            );
+        // Base, then every hot format, back to back in one run (the machine is noisy).
+        let empty = batos::lora::HotSnapshot::default();
+        let runs: Vec<(String, ForwardBatch, &batos::lora::HotSnapshot)> = std::iter::once(None)
+            .chain(hot.iter().map(Some))
+            .map(|run| {
+                let batch = ForwardBatch::new(
+                    (0..seqs)
+                        .map(|i| {
+                            let mut s = SeqStep::new(vec![42], 64, tables[i].clone());
+                            if let Some((_, _, slots, _)) = run {
+                                s.adapter = Some(slots[i % adapters]);
+                            }
+                            s
+                        })
+                        .collect(),
+                );
+                match run {
+                    Some((label, snap, _, _)) => (format!("lora_{label}"), batch, snap),
+                    None => ("base".to_string(), batch, &empty),
+                }
+            })
+            .collect();
+        for (label, batch, snapshot) in &runs {
             g.throughput(criterion::Throughput::Elements(seqs as u64));
-            let id = format!(
-                "{seqs}seq_{adapters}adapters_r16/{}",
-                if with_lora { "lora" } else { "base" }
-            );
+            let id = format!("{seqs}seq_{adapters}adapters_r16/{label}");
             g.bench_function(id, |b| {
                 bench_cpu(b, || {
                     black_box(
                         model
-                            .forward_with_adapters(&batch, kv.storage_mut(), &snapshot)
+                            .forward_with_adapters(batch, kv.storage_mut(), snapshot)
                             .expect("decode"),
                     );
                 })
             });
         }
+        // The same steps interleaved (base, f32, bf16, ... , base, ...) so that every
+        // variant sees the same background load; the medians' ratios are printed.
+        let rounds = 15;
+        let mut times: Vec<Vec<f64>> = vec![Vec::new(); runs.len()];
+        for _ in 0..rounds {
+            for (k, (_, batch, snapshot)) in runs.iter().enumerate() {
+                let start = process_cpu();
+                black_box(
+                    model
+                        .forward_with_adapters(batch, kv.storage_mut(), snapshot)
+                        .expect("decode"),
+                );
+                times[k].push((process_cpu() - start).as_secs_f64() * 1e3);
+            }
+        }
+        let median = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let medians: Vec<f64> = times.iter_mut().map(median).collect();
+        for ((label, _, _), m) in runs.iter().zip(&medians) {
+            eprintln!(
+                "lora/real_decode interleaved {seqs}seq_{adapters}adapters_r16/{label}: \
+                 median {m:.1} ms CPU over {rounds} rounds, throughput vs base {:.3}",
+                medians[0] / m
+            );
+        }
     }
     g.finish();
 }
 
-fn manager_sized(dir: &std::path::Path, adapters: usize) -> AdapterManager {
-    let db = Db::open(dir.join("image"), StoreConfig::default()).unwrap();
+fn manager_sized(db: &Db, adapters: usize, hot_format: HotFormat) -> AdapterManager {
     let cfg = ManagerConfig {
         max_loras: adapters,
         max_cpu_loras: adapters,
+        hot_format,
         prefetch: PrefetchPolicy::Off,
         ..ManagerConfig::default()
     };
     AdapterManager::open(
-        &db,
+        db,
         BaseShapes::smollm2_135m(),
         MemoryBudget::new("bench", 8 << 30),
         cfg,

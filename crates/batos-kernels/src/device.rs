@@ -5,11 +5,12 @@
 //! to the CUDA backend's [`Kernels`] implementation when the `cuda` feature is on, and
 //! otherwise fails every call with [`KernelError::CudaNotCompiled`].
 
+use crate::cpu::lora::LoraTarget;
 use crate::error::Result;
 use crate::shapes::{AttentionHeads, KvCacheLayout, Rope, SeqAttention};
 use crate::weights::WeightView;
 use crate::KvCache;
-use batos_types::DeviceKind;
+use batos_types::{DeviceKind, SlotIdx};
 
 /// The operations a backend provides to the model forward pass. The CPU backend is
 /// [`CpuKernels`]; the CUDA backend implements the same trait, so model code is the
@@ -63,6 +64,17 @@ pub trait Kernels: Sync {
         seqs: &[SeqAttention<'_>],
         out: &mut [f32],
     ) -> Result<()>;
+    /// Per-token LoRA for a group of projections sharing the input `x`, accumulated
+    /// into the fused projection output `y` (`[T, y_width]`); see
+    /// [`crate::cpu::lora::apply_fused`] for the semantics and the reference.
+    fn lora(
+        &self,
+        x: &[f32],
+        tokens: &[Option<SlotIdx>],
+        targets: &[LoraTarget<'_>],
+        y: &mut [f32],
+        y_width: usize,
+    ) -> Result<()>;
 }
 
 /// The CPU backend: [`crate::cpu`] behind the [`Kernels`] trait.
@@ -115,6 +127,16 @@ impl Kernels for CpuKernels {
         out: &mut [f32],
     ) -> Result<()> {
         crate::cpu::paged_attention(q, heads, cache, seqs, out)
+    }
+    fn lora(
+        &self,
+        x: &[f32],
+        tokens: &[Option<SlotIdx>],
+        targets: &[LoraTarget<'_>],
+        y: &mut [f32],
+        y_width: usize,
+    ) -> Result<()> {
+        crate::cpu::lora::apply_fused(x, tokens, targets, y, y_width)
     }
 }
 
@@ -226,6 +248,18 @@ impl Device {
     ) -> Result<()> {
         self.kernels("paged_attention")?
             .paged_attention(q, heads, cache, seqs, out)
+    }
+
+    /// See [`Kernels::lora`].
+    pub fn lora(
+        &self,
+        x: &[f32],
+        tokens: &[Option<SlotIdx>],
+        targets: &[LoraTarget<'_>],
+        y: &mut [f32],
+        y_width: usize,
+    ) -> Result<()> {
+        self.kernels("lora")?.lora(x, tokens, targets, y, y_width)
     }
 }
 

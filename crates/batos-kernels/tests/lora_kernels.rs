@@ -4,11 +4,14 @@
 
 mod common;
 
-use batos_kernels::cpu::lora::{self, reference, LoraSegment, LoraSlot, LoraSlots};
+use batos_kernels::cpu::lora::{
+    self, reference, BLayout, LoraDType, LoraMatrix, LoraSegment, LoraSlot, LoraSlots, LoraTarget,
+};
 use batos_kernels::cpu::reference as base;
 use batos_kernels::{KernelError, WeightView};
 use batos_types::SlotIdx;
 use common::{assert_close, TestRng};
+use half::{bf16, f16};
 
 /// Owned A/B/scale for one slot.
 struct Owned {
@@ -339,4 +342,408 @@ fn rejects_bad_arguments_with_typed_errors() {
         lora::shrink(&x, &[None, None], &slots, &mut h),
         Err(KernelError::LengthMismatch { .. })
     ));
+}
+
+// ---------------------------------------------------------------------------------
+// Half-precision hot slots and fused groups of projections.
+
+/// One slot's matrices stored in the element types a hot slot may hold.
+struct Stored {
+    a: Store,
+    b: Store,
+    layout: BLayout,
+    rank: usize,
+    scale: f32,
+}
+
+enum Store {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+    BF16(Vec<bf16>),
+    I8(Vec<i8>, Vec<f32>),
+}
+
+impl Store {
+    /// `v` (`rows` rows) in `dtype`; int8 gets one absmax scale per row.
+    fn new(v: &[f32], rows: usize, dtype: LoraDType) -> Store {
+        match dtype {
+            LoraDType::F32 => Store::F32(v.to_vec()),
+            LoraDType::F16 => Store::F16(v.iter().map(|&x| f16::from_f32(x)).collect()),
+            LoraDType::BF16 => Store::BF16(v.iter().map(|&x| bf16::from_f32(x)).collect()),
+            LoraDType::I8 => {
+                let mut q = Vec::with_capacity(v.len());
+                let mut scales = Vec::with_capacity(rows);
+                for row in v.chunks_exact(v.len() / rows) {
+                    let s = row.iter().fold(0f32, |m, x| m.max(x.abs())) / 127.0;
+                    scales.push(s);
+                    q.extend(
+                        row.iter()
+                            .map(|&x| if s > 0.0 { (x / s).round() as i8 } else { 0 }),
+                    );
+                }
+                Store::I8(q, scales)
+            }
+        }
+    }
+
+    fn view(&self) -> LoraMatrix<'_> {
+        match self {
+            Store::F32(v) => LoraMatrix::F32(v),
+            Store::F16(v) => LoraMatrix::F16(v),
+            Store::BF16(v) => LoraMatrix::BF16(v),
+            Store::I8(q, scales) => LoraMatrix::I8 { q, scales },
+        }
+    }
+}
+
+fn store(table: &[Option<Owned>], a: LoraDType, b: LoraDType) -> Vec<Option<Stored>> {
+    store_as(table, a, b, BLayout::OutRank)
+}
+
+/// `B` transposed to `[rank, out]` when `layout` says so.
+fn store_as(
+    table: &[Option<Owned>],
+    a: LoraDType,
+    b: LoraDType,
+    layout: BLayout,
+) -> Vec<Option<Stored>> {
+    table
+        .iter()
+        .map(|o| {
+            o.as_ref().map(|o| {
+                let bt: Vec<f32> = match layout {
+                    BLayout::OutRank => o.b.clone(),
+                    BLayout::RankOut => {
+                        let out = o.b.len() / o.rank;
+                        (0..o.rank * out)
+                            .map(|i| o.b[(i % out) * o.rank + i / out])
+                            .collect()
+                    }
+                };
+                let b_rows = match layout {
+                    BLayout::OutRank => o.b.len() / o.rank,
+                    BLayout::RankOut => o.rank,
+                };
+                Stored {
+                    a: Store::new(&o.a, o.rank, a),
+                    b: Store::new(&bt, b_rows, b),
+                    layout,
+                    rank: o.rank,
+                    scale: o.scale,
+                }
+            })
+        })
+        .collect()
+}
+
+fn stored_views(s: &[Option<Stored>]) -> Vec<Option<LoraSlot<'_>>> {
+    s.iter()
+        .map(|o| {
+            o.as_ref().map(|o| {
+                LoraSlot::from_matrices(o.a.view(), o.b.view(), o.rank, o.scale)
+                    .with_b_layout(o.layout)
+            })
+        })
+        .collect()
+}
+
+const DTYPES: [LoraDType; 4] = [
+    LoraDType::F32,
+    LoraDType::F16,
+    LoraDType::BF16,
+    LoraDType::I8,
+];
+
+#[test]
+fn half_slots_match_the_reference_on_odd_shapes_mixed_ranks_and_mixed_dtypes() {
+    let mut rng = TestRng::new(41);
+    for &(n_in, n_out) in &[(1, 1), (7, 3), (37, 29), (65, 130), (576, 192)] {
+        let ranks = [Some(1), Some(3), None, Some(8), Some(17), Some(16)];
+        let table = make_slots(&mut rng, n_in, n_out, &ranks);
+        for (da, db, layout) in DTYPES.iter().flat_map(|&a| {
+            DTYPES
+                .iter()
+                .flat_map(move |&b| [(a, b, BLayout::OutRank), (a, b, BLayout::RankOut)])
+        }) {
+            // An int8 B is only ever stored transposed (its row scales are per rank).
+            if db == LoraDType::I8 && layout == BLayout::OutRank {
+                continue;
+            }
+            {
+                let stored = store_as(&table, da, db, layout);
+                let v = stored_views(&stored);
+                let slots = LoraSlots::new(n_in, n_out, &v).unwrap();
+                for &t in &[1usize, 9, 20] {
+                    let x = rng.vec(t * n_in);
+                    let y0 = rng.vec(t * n_out);
+                    let tokens = random_tokens(&mut rng, t, &table);
+                    let mut want = y0.clone();
+                    reference::bgmv(&x, &tokens, &slots, &mut want).unwrap();
+                    let mut got = y0.clone();
+                    lora::bgmv(&x, &tokens, &slots, &mut got).unwrap();
+                    // f32 accumulation against f64 over the same (widened) values.
+                    let tol = 2e-6 * (n_in as f32).sqrt() * 8.0;
+                    let what = format!("A {da} B {db} {layout:?} in {n_in} out {n_out} T {t}");
+                    assert_close(&got, &want, tol, tol, &what);
+                    // The two halves agree with the fused call.
+                    let r = slots.max_rank();
+                    let mut h = vec![0f32; t * r];
+                    lora::shrink(&x, &tokens, &slots, &mut h).unwrap();
+                    let mut split = y0.clone();
+                    lora::expand(&h, &tokens, &slots, &mut split).unwrap();
+                    assert_close(&split, &want, tol, tol, &format!("split {what}"));
+                }
+            }
+        }
+    }
+}
+
+/// The stated tolerance of half-precision hot slots against f32 ones: the update
+/// `scale·(x·Aᵀ)·Bᵀ` changes by at most `rel` of the magnitude it could have,
+/// `scale·Σ_j (Σ_k |x_k·A_jk|) · |B_oj|`.
+#[test]
+fn half_slots_stay_within_the_stated_rounding_bound_of_f32_slots() {
+    let mut rng = TestRng::new(43);
+    let (n_in, n_out) = (576, 192);
+    let table = make_slots(&mut rng, n_in, n_out, &[Some(16), Some(8)]);
+    let t = 12;
+    let x = rng.vec(t * n_in);
+    let tokens = random_tokens(&mut rng, t, &table);
+    let v32 = views(&table);
+    let s32 = LoraSlots::new(n_in, n_out, &v32).unwrap();
+    let mut exact = vec![0f32; t * n_out];
+    reference::bgmv(&x, &tokens, &s32, &mut exact).unwrap();
+    // |h|·|B| per output: the scale of the update.
+    let mut mag = vec![0f32; t * n_out];
+    for (i, s) in tokens.iter().enumerate() {
+        let Some(s) = s else { continue };
+        let o = table[s.index()].as_ref().unwrap();
+        let xi = &x[i * n_in..(i + 1) * n_in];
+        let absx: Vec<f32> = xi.iter().map(|v| v.abs()).collect();
+        for out in 0..n_out {
+            let mut m = 0f64;
+            for j in 0..o.rank {
+                let ha: f64 = (0..n_in)
+                    .map(|k| (absx[k] * o.a[j * n_in + k].abs()) as f64)
+                    .sum();
+                m += ha * o.b[out * o.rank + j].abs() as f64;
+            }
+            mag[i * n_out + out] = (o.scale as f64 * m) as f32;
+        }
+    }
+    // bf16 keeps 8 significant bits, f16 11: rounding A and B each moves an element by
+    // at most 2^-8 (bf16) or 2^-11 (f16) of itself, so the update moves by at most
+    // about twice that of `mag`. f16 subnormals (|v| < 6.1e-5) round in absolute
+    // terms instead, covered by the small absolute slack.
+    let rels = [
+        (LoraDType::BF16, 2.01 * 2f32.powi(-8)),
+        (LoraDType::F16, 2.01 * 2f32.powi(-11)),
+    ];
+    for (dtype, rel) in rels {
+        let stored = store(&table, dtype, dtype);
+        let v = stored_views(&stored);
+        let slots = LoraSlots::new(n_in, n_out, &v).unwrap();
+        let mut got = vec![0f32; t * n_out];
+        lora::bgmv(&x, &tokens, &slots, &mut got).unwrap();
+        for (k, ((g, e), m)) in got.iter().zip(&exact).zip(&mag).enumerate() {
+            let bound = rel * m + 1e-4;
+            assert!(
+                (g - e).abs() <= bound,
+                "{dtype}: element {k}: {g} vs {e}, bound {bound}"
+            );
+        }
+    }
+}
+
+#[test]
+fn fused_group_matches_each_projection_alone_and_the_reference() {
+    let mut rng = TestRng::new(47);
+    let n_in = 45;
+    // q, k, v-like widths, one adapter missing from k (adapts q and v only).
+    let widths = [75usize, 13, 13];
+    let ranks = [
+        [Some(4), None, Some(16), Some(9)],
+        [Some(4), None, None, Some(9)],
+        [Some(4), None, Some(16), Some(9)],
+    ];
+    let y_width = widths.iter().sum::<usize>() + 3; // a few columns no target writes
+    let tables: Vec<Vec<Option<Owned>>> = widths
+        .iter()
+        .zip(&ranks)
+        .map(|(&w, r)| make_slots(&mut rng, n_in, w, r))
+        .collect();
+    for (da, db, layout) in [
+        (LoraDType::F32, LoraDType::F32, BLayout::OutRank),
+        (LoraDType::BF16, LoraDType::BF16, BLayout::OutRank),
+        (LoraDType::F32, LoraDType::F16, BLayout::OutRank),
+        (LoraDType::F16, LoraDType::F16, BLayout::RankOut),
+        (LoraDType::F32, LoraDType::F32, BLayout::RankOut),
+        (LoraDType::I8, LoraDType::I8, BLayout::RankOut),
+    ] {
+        let stored: Vec<_> = tables.iter().map(|t| store_as(t, da, db, layout)).collect();
+        let views: Vec<_> = stored.iter().map(|s| stored_views(s)).collect();
+        let slots: Vec<LoraSlots<'_>> = views
+            .iter()
+            .zip(&widths)
+            .map(|(v, &w)| LoraSlots::new(n_in, w, v).unwrap())
+            .collect();
+        let mut col = 0;
+        let targets: Vec<LoraTarget<'_>> = slots
+            .iter()
+            .map(|s| {
+                let g = LoraTarget::new(*s, col);
+                col += s.out_features();
+                g
+            })
+            .collect();
+        for &t in &[1usize, 6, 19] {
+            let x = rng.vec(t * n_in);
+            let y0 = rng.vec(t * y_width);
+            // Slot 1 is empty everywhere: tokens only name 0, 2 and 3.
+            let tokens: Vec<Option<SlotIdx>> = (0..t)
+                .map(|_| [None, Some(0u16), Some(2), Some(3)][rng.below(4)].map(SlotIdx))
+                .collect();
+            let mut got = y0.clone();
+            lora::apply_fused(&x, &tokens, &targets, &mut got, y_width).unwrap();
+            let mut want = y0.clone();
+            reference::apply_fused(&x, &tokens, &targets, &mut want, y_width).unwrap();
+            let what = format!("A {da} B {db} {layout:?} T {t}");
+            assert_close(
+                &got,
+                &want,
+                1e-4,
+                1e-4,
+                &format!("fused vs reference, {what}"),
+            );
+            // Column by column, the fused call equals each projection on its own, bit for
+            // bit; tokens whose adapter skips a projection leave its columns alone.
+            for (g, s) in targets.iter().zip(&slots) {
+                let w = s.out_features();
+                let mut alone: Vec<f32> = (0..t)
+                    .flat_map(|r| y0[r * y_width + g.column()..][..w].to_vec())
+                    .collect();
+                let toks: Vec<Option<SlotIdx>> = tokens
+                    .iter()
+                    .map(|s_| s_.filter(|i| s.slots()[i.index()].is_some()))
+                    .collect();
+                lora::bgmv(&x, &toks, s, &mut alone).unwrap();
+                for r in 0..t {
+                    assert_eq!(
+                        &got[r * y_width + g.column()..][..w],
+                        &alone[r * w..(r + 1) * w],
+                        "{what} row {r} column {}",
+                        g.column()
+                    );
+                }
+            }
+            for r in 0..t {
+                let tail = r * y_width + y_width - 3..(r + 1) * y_width;
+                assert_eq!(&got[tail.clone()], &y0[tail], "unwritten columns");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_token_gets_the_same_bits_in_any_batch() {
+    let mut rng = TestRng::new(53);
+    let (n_in, n_out) = (96, 72);
+    let table = make_slots(&mut rng, n_in, n_out, &[Some(16), Some(5), Some(16)]);
+    let stored = store(&table, LoraDType::BF16, LoraDType::BF16);
+    let v = stored_views(&stored);
+    let slots = LoraSlots::new(n_in, n_out, &v).unwrap();
+    // 21 tokens: slot 0's tokens are scattered, so they share tasks of up to 8.
+    let tokens: Vec<Option<SlotIdx>> = (0..21)
+        .map(|i| [Some(0u16), Some(1), None, Some(0), Some(2)][i % 5].map(SlotIdx))
+        .collect();
+    let x = rng.vec(tokens.len() * n_in);
+    let mut batch = vec![0f32; tokens.len() * n_out];
+    lora::apply(&x, &tokens, &slots, &mut batch).unwrap();
+    for (t, s) in tokens.iter().enumerate() {
+        let mut alone = vec![0f32; n_out];
+        lora::apply(&x[t * n_in..(t + 1) * n_in], &[*s], &slots, &mut alone).unwrap();
+        assert_eq!(&batch[t * n_out..(t + 1) * n_out], &alone[..], "token {t}");
+    }
+}
+
+#[test]
+fn fused_rejects_bad_groups_with_typed_errors() {
+    let (a, b) = (vec![0.5f32; 2 * 4], vec![0.5f32; 3 * 2]);
+    let (a5, b1) = (vec![0.5f32; 2 * 5], vec![0.5f32; 2]);
+    let t3 = [Some(LoraSlot::new(&a, &b, 2, 1.0))];
+    let t_in5 = [Some(LoraSlot::new(&a5, &b1, 2, 1.0))];
+    let s3 = LoraSlots::new(4, 3, &t3).unwrap();
+    let s_in5 = LoraSlots::new(5, 1, &t_in5).unwrap();
+    let x = [1f32; 8];
+    let tokens = [Some(SlotIdx(0)), None];
+    let mut y = [0f32; 2 * 4];
+    let shape_err = |r: batos_kernels::Result<()>, what: &str| match r {
+        Err(KernelError::InvalidShape { what: w, .. }) => assert_eq!(w, what),
+        other => panic!("expected InvalidShape {what}, got {other:?}"),
+    };
+    // No targets; targets reading different inputs; columns past the row.
+    shape_err(lora::apply_fused(&x, &tokens, &[], &mut y, 4), "targets");
+    let mixed = [LoraTarget::new(s3, 0), LoraTarget::new(s_in5, 3)];
+    shape_err(lora::apply_fused(&x, &tokens, &mixed, &mut y, 4), "targets");
+    let past = [LoraTarget::new(s3, 2)];
+    shape_err(lora::apply_fused(&x, &tokens, &past, &mut y, 4), "targets");
+    shape_err(
+        reference::apply_fused(&x, &tokens, &past, &mut y, 4),
+        "targets",
+    );
+    // A slot outside the table; zero-width rows; y of the wrong length.
+    let ok = [LoraTarget::new(s3, 1)];
+    shape_err(
+        lora::apply_fused(&x, &[Some(SlotIdx(1)), None], &ok, &mut y, 4),
+        "slot",
+    );
+    shape_err(lora::apply_fused(&x, &tokens, &ok, &mut y, 0), "y_width");
+    assert!(matches!(
+        lora::apply_fused(&x, &tokens, &ok, &mut y[..7], 4),
+        Err(KernelError::LengthMismatch { what: "y", .. })
+    ));
+    // The valid call writes columns 1..4 of row 0 only.
+    lora::apply_fused(&x, &tokens, &ok, &mut y, 4).unwrap();
+    assert_eq!(y, [0.0, 2.0, 2.0, 2.0, 0.0, 0.0, 0.0, 0.0]);
+}
+
+#[test]
+fn int8_slots_need_rank_rows_of_scales_and_a_transposed_b() {
+    let (q, sc2, sc3) = (vec![1i8; 2 * 4], vec![0.5f32; 2], vec![0.5f32; 3]);
+    let b = vec![0.25f32; 2 * 3];
+    let i8m = |scales| LoraMatrix::I8 { q: &q, scales };
+    let slot = |a, b_layout| {
+        [Some(
+            LoraSlot::from_matrices(a, LoraMatrix::F32(&b), 2, 1.0).with_b_layout(b_layout),
+        )]
+    };
+    // Three scales for two rank rows.
+    let t = slot(i8m(&sc3), BLayout::OutRank);
+    assert!(matches!(
+        LoraSlots::new(4, 3, &t),
+        Err(KernelError::InvalidShape { what: "A", .. })
+    ));
+    // An int8 B in the PEFT layout (its rows would be outputs, not ranks).
+    let bq = vec![1i8; 2 * 3];
+    let t = [Some(LoraSlot::from_matrices(
+        i8m(&sc2),
+        LoraMatrix::I8 {
+            q: &bq,
+            scales: &sc2,
+        },
+        2,
+        1.0,
+    ))];
+    assert!(matches!(
+        LoraSlots::new(4, 3, &t),
+        Err(KernelError::InvalidShape { what: "B", .. })
+    ));
+    // Non-finite scales.
+    let nan = [f32::NAN, 1.0];
+    let t = slot(i8m(&nan), BLayout::OutRank);
+    assert!(LoraSlots::new(4, 3, &t).is_err());
+    // A valid one dequantises as q · scale.
+    let t = slot(i8m(&sc2), BLayout::OutRank);
+    let slots = LoraSlots::new(4, 3, &t).unwrap();
+    assert_eq!(slots.slots()[0].unwrap().a().get(5), Some(0.5));
 }

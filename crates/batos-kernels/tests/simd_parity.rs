@@ -228,6 +228,16 @@ fn silu_mul_fused_matches_split_reference() {
             ) -> batos_kernels::Result<()> {
                 cpu::paged_attention(q, heads, cache, seqs, o)
             }
+            fn lora(
+                &self,
+                x: &[f32],
+                tokens: &[Option<batos_types::SlotIdx>],
+                targets: &[cpu::lora::LoraTarget<'_>],
+                y: &mut [f32],
+                y_width: usize,
+            ) -> batos_kernels::Result<()> {
+                cpu::lora::apply_fused(x, tokens, targets, y, y_width)
+            }
         }
         batos_kernels::Kernels::silu_mul_fused(&SplitOnly, &gate_up, f, &mut via_trait).unwrap();
         assert_eq!(fused_ref, want);

@@ -14,6 +14,7 @@ pub mod adapter;
 pub mod audit;
 pub mod config;
 mod error;
+mod hot;
 mod manager;
 pub mod peft;
 mod prefetch;
@@ -26,9 +27,10 @@ pub use audit::{
     audit, audit_dir, AdapterFiles, AuditPolicy, AuditProblem, AuditReport, BaseModelCheck,
     PairHalf,
 };
-pub use batos_kernels::cpu::lora::{LoraSlot, LoraSlots};
+pub use batos_kernels::cpu::lora::{LoraDType, LoraMatrix, LoraSlot, LoraSlots};
 pub use config::{LoraConfig, TargetModules};
 pub use error::{LoraError, Result};
+pub use hot::{HotFormat, HotWeights};
 pub use manager::{
     AdapterLease, AdapterManager, HotPin, HotStorage, LoraStats, ManagerConfig, MaterialisedAdapter,
 };

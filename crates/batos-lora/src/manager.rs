@@ -6,6 +6,7 @@
 
 use crate::audit::{audit, audit_dir, AdapterFiles, AuditPolicy, AuditReport};
 use crate::error::{LoraError, Result};
+use crate::hot::{HotFormat, HotWeights};
 use crate::prefetch::{PrefetchPolicy, PrefetchStats, TransitionModel};
 use crate::repo::{AdapterRecord, AdapterRepository, Expect};
 use crate::shapes::BaseShapes;
@@ -43,6 +44,9 @@ pub struct ManagerConfig {
     /// Most decoded bytes in the warm tier (the shared budget also applies).
     pub max_cpu_bytes: u64,
     pub hot_storage: HotStorage,
+    /// The precision hot slots stream A and B in (see [`HotFormat`] for the
+    /// tolerance): a narrowed copy is made when an adapter enters the warm tier.
+    pub hot_format: HotFormat,
     pub audit: AuditPolicy,
     pub prefetch: PrefetchPolicy,
     /// Where [`AdapterManager::materialise`] writes PEFT directories; default: the
@@ -58,6 +62,7 @@ impl Default for ManagerConfig {
             max_cpu_loras: 32,
             max_cpu_bytes: 4 << 30,
             hot_storage: HotStorage::SharedHost,
+            hot_format: HotFormat::default(),
             audit: AuditPolicy::default(),
             prefetch: PrefetchPolicy::AfterUse {
                 top_k: 1,
@@ -502,7 +507,9 @@ impl AdapterManager {
         demand: Demand,
     ) -> Result<Arc<Resident>> {
         let bytes = record.decoded_bytes;
-        let reservation = self.admit_warm(name, bytes)?;
+        let format = self.inner.config.hot_format;
+        let admitted = bytes + format.extra_bytes_estimate(bytes);
+        let mut reservation = self.admit_warm(name, admitted)?;
         let loaded = self
             .inner
             .repo
@@ -517,9 +524,27 @@ impl AdapterManager {
                     })
                 }
             });
+        let loaded = loaded.map(|a| {
+            let hot = (!format.is_f32()).then(|| HotWeights::convert(&a.weights, format));
+            (a, hot)
+        });
         let mut warm = self.inner.warm.lock();
-        warm.remove_pending(bytes);
-        let resident = Arc::new(Resident::new(name.into(), loaded?, reservation));
+        warm.remove_pending(admitted);
+        let (adapter, hot) = loaded?;
+        let exact = adapter.bytes() + hot.as_ref().map_or(0, HotWeights::bytes);
+        if exact > admitted {
+            // The estimate was short (int8 row scales on very narrow matrices).
+            reservation
+                .grow(exact - admitted)
+                .map_err(|source| LoraError::Admission {
+                    name: name.into(),
+                    bytes: exact,
+                    source,
+                })?;
+        } else {
+            reservation.shrink(admitted - exact);
+        }
+        let resident = Arc::new(Resident::new(name.into(), adapter, hot, reservation));
         warm.insert(resident.clone(), demand == Demand::Prefetch);
         Ok(resident)
     }
@@ -610,7 +635,7 @@ impl AdapterManager {
             let data = match self.inner.config.hot_storage {
                 HotStorage::SharedHost => SlotData::Shared(lease.resident.clone()),
                 HotStorage::Copy => {
-                    let bytes = lease.adapter().bytes();
+                    let bytes = lease.resident.bytes();
                     match self
                         .inner
                         .budget
@@ -618,6 +643,7 @@ impl AdapterManager {
                     {
                         Ok(r) => SlotData::Copied {
                             weights: lease.adapter().weights.clone(),
+                            hot: lease.resident.hot().cloned(),
                             _reservation: r,
                         },
                         Err(source) => {

@@ -2,6 +2,7 @@
 //! locking and the orchestration between tiers live in [`crate::manager`].
 
 use crate::adapter::{LoraAdapter, LoraWeights};
+use crate::hot::HotWeights;
 use crate::shapes::Projection;
 use batos_kernels::cpu::lora::LoraSlot;
 use batos_types::{AdapterGeneration, Reservation, SlotIdx};
@@ -15,14 +16,23 @@ use std::sync::Arc;
 pub struct Resident {
     name: String,
     adapter: LoraAdapter,
+    /// The matrices narrowed to the hot format, when it is not f32.
+    hot: Option<HotWeights>,
     _reservation: Reservation,
 }
 
 impl Resident {
-    pub(crate) fn new(name: String, adapter: LoraAdapter, reservation: Reservation) -> Self {
+    /// `reservation` must cover [`Resident::bytes`].
+    pub(crate) fn new(
+        name: String,
+        adapter: LoraAdapter,
+        hot: Option<HotWeights>,
+        reservation: Reservation,
+    ) -> Self {
         Resident {
             name,
             adapter,
+            hot,
             _reservation: reservation,
         }
     }
@@ -42,9 +52,14 @@ impl Resident {
         self.adapter.generation
     }
 
-    /// Decoded bytes.
+    /// The hot-format copy of the narrowed matrices, if any.
+    pub fn hot(&self) -> Option<&HotWeights> {
+        self.hot.as_ref()
+    }
+
+    /// Decoded bytes: the f32 weights plus the hot-format copy.
     pub fn bytes(&self) -> u64 {
-        self.adapter.bytes()
+        self.adapter.bytes() + self.hot.as_ref().map_or(0, HotWeights::bytes)
     }
 }
 
@@ -189,15 +204,21 @@ pub(crate) enum SlotData {
     Shared(Arc<Resident>),
     Copied {
         weights: LoraWeights,
+        hot: Option<HotWeights>,
         _reservation: Reservation,
     },
 }
 
 impl SlotData {
-    fn weights(&self) -> &LoraWeights {
-        match self {
-            SlotData::Shared(r) => &r.adapter().weights,
-            SlotData::Copied { weights, .. } => weights,
+    /// The kernels' view of one (layer, projection), in the hot format.
+    fn slot(&self, layer: usize, proj: Projection) -> Option<LoraSlot<'_>> {
+        let (weights, hot) = match self {
+            SlotData::Shared(r) => (&r.adapter().weights, r.hot()),
+            SlotData::Copied { weights, hot, .. } => (weights, hot.as_ref()),
+        };
+        match hot {
+            Some(h) => h.slot(weights, layer, proj),
+            None => weights.pair(layer, proj).map(|p| p.slot()),
         }
     }
 }
@@ -334,11 +355,7 @@ impl HotSnapshot {
     pub fn table(&self, layer: usize, proj: Projection) -> Vec<Option<LoraSlot<'_>>> {
         self.slots
             .iter()
-            .map(|s| {
-                s.as_ref()
-                    .and_then(|d| d.weights().pair(layer, proj))
-                    .map(|p| p.slot())
-            })
+            .map(|s| s.as_ref().and_then(|d| d.slot(layer, proj)))
             .collect()
     }
 

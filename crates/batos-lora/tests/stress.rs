@@ -6,8 +6,8 @@ mod common;
 
 use batos_kernels::cpu::lora::{self, LoraSlots};
 use batos_lora::{
-    generation_of, AdapterFiles, AdapterManager, Expect, HotStorage, LoraError, ManagerConfig,
-    PrefetchPolicy, Projection,
+    generation_of, AdapterFiles, AdapterManager, Expect, HotFormat, HotStorage, HotWeights,
+    LoraError, ManagerConfig, PrefetchPolicy, Projection,
 };
 use batos_store::{Db, StoreConfig};
 use batos_types::{MemoryBudget, SlotIdx};
@@ -52,8 +52,8 @@ fn expected(e: &LoraError) -> bool {
 fn run(storage: HotStorage) {
     let dir = tempfile::tempdir().unwrap();
     let db = Db::open(dir.path().join("image"), StoreConfig::default()).unwrap();
-    // Room for about 3.5 rank-8 adapters of the tiny base (7,424 bytes each): eviction
-    // and refusals are constant.
+    // Room for about 3.5 rank-8 adapters of the tiny base in f32 (7,424 bytes each),
+    // 2.3 with the default f16 hot copy: eviction and refusals are constant.
     let budget = MemoryBudget::new("stress", 26_000);
     let cfg = ManagerConfig {
         max_loras: 3,
@@ -96,7 +96,11 @@ fn run(storage: HotStorage) {
                             let (n_in, n_out) = base.dims(proj);
                             let table = snap.table(layer, proj);
                             let slots = LoraSlots::new(n_in, n_out, &table).unwrap();
-                            let own = [Some(a.weights.pair(layer, proj).unwrap().slot())];
+                            // The leased f32 weights narrowed afresh: the slot must
+                            // serve exactly these.
+                            let narrowed = HotWeights::convert(&a.weights, HotFormat::default());
+                            let own = [narrowed.slot(&a.weights, layer, proj)];
+                            assert!(own[0].is_some());
                             let own = LoraSlots::new(n_in, n_out, &own).unwrap();
                             let tokens = 3;
                             let x: Vec<f32> = (0..tokens * n_in)

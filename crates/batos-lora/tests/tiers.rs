@@ -4,8 +4,8 @@
 mod common;
 
 use batos_lora::{
-    audit_dir, AdapterFiles, AdapterManager, AuditPolicy, Expect, HotStorage, LoraError,
-    ManagerConfig, PrefetchPolicy, Projection,
+    audit_dir, AdapterFiles, AdapterManager, AuditPolicy, Expect, HotFormat, HotStorage, LoraDType,
+    LoraError, LoraMatrix, ManagerConfig, PrefetchPolicy, Projection,
 };
 use batos_store::{Db, StoreConfig};
 use batos_types::{MemoryBudget, ReservationKind};
@@ -49,9 +49,12 @@ fn fixture(budget_bytes: u64, config: ManagerConfig) -> Fixture {
     }
 }
 
+/// f32 hot slots (the byte counts below are f32 sizes; the half formats have their own
+/// test).
 fn no_prefetch() -> ManagerConfig {
     ManagerConfig {
         prefetch: PrefetchPolicy::Off,
+        hot_format: HotFormat::F32,
         ..ManagerConfig::default()
     }
 }
@@ -91,7 +94,7 @@ fn cold_to_warm_to_hot_and_back() {
     assert_eq!((slot.rank(), slot.scale()), (4, 2.0));
     assert_eq!(
         slot.a(),
-        &lease.adapter().weights.pair(1, Projection::Down).unwrap().a[..]
+        LoraMatrix::F32(&lease.adapter().weights.pair(1, Projection::Down).unwrap().a)
     );
 
     // hot → (unpinned) → evicted by unload; warm → gone once leases drop
@@ -299,21 +302,25 @@ fn hot_slots_never_evict_a_pinned_adapter() {
     let t = snap.table(0, Projection::Q);
     assert_eq!(
         t[b_slot.index()].unwrap().a(),
-        &leases[1]
-            .adapter()
-            .weights
-            .pair(0, Projection::Q)
-            .unwrap()
-            .a[..]
+        LoraMatrix::F32(
+            &leases[1]
+                .adapter()
+                .weights
+                .pair(0, Projection::Q)
+                .unwrap()
+                .a
+        )
     );
     assert_eq!(
         t[pc.slot().index()].unwrap().a(),
-        &leases[2]
-            .adapter()
-            .weights
-            .pair(0, Projection::Q)
-            .unwrap()
-            .a[..]
+        LoraMatrix::F32(
+            &leases[2]
+                .adapter()
+                .weights
+                .pair(0, Projection::Q)
+                .unwrap()
+                .a
+        )
     );
 }
 
@@ -349,7 +356,7 @@ fn copied_hot_slots_reserve_hot_bytes_and_yield_under_pressure() {
         f.mgr.hot_snapshot().table(1, Projection::Up)[pb.slot().index()]
             .unwrap()
             .b(),
-        &lb.adapter().weights.pair(1, Projection::Up).unwrap().b[..]
+        LoraMatrix::F32(&lb.adapter().weights.pair(1, Projection::Up).unwrap().b)
     );
     drop((pb, la, lb));
     f.mgr.unload("a");
@@ -567,4 +574,58 @@ fn config_validation_rejects_inconsistent_bounds() {
         );
     }
     ManagerConfig::default().validate().unwrap();
+}
+
+#[test]
+fn half_hot_formats_narrow_once_and_charge_their_bytes() {
+    let formats = [
+        (HotFormat::BF16, LoraDType::BF16),
+        (HotFormat::F16, LoraDType::F16),
+    ];
+    for (format, dtype) in formats {
+        for storage in [HotStorage::SharedHost, HotStorage::Copy] {
+            let cfg = ManagerConfig {
+                max_loras: 1,
+                max_cpu_loras: 2,
+                hot_format: format,
+                hot_storage: storage,
+                ..no_prefetch()
+            };
+            let f = fixture(1 << 30, cfg);
+            f.mgr
+                .add_files("a", files(3, 4), "t", Expect::Absent)
+                .unwrap();
+            let lease = f.mgr.acquire("a").unwrap();
+            // The f32 decode plus a half-size copy, in the one warm reservation.
+            let warm = bytes_of(4) * 3 / 2;
+            assert_eq!(f.budget.used_by(ReservationKind::AdapterWarm), warm);
+            assert_eq!(f.mgr.stats().warm_bytes, warm);
+            let pin = f.mgr.pin_hot(&lease).unwrap();
+            let hot = match storage {
+                HotStorage::Copy => warm,
+                HotStorage::SharedHost => 0,
+            };
+            assert_eq!(f.budget.used_by(ReservationKind::AdapterHot), hot);
+            let snap = f.mgr.hot_snapshot();
+            for (layer, p) in [(0, Projection::Q), (1, Projection::Down)] {
+                let slot = snap.table(layer, p)[pin.slot().index()].unwrap();
+                let pair = lease.adapter().weights.pair(layer, p).unwrap();
+                let narrow = |v: f32| match dtype {
+                    LoraDType::F16 => half::f16::from_f32(v).to_f32(),
+                    _ => half::bf16::from_f32(v).to_f32(),
+                };
+                assert_eq!((slot.a().dtype(), slot.b().dtype()), (dtype, dtype));
+                let want_a: Vec<f32> = pair.a.iter().map(|&v| narrow(v)).collect();
+                assert_eq!(slot.a().to_f32_vec(), want_a, "A rounds to nearest");
+                // B may be stored transposed: compare element by element.
+                for (i, &v) in pair.b.iter().enumerate() {
+                    let (o, j) = (i / pair.rank, i % pair.rank);
+                    assert_eq!(slot.b_at(o, j), Some(narrow(v)), "B[{o}, {j}]");
+                }
+            }
+            drop((snap, pin, lease));
+            f.mgr.unload("a");
+            assert_eq!(f.budget.used(), 0, "{format:?} {storage:?}: no leak");
+        }
+    }
 }

@@ -5,37 +5,228 @@
 //! Two shapes of the same computation, as in Punica/S-LoRA:
 //! - [`bgmv`] gathers by slot token by token (decode: one token per sequence);
 //! - [`sgmv`] works on [`LoraSegment`]s, runs of consecutive tokens sharing a slot
-//!   (prefill), so each adapter row is loaded once per run instead of once per token.
+//!   (prefill).
 //!
-//! [`shrink`] and [`expand`] expose the two halves separately (`h = x · Aᵀ`, then
-//! `y += scale · h · Bᵀ`). Slots may have different ranks in one batch; tokens whose
-//! slot is `None` are not touched and cost nothing.
+//! Both run on one engine, [`apply_fused`]: it groups the batch's tokens by slot (so
+//! tokens of one adapter share each load of its rows, wherever they sit in the batch),
+//! and applies every projection of a group that shares its input (q, k and v read the
+//! same normed hidden state; gate and up too) in one pass, accumulating straight into
+//! the columns of the fused projection output. [`shrink`] and [`expand`] expose the two
+//! halves separately (`h = x · Aᵀ`, then `y += scale · h · Bᵀ`). Slots may have
+//! different ranks in one batch; tokens whose slot is `None` are not touched and cost
+//! nothing.
 //!
-//! [`reference`] is the scalar specification (f64 accumulation); the functions at this
-//! level validate their arguments identically and then run AVX2/FMA code when the CPU
-//! has it (detected at run time), else the reference.
+//! Hot slots hold `A` and `B` as f32, f16 or bf16 ([`LoraMatrix`]); activations and
+//! accumulation are always f32. Half-precision slots halve the bytes a decode step
+//! streams, which is what multi-adapter decode is bound by.
+//!
+//! [`reference`] is the scalar specification (f64 accumulation over the widened
+//! matrices); the functions at this level validate their arguments identically and
+//! then run AVX2/FMA/F16C code when the CPU has it (detected at run time), else a
+//! scalar f32 path. The fast path computes each token's result the same way whatever
+//! else is in the batch, so a mixed batch gives every token exactly what it gets alone.
 
 use crate::cpu::check::{len_eq, rows};
 use crate::error::{KernelError, Result};
 use batos_types::SlotIdx;
-use rayon::prelude::*;
+use half::{bf16, f16};
+
+/// The element type of a hot slot's `A` or `B`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LoraDType {
+    F32,
+    /// IEEE half: 11 significant bits, values up to 65504.
+    F16,
+    /// bfloat16: 8 significant bits, f32's range.
+    BF16,
+    /// Symmetric int8 per row (see [`LoraMatrix::I8`]): a quarter of f32's bytes.
+    I8,
+}
+
+impl LoraDType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            LoraDType::F32 => 4,
+            LoraDType::F16 | LoraDType::BF16 => 2,
+            LoraDType::I8 => 1,
+        }
+    }
+}
+
+impl std::fmt::Display for LoraDType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LoraDType::F32 => "f32",
+            LoraDType::F16 => "f16",
+            LoraDType::BF16 => "bf16",
+            LoraDType::I8 => "i8",
+        })
+    }
+}
+
+/// A borrowed row-major matrix of a hot slot in one of the [`LoraDType`]s.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum LoraMatrix<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+    BF16(&'a [bf16]),
+    /// Symmetric int8 with one f32 scale per row: element `i` is
+    /// `q[i] · scales[i / row_len]`, `row_len = q.len() / scales.len()`. The kernels
+    /// fold the row scales into the rank-sized intermediate, so the rows must be the
+    /// rank dimension: `A` (`[rank, in]`) and a transposed `B` ([`BLayout::RankOut`]).
+    I8 {
+        q: &'a [i8],
+        scales: &'a [f32],
+    },
+}
+
+impl<'a> LoraMatrix<'a> {
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        match self {
+            LoraMatrix::F32(s) => s.len(),
+            LoraMatrix::F16(s) => s.len(),
+            LoraMatrix::BF16(s) => s.len(),
+            LoraMatrix::I8 { q, .. } => q.len(),
+        }
+    }
+
+    /// The per-row scales of an [`LoraMatrix::I8`] matrix.
+    pub fn row_scales(&self) -> Option<&'a [f32]> {
+        match self {
+            LoraMatrix::I8 { scales, .. } => Some(scales),
+            _ => None,
+        }
+    }
+
+    /// Whether the matrix has no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The element type.
+    pub fn dtype(&self) -> LoraDType {
+        match self {
+            LoraMatrix::F32(_) => LoraDType::F32,
+            LoraMatrix::F16(_) => LoraDType::F16,
+            LoraMatrix::BF16(_) => LoraDType::BF16,
+            LoraMatrix::I8 { .. } => LoraDType::I8,
+        }
+    }
+
+    /// Element `i` widened to f32, or `None` past the end.
+    pub fn get(&self, i: usize) -> Option<f32> {
+        match self {
+            LoraMatrix::F32(s) => s.get(i).copied(),
+            LoraMatrix::F16(s) => s.get(i).map(|v| v.to_f32()),
+            LoraMatrix::BF16(s) => s.get(i).map(|v| v.to_f32()),
+            LoraMatrix::I8 { q, scales } => {
+                let row_len = q.len() / scales.len().max(1);
+                let v = *q.get(i)?;
+                Some(v as f32 * scales.get(i / row_len.max(1))?)
+            }
+        }
+    }
+
+    /// Every element widened to f32.
+    pub fn to_f32_vec(&self) -> Vec<f32> {
+        match self {
+            LoraMatrix::F32(s) => s.to_vec(),
+            LoraMatrix::F16(s) => s.iter().map(|v| v.to_f32()).collect(),
+            LoraMatrix::BF16(s) => s.iter().map(|v| v.to_f32()).collect(),
+            LoraMatrix::I8 { .. } => (0..self.len()).filter_map(|i| self.get(i)).collect(),
+        }
+    }
+}
+
+impl<'a> From<&'a [f32]> for LoraMatrix<'a> {
+    fn from(s: &'a [f32]) -> Self {
+        LoraMatrix::F32(s)
+    }
+}
+
+impl<'a> From<&'a [f16]> for LoraMatrix<'a> {
+    fn from(s: &'a [f16]) -> Self {
+        LoraMatrix::F16(s)
+    }
+}
+
+impl<'a> From<&'a [bf16]> for LoraMatrix<'a> {
+    fn from(s: &'a [bf16]) -> Self {
+        LoraMatrix::BF16(s)
+    }
+}
+
+/// How a slot's `B` is laid out in memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum BLayout {
+    /// `[out, rank]` row-major: PEFT's `lora_B.weight` as stored.
+    #[default]
+    OutRank,
+    /// `[rank, out]` row-major (B transposed): the expand streams out-wide rows and
+    /// needs no horizontal sums, the faster layout for hot copies.
+    RankOut,
+}
 
 /// One hot adapter's matrices for one projection: `A [rank, in]`, `B [out, rank]`
-/// (PEFT's `lora_A.weight` / `lora_B.weight`), and the scale `alpha / r` (or
-/// `alpha / sqrt(r)` for rsLoRA).
+/// (PEFT's `lora_A.weight` / `lora_B.weight`; `B` may be stored transposed, see
+/// [`BLayout`]), and the scale `alpha / r` (or `alpha / sqrt(r)` for rsLoRA).
 #[derive(Clone, Copy, Debug)]
 pub struct LoraSlot<'a> {
-    a: &'a [f32],
-    b: &'a [f32],
+    a: LoraMatrix<'a>,
+    b: LoraMatrix<'a>,
+    b_layout: BLayout,
     rank: usize,
     scale: f32,
 }
 
 impl<'a> LoraSlot<'a> {
-    /// Wraps `a` (`[rank, in]`) and `b` (`[out, rank]`); lengths are checked against a
-    /// projection's shape when the slot is put in a [`LoraSlots`] table.
+    /// Wraps f32 `a` (`[rank, in]`) and `b` (`[out, rank]`); lengths are checked
+    /// against a projection's shape when the slot is put in a [`LoraSlots`] table.
     pub fn new(a: &'a [f32], b: &'a [f32], rank: usize, scale: f32) -> Self {
-        LoraSlot { a, b, rank, scale }
+        LoraSlot::from_matrices(a.into(), b.into(), rank, scale)
+    }
+
+    /// Wraps `a` and `b` in any element types (they may differ: an f32 `A` with a
+    /// bf16 `B` is fine).
+    pub fn from_matrices(a: LoraMatrix<'a>, b: LoraMatrix<'a>, rank: usize, scale: f32) -> Self {
+        LoraSlot {
+            a,
+            b,
+            b_layout: BLayout::OutRank,
+            rank,
+            scale,
+        }
+    }
+
+    /// The same slot with `B` read in `layout` (its length is the same either way).
+    pub fn with_b_layout(self, layout: BLayout) -> Self {
+        LoraSlot {
+            b_layout: layout,
+            ..self
+        }
+    }
+
+    /// How `B` is laid out.
+    pub fn b_layout(&self) -> BLayout {
+        self.b_layout
+    }
+
+    /// Element `(o, j)` of `B` (`o < out`, `j < rank`) widened to f32, whatever the
+    /// layout; `None` outside the matrix.
+    pub fn b_at(&self, o: usize, j: usize) -> Option<f32> {
+        if j >= self.rank {
+            return None;
+        }
+        let out = self.b.len() / self.rank;
+        if o >= out {
+            return None;
+        }
+        match self.b_layout {
+            BLayout::OutRank => self.b.get(o * self.rank + j),
+            BLayout::RankOut => self.b.get(j * out + o),
+        }
     }
 
     /// The adapter's rank for this projection.
@@ -49,12 +240,12 @@ impl<'a> LoraSlot<'a> {
     }
 
     /// `A`, `[rank, in]` row-major.
-    pub fn a(&self) -> &'a [f32] {
+    pub fn a(&self) -> LoraMatrix<'a> {
         self.a
     }
 
-    /// `B`, `[out, rank]` row-major.
-    pub fn b(&self) -> &'a [f32] {
+    /// `B`, `[out, rank]` row-major, or `[rank, out]` (see [`LoraSlot::b_layout`]).
+    pub fn b(&self) -> LoraMatrix<'a> {
         self.b
     }
 }
@@ -129,6 +320,33 @@ impl<'a> LoraSlots<'a> {
             if b_len != Some(s.b.len()) {
                 return Err(bad("B", b_len, s.b.len()));
             }
+            let scales_bad = |what: &'static str, reason: String| KernelError::InvalidShape {
+                op,
+                what,
+                reason: format!("slot {i}: {reason}"),
+            };
+            for (what, m) in [("A", s.a), ("B", s.b)] {
+                let Some(sc) = m.row_scales() else { continue };
+                if sc.len() != s.rank {
+                    return Err(scales_bad(
+                        what,
+                        format!(
+                            "{} i8 row scales, expected one per rank row ({})",
+                            sc.len(),
+                            s.rank
+                        ),
+                    ));
+                }
+                if sc.iter().any(|v| !v.is_finite()) {
+                    return Err(scales_bad(what, "a non-finite i8 row scale".into()));
+                }
+            }
+            if s.b.row_scales().is_some() && s.b_layout != BLayout::RankOut {
+                return Err(scales_bad(
+                    "B",
+                    "an i8 B must be stored [rank, out] (BLayout::RankOut)".into(),
+                ));
+            }
             max_rank = max_rank.max(s.rank);
         }
         Ok(LoraSlots {
@@ -165,16 +383,29 @@ impl<'a> LoraSlots<'a> {
         self.slots.is_empty()
     }
 
+    /// Every slot, filled or not.
+    pub fn slots(&self) -> &'a [Option<LoraSlot<'a>>] {
+        self.slots
+    }
+
     /// The adapter in `slot`, or a typed error when the slot is outside the table or
     /// empty (a token must never name an empty slot).
     pub fn get(&self, op: &'static str, slot: SlotIdx) -> Result<LoraSlot<'a>> {
-        match self.slots.get(slot.index()) {
-            Some(Some(s)) => Ok(*s),
-            Some(None) => Err(KernelError::InvalidShape {
+        match self.lookup(op, slot)? {
+            Some(s) => Ok(s),
+            None => Err(KernelError::InvalidShape {
                 op,
                 what: "slot",
                 reason: format!("slot {} is empty", slot.0),
             }),
+        }
+    }
+
+    /// The adapter in `slot` if it adapts this projection (`None`: it does not, or the
+    /// slot is empty); a typed error when the slot is outside the table.
+    pub fn lookup(&self, op: &'static str, slot: SlotIdx) -> Result<Option<LoraSlot<'a>>> {
+        match self.slots.get(slot.index()) {
+            Some(s) => Ok(*s),
             None => Err(KernelError::InvalidShape {
                 op,
                 what: "slot",
@@ -185,6 +416,32 @@ impl<'a> LoraSlots<'a> {
                 ),
             }),
         }
+    }
+}
+
+/// One projection of a group that shares its input (`q`, `k` and `v` read the same
+/// normed hidden state): its slot table, and where its `out_features` columns start in
+/// each row of the fused output the group writes (`q` at 0, `k` after `q`, …).
+#[derive(Clone, Copy, Debug)]
+pub struct LoraTarget<'a> {
+    slots: LoraSlots<'a>,
+    column: usize,
+}
+
+impl<'a> LoraTarget<'a> {
+    /// `slots`, writing output columns `column..column + slots.out_features()`.
+    pub fn new(slots: LoraSlots<'a>, column: usize) -> Self {
+        LoraTarget { slots, column }
+    }
+
+    /// The projection's slot table.
+    pub fn slots(&self) -> &LoraSlots<'a> {
+        &self.slots
+    }
+
+    /// The first output column it writes.
+    pub fn column(&self) -> usize {
+        self.column
     }
 }
 
@@ -275,14 +532,93 @@ fn check_segments(
     Ok(())
 }
 
+fn segment_tokens(t: usize, segs: &[LoraSegment]) -> Vec<Option<SlotIdx>> {
+    let mut tokens = vec![None; t];
+    for s in segs {
+        tokens[s.start..s.start + s.len].fill(Some(s.slot));
+    }
+    tokens
+}
+
+/// Checks a fused call; returns T. Every target reads `x` (so all share
+/// `in_features`), writes its columns inside rows of `y_width`, and every token's slot
+/// lies inside every table (a `None` entry there means "not adapted", not an error).
+pub(crate) fn check_fused(
+    op: &'static str,
+    x: &[f32],
+    tokens: &[Option<SlotIdx>],
+    targets: &[LoraTarget<'_>],
+    y_len: usize,
+    y_width: usize,
+) -> Result<usize> {
+    let Some(first) = targets.first() else {
+        return Err(KernelError::InvalidShape {
+            op,
+            what: "targets",
+            reason: "no projection to apply".into(),
+        });
+    };
+    let n_in = first.slots.in_features;
+    let t = rows(op, "x", x.len(), n_in)?;
+    len_eq(op, "token slots", tokens.len(), t)?;
+    if y_width == 0 {
+        return Err(KernelError::InvalidShape {
+            op,
+            what: "y_width",
+            reason: "the fused output rows have zero width".into(),
+        });
+    }
+    len_eq(op, "y", y_len, t * y_width)?;
+    for (k, g) in targets.iter().enumerate() {
+        if g.slots.in_features != n_in {
+            return Err(KernelError::InvalidShape {
+                op,
+                what: "targets",
+                reason: format!(
+                    "target {k} reads {} inputs but target 0 reads {n_in}: a group shares x",
+                    g.slots.in_features
+                ),
+            });
+        }
+        let end = g.column.checked_add(g.slots.out_features);
+        if end.is_none_or(|e| e > y_width) {
+            return Err(KernelError::InvalidShape {
+                op,
+                what: "targets",
+                reason: format!(
+                    "target {k} writes columns {}..{}+{} past rows of {y_width}",
+                    g.column, g.column, g.slots.out_features
+                ),
+            });
+        }
+        for s in tokens.iter().flatten() {
+            g.slots.lookup(op, *s)?;
+        }
+    }
+    Ok(t)
+}
+
 // ---------------------------------------------------------------------------------
 
-/// Scalar kernels: the specification. Dot products accumulate in f64.
+/// Scalar kernels: the specification. Dot products accumulate in f64 over the
+/// matrices widened to f32.
 pub mod reference {
     use super::*;
 
-    fn dot(a: &[f32], b: &[f32]) -> f64 {
-        a.iter().zip(b).map(|(&p, &q)| p as f64 * q as f64).sum()
+    /// `Σ x[i]·m[off + i]` in f64.
+    fn dot(x: &[f32], m: LoraMatrix<'_>, off: usize) -> f64 {
+        x.iter()
+            .enumerate()
+            .map(|(i, &p)| p as f64 * m.get(off + i).unwrap_or(0.0) as f64)
+            .sum()
+    }
+
+    /// `Σ_j h[j]·B[o, j]` in f64, in either layout of `B`.
+    fn dot_b(h: &[f32], s: &LoraSlot<'_>, o: usize) -> f64 {
+        h.iter()
+            .enumerate()
+            .map(|(j, &p)| p as f64 * s.b_at(o, j).unwrap_or(0.0) as f64)
+            .sum()
     }
 
     /// `h[t, ..r] = x[t] · Aᵀ` for every token with a slot; `h` is `[T, max_rank]` and
@@ -304,7 +640,7 @@ pub mod reference {
             let s = slots.get(op, *s)?;
             let xi = &x[i * n_in..(i + 1) * n_in];
             for j in 0..s.rank {
-                h[i * r_max + j] = dot(xi, &s.a[j * n_in..(j + 1) * n_in]) as f32;
+                h[i * r_max + j] = dot(xi, s.a, j * n_in) as f32;
             }
         }
         Ok(())
@@ -329,7 +665,7 @@ pub mod reference {
             let r = s.rank;
             let hi = &h[i * r_max..i * r_max + r];
             for o in 0..n_out {
-                let d = dot(hi, &s.b[o * r..(o + 1) * r]);
+                let d = dot_b(hi, &s, o);
                 y[i * n_out + o] += (s.scale as f64 * d) as f32;
             }
         }
@@ -361,165 +697,416 @@ pub mod reference {
         let op = "lora::sgmv";
         let t = check_xy(op, x, y.len(), slots)?;
         check_segments(op, t, segs, slots)?;
-        let mut tokens = vec![None; t];
-        for s in segs {
-            tokens[s.start..s.start + s.len].fill(Some(s.slot));
+        bgmv(x, &segment_tokens(t, segs), slots, y)
+    }
+
+    /// [`super::apply_fused`]: for every target and every token whose slot the target's
+    /// table fills, `y[t, column..column + out] += scale · (x[t] · Aᵀ) · Bᵀ`.
+    pub fn apply_fused(
+        x: &[f32],
+        tokens: &[Option<SlotIdx>],
+        targets: &[LoraTarget<'_>],
+        y: &mut [f32],
+        y_width: usize,
+    ) -> Result<()> {
+        let op = "lora::apply_fused";
+        check_fused(op, x, tokens, targets, y.len(), y_width)?;
+        let n_in = targets[0].slots.in_features;
+        for g in targets {
+            let n_out = g.slots.out_features;
+            for (i, s) in tokens.iter().enumerate() {
+                let Some(s) = s else { continue };
+                let Some(s) = g.slots.lookup(op, *s)? else {
+                    continue;
+                };
+                let xi = &x[i * n_in..(i + 1) * n_in];
+                let h: Vec<f32> = (0..s.rank).map(|j| dot(xi, s.a, j * n_in) as f32).collect();
+                let row = &mut y[i * y_width + g.column..i * y_width + g.column + n_out];
+                for (o, yv) in row.iter_mut().enumerate() {
+                    *yv += (s.scale as f64 * dot_b(&h, &s, o)) as f32;
+                }
+            }
         }
-        bgmv(x, &tokens, slots, y)
+        Ok(())
     }
 }
 
 // ---------------------------------------------------------------------------------
 // Fast path.
 
-/// Tokens per tile: a tile's `h` stays in L1 and each adapter row is reused this often.
+/// Tokens per task: a task's `h` stays in L1 and each adapter row it loads serves
+/// this many tokens.
 const TILE: usize = 8;
 /// Below this many multiply-adds the work stays on the calling thread.
 const PAR_MIN_MACS: usize = 1 << 18;
 
-/// One unit of work: `n` consecutive rows of x/y sharing `slot`.
-struct Tile<'y, 's> {
-    start: usize,
-    slot: LoraSlot<'s>,
-    y: &'y mut [f32],
+/// An element type a hot slot may hold: loads eight lanes at a time on the AVX2 path
+/// (`simd::Elem`), widens one at a time on the scalar path.
+trait SlotElem: super::simd::Elem {
+    fn to_f32(self) -> f32;
 }
 
-fn run_tiles(x: &[f32], slots: &LoraSlots<'_>, tiles: Vec<Tile<'_, '_>>) {
-    let macs: usize = tiles
-        .iter()
-        .map(|t| t.y.len() / slots.out_features * t.slot.rank)
-        .sum::<usize>()
-        * (slots.in_features + slots.out_features);
-    let simd = simd_available();
-    let work = |tile: Tile<'_, '_>| {
-        let n = tile.y.len() / slots.out_features;
-        let x_rows = &x[tile.start * slots.in_features..(tile.start + n) * slots.in_features];
-        apply_tile(simd, x_rows, slots, &tile.slot, tile.y);
-    };
-    if macs >= PAR_MIN_MACS && tiles.len() > 1 {
-        // A few tiles per task: decode tiles are one token, too small to send alone.
-        tiles.into_par_iter().with_min_len(4).for_each(work);
-    } else {
-        tiles.into_iter().for_each(work);
+impl SlotElem for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
     }
 }
 
-/// Splits `y` into tiles of at most [`TILE`] rows along `segs` (which are validated:
-/// increasing and disjoint).
-fn tiles_of<'y, 's>(
-    segs: &[LoraSegment],
-    slots: &LoraSlots<'s>,
-    mut y: &'y mut [f32],
-) -> Result<Vec<Tile<'y, 's>>> {
-    let n_out = slots.out_features;
-    let mut consumed = 0usize;
-    let mut tiles = Vec::new();
-    for s in segs {
-        let slot = slots.get("lora::tiles", s.slot)?;
-        let skip = (s.start - consumed) * n_out;
-        y = &mut std::mem::take(&mut y)[skip..];
-        let mut left = s.len;
-        let mut start = s.start;
-        while left > 0 {
-            let n = left.min(TILE);
-            let (head, rest) = std::mem::take(&mut y).split_at_mut(n * n_out);
-            tiles.push(Tile {
-                start,
-                slot,
-                y: head,
-            });
-            y = rest;
-            start += n;
-            left -= n;
-        }
-        consumed = s.start + s.len;
+impl SlotElem for f16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
     }
-    Ok(tiles)
 }
 
-/// `y += scale · (x · Aᵀ) · Bᵀ` for one tile of `n ≤ TILE` rows sharing one slot.
-fn apply_tile(simd: bool, x: &[f32], slots: &LoraSlots<'_>, s: &LoraSlot<'_>, y: &mut [f32]) {
-    let (n_in, n_out, r) = (slots.in_features, slots.out_features, s.rank);
-    let n = y.len() / n_out;
-    let mut h = vec![0f32; n * r];
-    #[cfg(target_arch = "x86_64")]
-    if simd {
-        // SAFETY: `simd` is true only when AVX2 and FMA were detected; the slices have
-        // the lengths the tile functions assert (checked when the slots and the call
-        // were validated).
+impl SlotElem for bf16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+}
+
+impl SlotElem for i8 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self as f32
+    }
+}
+
+// The AVX2 loads of int8 rows (without their row scale, which the kernels fold into
+// the rank-sized intermediate).
+#[cfg(target_arch = "x86_64")]
+impl super::simd::Elem for i8 {
+    #[inline(always)]
+    unsafe fn load8(p: *const i8) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller guarantees 8 readable bytes and AVX2.
         unsafe {
-            avx2::shrink_tile(x, s.a, n_in, r, n, &mut h);
-            for v in &mut h {
-                *v *= s.scale;
+            let v = _mm_loadl_epi64(p as *const __m128i);
+            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v))
+        }
+    }
+    fn widen(self) -> f32 {
+        self as f32
+    }
+}
+#[cfg(not(target_arch = "x86_64"))]
+impl super::simd::Elem for i8 {}
+
+/// Runs `$body` with `$s` bound to the typed slice inside a [`LoraMatrix`]
+/// (monomorphising the body per element type; int8 row scales are read separately).
+macro_rules! with_matrix {
+    ($m:expr, $s:ident => $body:expr) => {
+        match $m {
+            LoraMatrix::F32($s) => $body,
+            LoraMatrix::F16($s) => $body,
+            LoraMatrix::BF16($s) => $body,
+            LoraMatrix::I8 { q: $s, .. } => $body,
+        }
+    };
+}
+
+/// The factor `h[·, j]` is multiplied by after the shrink: the slot's scale and the
+/// int8 row scales of `A` row `j` and transposed-`B` row `j`.
+#[derive(Clone, Copy)]
+struct Fold<'s> {
+    scale: f32,
+    a: Option<&'s [f32]>,
+    b: Option<&'s [f32]>,
+}
+
+impl Fold<'_> {
+    fn of<'s>(s: &LoraSlot<'s>) -> Fold<'s> {
+        Fold {
+            scale: s.scale,
+            a: None,
+            b: None,
+        }
+    }
+
+    #[inline]
+    fn at(&self, j: usize) -> f32 {
+        let mut f = self.scale;
+        if let Some(a) = self.a {
+            f *= a[j];
+        }
+        if let Some(b) = self.b {
+            f *= b[j];
+        }
+        f
+    }
+
+    /// Scales `h` (`[n, r]`).
+    fn apply(&self, h: &mut [f32], r: usize) {
+        for row in h.chunks_exact_mut(r) {
+            for (j, v) in row.iter_mut().enumerate() {
+                *v *= self.at(j);
             }
-            avx2::expand_tile(&h, s.b, r, n, n_out, y);
-        }
-        return;
-    }
-    let _ = simd;
-    // Shrink: each A row is read once for the whole tile.
-    for j in 0..r {
-        let a = &s.a[j * n_in..(j + 1) * n_in];
-        for t in 0..n {
-            h[t * r + j] = dot_scalar(&x[t * n_in..(t + 1) * n_in], a);
-        }
-    }
-    // Fold the scale into h once rather than into every output.
-    for v in &mut h {
-        *v *= s.scale;
-    }
-    // Expand: each B row is read once for the whole tile.
-    for o in 0..n_out {
-        let b = &s.b[o * r..(o + 1) * r];
-        for t in 0..n {
-            y[t * n_out + o] += dot_scalar(&h[t * r..(t + 1) * r], b);
         }
     }
 }
 
 fn simd_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+    super::simd::Avx2::detect().is_some()
+}
+
+/// Up to [`TILE`] tokens of one slot, and their rows of the fused output.
+struct Task<'y> {
+    slot: SlotIdx,
+    n: usize,
+    tokens: [usize; TILE],
+    rows: [&'y mut [f32]; TILE],
+}
+
+/// The engine behind every public entry point; arguments are validated.
+fn fused(
+    x: &[f32],
+    tokens: &[Option<SlotIdx>],
+    targets: &[LoraTarget<'_>],
+    y: &mut [f32],
+    y_width: usize,
+) {
+    let n_in = targets[0].slots.in_features;
+    // Group the tokens by slot (a counting sort keeps each slot's tokens in order).
+    let n_slots = tokens
+        .iter()
+        .flatten()
+        .map(|s| s.index() + 1)
+        .max()
+        .unwrap_or(0);
+    if n_slots == 0 {
+        return;
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
+    let mut start = vec![0usize; n_slots + 1];
+    for s in tokens.iter().flatten() {
+        start[s.index() + 1] += 1;
+    }
+    for i in 0..n_slots {
+        start[i + 1] += start[i];
+    }
+    let mut next = start.clone();
+    let mut order = vec![0usize; start[n_slots]];
+    for (t, s) in tokens.iter().enumerate() {
+        if let Some(s) = s {
+            order[next[s.index()]] = t;
+            next[s.index()] += 1;
+        }
+    }
+    // Hand every token's output row to the one task that owns the token.
+    let mut rows: Vec<Option<&mut [f32]>> = y.chunks_exact_mut(y_width).map(Some).collect();
+    let mut tasks: Vec<Task<'_>> = Vec::new();
+    let mut macs = 0usize;
+    for s in 0..n_slots {
+        let slot = SlotIdx(s as u16);
+        let per_token: usize = targets
+            .iter()
+            .filter_map(|g| {
+                let sl = g.slots.slots.get(s).copied().flatten()?;
+                Some(sl.rank * (n_in + g.slots.out_features))
+            })
+            .sum();
+        for chunk in order[start[s]..start[s + 1]].chunks(TILE) {
+            let mut task = Task {
+                slot,
+                n: chunk.len(),
+                tokens: [0; TILE],
+                rows: std::array::from_fn(|_| <&mut [f32]>::default()),
+            };
+            for (i, &t) in chunk.iter().enumerate() {
+                task.tokens[i] = t;
+                task.rows[i] = rows[t].take().unwrap_or_default();
+            }
+            macs += per_token * chunk.len();
+            tasks.push(task);
+        }
+    }
+    let simd = simd_available();
+    let work = |task: &mut Task<'_>| run_task(simd, x, n_in, targets, task);
+    if macs >= PAR_MIN_MACS && tasks.len() > 1 {
+        // A few tasks per chunk: decode tasks are one token each, small to send alone.
+        let per = tasks.len().div_ceil(super::par::num_threads() * 4).max(1);
+        super::par::for_each_chunk_mut(&mut tasks, per, &|_, chunk| {
+            chunk.iter_mut().for_each(work)
+        });
+    } else {
+        tasks.iter_mut().for_each(work);
+    }
+}
+
+/// Every target of one task: `x` rows are read from cache for each, each adapter row
+/// is streamed once for all of the task's tokens.
+fn run_task(simd: bool, x: &[f32], n_in: usize, targets: &[LoraTarget<'_>], task: &mut Task<'_>) {
+    let n = task.n;
+    let xs: [&[f32]; TILE] = std::array::from_fn(|i| {
+        if i < n {
+            &x[task.tokens[i] * n_in..(task.tokens[i] + 1) * n_in]
+        } else {
+            &[]
+        }
+    });
+    let slots: Vec<(LoraSlot<'_>, &LoraTarget<'_>)> = targets
+        .iter()
+        .filter_map(|g| {
+            g.slots
+                .slots
+                .get(task.slot.index())
+                .copied()
+                .flatten()
+                .map(|s| (s, g))
+        })
+        .collect();
+    let r_max = slots.iter().map(|(s, _)| s.rank).max().unwrap_or(0);
+    let mut h = vec![0f32; n * r_max];
+    for (s, g) in slots {
+        let out = Out {
+            rows: &mut task.rows[..n],
+            column: g.column,
+            width: g.slots.out_features,
+        };
+        let h = &mut h[..n * s.rank];
+        with_matrix!(s.a, a => with_matrix!(s.b, b => {
+            let fold = Fold {
+                a: s.a.row_scales(),
+                b: s.b.row_scales(),
+                ..Fold::of(&s)
+            };
+            let p = Pair {
+                a,
+                b,
+                b_layout: s.b_layout,
+                rank: s.rank,
+                fold,
+            };
+            apply_pair(simd, &xs[..n], p, h, out)
+        }));
+    }
+}
+
+/// Where one projection's update goes: columns `column..column + width` of `rows`.
+struct Out<'r, 'y> {
+    rows: &'r mut [&'y mut [f32]],
+    column: usize,
+    width: usize,
+}
+
+/// One slot's matrices with their element types resolved.
+struct Pair<'s, EA, EB> {
+    a: &'s [EA],
+    b: &'s [EB],
+    b_layout: BLayout,
+    rank: usize,
+    fold: Fold<'s>,
+}
+
+/// `out[t] += scale · (xs[t] · Aᵀ) · Bᵀ` for one slot and the task's tokens.
+fn apply_pair<EA: SlotElem, EB: SlotElem>(
+    simd: bool,
+    xs: &[&[f32]],
+    p: Pair<'_, EA, EB>,
+    h: &mut [f32],
+    out: Out<'_, '_>,
+) {
+    let Pair {
+        a,
+        b,
+        b_layout,
+        rank: r,
+        fold,
+    } = p;
+    let n_in = a.len() / r;
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: `simd` is true only when AVX2, FMA and F16C were detected; the
+        // slices have the lengths the tile functions assert (checked when the slots and
+        // the call were validated).
+        unsafe {
+            avx2::shrink_tile(xs, a, n_in, r, h);
+            fold.apply(h, r);
+            match b_layout {
+                BLayout::OutRank => avx2::expand_tile(h, b, r, out),
+                BLayout::RankOut => avx2::expand_tile_t(h, b, r, out),
+            }
+        }
+        return;
+    }
+    let _ = simd;
+    // Shrink: each A row is read once for the task's tokens.
+    for j in 0..r {
+        let row = &a[j * n_in..(j + 1) * n_in];
+        for (t, xt) in xs.iter().enumerate() {
+            h[t * r + j] = dot_scalar(xt, row);
+        }
+    }
+    // Fold the scale into h once rather than into every output.
+    fold.apply(h, r);
+    expand_scalar(h, b, b_layout, r, out);
+}
+
+/// The scalar expand: `out.rows[t][column + o] += h[t] · B[o]` in either layout.
+fn expand_scalar<E: SlotElem>(h: &[f32], b: &[E], layout: BLayout, r: usize, out: Out<'_, '_>) {
+    match layout {
+        // Each B row is read once for the task's tokens.
+        BLayout::OutRank => {
+            for o in 0..out.width {
+                let row = &b[o * r..(o + 1) * r];
+                for (t, y) in out.rows.iter_mut().enumerate() {
+                    y[out.column + o] += dot_scalar(&h[t * r..(t + 1) * r], row);
+                }
+            }
+        }
+        // Sum over the rank per output first, then add: the order of the SIMD path.
+        BLayout::RankOut => {
+            let mut acc = vec![0f32; out.width];
+            for (t, y) in out.rows.iter_mut().enumerate() {
+                acc.fill(0.0);
+                for (j, row) in b.chunks_exact(out.width).take(r).enumerate() {
+                    let hv = h[t * r + j];
+                    for (a, bv) in acc.iter_mut().zip(row) {
+                        *a += hv * bv.to_f32();
+                    }
+                }
+                for (yv, a) in y[out.column..out.column + out.width].iter_mut().zip(&acc) {
+                    *yv += a;
+                }
+            }
+        }
     }
 }
 
 #[inline]
-fn dot(simd: bool, a: &[f32], b: &[f32]) -> f32 {
+fn dot<E: SlotElem>(simd: bool, x: &[f32], m: &[E]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if simd {
-        // SAFETY: `simd` is true only when AVX2 and FMA were detected on this CPU.
-        return unsafe { avx2::dot(a, b) };
+        // SAFETY: `simd` is true only when AVX2, FMA and F16C were detected.
+        return unsafe { avx2::dot(x, m) };
     }
     let _ = simd;
-    dot_scalar(a, b)
+    dot_scalar(x, m)
 }
 
-fn dot_scalar(a: &[f32], b: &[f32]) -> f32 {
+fn dot_scalar<E: SlotElem>(x: &[f32], m: &[E]) -> f32 {
     // Four partial sums, like the SIMD path's accumulators.
     let mut acc = [0f32; 4];
-    let mut ca = a.chunks_exact(4);
-    let mut cb = b.chunks_exact(4);
-    for (p, q) in (&mut ca).zip(&mut cb) {
+    let mut cx = x.chunks_exact(4);
+    let mut cm = m.chunks_exact(4);
+    for (p, q) in (&mut cx).zip(&mut cm) {
         for k in 0..4 {
-            acc[k] += p[k] * q[k];
+            acc[k] += p[k] * q[k].to_f32();
         }
     }
-    let tail: f32 = ca
+    let tail: f32 = cx
         .remainder()
         .iter()
-        .zip(cb.remainder())
-        .map(|(p, q)| p * q)
+        .zip(cm.remainder())
+        .map(|(p, q)| p * q.to_f32())
         .sum();
     (acc[0] + acc[1]) + (acc[2] + acc[3]) + tail
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
+    use super::{Out, SlotElem};
     use std::arch::x86_64::*;
 
     /// The eight horizontal sums of `acc[0..8]`, in order.
@@ -537,35 +1124,36 @@ mod avx2 {
         _mm256_add_ps(lo, hi)
     }
 
-    /// `h[t·r + j] = x[t] · a[j]` for `t < n`, `j < r`: `x` is `[n, n_in]`, `a`
-    /// `[r, n_in]`, `h` `[n, r]`. Eight rows of `a` share each load of `x`.
+    /// `h[t·r + j] = xs[t] · a[j]` for every token `t` and `j < r`: `a` is
+    /// `[r, n_in]`, `h` `[xs.len(), r]`. Eight rows of `a` share each load of `x`, and
+    /// each token's sums are formed the same way whatever the other tokens are.
     ///
     /// # Safety
-    /// The CPU must support AVX2 and FMA.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn shrink_tile(
-        x: &[f32],
-        a: &[f32],
+    /// The CPU must support AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn shrink_tile<E: SlotElem>(
+        xs: &[&[f32]],
+        a: &[E],
         n_in: usize,
         r: usize,
-        n: usize,
         h: &mut [f32],
     ) {
-        assert!(x.len() >= n * n_in && a.len() >= r * n_in && h.len() >= n * r);
-        let (px, pa) = (x.as_ptr(), a.as_ptr());
+        let n = xs.len();
+        assert!(a.len() >= r * n_in && h.len() >= n * r && xs.iter().all(|x| x.len() >= n_in));
+        let pa = a.as_ptr();
         let mut j = 0;
         while j + 8 <= r {
-            for t in 0..n {
-                let xt = t * n_in;
+            for (t, xt) in xs.iter().enumerate() {
+                let px = xt.as_ptr();
                 let mut acc = [_mm256_setzero_ps(); 8];
                 let mut i = 0;
-                // SAFETY: i + 8 <= n_in, so every load stays inside row t of x and
-                // rows j..j+8 of a (lengths asserted above).
+                // SAFETY: i + 8 <= n_in, so every load stays inside the token's x row
+                // and rows j..j+8 of a (lengths asserted above).
                 unsafe {
                     while i + 8 <= n_in {
-                        let xv = _mm256_loadu_ps(px.add(xt + i));
+                        let xv = _mm256_loadu_ps(px.add(i));
                         for (k, acc) in acc.iter_mut().enumerate() {
-                            let av = _mm256_loadu_ps(pa.add((j + k) * n_in + i));
+                            let av = E::load8(pa.add((j + k) * n_in + i));
                             *acc = _mm256_fmadd_ps(av, xv, *acc);
                         }
                         i += 8;
@@ -576,7 +1164,7 @@ mod avx2 {
                 unsafe { _mm256_storeu_ps(sums.as_mut_ptr(), reduce8(acc)) };
                 for (k, s) in sums.iter_mut().enumerate() {
                     for ii in i..n_in {
-                        *s += a[(j + k) * n_in + ii] * x[xt + ii];
+                        *s += a[(j + k) * n_in + ii].to_f32() * xt[ii];
                     }
                     h[t * r + j + k] = *s;
                 }
@@ -585,32 +1173,31 @@ mod avx2 {
         }
         for jj in j..r {
             let row = &a[jj * n_in..(jj + 1) * n_in];
-            for t in 0..n {
-                // SAFETY: AVX2 and FMA are available (this function's contract).
-                h[t * r + jj] = unsafe { dot(&x[t * n_in..(t + 1) * n_in], row) };
+            for (t, xt) in xs.iter().enumerate() {
+                // SAFETY: AVX2, FMA and F16C are available (this function's contract).
+                h[t * r + jj] = unsafe { dot(xt, row) };
             }
         }
     }
 
-    /// `y[t·n_out + o] += h[t] · b[o]` for `t < n`, `o < n_out`: `h` is `[n, r]`, `b`
-    /// `[n_out, r]`, `y` `[n, n_out]`. Eight outputs are reduced together.
+    /// `out.rows[t][out.column + o] += h[t] · b[o]` for every token `t` and
+    /// `o < out.width`: `h` is `[rows, r]`, `b` `[width, r]`. Eight outputs are reduced
+    /// together and added to the row with one vector add.
     ///
     /// # Safety
-    /// The CPU must support AVX2 and FMA.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn expand_tile(
-        h: &[f32],
-        b: &[f32],
-        r: usize,
-        n: usize,
-        n_out: usize,
-        y: &mut [f32],
-    ) {
-        assert!(h.len() >= n * r && b.len() >= n_out * r && y.len() >= n * n_out);
+    /// The CPU must support AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn expand_tile<E: SlotElem>(h: &[f32], b: &[E], r: usize, out: Out<'_, '_>) {
+        let (n, n_out, col) = (out.rows.len(), out.width, out.column);
+        assert!(
+            h.len() >= n * r
+                && b.len() >= n_out * r
+                && out.rows.iter().all(|y| y.len() >= col + n_out)
+        );
         let (ph, pb) = (h.as_ptr(), b.as_ptr());
         let mut o = 0;
         while o + 8 <= n_out {
-            for t in 0..n {
+            for (t, y) in out.rows.iter_mut().enumerate() {
                 let ht = t * r;
                 let mut acc = [_mm256_setzero_ps(); 8];
                 let mut c = 0;
@@ -620,61 +1207,139 @@ mod avx2 {
                     while c + 8 <= r {
                         let hv = _mm256_loadu_ps(ph.add(ht + c));
                         for (k, acc) in acc.iter_mut().enumerate() {
-                            let bv = _mm256_loadu_ps(pb.add((o + k) * r + c));
+                            let bv = E::load8(pb.add((o + k) * r + c));
                             *acc = _mm256_fmadd_ps(bv, hv, *acc);
                         }
                         c += 8;
                     }
                 }
-                let mut sums = [0f32; 8];
-                // SAFETY: `sums` holds exactly 8 floats.
-                unsafe { _mm256_storeu_ps(sums.as_mut_ptr(), reduce8(acc)) };
-                let yt = &mut y[t * n_out + o..t * n_out + o + 8];
-                for (k, (s, yv)) in sums.iter_mut().zip(yt).enumerate() {
-                    for cc in c..r {
-                        *s += b[(o + k) * r + cc] * h[ht + cc];
+                let mut v = reduce8(acc);
+                if c < r {
+                    let mut sums = [0f32; 8];
+                    // SAFETY: `sums` holds exactly 8 floats.
+                    unsafe { _mm256_storeu_ps(sums.as_mut_ptr(), v) };
+                    for (k, s) in sums.iter_mut().enumerate() {
+                        for cc in c..r {
+                            *s += b[(o + k) * r + cc].to_f32() * h[ht + cc];
+                        }
                     }
-                    *yv += *s;
+                    // SAFETY: as above.
+                    v = unsafe { _mm256_loadu_ps(sums.as_ptr()) };
+                }
+                let dst = &mut y[col + o..col + o + 8];
+                // SAFETY: `dst` holds exactly 8 floats.
+                unsafe {
+                    let p = dst.as_mut_ptr();
+                    _mm256_storeu_ps(p, _mm256_add_ps(_mm256_loadu_ps(p), v));
                 }
             }
             o += 8;
         }
         for oo in o..n_out {
             let row = &b[oo * r..(oo + 1) * r];
-            for t in 0..n {
-                // SAFETY: AVX2 and FMA are available (this function's contract).
-                y[t * n_out + oo] += unsafe { dot(&h[t * r..(t + 1) * r], row) };
+            for (t, y) in out.rows.iter_mut().enumerate() {
+                // SAFETY: AVX2, FMA and F16C are available (this function's contract).
+                y[col + oo] += unsafe { dot(&h[t * r..(t + 1) * r], row) };
             }
         }
     }
 
-    /// Dot product of the common prefix of `a` and `b`.
+    /// [`expand_tile`] for `B` stored transposed, `bt` `[r, width]`: for each token,
+    /// eight blocks of eight outputs accumulate `h[t, c]·bt[c]` over the rank in
+    /// registers (eight independent FMA chains), then add to the row once.
     ///
     /// # Safety
-    /// The CPU must support AVX2 and FMA.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
-        let n = a.len().min(b.len());
-        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    /// The CPU must support AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn expand_tile_t<E: SlotElem>(
+        h: &[f32],
+        bt: &[E],
+        r: usize,
+        out: Out<'_, '_>,
+    ) {
+        const BLOCKS: usize = 8;
+        let (n, n_out, col) = (out.rows.len(), out.width, out.column);
+        assert!(
+            h.len() >= n * r
+                && bt.len() >= n_out * r
+                && out.rows.iter().all(|y| y.len() >= col + n_out)
+        );
+        let pb = bt.as_ptr();
+        for (t, y) in out.rows.iter_mut().enumerate() {
+            let ht = &h[t * r..(t + 1) * r];
+            let py = y[col..col + n_out].as_mut_ptr();
+            let mut o = 0;
+            while o + 8 * BLOCKS <= n_out {
+                let mut acc = [_mm256_setzero_ps(); BLOCKS];
+                for (c, &hc) in ht.iter().enumerate() {
+                    let hv = _mm256_set1_ps(hc);
+                    // SAFETY: row c of bt holds n_out elements and o + 64 <= n_out.
+                    unsafe {
+                        let row = pb.add(c * n_out + o);
+                        for (k, acc) in acc.iter_mut().enumerate() {
+                            *acc = _mm256_fmadd_ps(hv, E::load8(row.add(8 * k)), *acc);
+                        }
+                    }
+                }
+                for (k, acc) in acc.iter().enumerate() {
+                    // SAFETY: o + 8k + 8 <= n_out: inside the row's columns.
+                    unsafe {
+                        let p = py.add(o + 8 * k);
+                        _mm256_storeu_ps(p, _mm256_add_ps(_mm256_loadu_ps(p), *acc));
+                    }
+                }
+                o += 8 * BLOCKS;
+            }
+            while o + 8 <= n_out {
+                let mut acc = _mm256_setzero_ps();
+                for (c, &hc) in ht.iter().enumerate() {
+                    // SAFETY: o + 8 <= n_out inside row c of bt.
+                    acc = unsafe {
+                        _mm256_fmadd_ps(_mm256_set1_ps(hc), E::load8(pb.add(c * n_out + o)), acc)
+                    };
+                }
+                // SAFETY: o + 8 <= n_out: inside the row's columns.
+                unsafe {
+                    let p = py.add(o);
+                    _mm256_storeu_ps(p, _mm256_add_ps(_mm256_loadu_ps(p), acc));
+                }
+                o += 8;
+            }
+            for oo in o..n_out {
+                let mut acc = 0f32;
+                for (c, &hc) in ht.iter().enumerate() {
+                    acc = hc.mul_add(bt[c * n_out + oo].to_f32(), acc);
+                }
+                y[col + oo] += acc;
+            }
+        }
+    }
+
+    /// Dot product of the common prefix of `x` and `m`.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot<E: SlotElem>(x: &[f32], m: &[E]) -> f32 {
+        let n = x.len().min(m.len());
+        let (px, pm) = (x.as_ptr(), m.as_ptr());
         let mut acc0 = _mm256_setzero_ps();
         let mut acc1 = _mm256_setzero_ps();
         let mut i = 0;
-        // SAFETY: every load reads 8 floats at offset i with i + 8 <= n (or i + 16 <= n
-        // for the unrolled pair), inside both slices; unaligned loads are used.
+        // SAFETY: every load reads 8 elements at offset i with i + 8 <= n (or
+        // i + 16 <= n for the unrolled pair), inside both slices.
         unsafe {
             while i + 16 <= n {
-                acc0 =
-                    _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc0);
+                acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(px.add(i)), E::load8(pm.add(i)), acc0);
                 acc1 = _mm256_fmadd_ps(
-                    _mm256_loadu_ps(pa.add(i + 8)),
-                    _mm256_loadu_ps(pb.add(i + 8)),
+                    _mm256_loadu_ps(px.add(i + 8)),
+                    E::load8(pm.add(i + 8)),
                     acc1,
                 );
                 i += 16;
             }
             if i + 8 <= n {
-                acc0 =
-                    _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc0);
+                acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(px.add(i)), E::load8(pm.add(i)), acc0);
                 i += 8;
             }
         }
@@ -686,7 +1351,7 @@ mod avx2 {
         let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
         let mut total = _mm_cvtss_f32(s);
         while i < n {
-            total += a[i] * b[i];
+            total += x[i] * m[i].to_f32();
             i += 1;
         }
         total
@@ -694,7 +1359,8 @@ mod avx2 {
 }
 
 /// `h[t, ..r] = x[t] · Aᵀ` for every token with a slot (`h` is `[T, max_rank]`; other
-/// rows are untouched). Prefer [`bgmv`]/[`sgmv`], which fuse both halves per tile.
+/// rows are untouched). Prefer [`apply_fused`]/[`bgmv`]/[`sgmv`], which fuse both
+/// halves per task.
 pub fn shrink(
     x: &[f32],
     tokens: &[Option<SlotIdx>],
@@ -712,9 +1378,13 @@ pub fn shrink(
         let Some(s) = s else { continue };
         let s = slots.get(op, *s)?;
         let xi = &x[i * n_in..(i + 1) * n_in];
-        for j in 0..s.rank {
-            h[i * r_max + j] = dot(simd, xi, &s.a[j * n_in..(j + 1) * n_in]);
-        }
+        let row_scale = s.a.row_scales();
+        with_matrix!(s.a, a => {
+            for j in 0..s.rank {
+                let d = dot(simd, xi, &a[j * n_in..(j + 1) * n_in]);
+                h[i * r_max + j] = row_scale.map_or(d, |sc| d * sc[j]);
+            }
+        });
     }
     Ok(())
 }
@@ -737,11 +1407,90 @@ pub fn expand(
         let Some(s) = s else { continue };
         let s = slots.get(op, *s)?;
         let r = s.rank;
-        let hi = &h[i * r_max..i * r_max + r];
-        for o in 0..n_out {
-            y[i * n_out + o] += s.scale * dot(simd, hi, &s.b[o * r..(o + 1) * r]);
-        }
+        let fold = Fold {
+            b: s.b.row_scales(),
+            ..Fold::of(&s)
+        };
+        let hi: Vec<f32> = h[i * r_max..i * r_max + r]
+            .iter()
+            .enumerate()
+            .map(|(j, v)| v * fold.at(j))
+            .collect();
+        let mut row = [&mut y[i * n_out..(i + 1) * n_out]];
+        let out = Out {
+            rows: &mut row,
+            column: 0,
+            width: n_out,
+        };
+        with_matrix!(s.b, b => expand_one(simd, &hi, b, s.b_layout, r, out));
     }
+    Ok(())
+}
+
+/// `out += h · Bᵀ` for one token (`h` already scaled).
+fn expand_one<E: SlotElem>(
+    simd: bool,
+    h: &[f32],
+    b: &[E],
+    layout: BLayout,
+    r: usize,
+    out: Out<'_, '_>,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: `simd` is true only when AVX2, FMA and F16C were detected; lengths
+        // were validated with the slot table and the call.
+        unsafe {
+            match layout {
+                BLayout::OutRank => avx2::expand_tile(h, b, r, out),
+                BLayout::RankOut => avx2::expand_tile_t(h, b, r, out),
+            }
+        }
+        return;
+    }
+    let _ = simd;
+    expand_scalar(h, b, layout, r, out)
+}
+
+/// LoRA for a group of projections that read the same input: for every target and
+/// every token whose slot the target's table fills,
+/// `y[t, column..column + out] += scale · (x[t] · Aᵀ) · Bᵀ`. `x` is `[T, in]` (every
+/// target has that `in_features`), `y` the fused projection output `[T, y_width]`
+/// (each target writes its own columns; rows of tokens without a slot are untouched).
+/// A `None` entry in one target's table means the adapter in that slot does not adapt
+/// that projection; a token naming a slot outside any table is an error.
+///
+/// Tokens are grouped by slot wherever they sit in the batch, and each group's
+/// tokens share every load of the adapter's rows (up to 8 tokens per task); the tasks
+/// run on the kernels' thread pool.
+///
+/// ```
+/// use batos_kernels::cpu::lora::{apply_fused, LoraSlot, LoraSlots, LoraTarget};
+/// use batos_types::SlotIdx;
+/// // Two projections over in = 2: "q" (out 2) at columns 0..2, "k" (out 1) at 2..3.
+/// let (qa, qb) = ([1.0f32, 1.0], [1.0f32, -1.0]);
+/// let (ka, kb) = ([0.0f32, 1.0], [3.0f32]);
+/// let (q_table, k_table) = (
+///     [Some(LoraSlot::new(&qa, &qb, 1, 1.0))],
+///     [Some(LoraSlot::new(&ka, &kb, 1, 1.0))],
+/// );
+/// let q = LoraSlots::new(2, 2, &q_table).unwrap();
+/// let k = LoraSlots::new(2, 1, &k_table).unwrap();
+/// let targets = [LoraTarget::new(q, 0), LoraTarget::new(k, 2)];
+/// let x = [1.0f32, 2.0, 7.0, 7.0];
+/// let mut y = [0.0f32; 6];
+/// apply_fused(&x, &[Some(SlotIdx(0)), None], &targets, &mut y, 3).unwrap();
+/// assert_eq!(y, [3.0, -3.0, 6.0, 0.0, 0.0, 0.0]);
+/// ```
+pub fn apply_fused(
+    x: &[f32],
+    tokens: &[Option<SlotIdx>],
+    targets: &[LoraTarget<'_>],
+    y: &mut [f32],
+    y_width: usize,
+) -> Result<()> {
+    check_fused("lora::apply_fused", x, tokens, targets, y.len(), y_width)?;
+    fused(x, tokens, targets, y, y_width);
     Ok(())
 }
 
@@ -768,47 +1517,40 @@ pub fn bgmv(
     let op = "lora::bgmv";
     let t = check_xy(op, x, y.len(), slots)?;
     check_tokens(op, t, tokens, slots)?;
-    let segs: Vec<LoraSegment> = tokens
-        .iter()
-        .enumerate()
-        .filter_map(|(start, s)| {
-            s.map(|slot| LoraSegment {
-                start,
-                len: 1,
-                slot,
-            })
-        })
-        .collect();
-    let tiles = tiles_of(&segs, slots, y)?;
-    run_tiles(x, slots, tiles);
+    fused(
+        x,
+        tokens,
+        &[LoraTarget::new(*slots, 0)],
+        y,
+        slots.out_features,
+    );
     Ok(())
 }
 
 /// Prefill-shaped LoRA: the update of [`bgmv`] for runs of consecutive tokens sharing
-/// one slot (see [`segments`]); each adapter row is loaded once per tile of a run.
+/// one slot (see [`segments`]); each adapter row is loaded once per 8 tokens of a run.
 /// Segments must be increasing and disjoint; rows outside every segment are untouched.
 pub fn sgmv(x: &[f32], segs: &[LoraSegment], slots: &LoraSlots<'_>, y: &mut [f32]) -> Result<()> {
     let op = "lora::sgmv";
     let t = check_xy(op, x, y.len(), slots)?;
     check_segments(op, t, segs, slots)?;
-    let tiles = tiles_of(segs, slots, y)?;
-    run_tiles(x, slots, tiles);
+    fused(
+        x,
+        &segment_tokens(t, segs),
+        &[LoraTarget::new(*slots, 0)],
+        y,
+        slots.out_features,
+    );
     Ok(())
 }
 
-/// Picks [`sgmv`] when some tokens share a run, [`bgmv`] otherwise.
+/// One projection's LoRA for any batch: [`bgmv`], which groups tokens by slot
+/// whatever their order (runs of one slot are [`sgmv`]'s segments).
 pub fn apply(
     x: &[f32],
     tokens: &[Option<SlotIdx>],
     slots: &LoraSlots<'_>,
     y: &mut [f32],
 ) -> Result<()> {
-    let segs = segments(tokens);
-    if segs.iter().any(|s| s.len > 1) {
-        let t = check_xy("lora::apply", x, y.len(), slots)?;
-        len_eq("lora::apply", "token slots", tokens.len(), t)?;
-        sgmv(x, &segs, slots, y)
-    } else {
-        bgmv(x, tokens, slots, y)
-    }
+    bgmv(x, tokens, slots, y)
 }

@@ -11,6 +11,10 @@
 //!   `embedding` (a gather of T rows; uploading the table would cost more) and
 //!   `write_kv` (the caches are host memory here), and `paged_attention` batches
 //!   whose query rows are not laid out sequence after sequence.
+//! - GPU: `lora` (BGMV, or SGMV when tokens of one adapter run consecutively), one
+//!   f32 slot stack per projection of the group (half-precision slots are widened: the
+//!   activations here are f32) and `x` uploaded once per group; ranks above
+//!   [`lora_ops::MAX_RANK`] fall back to the CPU.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -19,12 +23,15 @@ use super::device::CudaDevice;
 use super::error::CudaError;
 use super::ops::attention::{self, AttentionBatch, PagedKvLayout, SeqQuery};
 use super::ops::elementwise::{self, RopeShape};
+use super::ops::lora::{self as lora_ops, LoraMode, LoraPlan, LoraShape, LoraStack};
 use crate::cpu::check;
+use crate::cpu::lora::{BLayout, LoraTarget};
 use crate::device::Kernels;
 use crate::error::{KernelError, Result};
 use crate::shapes::{AttentionHeads, KvCacheLayout, Rope, SeqAttention};
 use crate::weights::WeightView;
 use crate::KvCache;
+use batos_types::SlotIdx;
 
 fn cuda_err(op: &'static str) -> impl FnOnce(CudaError) -> KernelError {
     move |e| KernelError::Cuda {
@@ -48,6 +55,80 @@ impl CudaKernels {
     /// The device this backend launches on.
     pub fn device(&self) -> &Arc<CudaDevice> {
         &self.dev
+    }
+
+    /// [`Kernels::lora`] on the GPU, arguments already validated (`t` rows).
+    fn lora_gpu(
+        &self,
+        x: &[f32],
+        tokens: &[Option<SlotIdx>],
+        targets: &[LoraTarget<'_>],
+        y: &mut [f32],
+        (t, y_width): (usize, usize),
+    ) -> super::CudaResult<()> {
+        let d = &*self.dev;
+        // SGMV when some adapter's tokens run consecutively (prefill), else BGMV.
+        let mode = if tokens.windows(2).any(|w| w[0].is_some() && w[0] == w[1]) {
+            LoraMode::Sgmv
+        } else {
+            LoraMode::Bgmv
+        };
+        let xd = d.upload(x)?;
+        for g in targets {
+            let s = g.slots();
+            let (n_in, n_out, r, n) = (s.in_features(), s.out_features(), s.max_rank(), s.len());
+            // The tokens this projection adapts: an adapter may skip it.
+            let toks: Vec<Option<SlotIdx>> = tokens
+                .iter()
+                .map(|o| o.filter(|i| s.slots()[i.index()].is_some()))
+                .collect();
+            if r == 0 || toks.iter().all(Option::is_none) {
+                continue;
+            }
+            let mut a = vec![0f32; n * r * n_in];
+            let mut bt = vec![0f32; n * r * n_out];
+            let mut ranks = vec![0usize; n];
+            let mut scales = vec![0f32; n];
+            for (i, sl) in s.slots().iter().enumerate() {
+                let Some(sl) = sl else { continue };
+                let k = sl.rank();
+                ranks[i] = k;
+                scales[i] = sl.scale();
+                a[i * r * n_in..(i * r + k) * n_in].copy_from_slice(&sl.a().to_f32_vec());
+                let b = sl.b().to_f32_vec();
+                let dst = &mut bt[i * r * n_out..(i * r + k) * n_out];
+                match sl.b_layout() {
+                    // Already [rank, out].
+                    BLayout::RankOut => dst.copy_from_slice(&b),
+                    BLayout::OutRank => {
+                        for (o, row) in b.chunks_exact(k).enumerate() {
+                            for (j, v) in row.iter().enumerate() {
+                                dst[j * n_out + o] = *v;
+                            }
+                        }
+                    }
+                }
+            }
+            let shape = LoraShape {
+                slots: n,
+                max_rank: r,
+                in_features: n_in,
+                out_features: n_out,
+            };
+            let stack = LoraStack::upload(d, shape, &a, &bt, &ranks, &scales)?;
+            let plan = LoraPlan::new(d, mode, n, &toks)?;
+            let col = g.column();
+            let cols: Vec<f32> = (0..t)
+                .flat_map(|row| y[row * y_width + col..][..n_out].iter().copied())
+                .collect();
+            let mut yd = d.upload(&cols)?;
+            lora_ops::lora_apply(d, &stack, &plan, &xd, &mut yd)?;
+            let out = yd.to_host()?;
+            for (row, o) in out.chunks_exact(n_out).enumerate() {
+                y[row * y_width + col..][..n_out].copy_from_slice(o);
+            }
+        }
+        Ok(())
     }
 }
 
@@ -225,5 +306,29 @@ impl Kernels for CudaKernels {
         let o = run().map_err(cuda_err(OP))?;
         out[..rows * qw].copy_from_slice(&o);
         Ok(())
+    }
+
+    fn lora(
+        &self,
+        x: &[f32],
+        tokens: &[Option<SlotIdx>],
+        targets: &[LoraTarget<'_>],
+        y: &mut [f32],
+        y_width: usize,
+    ) -> Result<()> {
+        const OP: &str = "lora";
+        let t = crate::cpu::lora::check_fused(OP, x, tokens, targets, y.len(), y_width)?;
+        if tokens.iter().all(Option::is_none) {
+            return Ok(());
+        }
+        // Plan: the CUDA kernels take ranks up to MAX_RANK; otherwise use the CPU.
+        if targets
+            .iter()
+            .any(|g| g.slots().max_rank() > lora_ops::MAX_RANK)
+        {
+            return crate::cpu::lora::apply_fused(x, tokens, targets, y, y_width);
+        }
+        self.lora_gpu(x, tokens, targets, y, (t, y_width))
+            .map_err(cuda_err(OP))
     }
 }

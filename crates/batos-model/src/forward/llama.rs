@@ -5,7 +5,7 @@ use batos_kernels::{
     RopeConfig, RopeScaling, SeqAttention,
 };
 
-use batos_kernels::cpu::lora as lora_kernels;
+use batos_kernels::cpu::lora::LoraTarget;
 use batos_lora::{HotSnapshot, LoraSlots, Projection};
 use batos_types::SlotIdx;
 
@@ -182,8 +182,6 @@ struct Scratch {
     attn: Vec<f32>,
     proj: Vec<f32>,
     gate_up: Vec<f32>,
-    gate: Vec<f32>,
-    up: Vec<f32>,
     act: Vec<f32>,
 }
 
@@ -210,26 +208,81 @@ struct LoraStep<'a> {
     kept: Vec<Option<SlotIdx>>,
 }
 
-impl LoraStep<'_> {
-    /// `y += scale · (x · Aᵀ) · Bᵀ` for every token with an adapter that adapts
-    /// `proj` of `layer`. `x`/`y` hold all new tokens or only the kept rows.
+/// One projection of a LoRA group: which, its output width, and the first column
+/// it owns in the fused projection output.
+struct GroupMember {
+    proj: Projection,
+    out: usize,
+    column: usize,
+}
+
+impl<'a> LoraStep<'a> {
+    /// The adapters of a step whose new tokens use `tokens`; every named slot must be
+    /// filled in `slots` (a table entry left empty means "does not adapt this
+    /// projection", so an empty slot would otherwise pass silently).
+    fn new(
+        slots: &'a HotSnapshot,
+        tokens: Vec<Option<SlotIdx>>,
+        logits_rows: &[usize],
+    ) -> Result<Self, ForwardError> {
+        if let Some((t, s)) = tokens
+            .iter()
+            .enumerate()
+            .find_map(|(t, s)| s.filter(|s| !slots.is_filled(*s)).map(|s| (t, s)))
+        {
+            return Err(ForwardError::Kernel {
+                op: "lora",
+                source: KernelError::InvalidShape {
+                    op: "forward_with_adapters",
+                    what: "slot",
+                    reason: format!(
+                        "token {t} names hot slot {} but the snapshot of {} slots has \
+                         nothing there",
+                        s.0,
+                        slots.len()
+                    ),
+                },
+            });
+        }
+        Ok(LoraStep {
+            slots,
+            kept: logits_rows.iter().map(|&r| tokens[r]).collect(),
+            tokens,
+        })
+    }
+
+    /// `y[:, column..column + out] += scale · (x · Aᵀ) · Bᵀ` for every member of a
+    /// group of projections of `layer` that read `x` (`[rows, n_in]`), into their
+    /// fused output `y` (`[rows, y_width]`), for every token whose adapter adapts the
+    /// member. `x`/`y` hold all new tokens or only the kept rows.
     fn apply(
         &self,
+        kern: &dyn Kernels,
         layer: usize,
-        proj: Projection,
-        (n_in, n_out): (usize, usize),
-        x: &[f32],
-        y: &mut [f32],
+        group: &[GroupMember],
+        (x, n_in): (&[f32], usize),
+        (y, y_width): (&mut [f32], usize),
     ) -> Result<(), ForwardError> {
-        let rows = y.len() / n_out;
+        let rows = y.len() / y_width;
         let tokens = if rows == self.tokens.len() {
             &self.tokens
         } else {
             &self.kept
         };
-        let table = self.slots.table(layer, proj);
-        let slots = LoraSlots::new(n_in, n_out, &table).map_err(kernel("lora slots"))?;
-        lora_kernels::apply(x, tokens, &slots, y).map_err(kernel("lora"))
+        let tables: Vec<_> = group
+            .iter()
+            .map(|m| self.slots.table(layer, m.proj))
+            .collect();
+        let targets = group
+            .iter()
+            .zip(&tables)
+            .map(|(m, table)| {
+                let slots = LoraSlots::new(n_in, m.out, table).map_err(kernel("lora slots"))?;
+                Ok(LoraTarget::new(slots, m.column))
+            })
+            .collect::<Result<Vec<_>, ForwardError>>()?;
+        kern.lora(x, tokens, &targets, y, y_width)
+            .map_err(kernel("lora"))
     }
 }
 
@@ -580,8 +633,6 @@ impl LlamaModel {
             attn: vec![0.0; t * qw],
             proj: vec![0.0; t * d.hidden_size],
             gate_up: vec![0.0; t * 2 * ffn],
-            gate: vec![0.0; t * ffn],
-            up: vec![0.0; t * ffn],
             act: vec![0.0; t * ffn],
         };
         let seqs: Vec<SeqAttention<'_>> = batch
@@ -609,11 +660,12 @@ impl LlamaModel {
             .collect();
         let tokens = batch.token_adapters();
         let no_slots = HotSnapshot::default();
-        let lora = tokens.iter().any(Option::is_some).then(|| LoraStep {
-            slots: adapters.unwrap_or(&no_slots),
-            kept: plan.logits_rows.iter().map(|&r| tokens[r]).collect(),
-            tokens,
-        });
+        let lora = if tokens.iter().any(Option::is_some) {
+            let slots = adapters.unwrap_or(&no_slots);
+            Some(LoraStep::new(slots, tokens, &plan.logits_rows)?)
+        } else {
+            None
+        };
         let step = Step {
             kern,
             plan: &plan,
@@ -657,16 +709,37 @@ impl LlamaModel {
             .map_err(kernel("attn rms_norm"))?;
         kern.matmul(&s.h, &layer.qkv.view(), &mut s.qkv)
             .map_err(kernel("qkv_proj"))?;
+        if let Some(l) = &step.lora {
+            // q, k and v read the same normed input: one pass, into the fused output.
+            let group = [
+                GroupMember {
+                    proj: Projection::Q,
+                    out: qw,
+                    column: 0,
+                },
+                GroupMember {
+                    proj: Projection::K,
+                    out: kvw,
+                    column: qw,
+                },
+                GroupMember {
+                    proj: Projection::V,
+                    out: kvw,
+                    column: qw + kvw,
+                },
+            ];
+            l.apply(
+                kern,
+                index,
+                &group,
+                (&s.h, d.hidden_size),
+                (&mut s.qkv, row),
+            )?;
+        }
         for (r, fused) in s.qkv.chunks_exact(row).enumerate() {
             s.q[r * qw..(r + 1) * qw].copy_from_slice(&fused[..qw]);
             s.k[r * kvw..(r + 1) * kvw].copy_from_slice(&fused[qw..qw + kvw]);
             s.v[r * kvw..(r + 1) * kvw].copy_from_slice(&fused[qw + kvw..]);
-        }
-        if let Some(l) = &step.lora {
-            let hid = d.hidden_size;
-            l.apply(index, Projection::Q, (hid, qw), &s.h, &mut s.q)?;
-            l.apply(index, Projection::K, (hid, kvw), &s.h, &mut s.k)?;
-            l.apply(index, Projection::V, (hid, kvw), &s.h, &mut s.v)?;
         }
         kern.rope(&self.rope, &self.heads, &plan.positions, &mut s.q, &mut s.k)
             .map_err(kernel("rope"))?;
@@ -690,13 +763,13 @@ impl LlamaModel {
         kern.matmul(&s.attn, &layer.o_proj.view(), &mut s.proj)
             .map_err(kernel("o_proj"))?;
         if let Some(l) = &step.lora {
-            l.apply(
-                index,
-                Projection::O,
-                (qw, d.hidden_size),
-                &s.attn,
-                &mut s.proj,
-            )?;
+            let hid = d.hidden_size;
+            let o = [GroupMember {
+                proj: Projection::O,
+                out: hid,
+                column: 0,
+            }];
+            l.apply(kern, index, &o, (&s.attn, qw), (&mut s.proj, hid))?;
         }
         add_assign(&mut s.x, &s.proj);
         Ok(())
@@ -715,27 +788,34 @@ impl LlamaModel {
             .map_err(kernel("mlp rms_norm"))?;
         kern.matmul(&s.h, &layer.gate_up.view(), &mut s.gate_up)
             .map_err(kernel("gate_up_proj"))?;
-        for (r, fused) in s.gate_up.chunks_exact(2 * ffn).enumerate() {
-            s.gate[r * ffn..(r + 1) * ffn].copy_from_slice(&fused[..ffn]);
-            s.up[r * ffn..(r + 1) * ffn].copy_from_slice(&fused[ffn..]);
-        }
+        let hid = d.hidden_size;
         if let Some(l) = lora {
-            let hid = d.hidden_size;
-            l.apply(index, Projection::Gate, (hid, ffn), &s.h, &mut s.gate)?;
-            l.apply(index, Projection::Up, (hid, ffn), &s.h, &mut s.up)?;
+            // gate and up read the same normed input: one pass, into the fused output.
+            let group = [
+                GroupMember {
+                    proj: Projection::Gate,
+                    out: ffn,
+                    column: 0,
+                },
+                GroupMember {
+                    proj: Projection::Up,
+                    out: ffn,
+                    column: ffn,
+                },
+            ];
+            l.apply(kern, index, &group, (&s.h, hid), (&mut s.gate_up, 2 * ffn))?;
         }
-        kern.silu_mul(&s.gate, &s.up, &mut s.act)
+        kern.silu_mul_fused(&s.gate_up, ffn, &mut s.act)
             .map_err(kernel("silu_mul"))?;
         kern.matmul(&s.act, &layer.down.view(), &mut s.proj)
             .map_err(kernel("down_proj"))?;
         if let Some(l) = lora {
-            l.apply(
-                index,
-                Projection::Down,
-                (ffn, d.hidden_size),
-                &s.act,
-                &mut s.proj,
-            )?;
+            let down = [GroupMember {
+                proj: Projection::Down,
+                out: hid,
+                column: 0,
+            }];
+            l.apply(kern, index, &down, (&s.act, ffn), (&mut s.proj, hid))?;
         }
         add_assign(&mut s.x, &s.proj);
         Ok(())
@@ -787,8 +867,6 @@ impl Scratch {
         self.attn.truncate(n * qw);
         self.proj.truncate(n * hid);
         self.gate_up.truncate(n * 2 * ffn);
-        self.gate.truncate(n * ffn);
-        self.up.truncate(n * ffn);
         self.act.truncate(n * ffn);
     }
 }

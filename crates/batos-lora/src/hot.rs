@@ -1,0 +1,359 @@
+//! The precision hot slots hold: the copy of an adapter's A and B the batched kernels
+//! stream every decode step.
+//!
+//! A decode step over many distinct adapters reads every adapter's A and B once per
+//! step, so the bytes per element set its speed (see `docs/perf/lora.md`). The warm
+//! tier keeps the canonical f32 decode (the generation is computed from it, and
+//! materialisation and device copies start from it); a half-precision format adds a
+//! converted copy of the matrices it narrows, built once when the adapter enters the
+//! warm tier and charged to the same warm reservation. A narrowed `B` is stored
+//! transposed (`[rank, out]`, [`BLayout::RankOut`]), the layout the expand streams
+//! fastest.
+
+use crate::adapter::LoraWeights;
+use crate::shapes::Projection;
+use batos_kernels::cpu::lora::{BLayout, LoraDType, LoraMatrix, LoraSlot};
+use half::{bf16, f16};
+
+/// The element types hot slots keep `A` and `B` in. Activations and accumulation are
+/// f32 whatever the format.
+///
+/// Tolerance: rounding to bf16 moves each element by at most 2⁻⁸ of itself, to f16 by
+/// 2⁻¹¹ (values below f16's normal range round in absolute terms, ≤ 3·10⁻⁸), so the
+/// update `scale·(x·Aᵀ)·Bᵀ` moves by at most about twice that of
+/// `scale·Σⱼ(Σₖ|xₖ·Aⱼₖ|)·|Bₒⱼ|` — a small fraction of the LoRA delta, itself a small
+/// part of the projection output. On the real model with the reference r16 adapter
+/// (`crates/batos-model/tests/lora_conformance.rs`) the step-1 logits stay within
+/// 3.0·10⁻⁴ of the f32 PEFT reference with f16 slots (asserted < 10⁻³, as for f32
+/// slots) and 6.0·10⁻³ with bf16 (asserted < 10⁻²); greedy tokens are identical.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct HotFormat {
+    /// Element type of `A` (`[rank, in]`, read by the shrink).
+    pub a: LoraDType,
+    /// Element type of `B` (`[out, rank]`, read by the expand).
+    pub b: LoraDType,
+}
+
+impl HotFormat {
+    /// f32 throughout: the slot reads the warm copy in place, nothing is converted.
+    pub const F32: HotFormat = HotFormat {
+        a: LoraDType::F32,
+        b: LoraDType::F32,
+    };
+    /// bf16 `A` and `B`: half the bytes, f32's range, 8 significant bits.
+    pub const BF16: HotFormat = HotFormat {
+        a: LoraDType::BF16,
+        b: LoraDType::BF16,
+    };
+    /// f16 `A` and `B`: half the bytes, 11 significant bits; a matrix with a value
+    /// beyond f16's range (±65504) is kept in bf16 instead.
+    pub const F16: HotFormat = HotFormat {
+        a: LoraDType::F16,
+        b: LoraDType::F16,
+    };
+    /// Symmetric int8 `A` and `B` with one f32 scale per rank row: a quarter of the
+    /// bytes; each element moves by at most half a step, 1/254 of its row's largest.
+    pub const I8: HotFormat = HotFormat {
+        a: LoraDType::I8,
+        b: LoraDType::I8,
+    };
+
+    /// Whether nothing is converted.
+    pub fn is_f32(&self) -> bool {
+        *self == HotFormat::F32
+    }
+
+    /// The bytes the converted copy of an adapter is expected to take, from its
+    /// decoded f32 size (what admission reserves before converting; the reservation is
+    /// then set to the exact size).
+    pub fn extra_bytes_estimate(&self, f32_bytes: u64) -> u64 {
+        let per = |d: LoraDType| match d {
+            LoraDType::F32 => 0,
+            d => d.size() as u64,
+        };
+        // A and B hold about the same number of elements in a LoRA pair.
+        f32_bytes / 4 * (per(self.a) + per(self.b)) / 2
+    }
+}
+
+impl Default for HotFormat {
+    /// f16: half the bytes of f32, and on the real model within the f32 tolerance of
+    /// the PEFT reference (bf16 is not: see `docs/perf/lora.md`).
+    fn default() -> Self {
+        HotFormat::F16
+    }
+}
+
+/// A matrix narrowed to half precision or int8.
+#[derive(Clone, Debug, PartialEq)]
+enum Half {
+    F16(Vec<f16>),
+    BF16(Vec<bf16>),
+    I8 { q: Vec<i8>, scales: Vec<f32> },
+}
+
+impl Half {
+    /// `src` (`rows` rows) in `dtype`, or `None` for f32 (the slot reads the f32 copy).
+    fn convert(src: &[f32], rows: usize, dtype: LoraDType) -> Option<Half> {
+        match dtype {
+            LoraDType::F32 => None,
+            LoraDType::I8 => {
+                let row_len = src.len() / rows.max(1);
+                let mut q = Vec::with_capacity(src.len());
+                let mut scales = Vec::with_capacity(rows);
+                for row in src.chunks_exact(row_len.max(1)) {
+                    let max = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    let scale = max / 127.0;
+                    scales.push(scale);
+                    let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+                    q.extend(
+                        row.iter()
+                            .map(|v| (v * inv).round().clamp(-127.0, 127.0) as i8),
+                    );
+                }
+                Some(Half::I8 { q, scales })
+            }
+            LoraDType::F16 if src.iter().all(|v| v.abs() <= f16::MAX.to_f32()) => {
+                let mut out = vec![f16::ZERO; src.len()];
+                half::slice::HalfFloatSliceExt::convert_from_f32_slice(&mut out[..], src);
+                Some(Half::F16(out))
+            }
+            // bf16 (or an f16 request whose values do not fit f16).
+            LoraDType::F16 | LoraDType::BF16 => {
+                let mut out = vec![bf16::ZERO; src.len()];
+                half::slice::HalfFloatSliceExt::convert_from_f32_slice(&mut out[..], src);
+                Some(Half::BF16(out))
+            }
+        }
+    }
+
+    fn view(&self) -> LoraMatrix<'_> {
+        match self {
+            Half::F16(v) => LoraMatrix::F16(v),
+            Half::BF16(v) => LoraMatrix::BF16(v),
+            Half::I8 { q, scales } => LoraMatrix::I8 { q, scales },
+        }
+    }
+
+    fn bytes(&self) -> u64 {
+        (match self {
+            Half::F16(v) => v.len() * 2,
+            Half::BF16(v) => v.len() * 2,
+            Half::I8 { q, scales } => q.len() + scales.len() * 4,
+        }) as u64
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+struct HalfPair {
+    a: Option<Half>,
+    b: Option<Half>,
+}
+
+/// The narrowed matrices of one adapter, indexed like its [`LoraWeights`]; a matrix
+/// the format keeps in f32 is read from the f32 weights.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HotWeights {
+    format: HotFormat,
+    num_layers: usize,
+    pairs: Vec<Option<HalfPair>>,
+    bytes: u64,
+}
+
+impl HotWeights {
+    /// Converts every pair of `weights` to `format`.
+    pub fn convert(weights: &LoraWeights, format: HotFormat) -> HotWeights {
+        let n = Projection::ALL.len();
+        let mut pairs = vec![None; weights.num_layers() * n];
+        let mut bytes = 0;
+        for (layer, p, pair) in weights.iter() {
+            // Both are stored with the rank as rows: A [rank, in], B transposed.
+            let hp = HalfPair {
+                a: Half::convert(&pair.a, pair.rank, format.a),
+                b: Half::convert(&transpose(&pair.b, pair.rank), pair.rank, format.b),
+            };
+            bytes += hp.a.as_ref().map_or(0, Half::bytes) + hp.b.as_ref().map_or(0, Half::bytes);
+            pairs[layer * n + p.index()] = Some(hp);
+        }
+        HotWeights {
+            format,
+            num_layers: weights.num_layers(),
+            pairs,
+            bytes,
+        }
+    }
+
+    /// The format it was converted to.
+    pub fn format(&self) -> HotFormat {
+        self.format
+    }
+
+    /// Bytes of the converted matrices.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// The kernels' view of `(layer, p)`: the narrowed matrices where there are any,
+    /// the f32 ones of `weights` (the weights this was converted from) elsewhere.
+    pub fn slot<'a>(
+        &'a self,
+        weights: &'a LoraWeights,
+        layer: usize,
+        p: Projection,
+    ) -> Option<LoraSlot<'a>> {
+        let pair = weights.pair(layer, p)?;
+        if layer >= self.num_layers {
+            return Some(pair.slot());
+        }
+        let half = self.pairs[layer * Projection::ALL.len() + p.index()].as_ref();
+        let a = half
+            .and_then(|h| h.a.as_ref())
+            .map_or(LoraMatrix::F32(&pair.a), Half::view);
+        let slot = match half.and_then(|h| h.b.as_ref()) {
+            Some(b) => LoraSlot::from_matrices(a, b.view(), pair.rank, pair.scale)
+                .with_b_layout(BLayout::RankOut),
+            None => LoraSlot::from_matrices(a, LoraMatrix::F32(&pair.b), pair.rank, pair.scale),
+        };
+        Some(slot)
+    }
+}
+
+/// `b` (`[out, rank]`) as `[rank, out]`.
+fn transpose(b: &[f32], rank: usize) -> Vec<f32> {
+    let out = b.len() / rank.max(1);
+    let mut t = vec![0f32; b.len()];
+    for (o, row) in b.chunks_exact(rank.max(1)).enumerate() {
+        for (j, v) in row.iter().enumerate() {
+            t[j * out + o] = *v;
+        }
+    }
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::adapter::LoraPair;
+
+    fn weights(a: Vec<f32>, b: Vec<f32>) -> LoraWeights {
+        let mut w = LoraWeights::empty(2);
+        let pair = LoraPair {
+            rank: 1,
+            scale: 0.5,
+            a,
+            b,
+        };
+        w.insert(1, Projection::V, pair).unwrap();
+        w
+    }
+
+    #[test]
+    fn mixed_formats_keep_f32_matrices_in_place() {
+        let w = weights(vec![0.1, -0.2, 0.3], vec![1.5, 2.5]);
+        let f = HotFormat {
+            a: LoraDType::F32,
+            b: LoraDType::BF16,
+        };
+        let h = HotWeights::convert(&w, f);
+        assert_eq!(h.bytes(), 2 * 2, "only B is copied");
+        let s = h.slot(&w, 1, Projection::V).unwrap();
+        assert_eq!(s.a(), LoraMatrix::F32(&[0.1, -0.2, 0.3]));
+        assert_eq!(s.b().dtype(), LoraDType::BF16);
+        assert_eq!(s.b_layout(), BLayout::RankOut);
+        assert_eq!((s.b_at(0, 0), s.b_at(1, 0)), (Some(1.5), Some(2.5)));
+        assert_eq!((s.rank(), s.scale()), (1, 0.5));
+        assert!(h.slot(&w, 0, Projection::V).is_none(), "no pair there");
+        assert!(HotWeights::convert(&w, HotFormat::F32).bytes() == 0);
+    }
+
+    #[test]
+    fn f16_falls_back_to_bf16_for_values_out_of_its_range() {
+        let w = weights(vec![1e5, 0.0, 1.0], vec![0.25, 0.5]);
+        let h = HotWeights::convert(&w, HotFormat::F16);
+        let s = h.slot(&w, 1, Projection::V).unwrap();
+        assert_eq!(s.a().dtype(), LoraDType::BF16, "1e5 does not fit f16");
+        assert_eq!(s.a().get(0), Some(bf16::from_f32(1e5).to_f32()));
+        assert_eq!(s.b().dtype(), LoraDType::F16);
+        assert_eq!(h.bytes(), (3 + 2) * 2);
+    }
+}
+
+#[cfg(test)]
+mod transpose_tests {
+    use super::*;
+    use crate::adapter::LoraPair;
+
+    #[test]
+    fn narrowed_b_is_transposed_and_reads_back_element_by_element() {
+        // rank 2, out 3: B = [[1, 2], [3, 4], [5, 6]].
+        let mut w = LoraWeights::empty(1);
+        let pair = LoraPair {
+            rank: 2,
+            scale: 1.0,
+            a: vec![0.5; 2 * 4],
+            b: vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
+        };
+        w.insert(0, Projection::O, pair).unwrap();
+        let h = HotWeights::convert(&w, HotFormat::F16);
+        let s = h.slot(&w, 0, Projection::O).unwrap();
+        assert_eq!(s.b().to_f32_vec(), vec![1.0, 3.0, 5.0, 2.0, 4.0, 6.0]);
+        for o in 0..3 {
+            for j in 0..2 {
+                assert_eq!(s.b_at(o, j), Some((o * 2 + j + 1) as f32));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod int8_tests {
+    use super::*;
+    use crate::adapter::LoraPair;
+
+    #[test]
+    fn int8_rows_round_within_half_a_step_of_their_scale() {
+        let mut w = LoraWeights::empty(1);
+        let a: Vec<f32> = (0..2 * 5).map(|i| (i as f32 - 4.5) * 0.013).collect();
+        let b: Vec<f32> = (0..3 * 2).map(|i| (i as f32 - 2.0) * 0.7).collect();
+        let pair = LoraPair {
+            rank: 2,
+            scale: 1.0,
+            a: a.clone(),
+            b: b.clone(),
+        };
+        w.insert(0, Projection::Q, pair).unwrap();
+        let h = HotWeights::convert(&w, HotFormat::I8);
+        let s = h.slot(&w, 0, Projection::Q).unwrap();
+        assert_eq!(s.a().dtype(), LoraDType::I8);
+        assert_eq!(h.bytes(), (10 + 2 * 4) + (6 + 2 * 4));
+        let sa = s.a().row_scales().unwrap();
+        for (i, v) in a.iter().enumerate() {
+            let got = s.a().get(i).unwrap();
+            assert!(
+                (got - v).abs() <= sa[i / 5] / 2.0 + 1e-7,
+                "A[{i}]: {got} vs {v}"
+            );
+        }
+        let sb = s.b().row_scales().unwrap();
+        for (i, v) in b.iter().enumerate() {
+            let (o, j) = (i / 2, i % 2);
+            let got = s.b_at(o, j).unwrap();
+            assert!(
+                (got - v).abs() <= sb[j] / 2.0 + 1e-7,
+                "B[{o}, {j}]: {got} vs {v}"
+            );
+        }
+        // A zero row keeps a zero scale and zeros.
+        let mut z = LoraWeights::empty(1);
+        let pair = LoraPair {
+            rank: 1,
+            scale: 1.0,
+            a: vec![0.0; 4],
+            b: vec![0.0; 3],
+        };
+        z.insert(0, Projection::K, pair).unwrap();
+        let hz = HotWeights::convert(&z, HotFormat::I8);
+        let sz = hz.slot(&z, 0, Projection::K).unwrap();
+        assert_eq!(sz.a().to_f32_vec(), vec![0.0; 4]);
+    }
+}
