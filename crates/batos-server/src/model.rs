@@ -8,8 +8,7 @@ use std::time::Instant;
 
 use batos_engine::{Engine, EngineError, LoraResidency};
 use batos_lora::{
-    AdapterManager, AdapterRepository, AuditPolicy, BaseShapes, LoraAdapter, LoraError,
-    ManagerConfig, Projection,
+    AdapterManager, AdapterRepository, AuditPolicy, BaseShapes, LoraError, ManagerConfig,
 };
 use batos_model::forward::{LlamaModel, WeightDType};
 use batos_model::image::{model_summary, open_model_with, ModelSource};
@@ -235,10 +234,9 @@ fn default_name(source: &ModelSource) -> String {
     }
 }
 
-/// Checks an adapter before the server serves it: that it adapts every projection of
-/// every layer. The forward pass refuses a step in which a token's adapter leaves a
-/// projection out (its hot slot has no entry there), and a failed step ends every
-/// request in flight — so such an adapter is refused at load time instead.
+/// Audits an adapter before the server registers it, so that a bad one is refused with
+/// the audit's findings before the engine is touched. An adapter may leave projections
+/// out (PEFT's common `q_proj`/`v_proj` adapters): those get nothing added.
 #[derive(Clone, Debug)]
 pub(crate) struct AdapterCheck {
     repository: Option<AdapterRepository>,
@@ -258,28 +256,6 @@ fn as_engine_error(name: &str, e: LoraError) -> EngineError {
 }
 
 impl AdapterCheck {
-    /// The first module `adapter` leaves out, if any.
-    fn missing_module(&self, adapter: &LoraAdapter) -> Option<String> {
-        (0..self.base.num_layers).find_map(|layer| {
-            Projection::ALL
-                .into_iter()
-                .find(|&p| adapter.weights.pair(layer, p).is_none())
-                .map(|p| p.module_path(layer))
-        })
-    }
-
-    fn verdict(&self, name: &str, adapter: &LoraAdapter) -> Result<(), ServerError> {
-        match self.missing_module(adapter) {
-            None => Ok(()),
-            Some(module) => Err(ServerError::AdapterRejected {
-                name: name.into(),
-                reason: format!(
-                    "the adapter leaves {module} out; batos serves adapters that adapt all seven projections (q, k, v, o, gate, up, down) of every layer"
-                ),
-            }),
-        }
-    }
-
     /// Checks the PEFT directory `dir` (audited as a load would). Engine-shaped errors
     /// are returned as such, for the caller's load-error mapping.
     pub(crate) fn check_dir(
@@ -287,9 +263,9 @@ impl AdapterCheck {
         name: &str,
         dir: &Path,
     ) -> Result<Result<(), ServerError>, EngineError> {
-        let (adapter, _) = batos_lora::audit_dir(name, dir, &self.base, &self.policy)
+        batos_lora::audit_dir(name, dir, &self.base, &self.policy)
             .map_err(|e| as_engine_error(name, e))?;
-        Ok(self.verdict(name, &adapter))
+        Ok(Ok(()))
     }
 
     /// Checks the adapter the image holds under `name`.
@@ -301,9 +277,8 @@ impl AdapterCheck {
             .get(name)
             .map_err(|e| as_engine_error(name, e))?
             .ok_or_else(|| EngineError::UnknownAdapter { name: name.into() })?;
-        let adapter = repo
-            .load(name, &record, &self.base, &self.policy)
+        repo.load(name, &record, &self.base, &self.policy)
             .map_err(|e| as_engine_error(name, e))?;
-        Ok(self.verdict(name, &adapter))
+        Ok(Ok(()))
     }
 }

@@ -129,6 +129,17 @@ impl<'a> LoraMatrix<'a> {
         }
     }
 
+    /// The address of the first element: an identity for caches that must notice when
+    /// a slot's weights are replaced (never dereferenced).
+    pub fn data_addr(&self) -> usize {
+        match self {
+            LoraMatrix::F32(v) => v.as_ptr() as usize,
+            LoraMatrix::F16(v) => v.as_ptr() as usize,
+            LoraMatrix::BF16(v) => v.as_ptr() as usize,
+            LoraMatrix::I8 { q, .. } => q.as_ptr() as usize,
+        }
+    }
+
     /// Every element widened to f32.
     pub fn to_f32_vec(&self) -> Vec<f32> {
         match self {

@@ -12,6 +12,7 @@
 //! a change rebuilds the whole stack of a pair: the cold → hot cost is the upload of
 //! every hot slot of that pair, measured by the `cuda_forward` bench.
 
+use batos_kernels::cpu::lora::BLayout;
 use batos_kernels::cuda::ops::lora::{LoraShape, LoraStack};
 use batos_kernels::cuda::CudaDevice;
 use batos_lora::{HotSnapshot, Projection};
@@ -96,8 +97,8 @@ impl DeviceLora {
                     .map(|s| {
                         s.as_ref().map(|s| {
                             (
-                                s.a().as_ptr() as usize,
-                                s.b().as_ptr() as usize,
+                                s.a().data_addr(),
+                                s.b().data_addr(),
                                 s.rank(),
                                 s.scale().to_bits(),
                             )
@@ -128,11 +129,19 @@ impl DeviceLora {
                             });
                         }
                         let base = s * max_rank;
-                        a[base * n_in..(base + r) * n_in].copy_from_slice(slot.a());
-                        // Bᵀ: row j of the stack is column j of B ([out, rank]).
-                        for (o, row) in slot.b().chunks_exact(r).enumerate() {
-                            for (j, &b) in row.iter().enumerate() {
-                                bt[(base + j) * n_out + o] = b;
+                        a[base * n_in..(base + r) * n_in].copy_from_slice(&slot.a().to_f32_vec());
+                        let b = slot.b().to_f32_vec();
+                        let dst = &mut bt[base * n_out..(base + r) * n_out];
+                        match slot.b_layout() {
+                            // Already Bᵀ ([rank, out]).
+                            BLayout::RankOut => dst.copy_from_slice(&b),
+                            // Bᵀ: row j of the stack is column j of B ([out, rank]).
+                            BLayout::OutRank => {
+                                for (o, row) in b.chunks_exact(r).enumerate() {
+                                    for (j, &v) in row.iter().enumerate() {
+                                        dst[j * n_out + o] = v;
+                                    }
+                                }
                             }
                         }
                         ranks[s] = r;
