@@ -345,11 +345,21 @@ fn tiny_hf_dir(dir: &Path) -> batos::model::LlamaConfig {
 /// What the library generates greedily for `prompt` (the CLI must print the same).
 fn library_greedy(hf: &Path, prompt: &str, max_tokens: usize) -> String {
     use batos::model::forward::{LlamaModel, WeightDType};
-    use batos::model::generate::{GenerationParams, GeneratorConfig, SimpleGenerator};
-    use batos::model::{LoadOptions, LoadedModel, SpecialTokenText};
+    use batos::model::{LoadOptions, LoadedModel};
     let opts = LoadOptions::default().with_dtype(batos::types::DType::BF16);
     let m = LoadedModel::from_hf_dir(hf, &opts).unwrap();
     let model = LlamaModel::from_weights(&m.config, &m.weights, WeightDType::BF16).unwrap();
+    greedy_text(&model, &m.tokenizer, prompt, max_tokens)
+}
+
+/// `model`'s greedy continuation of `prompt`, as text.
+fn greedy_text(
+    model: &batos::model::forward::LlamaModel,
+    tokenizer: &batos::model::ModelTokenizer,
+    prompt: &str,
+    max_tokens: usize,
+) -> String {
+    use batos::model::generate::{GenerationParams, GeneratorConfig, SimpleGenerator};
     let d = model.dims();
     let shape = batos::kv::KvShape {
         num_layers: d.num_layers,
@@ -361,13 +371,13 @@ fn library_greedy(hf: &Path, prompt: &str, max_tokens: usize) -> String {
         &batos::types::MemoryBudget::new("test", 1 << 30),
     )
     .unwrap();
-    let mut gen = SimpleGenerator::new(&model, kv, GeneratorConfig::default());
-    let ids = m.tokenizer.encode_prompt(prompt).unwrap();
+    let mut gen = SimpleGenerator::new(model, kv, GeneratorConfig::default());
+    let ids = tokenizer.encode_prompt(prompt).unwrap();
     let out = gen
         .generate(&ids, &GenerationParams::greedy(max_tokens), None)
         .unwrap();
-    m.tokenizer
-        .decode(&out.tokens, SpecialTokenText::Keep)
+    tokenizer
+        .decode(&out.tokens, batos::model::SpecialTokenText::Keep)
         .unwrap()
 }
 
@@ -640,26 +650,7 @@ fn quantize_awq_makes_the_int4_model_the_base_offline() {
         };
         assert_eq!(q.weights.group_size, 32);
         let model = LlamaModel::from_quantized(&q.config, &q.weights, WeightDType::BF16).unwrap();
-        let d = model.dims();
-        let shape = batos::kv::KvShape {
-            num_layers: d.num_layers,
-            num_kv_heads: d.num_kv_heads,
-            head_dim: d.head_dim,
-        };
-        let kv = batos::kv::KvCacheManager::new(
-            batos::kv::KvCacheConfig::new(shape, 1 << 20).unwrap(),
-            &batos::types::MemoryBudget::new("test", 1 << 30),
-        )
-        .unwrap();
-        use batos::model::generate::{GenerationParams, GeneratorConfig, SimpleGenerator};
-        let mut gen = SimpleGenerator::new(&model, kv, GeneratorConfig::default());
-        let ids = q.tokenizer.encode_prompt("w4 w5 w6").unwrap();
-        let out = gen
-            .generate(&ids, &GenerationParams::greedy(12), None)
-            .unwrap();
-        q.tokenizer
-            .decode(&out.tokens, batos::model::SpecialTokenText::Keep)
-            .unwrap()
+        greedy_text(&model, &q.tokenizer, "w4 w5 w6", 12)
     };
     let o = ok(
         batos(&[
