@@ -718,27 +718,38 @@ impl EventStream {
 
     fn text_chunk(&mut self, buf: &mut Vec<u8>, text: &str) {
         let logprobs = self.take_logprobs();
-        let r = &self.reply;
-        match r.kind {
-            Kind::Completion => event(
-                buf,
-                &CompletionResponse {
-                    id: &r.id,
-                    object: "text_completion",
-                    created: r.created,
-                    model: &r.model,
-                    choices: &[CompletionChoice {
-                        index: 0,
-                        text,
-                        logprobs,
-                        finish_reason: None,
-                        stop_reason: None,
-                    }],
-                    usage: None,
-                },
-            ),
+        match self.reply.kind {
+            Kind::Completion => self.completion_chunk(buf, text, logprobs, None, None),
             Kind::Chat => self.chat_chunk(buf, Some(text), logprobs, None, None),
         }
+    }
+
+    fn completion_chunk(
+        &self,
+        buf: &mut Vec<u8>,
+        text: &str,
+        logprobs: Option<LogprobsOut>,
+        finish: Option<&'static str>,
+        stop_reason: Option<StopReasonOut<'_>>,
+    ) {
+        let r = &self.reply;
+        event(
+            buf,
+            &CompletionResponse {
+                id: &r.id,
+                object: "text_completion",
+                created: r.created,
+                model: &r.model,
+                choices: &[CompletionChoice {
+                    index: 0,
+                    text,
+                    logprobs,
+                    finish_reason: finish,
+                    stop_reason,
+                }],
+                usage: None,
+            },
+        );
     }
 
     fn chat_chunk(
@@ -794,23 +805,9 @@ impl EventStream {
         let rest = full.strip_prefix(self.emitted.as_str()).unwrap_or_default();
         let r = &self.reply;
         match r.kind {
-            Kind::Completion => event(
-                buf,
-                &CompletionResponse {
-                    id: &r.id,
-                    object: "text_completion",
-                    created: r.created,
-                    model: &r.model,
-                    choices: &[CompletionChoice {
-                        index: 0,
-                        text: rest,
-                        logprobs,
-                        finish_reason: Some(how.reason),
-                        stop_reason: how.stop_reason,
-                    }],
-                    usage: None,
-                },
-            ),
+            Kind::Completion => {
+                self.completion_chunk(buf, rest, logprobs, Some(how.reason), how.stop_reason)
+            }
             Kind::Chat => {
                 let content = (!rest.is_empty()).then_some(rest);
                 self.chat_chunk(buf, content, logprobs, Some(how.reason), how.stop_reason);
