@@ -211,13 +211,6 @@ pub(crate) async fn load_lora_adapter(
     let n = name.clone();
     let g = given.clone();
     let info = tokio::task::spawn_blocking(move || {
-        if let Some(check) = &st.adapter_check {
-            let verdict = match &source {
-                AdapterSource::PeftDir(dir) => check.check_dir(&n, dir),
-                _ => check.check_image(&n),
-            };
-            verdict.map_err(|e| load_error(&n, &g, e))??;
-        }
         st.engine
             .replace_adapter(&n, &source)
             .map_err(|e| load_error(&n, &g, e))

@@ -6,10 +6,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use batos_engine::{Engine, EngineError, LoraResidency};
-use batos_lora::{
-    AdapterManager, AdapterRepository, AuditPolicy, BaseShapes, LoraError, ManagerConfig,
-};
+use batos_engine::{Engine, LoraResidency};
+use batos_lora::{AdapterManager, AdapterRepository, AuditPolicy, ManagerConfig};
 use batos_model::forward::{LlamaModel, WeightDType};
 use batos_model::image::{model_summary, open_model_with, ModelSource};
 use batos_model::{ChatTemplate, LoadedModel, Progress, SpecialTokenText};
@@ -28,7 +26,6 @@ pub struct ServedModel {
     pub(crate) chat_template: Option<ChatTemplate>,
     pub(crate) eos_token_ids: Vec<u32>,
     pub(crate) repository: Option<AdapterRepository>,
-    pub(crate) adapter_check: Option<AdapterCheck>,
     /// Keeps the image open (and locked) while the adapter repository reads it.
     pub(crate) image: Option<LivingImage>,
 }
@@ -52,7 +49,6 @@ impl ServedModel {
             chat_template: None,
             eos_token_ids: Vec::new(),
             repository: None,
-            adapter_check: None,
             image: None,
         }
     }
@@ -165,11 +161,6 @@ impl ServedModel {
             },
             ..ManagerConfig::default()
         };
-        let check = AdapterCheck {
-            repository: None,
-            base: base.clone(),
-            policy: manager_config.audit.clone(),
-        };
         let manager = AdapterManager::open(&image, base, budget.clone(), manager_config)
             .map_err(|e| image_err("adapter repository")(&e))?;
         let repository = manager.repository().clone();
@@ -198,10 +189,6 @@ impl ServedModel {
             .with_chat_template(chat_template)
             .with_eos_token_ids(eos)
             .with_repository(repository);
-        served.adapter_check = Some(AdapterCheck {
-            repository: served.repository.clone(),
-            ..check
-        });
         served.image = Some(image);
         Ok(served)
     }
@@ -231,54 +218,5 @@ fn default_name(source: &ModelSource) -> String {
             .unwrap_or_else(|| "batos".into()),
         ModelSource::InMemory { description } => description.clone(),
         _ => "batos".into(),
-    }
-}
-
-/// Audits an adapter before the server registers it, so that a bad one is refused with
-/// the audit's findings before the engine is touched. An adapter may leave projections
-/// out (PEFT's common `q_proj`/`v_proj` adapters): those get nothing added.
-#[derive(Clone, Debug)]
-pub(crate) struct AdapterCheck {
-    repository: Option<AdapterRepository>,
-    base: BaseShapes,
-    policy: AuditPolicy,
-}
-
-fn as_engine_error(name: &str, e: LoraError) -> EngineError {
-    match e {
-        LoraError::UnknownAdapter { name } => EngineError::UnknownAdapter { name },
-        e => EngineError::Adapter {
-            name: name.into(),
-            op: "check",
-            source: Box::new(e),
-        },
-    }
-}
-
-impl AdapterCheck {
-    /// Checks the PEFT directory `dir` (audited as a load would). Engine-shaped errors
-    /// are returned as such, for the caller's load-error mapping.
-    pub(crate) fn check_dir(
-        &self,
-        name: &str,
-        dir: &Path,
-    ) -> Result<Result<(), ServerError>, EngineError> {
-        batos_lora::audit_dir(name, dir, &self.base, &self.policy)
-            .map_err(|e| as_engine_error(name, e))?;
-        Ok(Ok(()))
-    }
-
-    /// Checks the adapter the image holds under `name`.
-    pub(crate) fn check_image(&self, name: &str) -> Result<Result<(), ServerError>, EngineError> {
-        let Some(repo) = &self.repository else {
-            return Ok(Ok(()));
-        };
-        let record = repo
-            .get(name)
-            .map_err(|e| as_engine_error(name, e))?
-            .ok_or_else(|| EngineError::UnknownAdapter { name: name.into() })?;
-        repo.load(name, &record, &self.base, &self.policy)
-            .map_err(|e| as_engine_error(name, e))?;
-        Ok(Ok(()))
     }
 }

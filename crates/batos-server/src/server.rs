@@ -24,7 +24,7 @@ use serde::de::DeserializeOwned;
 use crate::config::{ImageAdapters, LoraUpdates, Settings};
 use crate::error::{Result, ServerError};
 use crate::metrics::Stats;
-use crate::model::{AdapterCheck, ServedModel};
+use crate::model::ServedModel;
 use crate::{admin, inference, metrics};
 
 /// Seconds since the Unix epoch.
@@ -56,7 +56,6 @@ pub(crate) struct AppState {
     /// The text of each end-of-sequence token, cut from answers.
     pub eos_texts: Vec<(u32, String)>,
     pub repository: Option<AdapterRepository>,
-    pub adapter_check: Option<AdapterCheck>,
     adapters: RwLock<BTreeMap<String, ServedAdapter>>,
     /// Serialises adapter loads and unloads (vLLM takes a per-name lock; one lock is
     /// simpler and these calls are rare).
@@ -228,7 +227,6 @@ fn build_state(settings: Settings, model: ServedModel) -> Result<AppState> {
         chat_template,
         eos_token_ids,
         repository,
-        adapter_check,
         image,
         ..
     } = model;
@@ -246,7 +244,6 @@ fn build_state(settings: Settings, model: ServedModel) -> Result<AppState> {
         eos_token_ids,
         eos_texts,
         repository,
-        adapter_check,
         adapters: RwLock::new(adapters),
         admin: tokio::sync::Mutex::new(()),
         settings,
