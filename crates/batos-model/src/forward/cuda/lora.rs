@@ -17,7 +17,9 @@
 //! waits on only before a step whose tokens use a freshly written slot: steps of other
 //! adapters run while the upload is in flight.
 
-use batos_kernels::cpu::lora::{BLayout, LoraSlot};
+use std::borrow::Cow;
+
+use batos_kernels::cpu::lora::{BLayout, LoraMatrix, LoraSlot};
 use batos_kernels::cuda::ops::lora::{LoraShape, LoraStack, MAX_RANK};
 use batos_kernels::cuda::{CudaDevice, UploadFence, UploadStream};
 use batos_lora::{HotSnapshot, Projection};
@@ -300,7 +302,7 @@ impl DeviceLora {
                         })?;
                         (a, bt, slot.rank(), slot.scale())
                     }
-                    None => (Vec::new(), Vec::new(), 0, 0.0),
+                    None => (Cow::Borrowed(&[][..]), Cow::Borrowed(&[][..]), 0, 0.0),
                 };
                 pair.stack
                     .write_slot(
@@ -376,31 +378,35 @@ impl Drop for DeviceLora {
     }
 }
 
-/// A slot's `A` rows `[rank, in]` and `Bᵀ` rows `[rank, out]` as activations; `Err`
-/// with the element count found when the matrices do not have the slot's shape.
-fn slot_rows(
-    slot: &LoraSlot<'_>,
-    n_in: usize,
-    n_out: usize,
-) -> Result<(Vec<Act>, Vec<Act>), usize> {
+/// `A` rows and `Bᵀ` rows of one slot, as the stack holds them.
+type SlotRows<'a> = (Cow<'a, [Act]>, Cow<'a, [Act]>);
+
+/// A slot's `A` rows `[rank, in]` and `Bᵀ` rows `[rank, out]` as activations,
+/// borrowed when the slot already holds them that way (f32, `Bᵀ` layout); `Err` with
+/// the element count found when the matrices do not have the slot's shape.
+fn slot_rows<'a>(slot: &LoraSlot<'a>, n_in: usize, n_out: usize) -> Result<SlotRows<'a>, usize> {
     let r = slot.rank();
     if slot.a().len() != r * n_in || slot.b().len() != n_out * r {
         return Err(slot.a().len() + slot.b().len());
     }
-    let a = slot.a().to_f32_vec();
-    let b = slot.b().to_f32_vec();
+    let widen = |m: LoraMatrix<'a>| match m {
+        LoraMatrix::F32(v) => Cow::Borrowed(v),
+        other => Cow::Owned(other.to_f32_vec()),
+    };
+    let a = widen(slot.a());
     let bt = match slot.b_layout() {
         // Already Bᵀ ([rank, out]).
-        BLayout::RankOut => b,
+        BLayout::RankOut => widen(slot.b()),
         // Bᵀ: row j is column j of B ([out, rank]).
         BLayout::OutRank => {
+            let b = widen(slot.b());
             let mut bt = vec![0.0 as Act; r * n_out];
             for (o, row) in b.chunks_exact(r).enumerate() {
                 for (j, &v) in row.iter().enumerate() {
                     bt[j * n_out + o] = v;
                 }
             }
-            bt
+            Cow::Owned(bt)
         }
     };
     Ok((a, bt))
