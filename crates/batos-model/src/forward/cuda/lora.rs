@@ -24,6 +24,7 @@ use batos_kernels::cuda::ops::lora::{LoraShape, LoraStack, MAX_RANK};
 use batos_kernels::cuda::{CudaDevice, UploadFence, UploadStream};
 use batos_lora::{HotSnapshot, Projection};
 use batos_types::{MemoryBudget, Reservation, ReservationKind, SlotIdx};
+use rayon::prelude::*;
 
 use super::{cuda_err, Act};
 use crate::forward::error::ForwardError;
@@ -267,75 +268,84 @@ impl DeviceLora {
                 self.ensure(dev, i, shapes, table.len(), rank)?;
             }
         }
-        // Pass 2 (upload stream): the slots whose contents changed.
-        let mut written = vec![false; tables.first().map_or(0, Vec::len)];
-        let mut begun = false;
+        // Pass 2 (host): the slots whose contents changed, their rows widened and
+        // transposed in parallel (the host work of a cold -> hot load).
+        let mut changes: Vec<(usize, usize, Option<&LoraSlot<'_>>)> = Vec::new();
         for (i, table) in tables.iter().enumerate() {
-            let Some(pair) = self.pairs[i].as_mut() else {
+            let Some(pair) = &self.pairs[i] else {
                 continue;
             };
-            let (n_in, n_out) = shapes[i % Projection::ALL.len()];
-            for s in 0..pair.keys.len() {
+            for (s, held) in pair.keys.iter().enumerate() {
                 let slot = table.get(s).and_then(Option::as_ref);
-                let k = key(slot);
-                if k == pair.keys[s] {
-                    continue;
+                if key(slot) != *held {
+                    changes.push((i, s, slot));
                 }
-                if !begun {
-                    self.upload
-                        .begin(dev)
-                        .map_err(cuda_err("order uploads after compute"))?;
-                    begun = true;
-                }
-                let (a, bt, rank, scale) = match slot {
-                    Some(slot) => {
-                        let (a, bt) = slot_rows(slot, n_in, n_out).map_err(|got| {
-                            ForwardError::WeightShape {
-                                name: format!(
-                                    "hot slot {s}, layer {}, {:?}",
-                                    i / Projection::ALL.len(),
-                                    Projection::ALL[i % Projection::ALL.len()]
-                                ),
-                                expected: vec![slot.rank(), n_in, n_out],
-                                got,
-                            }
-                        })?;
-                        (a, bt, slot.rank(), slot.scale())
-                    }
-                    None => (Cow::Borrowed(&[][..]), Cow::Borrowed(&[][..]), 0, 0.0),
-                };
-                pair.stack
-                    .write_slot(
-                        self.upload.stream(),
-                        SlotIdx(s as u16),
-                        &a,
-                        &bt,
-                        rank,
-                        scale,
-                    )
-                    .map_err(cuda_err("write LoRA slot"))?;
-                self.counters.slot_writes += 1;
-                self.counters.bytes_written +=
-                    ((a.len() + bt.len()) * std::mem::size_of::<Act>()) as u64;
-                pair.keys[s] = k;
-                if written.len() <= s {
-                    written.resize(s + 1, false);
-                }
-                written[s] = true;
             }
         }
-        if begun {
-            let fence = self
-                .upload
-                .finish()
-                .map_err(cuda_err("fence LoRA slot writes"))?;
-            if self.pending.len() < written.len() {
-                self.pending.resize(written.len(), None);
+        if changes.is_empty() {
+            self.held = snap.clone();
+            return Ok(());
+        }
+        // Every shape is checked before the first copy: a refused slot leaves the
+        // stacks as they were.
+        let rows: Vec<Option<SlotRows<'_>>> = changes
+            .par_iter()
+            .map(|&(i, s, slot)| {
+                let Some(slot) = slot else { return Ok(None) };
+                let (n_in, n_out) = shapes[i % Projection::ALL.len()];
+                slot_rows(slot, n_in, n_out)
+                    .map(Some)
+                    .map_err(|got| ForwardError::WeightShape {
+                        name: format!(
+                            "hot slot {s}, layer {}, {:?}",
+                            i / Projection::ALL.len(),
+                            Projection::ALL[i % Projection::ALL.len()]
+                        ),
+                        expected: vec![slot.rank(), n_in, n_out],
+                        got,
+                    })
+            })
+            .collect::<Result<_, _>>()?;
+        // Pass 3 (upload stream): the copies, after the compute work queued so far.
+        self.upload
+            .begin(dev)
+            .map_err(cuda_err("order uploads after compute"))?;
+        let mut written = vec![false; tables.first().map_or(0, Vec::len)];
+        for (&(i, s, slot), rows) in changes.iter().zip(rows) {
+            let (a, bt) = rows.unwrap_or((Cow::Borrowed(&[][..]), Cow::Borrowed(&[][..])));
+            let (rank, scale) = slot.map_or((0, 0.0), |sl| (sl.rank(), sl.scale()));
+            let pair = self.pairs[i]
+                .as_mut()
+                .expect("changes name only pairs with a stack");
+            pair.stack
+                .write_slot(
+                    self.upload.stream(),
+                    SlotIdx(s as u16),
+                    &a,
+                    &bt,
+                    rank,
+                    scale,
+                )
+                .map_err(cuda_err("write LoRA slot"))?;
+            self.counters.slot_writes += 1;
+            self.counters.bytes_written +=
+                ((a.len() + bt.len()) * std::mem::size_of::<Act>()) as u64;
+            pair.keys[s] = key(slot);
+            if written.len() <= s {
+                written.resize(s + 1, false);
             }
-            for (s, w) in written.iter().enumerate() {
-                if *w {
-                    self.pending[s] = Some(fence.clone());
-                }
+            written[s] = true;
+        }
+        let fence = self
+            .upload
+            .finish()
+            .map_err(cuda_err("fence LoRA slot writes"))?;
+        if self.pending.len() < written.len() {
+            self.pending.resize(written.len(), None);
+        }
+        for (s, w) in written.iter().enumerate() {
+            if *w {
+                self.pending[s] = Some(fence.clone());
             }
         }
         self.held = snap.clone();
