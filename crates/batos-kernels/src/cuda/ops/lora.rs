@@ -616,6 +616,35 @@ mod tests {
     }
 
     #[test]
+    fn stack_bytes_count_rows_ranks_and_scales() {
+        let shape = |in_features, out_features| LoraShape {
+            slots: 16,
+            max_rank: 16,
+            in_features,
+            out_features,
+        };
+        // SmolLM2's seven projections, 30 layers: one r16 adapter is 19.5 MB in f32.
+        let per_layer: u64 = [
+            (576, 576),
+            (576, 192),
+            (576, 192),
+            (576, 576),
+            (576, 1536),
+            (576, 1536),
+            (1536, 576),
+        ]
+        .iter()
+        .map(|&(i, o)| LoraStack::<f32>::device_bytes(shape(i, o)))
+        .sum();
+        let meta = 7 * 16 * 8;
+        assert_eq!((per_layer - meta) * 30 / 16, 10_176 * 16 * 30 * 4);
+        assert_eq!(
+            LoraStack::<half::f16>::device_bytes(shape(576, 576)),
+            16 * 16 * 1152 * 2 + 16 * 8
+        );
+    }
+
+    #[test]
     fn bgmv_lists_skip_tokens_without_adapter() {
         let l = host_lists(LoraMode::Bgmv, &slots(&[Some(2), None, Some(0), None]));
         assert_eq!(l, vec![vec![0, 2], vec![2, 0]]);
