@@ -185,6 +185,8 @@ fn a_cold_adapter_is_written_into_its_slot_only() {
         .unwrap();
     let lease = hot.mgr.acquire("cold-r4").unwrap();
     let pin = hot.mgr.pin_hot(&lease).unwrap();
+    // Queued ahead on the upload stream; the first step using slot 1 waits for it.
+    gpu.prefetch_adapters(&hot.snapshot()).unwrap();
     check(&mut gpu, &hot.snapshot(), "after a cold r4 load");
     let after = gpu.memory().adapter_uploads;
     assert_eq!(

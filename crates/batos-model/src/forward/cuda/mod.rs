@@ -203,6 +203,17 @@ impl CudaLlama {
             .map_err(cuda_err("allocate LoRA stacks"))
     }
 
+    /// Queues the slot writes that make the device's stacks match `adapters` on the
+    /// upload stream and returns without waiting: steps that read other slots run
+    /// while the copies are in flight, and the first step whose tokens use a written
+    /// slot waits for them on the device. Call it as soon as a new adapter is hot
+    /// (before the step that first uses it) to overlap its upload with compute; the
+    /// step itself would otherwise issue the writes and wait for them at once.
+    pub fn prefetch_adapters(&mut self, adapters: &HotSnapshot) -> Result<(), ForwardError> {
+        let shapes = self.proj_shapes();
+        self.lora.sync(&self.dev, adapters, &shapes)
+    }
+
     /// Makes the device's adapter stacks match `adapters` now (the step does this
     /// itself, on the upload stream; calling it ahead of time takes the upload out of
     /// the first step and lets a bench time the cold → hot upload alone). Waits for
@@ -213,7 +224,7 @@ impl CudaLlama {
         self.lora.synchronize()?;
         self.dev
             .synchronize()
-            .map_err(cuda_err("allocate LoRA stacks"))
+            .map_err(cuda_err("rebuild LoRA stacks"))
     }
 
     fn proj_shapes(&self) -> ProjShapes {
