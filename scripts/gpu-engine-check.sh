@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
 # Runs THERE (the GPU machine), from the repo root, with .gpu-bin carried (built by
 # scripts/gpu-engine-prepare.sh). One prepared run for issues 7 and 8:
-#   1. scripts/gpu-check.sh with a 330 s budget: kernel parity tests, sanitizers,
-#      NVRTC check, kernel bench (its 7 files under $OUT, summary.md first);
-#   2. the device-resident engine: GPU parity tests (synthetic model, int4, full
-#      budget, real weights with and without adapters in mixed batches) and the
-#      engine builder test, appended to $OUT/tests.txt; the decode / bandwidth /
-#      cold->hot bench appended to $OUT/bench.txt (gpu-check.sh already writes the 8
-#      files that come back); the engine's results appended to summary.md.
-# Total well under 10 minutes (GPU_ENGINE_BUDGET, default 170 s, for part 2).
+#   1. scripts/gpu-check.sh with a 200 s budget (GPU_CHECK_BUDGET): kernel parity
+#      tests, sanitizers, NVRTC check, kernel bench (its 7 files under $OUT,
+#      summary.md first);
+#   2. the device-resident engine (GPU_ENGINE_BUDGET, default 280 s): GPU parity
+#      tests (synthetic model, int4, full budget, cold -> hot slot writes, real
+#      weights with and without adapters in mixed batches) and the engine builder
+#      test, appended to $OUT/tests.txt; the decode / bandwidth / cold->hot bench on
+#      the carried 4-layer real model and on a synthetic model of SmolLM2's full
+#      shapes (f16 and int4, built there), then Hugging Face transformers + PEFT on
+#      the same shapes (scripts/hf_peft_bench.py, python3 with torch there) and the
+#      batos / HF ratios, appended to $OUT/bench.txt (gpu-check.sh already writes
+#      the 8 files that come back); the engine's results appended to summary.md.
+# Worst case 200 + 280 s, about 8 minutes; expected about 4.
 #
 #   OUT=/some/dir bash scripts/gpu-engine-check.sh
 set -u
@@ -17,13 +22,13 @@ OUT=${OUT:-$PWD/gpu-check-out}
 mkdir -p "$OUT"
 BIN=$PWD/.gpu-bin
 
-GPU_CHECK_BUDGET=${GPU_CHECK_BUDGET:-330} OUT="$OUT" bash scripts/gpu-check.sh > /dev/null 2>&1
+GPU_CHECK_BUDGET=${GPU_CHECK_BUDGET:-200} OUT="$OUT" bash scripts/gpu-check.sh > /dev/null 2>&1
 
 TESTS="$OUT/tests.txt"
 BENCH="$OUT/bench.txt"
 SUMMARY="$OUT/summary.md"
 START=$(date +%s)
-DEADLINE=$((START + ${GPU_ENGINE_BUDGET:-170}))
+DEADLINE=$((START + ${GPU_ENGINE_BUDGET:-280}))
 # gpu-check.sh exported these inside its own shell; find libcuda and the PTX again.
 if ! ldconfig -p 2>/dev/null | grep -q 'libcuda\.so\.1'; then
   for d in /usr/local/nvidia/lib64 /usr/local/nvidia/lib /usr/lib/x86_64-linux-gnu /usr/lib64 /usr/local/cuda/compat; do
@@ -49,16 +54,22 @@ run() { # log name limit cmd...
 }
 
 { echo; echo "===== ENGINE (issue 8) model: ${MODEL:-none carried}, ptx: ${BATOS_CUDA_PTX_DIR:-none (NVRTC)}"; } | tee -a "$TESTS" >> "$BENCH"
-run "$TESTS" "GPU parity tests (batos-model cuda_forward)" 90 "$BIN/test-cuda_forward" --test-threads=1 --nocapture
-run "$TESTS" "engine device selection (batos-engine device)" 40 "$BIN/test-engine_device" --test-threads=1 --nocapture
-run "$BENCH" "engine bench (cuda_forward)" 120 "$BIN/bench-cuda_forward"
+run "$TESTS" "GPU parity tests (batos-model cuda_forward)" 80 "$BIN/test-cuda_forward" --test-threads=1 --nocapture
+run "$TESTS" "engine device selection (batos-engine device)" 30 "$BIN/test-engine_device" --test-threads=1 --nocapture
+run "$BENCH" "engine bench (cuda_forward: real 4 layers, synthetic 30 layers f16 + int4)" 100 \
+  env BATOS_BENCH_MODELS=real,f16,int4 "$BIN/bench-cuda_forward"
+HF_CONFIG="$BIN/hf_model_summary.json"
+[ -f "$HF_CONFIG" ] || HF_CONFIG=/work/shared/reference/hf_model_summary.json
+# Its own budget: stops starting new runs at 60 s, killed at 80 s.
+run "$BENCH" "Hugging Face transformers + PEFT bench (hf_peft_bench.py)" 80 \
+  env PYTHONUNBUFFERED=1 python3 scripts/hf_peft_bench.py --config "$HF_CONFIG" --budget-s 60 --compare "$BENCH"
 
 {
   echo
   echo "## Engine (device-resident runtime)"
   sed -n '/===== ENGINE/,$p' "$TESTS" | grep -E '^test |test result:|SKIP|panicked|greedy steps|step-1|max rel|identical' | head -n 40
   echo
-  sed -n '/===== ENGINE/,$p' "$BENCH" | grep -E '^\||^device |adapters on the device|bandwidth|cold -> hot|panicked|SKIP'
+  sed -n '/===== ENGINE/,$p' "$BENCH" | grep -E '^\||^## |^device |adapters on the device|bandwidth|cold -> hot|panicked|SKIP|hf_peft_bench|BATOS_VS_HF'
   echo
   echo "engine part: $(( $(date +%s) - START ))s"
 } >> "$SUMMARY"

@@ -2,7 +2,8 @@
 # Runs HERE (no GPU needed): everything scripts/gpu-prepare.sh builds (issue 7's
 # kernel tests, bench and PTX), plus the device-resident engine's GPU tests and
 # bench (issue 8) and a real-weights model small enough to carry, into .gpu-bin/.
-# Then, on the GPU machine (carry `.gpu-bin`): `OUT=... scripts/gpu-engine-check.sh`.
+# Also copies SmolLM2's config (hf_model_summary.json) for the Hugging Face + PEFT
+# bench. Then, on the GPU machine (carry `.gpu-bin`): `OUT=... scripts/gpu-engine-check.sh`.
 #
 #   scripts/gpu-engine-prepare.sh              # GPU_MODEL_LAYERS=4 by default
 #
@@ -62,6 +63,15 @@ if [ -n "$GGUF" ] && [ -f "$GGUF" ]; then
   cargo run -q -p batos-model --release --example gguf_truncate -- "$GGUF" "$BIN/smollm2-${LAYERS}l.gguf" "$LAYERS" --embedding-q4_1
 else
   echo "gpu-engine-prepare: WARNING: no SmolLM2 GGUF here; the real-model GPU test and the bench will SKIP" >&2
+fi
+
+echo "== Hugging Face bench config (scripts/hf_peft_bench.py builds the model from it there)"
+HF_SUMMARY=${BATOS_HF_SUMMARY:-/work/shared/reference/hf_model_summary.json}
+if [ -f "$HF_SUMMARY" ]; then
+  cp "$HF_SUMMARY" "$BIN/hf_model_summary.json"
+  python3 scripts/hf_peft_bench.py --config "$BIN/hf_model_summary.json" --dry-run
+else
+  echo "gpu-engine-prepare: WARNING: no $HF_SUMMARY; the HF bench there falls back to that path" >&2
 fi
 
 du -ab "$BIN" | sort -n | tail -n 12

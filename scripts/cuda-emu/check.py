@@ -68,6 +68,15 @@ if section_on("sampling"):
   o = np.zeros(rows, np.uint32)
   launch("sampling", "argmax_f32", (rows, 1, 1), 256, 0, lg, o, V)
   print("argmax", o, np.argmax(lg, 1)); OK &= bool(np.array_equal(o, np.argmax(lg, 1)))
+  # The greedy step of the device runtime (forward_greedy): SmolLM2's vocab, a NaN that
+  # must not win, a tie (lowest index wins) and a constant row.
+  rows, V = 3, 49152
+  lg = rng.uniform(-1, 1, (rows, V)).astype(np.float32)
+  lg[0, 5] = np.nan; lg[0, 100] = 9; lg[0, 40000] = 9; lg[1, V - 2] = 3; lg[2] = 0.5
+  o = np.zeros(rows, np.uint32)
+  launch("sampling", "argmax_f32", (rows, 1, 1), 256, 0, lg, o, V)
+  want = np.nanargmax(lg, 1)
+  print("argmax (vocab 49152, NaN, ties)", o, want); OK &= bool(np.array_equal(o, want))
   rows, V = 6, 1000
   lg = (rng.uniform(-1, 1, (rows, V)) * 4).astype(np.float32); us = np.array([0, 0.1, 0.35, 0.5, 0.77, 0.999], np.float32)
   o = np.zeros(rows, np.uint32); temp, top_p = 0.7, 0.9

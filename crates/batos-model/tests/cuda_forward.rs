@@ -15,8 +15,10 @@ mod common;
 mod cuda_common;
 mod forward_common;
 
-use batos_model::forward::cuda::CudaLlama;
-use batos_model::forward::{ForwardError, LlamaModel, WeightDType};
+use batos_model::forward::cuda::{CudaLlama, LoraCapacity};
+use batos_model::forward::{
+    ForwardBatch, ForwardError, LlamaModel, LogitsRows, SeqStep, WeightDType,
+};
 use batos_model::gguf::GgufFile;
 use batos_model::synthetic::{tiny_params, SyntheticLlama};
 use batos_model::{LlamaConfig, LoadOptions, ModelWeights};
@@ -116,6 +118,154 @@ fn synthetic_model_matches_the_cpu_in_mixed_batches() {
         r.max_rel_err
     );
     assert!(gpu.memory().adapters > 0);
+}
+
+/// Cold → hot on the device writes one adapter into its slot of every stack (on the
+/// upload stream) and leaves the other slots and the stacks alone; an adapter whose
+/// rank outgrows the stacks rebuilds them. The CPU agrees after each change.
+#[test]
+fn a_cold_adapter_is_written_into_its_slot_only() {
+    let test = "a_cold_adapter_is_written_into_its_slot_only";
+    let Some(dev) = device(test) else { return };
+    let synth = SyntheticLlama::new(LlamaConfig::new(tiny_params()).unwrap(), 3);
+    let cpu = synth.model(WeightDType::F16).unwrap();
+    let d = *cpu.dims();
+    let pairs = (d.num_layers * batos_lora::Projection::ALL.len()) as u64;
+    let mut gpu = CudaLlama::upload(&cpu, dev, &budget()).unwrap();
+    gpu.reserve_adapters(LoraCapacity {
+        slots: 2,
+        max_rank: 8,
+    })
+    .unwrap();
+    let reserved = gpu.memory().adapters;
+    assert!(reserved > 0);
+    assert_eq!(gpu.memory().adapter_uploads.stack_builds, pairs);
+    let prompts: Vec<Vec<u32>> = (0..3)
+        .map(|i| tokens(5 + 4 * i, i as u32 + 11, d.vocab_size))
+        .collect();
+    let mut hot = hot_adapters(&d, 2, 8);
+    let check = |gpu: &mut CudaLlama, snap: &batos_lora::HotSnapshot, what: &str| {
+        let slots: Vec<_> = (0..snap.len())
+            .map(|s| Some(batos_types::SlotIdx(s as u16)))
+            .chain([None])
+            .collect();
+        let mut kv = kv_manager(&d, 64, 4);
+        let r = lockstep(
+            &cpu,
+            gpu,
+            Some(snap),
+            &mut kv,
+            &mixed_specs(&prompts, &slots),
+            6,
+        );
+        assert!(
+            r.max_rel_err <= LOGIT_TOL,
+            "{what}: logit error {}",
+            r.max_rel_err
+        );
+        assert_same_greedy(test, &r, MIN_MARGIN);
+    };
+    check(&mut gpu, &hot.snapshot(), "two r8 adapters");
+    let before = gpu.memory().adapter_uploads;
+    assert_eq!(
+        before.slot_writes,
+        2 * pairs,
+        "each adapter written once per stack"
+    );
+
+    // Slot 1's adapter goes cold; a new r4 adapter takes the slot.
+    drop(hot.pins.remove(1));
+    hot.mgr
+        .add_files(
+            "cold-r4",
+            cuda_common::synthetic_adapter(&d, 4, 77),
+            "synthetic",
+            batos_lora::Expect::Absent,
+        )
+        .unwrap();
+    let lease = hot.mgr.acquire("cold-r4").unwrap();
+    let pin = hot.mgr.pin_hot(&lease).unwrap();
+    // Queued ahead on the upload stream; the first step using slot 1 waits for it.
+    gpu.prefetch_adapters(&hot.snapshot()).unwrap();
+    check(&mut gpu, &hot.snapshot(), "after a cold r4 load");
+    let after = gpu.memory().adapter_uploads;
+    assert_eq!(
+        after.slot_writes - before.slot_writes,
+        pairs,
+        "one slot per stack"
+    );
+    assert_eq!(after.stack_builds, before.stack_builds, "no stack rebuilt");
+    assert_eq!(
+        gpu.memory().adapters,
+        reserved,
+        "no bytes beyond the reservation"
+    );
+
+    // A rank-16 adapter outgrows the rank-8 stacks: they are rebuilt and refilled.
+    drop(pin);
+    hot.mgr
+        .add_files(
+            "cold-r16",
+            cuda_common::synthetic_adapter(&d, 16, 78),
+            "synthetic",
+            batos_lora::Expect::Absent,
+        )
+        .unwrap();
+    let lease = hot.mgr.acquire("cold-r16").unwrap();
+    let _pin = hot.mgr.pin_hot(&lease).unwrap();
+    check(&mut gpu, &hot.snapshot(), "after a cold r16 load");
+    let grown = gpu.memory().adapter_uploads;
+    assert_eq!(grown.stack_builds, after.stack_builds + pairs);
+    assert!(gpu.memory().adapters > reserved);
+}
+
+/// `forward_greedy` (argmax on the device, ids downloaded) picks the argmax of the
+/// logits `forward` downloads for the same step, row for row, with and without
+/// adapters, in a prefill step (several rows kept per sequence: none, one, all).
+#[test]
+fn greedy_on_the_device_is_the_argmax_of_the_logits() {
+    let test = "greedy_on_the_device_is_the_argmax_of_the_logits";
+    let Some(dev) = device(test) else { return };
+    let synth = SyntheticLlama::new(LlamaConfig::new(tiny_params()).unwrap(), 9);
+    let cpu = synth.model(WeightDType::F16).unwrap();
+    let d = *cpu.dims();
+    let mut gpu = CudaLlama::upload(&cpu, dev, &budget()).unwrap();
+    let hot = hot_adapters(&d, 2, 8);
+    let snap = hot.snapshot();
+    for adapters in [None, Some(&snap)] {
+        let mut kv = kv_manager(&d, 32, 4);
+        gpu.reset_kv();
+        let mut steps = Vec::new();
+        for i in 0..3 {
+            let prompt = tokens(6 + i, i as u32 + 5, d.vocab_size);
+            let a = kv.allocate_prompt(&prompt, None).unwrap().unwrap();
+            let table = kv.block_table(a.seq).unwrap().blocks().to_vec();
+            let mut s = SeqStep::new(prompt[a.cached_tokens..].to_vec(), a.cached_tokens, table);
+            s.logits = [LogitsRows::None, LogitsRows::Last, LogitsRows::All][i];
+            s.adapter = adapters.and(Some(hot.slots[i % 2]));
+            steps.push(s);
+        }
+        let batch = ForwardBatch::new(steps);
+        let out = gpu.forward(&batch, kv.storage_mut(), adapters).unwrap();
+        // Same tokens at the same positions: the K/V rewrite is the same bytes.
+        let greedy = gpu
+            .forward_greedy(&batch, kv.storage_mut(), adapters)
+            .unwrap();
+        assert_eq!(greedy.seq_rows, out.seq_rows);
+        assert_eq!(greedy.tokens.len(), out.num_rows());
+        assert!(out.num_rows() > 2, "rows: {:?}", out.seq_rows);
+        for r in 0..out.num_rows() {
+            let want = batos_kernels::cpu::argmax(out.row(r).unwrap()).unwrap() as u32;
+            assert_eq!(
+                greedy.tokens[r],
+                want,
+                "row {r}, adapters {}",
+                adapters.is_some()
+            );
+        }
+        assert_eq!(greedy.last_token(0), None);
+        assert_eq!(greedy.last_token(1), Some(greedy.tokens[0]));
+    }
 }
 
 #[test]

@@ -19,6 +19,7 @@ mod error;
 pub mod ops;
 mod pool;
 mod registry;
+mod stream;
 
 pub use backend::{kernels, CudaKernels};
 pub use device::{device_count, probe_driver, CudaDevice, CudaDeviceConfig};
@@ -27,3 +28,4 @@ pub use pool::{CudaElem, DeviceBuffer, MemoryPool, PoolStats};
 pub use registry::{
     compile_ptx, nvrtc_available, Arch, CompileConfig, KernelSource, ModuleId, PRELUDE,
 };
+pub use stream::{UploadFence, UploadStream};

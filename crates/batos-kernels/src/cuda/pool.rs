@@ -252,6 +252,38 @@ impl<T: CudaElem> DeviceBuffer<T> {
             .map_err(CudaError::driver("memcpy_htod"))
     }
 
+    /// Overwrites elements `offset..offset + host.len()` with `host`, queued on
+    /// `stream` (which need not be the pool's compute stream: the caller orders it,
+    /// see [`UploadStream`](super::UploadStream)). From pageable host memory the call
+    /// returns once `host` has been staged, so `host` may be dropped afterwards.
+    pub fn copy_from_host_at(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        offset: usize,
+        host: &[T],
+    ) -> CudaResult<()> {
+        const OP: &str = "copy_from_host_at";
+        let end = offset.checked_add(host.len()).filter(|&e| e <= self.len);
+        let Some(end) = end else {
+            return Err(CudaError::invalid(
+                OP,
+                format!(
+                    "elements {offset}..{offset}+{} outside a buffer of {}",
+                    host.len(),
+                    self.len
+                ),
+            ));
+        };
+        if host.is_empty() {
+            return Ok(());
+        }
+        let mut v = self.view_mut();
+        let mut dst = v.slice_mut(offset..end);
+        stream
+            .memcpy_htod(host, &mut dst)
+            .map_err(CudaError::driver("memcpy_htod"))
+    }
+
     /// Copies the buffer to a new host vector (waits for the stream).
     pub fn to_host(&self) -> CudaResult<Vec<T>> {
         let mut out = vec![T::default(); self.len];

@@ -2,48 +2,99 @@
 //!
 //! The adapter manager keeps deciding which adapter sits in which hot slot (leases,
 //! pins, LRU, its own budget for the host copy); before each step the runtime compares
-//! the manager's [`HotSnapshot`] with what it uploaded and re-uploads the stacks of the
-//! (layer, projection) pairs whose slots changed. Each pair is one `ops::lora`
-//! [`LoraStack`] (`A` `[slots, max_rank, in]`, `Bᵀ` `[slots, max_rank, out]`, per-slot
-//! rank and scale), which the BGMV/SGMV launchers read by slot. Its bytes are reserved
-//! from the device budget as [`ReservationKind::AdapterHot`] before the upload.
+//! the manager's [`HotSnapshot`] with what it wrote and rewrites only the slots that
+//! changed. Each (layer, projection) pair is one `ops::lora` [`LoraStack`] (`A`
+//! `[slots, max_rank, in]`, `Bᵀ` `[slots, max_rank, out]`, per-slot rank and scale)
+//! sized once for the hot tier ([`LoraCapacity`], or the first snapshot's slots and
+//! rank rounded up to a power of two), reserved from the device budget as
+//! [`ReservationKind::AdapterHot`]. A cold → hot load then writes one adapter's rows
+//! into each pair ([`LoraStack::write_slot`]); a stack is rebuilt only when an adapter's
+//! rank or the slot count outgrows it.
 //!
-//! `LoraStack` has no per-slot write (its buffers are private to the kernels crate), so
-//! a change rebuilds the whole stack of a pair: the cold → hot cost is the upload of
-//! every hot slot of that pair, measured by the `cuda_forward` bench.
+//! The writes go on an [`UploadStream`] of their own. Each sync waits (on the device)
+//! for the compute work queued before it, so a slot the previous step still reads is
+//! not overwritten early, and ends with an [`UploadFence`] that the compute stream
+//! waits on only before a step whose tokens use a freshly written slot: steps of other
+//! adapters run while the upload is in flight.
 
-use batos_kernels::cpu::lora::BLayout;
-use batos_kernels::cuda::ops::lora::{LoraShape, LoraStack};
-use batos_kernels::cuda::CudaDevice;
+use std::borrow::Cow;
+
+use batos_kernels::cpu::lora::{BLayout, LoraMatrix, LoraSlot};
+use batos_kernels::cuda::ops::lora::{LoraShape, LoraStack, MAX_RANK};
+use batos_kernels::cuda::{CudaDevice, UploadFence, UploadStream};
 use batos_lora::{HotSnapshot, Projection};
-use batos_types::{MemoryBudget, Reservation, ReservationKind};
+use batos_types::{MemoryBudget, Reservation, ReservationKind, SlotIdx};
+use rayon::prelude::*;
 
 use super::{cuda_err, Act};
 use crate::forward::error::ForwardError;
+
+/// Room for hot adapters on the device, per (layer, projection) stack: `slots`
+/// adapters of rank up to `max_rank` (the adapter manager's `max_loras` and
+/// `max_lora_rank`). Reserved from the device budget up front by
+/// [`CudaLlama::reserve_adapters`](super::CudaLlama::reserve_adapters).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoraCapacity {
+    /// Hot slots.
+    pub slots: usize,
+    /// Largest adapter rank.
+    pub max_rank: usize,
+}
 
 /// What identifies a slot's weights for one pair: the addresses of `A` and `B` (kept
 /// alive by the snapshot held in [`DeviceLora::held`], so an address cannot be reused
 /// while it is compared), the rank and the scale's bits.
 type SlotKey = Option<(usize, usize, usize, u32)>;
 
+fn key(slot: Option<&LoraSlot<'_>>) -> SlotKey {
+    slot.map(|s| {
+        (
+            s.a().data_addr(),
+            s.b().data_addr(),
+            s.rank(),
+            s.scale().to_bits(),
+        )
+    })
+}
+
+/// One (layer, projection) stack and what each of its slots holds.
+struct PairStack {
+    stack: LoraStack<Act>,
+    keys: Vec<SlotKey>,
+    bytes: u64,
+}
+
+/// Counters of the device's adapter slots (for benches and tests).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LoraCounters {
+    /// Slot writes (one adapter into one (layer, projection) stack, or a slot emptied).
+    pub slot_writes: u64,
+    /// Stacks allocated (sized for the hot tier; a rebuild when an adapter outgrew one).
+    pub stack_builds: u64,
+    /// Host → device bytes of the slot writes.
+    pub bytes_written: u64,
+}
+
 /// The hot slots on the device.
 pub(super) struct DeviceLora {
     /// Per (layer, projection), `layer * 7 + projection index`.
-    stacks: Vec<Option<LoraStack<Act>>>,
-    keys: Vec<Vec<SlotKey>>,
-    bytes: Vec<u64>,
+    pairs: Vec<Option<PairStack>>,
+    capacity: Option<LoraCapacity>,
+    upload: UploadStream,
+    /// Per slot, the fence of its last write that no step has waited on yet.
+    pending: Vec<Option<UploadFence>>,
     /// The snapshot the keys were taken from.
     held: HotSnapshot,
     reservation: Reservation,
-    /// Stacks uploaded since construction (for benches and tests).
-    pub uploads: u64,
+    pub counters: LoraCounters,
 }
 
 impl std::fmt::Debug for DeviceLora {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DeviceLora")
             .field("bytes", &self.reservation.bytes())
-            .field("uploads", &self.uploads)
+            .field("capacity", &self.capacity)
+            .field("counters", &self.counters)
             .finish_non_exhaustive()
     }
 }
@@ -52,13 +103,18 @@ impl std::fmt::Debug for DeviceLora {
 pub(super) type ProjShapes = [(usize, usize); 7];
 
 impl DeviceLora {
-    /// No slots yet; stacks are reserved from `budget` as they are uploaded.
-    pub(super) fn new(budget: &MemoryBudget, num_layers: usize) -> Result<Self, ForwardError> {
+    /// No slots yet; stacks are reserved from `budget` when they are built.
+    pub(super) fn new(
+        dev: &CudaDevice,
+        budget: &MemoryBudget,
+        num_layers: usize,
+    ) -> Result<Self, ForwardError> {
         let n = num_layers * Projection::ALL.len();
         Ok(DeviceLora {
-            stacks: (0..n).map(|_| None).collect(),
-            keys: vec![Vec::new(); n],
-            bytes: vec![0; n],
+            pairs: (0..n).map(|_| None).collect(),
+            capacity: None,
+            upload: UploadStream::new(dev).map_err(cuda_err("create upload stream"))?,
+            pending: Vec::new(),
             held: HotSnapshot::default(),
             reservation: budget
                 .reserve(ReservationKind::AdapterHot, 0)
@@ -66,121 +122,302 @@ impl DeviceLora {
                     what: "hot adapter slots",
                     source,
                 })?,
-            uploads: 0,
+            counters: LoraCounters::default(),
         })
     }
 
-    /// Bytes of every uploaded stack.
+    /// Bytes of every stack.
     pub(super) fn bytes(&self) -> u64 {
         self.reservation.bytes()
     }
 
     /// The stack of `proj` in `layer`; `None` when no hot adapter adapts it.
     pub(super) fn stack(&self, layer: usize, proj: Projection) -> Option<&LoraStack<Act>> {
-        self.stacks[layer * Projection::ALL.len() + proj.index()].as_ref()
+        self.pairs[layer * Projection::ALL.len() + proj.index()]
+            .as_ref()
+            .map(|p| &p.stack)
     }
 
-    /// Brings the device stacks in line with `snap`.
-    pub(super) fn sync(
+    /// Builds every stack for `capacity` now (reserving its bytes), so slot writes
+    /// never allocate. Stacks already at least that large are kept.
+    pub(super) fn reserve(
         &mut self,
         dev: &CudaDevice,
-        snap: &HotSnapshot,
+        capacity: LoraCapacity,
         shapes: &ProjShapes,
     ) -> Result<(), ForwardError> {
-        let layers = self.stacks.len() / Projection::ALL.len();
-        for layer in 0..layers {
-            for (p, &proj) in Projection::ALL.iter().enumerate() {
-                let i = layer * Projection::ALL.len() + p;
-                let table = snap.table(layer, proj);
-                let keys: Vec<SlotKey> = table
-                    .iter()
-                    .map(|s| {
-                        s.as_ref().map(|s| {
-                            (
-                                s.a().data_addr(),
-                                s.b().data_addr(),
-                                s.rank(),
-                                s.scale().to_bits(),
-                            )
-                        })
-                    })
-                    .collect();
-                if keys == self.keys[i] {
-                    continue;
-                }
-                let (n_in, n_out) = shapes[p];
-                let max_rank = table.iter().flatten().map(|s| s.rank()).max().unwrap_or(0);
-                let (stack, bytes) = if max_rank == 0 {
-                    (None, 0)
-                } else {
-                    let slots = table.len();
-                    let mut a = vec![0.0 as Act; slots * max_rank * n_in];
-                    let mut bt = vec![0.0 as Act; slots * max_rank * n_out];
-                    let mut ranks = vec![0usize; slots];
-                    let mut scales = vec![0f32; slots];
-                    for (s, slot) in table.iter().enumerate() {
-                        let Some(slot) = slot else { continue };
-                        let r = slot.rank();
-                        if slot.a().len() != r * n_in || slot.b().len() != n_out * r {
-                            return Err(ForwardError::WeightShape {
-                                name: format!("hot slot {s}, layer {layer}, {proj:?}"),
-                                expected: vec![r, n_in, n_out],
-                                got: slot.a().len() + slot.b().len(),
-                            });
-                        }
-                        let base = s * max_rank;
-                        a[base * n_in..(base + r) * n_in].copy_from_slice(&slot.a().to_f32_vec());
-                        let b = slot.b().to_f32_vec();
-                        let dst = &mut bt[base * n_out..(base + r) * n_out];
-                        match slot.b_layout() {
-                            // Already Bᵀ ([rank, out]).
-                            BLayout::RankOut => dst.copy_from_slice(&b),
-                            // Bᵀ: row j of the stack is column j of B ([out, rank]).
-                            BLayout::OutRank => {
-                                for (o, row) in b.chunks_exact(r).enumerate() {
-                                    for (j, &v) in row.iter().enumerate() {
-                                        dst[j * n_out + o] = v;
-                                    }
-                                }
-                            }
-                        }
-                        ranks[s] = r;
-                        scales[s] = slot.scale();
-                    }
-                    let bytes = ((a.len() + bt.len()) * std::mem::size_of::<Act>()
-                        + slots * (4 + 4)) as u64;
-                    self.grow(bytes, i)?;
-                    let shape = LoraShape {
-                        slots,
-                        max_rank,
-                        in_features: n_in,
-                        out_features: n_out,
-                    };
-                    let stack = LoraStack::upload(dev, shape, &a, &bt, &ranks, &scales)
-                        .map_err(cuda_err("upload LoRA stack"))?;
-                    self.uploads += 1;
-                    (Some(stack), bytes)
-                };
-                // The old stack's buffers go back to the pool now.
-                self.stacks[i] = stack;
-                let old = std::mem::replace(&mut self.bytes[i], bytes);
-                self.reservation.shrink(old);
-                self.keys[i] = keys;
-            }
+        if capacity.slots == 0 || capacity.max_rank == 0 || capacity.max_rank > MAX_RANK {
+            return Err(ForwardError::BadConfig {
+                reason: format!(
+                    "adapter capacity {} slots x rank {}: needs slots >= 1 and rank in 1..={MAX_RANK}",
+                    capacity.slots, capacity.max_rank
+                ),
+            });
         }
-        self.held = snap.clone();
+        self.capacity = Some(capacity);
+        self.fence_old_uploads(dev)?;
+        for i in 0..self.pairs.len() {
+            self.ensure(dev, i, shapes, capacity.slots, capacity.max_rank)?;
+        }
         Ok(())
     }
 
-    /// Reserves `bytes` for stack `i` on top of what is held (its old bytes are given
-    /// back by the caller once the new stack replaced it).
-    fn grow(&mut self, bytes: u64, i: usize) -> Result<(), ForwardError> {
+    /// Before dropping or replacing stacks: the compute stream (which reuses pooled
+    /// buffers) waits for every copy already queued on the upload stream.
+    fn fence_old_uploads(&self, dev: &CudaDevice) -> Result<(), ForwardError> {
+        self.upload
+            .finish()
+            .and_then(|f| f.wait_on_compute(dev))
+            .map_err(cuda_err("order uploads before a stack rebuild"))
+    }
+
+    /// Makes stack `i` hold at least `slots` slots of rank `rank` (a new stack copies
+    /// nothing: its slots are written afresh by the caller).
+    fn ensure(
+        &mut self,
+        dev: &CudaDevice,
+        i: usize,
+        shapes: &ProjShapes,
+        slots: usize,
+        rank: usize,
+    ) -> Result<(), ForwardError> {
+        if let Some(p) = &self.pairs[i] {
+            let s = p.stack.shape();
+            if s.slots >= slots && s.max_rank >= rank {
+                return Ok(());
+            }
+        }
+        let cap = self.capacity.unwrap_or(LoraCapacity {
+            slots: 0,
+            max_rank: 0,
+        });
+        let old = self.pairs[i].as_ref().map(|p| p.stack.shape());
+        let (n_in, n_out) = shapes[i % Projection::ALL.len()];
+        let shape = LoraShape {
+            slots: slots.max(cap.slots).max(old.map_or(0, |s| s.slots)),
+            max_rank: rank
+                .next_power_of_two()
+                .max(cap.max_rank)
+                .max(old.map_or(0, |s| s.max_rank))
+                .min(MAX_RANK),
+            in_features: n_in,
+            out_features: n_out,
+        };
+        let bytes = LoraStack::<Act>::device_bytes(shape);
         self.reservation
             .grow(bytes)
             .map_err(|source| ForwardError::DeviceBudget {
                 what: "hot adapter slots",
                 source,
             })
-            .inspect_err(|_| tracing::warn!(stack = i, bytes, "no room for a LoRA stack"))
+            .inspect_err(|_| tracing::warn!(stack = i, bytes, "no room for a LoRA stack"))?;
+        let stack = match LoraStack::zeros(dev, shape) {
+            Ok(s) => s,
+            Err(e) => {
+                self.reservation.shrink(bytes);
+                return Err(cuda_err("allocate LoRA stack")(e));
+            }
+        };
+        self.counters.stack_builds += 1;
+        // The old stack's buffers go back to the pool now (after `fence_old_uploads`).
+        if let Some(old) = self.pairs[i].replace(PairStack {
+            stack,
+            keys: vec![None; shape.slots],
+            bytes,
+        }) {
+            self.reservation.shrink(old.bytes);
+        }
+        Ok(())
     }
+
+    /// Brings the device stacks in line with `snap`: rebuilds the stacks an adapter
+    /// outgrew, then writes the slots that changed on the upload stream.
+    pub(super) fn sync(
+        &mut self,
+        dev: &CudaDevice,
+        snap: &HotSnapshot,
+        shapes: &ProjShapes,
+    ) -> Result<(), ForwardError> {
+        let layers = self.pairs.len() / Projection::ALL.len();
+        let tables: Vec<Vec<Option<LoraSlot<'_>>>> = (0..layers)
+            .flat_map(|l| Projection::ALL.iter().map(move |&p| (l, p)))
+            .map(|(l, p)| snap.table(l, p))
+            .collect();
+        // Pass 1 (compute stream): stacks that must grow.
+        let mut fenced = false;
+        for (i, table) in tables.iter().enumerate() {
+            let rank = table
+                .iter()
+                .flatten()
+                .map(LoraSlot::rank)
+                .max()
+                .unwrap_or(0);
+            let fits = match &self.pairs[i] {
+                Some(p) => {
+                    let s = p.stack.shape();
+                    s.slots >= table.len() && s.max_rank >= rank
+                }
+                // No stack and nothing to hold: nothing to build.
+                None => rank == 0,
+            };
+            if !fits {
+                if !fenced {
+                    self.fence_old_uploads(dev)?;
+                    fenced = true;
+                }
+                self.ensure(dev, i, shapes, table.len(), rank)?;
+            }
+        }
+        // Pass 2 (host): the slots whose contents changed, their rows widened and
+        // transposed in parallel (the host work of a cold -> hot load).
+        let mut changes: Vec<(usize, usize, Option<&LoraSlot<'_>>)> = Vec::new();
+        for (i, table) in tables.iter().enumerate() {
+            let Some(pair) = &self.pairs[i] else {
+                continue;
+            };
+            for (s, held) in pair.keys.iter().enumerate() {
+                let slot = table.get(s).and_then(Option::as_ref);
+                if key(slot) != *held {
+                    changes.push((i, s, slot));
+                }
+            }
+        }
+        if changes.is_empty() {
+            self.held = snap.clone();
+            return Ok(());
+        }
+        // Every shape is checked before the first copy: a refused slot leaves the
+        // stacks as they were.
+        let rows: Vec<Option<SlotRows<'_>>> = changes
+            .par_iter()
+            .map(|&(i, s, slot)| {
+                let Some(slot) = slot else { return Ok(None) };
+                let (n_in, n_out) = shapes[i % Projection::ALL.len()];
+                slot_rows(slot, n_in, n_out)
+                    .map(Some)
+                    .map_err(|got| ForwardError::WeightShape {
+                        name: format!(
+                            "hot slot {s}, layer {}, {:?}",
+                            i / Projection::ALL.len(),
+                            Projection::ALL[i % Projection::ALL.len()]
+                        ),
+                        expected: vec![slot.rank(), n_in, n_out],
+                        got,
+                    })
+            })
+            .collect::<Result<_, _>>()?;
+        // Pass 3 (upload stream): the copies, after the compute work queued so far.
+        self.upload
+            .begin(dev)
+            .map_err(cuda_err("order uploads after compute"))?;
+        let mut written = vec![false; tables.first().map_or(0, Vec::len)];
+        for (&(i, s, slot), rows) in changes.iter().zip(rows) {
+            let (a, bt) = rows.unwrap_or((Cow::Borrowed(&[][..]), Cow::Borrowed(&[][..])));
+            let (rank, scale) = slot.map_or((0, 0.0), |sl| (sl.rank(), sl.scale()));
+            let pair = self.pairs[i]
+                .as_mut()
+                .expect("changes name only pairs with a stack");
+            pair.stack
+                .write_slot(
+                    self.upload.stream(),
+                    SlotIdx(s as u16),
+                    &a,
+                    &bt,
+                    rank,
+                    scale,
+                )
+                .map_err(cuda_err("write LoRA slot"))?;
+            self.counters.slot_writes += 1;
+            self.counters.bytes_written +=
+                ((a.len() + bt.len()) * std::mem::size_of::<Act>()) as u64;
+            pair.keys[s] = key(slot);
+            if written.len() <= s {
+                written.resize(s + 1, false);
+            }
+            written[s] = true;
+        }
+        let fence = self
+            .upload
+            .finish()
+            .map_err(cuda_err("fence LoRA slot writes"))?;
+        if self.pending.len() < written.len() {
+            self.pending.resize(written.len(), None);
+        }
+        for (s, w) in written.iter().enumerate() {
+            if *w {
+                self.pending[s] = Some(fence.clone());
+            }
+        }
+        self.held = snap.clone();
+        Ok(())
+    }
+
+    /// Makes the compute stream wait for the writes of every slot in `used` that has
+    /// one in flight (called before the first kernel of a step that reads them).
+    pub(super) fn wait_for(
+        &mut self,
+        dev: &CudaDevice,
+        used: impl IntoIterator<Item = SlotIdx>,
+    ) -> Result<(), ForwardError> {
+        for s in used {
+            if let Some(fence) = self.pending.get_mut(s.index()).and_then(Option::take) {
+                fence
+                    .wait_on_compute(dev)
+                    .map_err(cuda_err("wait for LoRA slot writes"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits on the host for every slot write queued so far.
+    pub(super) fn synchronize(&mut self) -> Result<(), ForwardError> {
+        self.upload
+            .synchronize()
+            .map_err(cuda_err("upload LoRA slots"))?;
+        self.pending.iter_mut().for_each(|p| *p = None);
+        Ok(())
+    }
+}
+
+impl Drop for DeviceLora {
+    fn drop(&mut self) {
+        // The stacks' buffers go back to the device pool: no copy may still be writing them.
+        if let Err(e) = self.upload.synchronize() {
+            tracing::warn!(error = %e, "upload stream failed while dropping the adapter slots");
+        }
+    }
+}
+
+/// `A` rows and `Bᵀ` rows of one slot, as the stack holds them.
+type SlotRows<'a> = (Cow<'a, [Act]>, Cow<'a, [Act]>);
+
+/// A slot's `A` rows `[rank, in]` and `Bᵀ` rows `[rank, out]` as activations,
+/// borrowed when the slot already holds them that way (f32, `Bᵀ` layout); `Err` with
+/// the element count found when the matrices do not have the slot's shape.
+fn slot_rows<'a>(slot: &LoraSlot<'a>, n_in: usize, n_out: usize) -> Result<SlotRows<'a>, usize> {
+    let r = slot.rank();
+    if slot.a().len() != r * n_in || slot.b().len() != n_out * r {
+        return Err(slot.a().len() + slot.b().len());
+    }
+    let widen = |m: LoraMatrix<'a>| match m {
+        LoraMatrix::F32(v) => Cow::Borrowed(v),
+        other => Cow::Owned(other.to_f32_vec()),
+    };
+    let a = widen(slot.a());
+    let bt = match slot.b_layout() {
+        // Already Bᵀ ([rank, out]).
+        BLayout::RankOut => widen(slot.b()),
+        // Bᵀ: row j is column j of B ([out, rank]).
+        BLayout::OutRank => {
+            let b = widen(slot.b());
+            let mut bt = vec![0.0 as Act; r * n_out];
+            for (o, row) in b.chunks_exact(r).enumerate() {
+                for (j, &v) in row.iter().enumerate() {
+                    bt[j * n_out + o] = v;
+                }
+            }
+            Cow::Owned(bt)
+        }
+    };
+    Ok((a, bt))
 }

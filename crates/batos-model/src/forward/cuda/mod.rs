@@ -28,12 +28,14 @@ mod kv;
 mod lora;
 mod weights;
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use batos_kernels::cuda::ops::attention::{self, AttentionBatch, PagedKvLayout, SeqQuery};
 use batos_kernels::cuda::ops::dense;
 use batos_kernels::cuda::ops::elementwise::{self, RopeShape};
 use batos_kernels::cuda::ops::lora::{self as lora_ops, LoraMode, LoraPlan};
+use batos_kernels::cuda::ops::sampling;
 use batos_kernels::cuda::{CudaDevice, CudaError, DeviceBuffer};
 use batos_kernels::KernelError;
 use batos_lora::{HotSnapshot, Projection};
@@ -45,6 +47,7 @@ use super::error::ForwardError;
 use super::llama::{LlamaDims, LlamaModel};
 use kv::DeviceKv;
 use lora::{DeviceLora, ProjShapes};
+pub use lora::{LoraCapacity, LoraCounters};
 use weights::{DeviceLinear, DeviceWeights};
 
 /// The activation (and KV cache) element type on the device.
@@ -71,8 +74,8 @@ pub struct CudaMemory {
     pub adapters: u64,
     /// Weight bytes one decode step reads (every layer and the output head).
     pub weight_bytes_per_step: u64,
-    /// LoRA stacks uploaded since the runtime was built.
-    pub adapter_uploads: u64,
+    /// Slot writes and stack builds of the hot adapter stacks since the runtime was built.
+    pub adapter_uploads: LoraCounters,
 }
 
 /// A Llama model resident on one GPU. See the module docs.
@@ -146,7 +149,7 @@ impl CudaLlama {
             "model weights on the device"
         );
         Ok(CudaLlama {
-            lora: DeviceLora::new(budget, dims.num_layers)?,
+            lora: DeviceLora::new(&dev, budget, dims.num_layers)?,
             dev,
             dims,
             inv_freq,
@@ -173,7 +176,7 @@ impl CudaLlama {
             kv: self.kv.as_ref().map_or(0, |k| k.bytes() as u64),
             adapters: self.lora.bytes(),
             weight_bytes_per_step: self.weights.bytes_per_step() as u64,
-            adapter_uploads: self.lora.uploads,
+            adapter_uploads: self.lora.counters,
         }
     }
 
@@ -186,15 +189,42 @@ impl CudaLlama {
         self.kv = None;
     }
 
+    /// Builds the hot adapter stacks for `capacity` now (every (layer, projection)
+    /// stack sized `capacity.slots × capacity.max_rank`), reserving their bytes from the
+    /// budget ([`ForwardError::DeviceBudget`] when they do not fit). Afterwards a cold →
+    /// hot load writes one adapter's rows and allocates nothing. Without this call the
+    /// stacks are sized by the first snapshot that fills a slot (rank rounded up to a
+    /// power of two) and rebuilt if a later adapter outgrows them.
+    pub fn reserve_adapters(&mut self, capacity: LoraCapacity) -> Result<(), ForwardError> {
+        let shapes = self.proj_shapes();
+        self.lora.reserve(&self.dev, capacity, &shapes)?;
+        self.dev
+            .synchronize()
+            .map_err(cuda_err("allocate LoRA stacks"))
+    }
+
+    /// Queues the slot writes that make the device's stacks match `adapters` on the
+    /// upload stream and returns without waiting: steps that read other slots run
+    /// while the copies are in flight, and the first step whose tokens use a written
+    /// slot waits for them on the device. Call it as soon as a new adapter is hot
+    /// (before the step that first uses it) to overlap its upload with compute; the
+    /// step itself would otherwise issue the writes and wait for them at once.
+    pub fn prefetch_adapters(&mut self, adapters: &HotSnapshot) -> Result<(), ForwardError> {
+        let shapes = self.proj_shapes();
+        self.lora.sync(&self.dev, adapters, &shapes)
+    }
+
     /// Makes the device's adapter stacks match `adapters` now (the step does this
-    /// itself; calling it ahead of time takes the upload out of the first step and lets
-    /// a bench time the cold → hot upload alone). Waits for the uploads.
+    /// itself, on the upload stream; calling it ahead of time takes the upload out of
+    /// the first step and lets a bench time the cold → hot upload alone). Waits for
+    /// the uploads.
     pub fn sync_adapters(&mut self, adapters: &HotSnapshot) -> Result<(), ForwardError> {
         let shapes = self.proj_shapes();
         self.lora.sync(&self.dev, adapters, &shapes)?;
+        self.lora.synchronize()?;
         self.dev
             .synchronize()
-            .map_err(cuda_err("upload LoRA stacks"))
+            .map_err(cuda_err("rebuild LoRA stacks"))
     }
 
     fn proj_shapes(&self) -> ProjShapes {
@@ -287,6 +317,55 @@ impl CudaLlama {
         cache: &mut dyn KvCacheMut,
         adapters: Option<&HotSnapshot>,
     ) -> Result<ForwardOutput, ForwardError> {
+        let (plan, logits) = self.step(batch, cache, adapters)?;
+        let logits = match logits {
+            Some(l) => l.to_host().map_err(cuda_err("download logits"))?,
+            None => Vec::new(),
+        };
+        Ok(ForwardOutput {
+            logits,
+            vocab_size: self.dims.vocab_size,
+            seq_rows: plan.output_rows,
+        })
+    }
+
+    /// [`CudaLlama::forward`] for greedy decoding: the argmax of every logits row is
+    /// taken on the device and only the token ids come back (4 bytes a row instead of
+    /// `4 × vocab`). Ties go to the lowest id and NaN never wins, as
+    /// `batos_kernels::cpu::argmax`.
+    pub fn forward_greedy(
+        &mut self,
+        batch: &ForwardBatch,
+        cache: &mut dyn KvCacheMut,
+        adapters: Option<&HotSnapshot>,
+    ) -> Result<GreedyOutput, ForwardError> {
+        let (plan, logits) = self.step(batch, cache, adapters)?;
+        let tokens = match logits {
+            Some(l) => {
+                let mut ids = self
+                    .dev
+                    .alloc::<u32>(plan.logits_rows.len())
+                    .map_err(cuda_err("alloc"))?;
+                sampling::argmax(&self.dev, &l, self.dims.vocab_size, &mut ids)
+                    .map_err(cuda_err("argmax"))?;
+                ids.to_host().map_err(cuda_err("download token ids"))?
+            }
+            None => Vec::new(),
+        };
+        Ok(GreedyOutput {
+            tokens,
+            seq_rows: plan.output_rows,
+        })
+    }
+
+    /// The step's layers and head; the logits stay on the device (`None` when no row
+    /// asked for them).
+    fn step(
+        &mut self,
+        batch: &ForwardBatch,
+        cache: &mut dyn KvCacheMut,
+        adapters: Option<&HotSnapshot>,
+    ) -> Result<(StepPlan, Option<DeviceBuffer<Act>>), ForwardError> {
         self.kv_for(cache)?;
         let layout = cache.layout();
         let plan = StepPlan::new(
@@ -308,6 +387,10 @@ impl CudaLlama {
             if token_slots.iter().any(Option::is_some) {
                 let shapes = self.proj_shapes();
                 self.lora.sync(&self.dev, snap, &shapes)?;
+                // Only the slots this step reads must have landed; other slots' writes
+                // keep overlapping the step.
+                self.lora
+                    .wait_for(&self.dev, batch.seqs.iter().filter_map(|s| s.adapter))?;
             }
         }
         let step = self.step_data(batch, &plan, &token_slots, adapters)?;
@@ -316,7 +399,8 @@ impl CudaLlama {
         for i in 0..num_layers {
             self.layer(i, i + 1 == num_layers, &step, &mut buf)?;
         }
-        self.logits(&plan, &buf.x)
+        let logits = self.logits(&plan, &buf.x)?;
+        Ok((plan, logits))
     }
 
     fn step_data(
@@ -564,41 +648,54 @@ impl CudaLlama {
     }
 
     /// Final norm and the output projection over the rows that asked for logits (the
-    /// last layer kept only those), downloaded.
+    /// last layer kept only those), on the device; `None` when no row asked.
     fn logits(
         &self,
         plan: &StepPlan,
         x: &DeviceBuffer<Act>,
-    ) -> Result<ForwardOutput, ForwardError> {
+    ) -> Result<Option<DeviceBuffer<Act>>, ForwardError> {
         let d = &self.dims;
         let dev = &*self.dev;
         let rows = plan.logits_rows.len();
-        let logits = if rows == 0 {
-            Vec::new()
-        } else {
-            let mut normed = dev
-                .alloc::<Act>(rows * d.hidden_size)
-                .map_err(cuda_err("alloc"))?;
-            elementwise::rms_norm(
-                dev,
-                x,
-                &self.weights.final_norm,
-                d.rms_norm_eps,
-                &mut normed,
-            )
-            .map_err(cuda_err("final rms_norm"))?;
-            let mut logits = dev
-                .alloc::<Act>(rows * d.vocab_size)
-                .map_err(cuda_err("alloc"))?;
-            dense::dense_matmul(dev, self.weights.head(), &normed, rows, &mut logits)
-                .map_err(cuda_err("lm_head"))?;
-            logits.to_host().map_err(cuda_err("download logits"))?
-        };
-        Ok(ForwardOutput {
-            logits,
-            vocab_size: d.vocab_size,
-            seq_rows: plan.output_rows.clone(),
-        })
+        if rows == 0 {
+            return Ok(None);
+        }
+        let mut normed = dev
+            .alloc::<Act>(rows * d.hidden_size)
+            .map_err(cuda_err("alloc"))?;
+        elementwise::rms_norm(
+            dev,
+            x,
+            &self.weights.final_norm,
+            d.rms_norm_eps,
+            &mut normed,
+        )
+        .map_err(cuda_err("final rms_norm"))?;
+        let mut logits = dev
+            .alloc::<Act>(rows * d.vocab_size)
+            .map_err(cuda_err("alloc"))?;
+        dense::dense_matmul(dev, self.weights.head(), &normed, rows, &mut logits)
+            .map_err(cuda_err("lm_head"))?;
+        Ok(Some(logits))
+    }
+}
+
+/// What [`CudaLlama::forward_greedy`] returns: one token id per logits row.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GreedyOutput {
+    /// The argmax of every logits row, rows in batch order.
+    pub tokens: Vec<u32>,
+    /// Per sequence of the batch: its rows in `tokens`.
+    pub seq_rows: Vec<Range<usize>>,
+}
+
+impl GreedyOutput {
+    /// The greedy token after sequence `seq`'s last new token, when it asked for logits.
+    pub fn last_token(&self, seq: usize) -> Option<u32> {
+        let rows = self.seq_rows.get(seq)?;
+        rows.clone()
+            .last()
+            .and_then(|r| self.tokens.get(r).copied())
     }
 }
 
