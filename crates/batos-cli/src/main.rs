@@ -1,7 +1,7 @@
 //! The `batos` command-line tool.
 //!
 //! ```text
-//! batos import gguf PATH --image DIR [--dtype f32|f16|bf16]
+//! batos import gguf PATH --image DIR [--dtype f32|f16|bf16|int4]
 //! batos import hf DIR --image DIR [--dtype f32|f16|bf16]
 //! batos quantize --awq --image DIR [--group 64] [--calibration FILE] [--compensation gptq|off] [--embedding int4|dense]
 //! batos info --image DIR

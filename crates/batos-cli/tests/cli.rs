@@ -222,6 +222,79 @@ fn image_without_a_model_says_so() {
     );
 }
 
+/// `--dtype int4` keeps the GGUF's Q4_1 projections as int4 (no requantising) and
+/// `generate` runs them through the int4 path with the reference's greedy text.
+#[test]
+fn import_gguf_as_int4_then_generate_matches_the_reference() {
+    const TEST: &str = "import_gguf_as_int4_then_generate_matches_the_reference";
+    let Some(refdir) = reference_dir() else {
+        return skip(
+            TEST,
+            "reference outputs not found (set BATOS_REFERENCE_DIR or keep ../shared/reference)",
+        );
+    };
+    let gguf = match batos::model::fetch::smollm2_gguf() {
+        Ok(p) => p,
+        Err(e) => return skip(TEST, &format!("real model unavailable: {e}")),
+    };
+    let base: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(refdir.join("base.json")).unwrap()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("image");
+    let image = path_str(&image);
+
+    let o = ok(
+        batos(&[
+            "import",
+            "gguf",
+            path_str(&gguf),
+            "--image",
+            image,
+            "--dtype",
+            "int4",
+        ]),
+        "import --dtype int4",
+    );
+    let out = stdout(&o);
+    assert!(out.contains("Q4_1 kept as int4"), "{out}");
+
+    let o = ok(batos(&["info", "--image", image]), "info");
+    let info = stdout(&o);
+    assert!(info.contains("int4"), "{info}");
+    assert!(info.contains("Q4_1 kept as int4"), "{info}");
+
+    let (prompt, want32, _) = reference_text(&base, "fox");
+    let o = ok(
+        batos(&[
+            "generate",
+            "--image",
+            image,
+            "--prompt",
+            &prompt,
+            "--max-tokens",
+            "32",
+            "--ignore-eos",
+        ]),
+        "generate",
+    );
+    assert_eq!(stdout(&o), format!("{want32}\n"));
+    let o = ok(
+        batos(&[
+            "generate",
+            "--image",
+            image,
+            "--chat",
+            "--prompt",
+            "What is the capital of France?",
+            "--max-tokens",
+            "32",
+        ]),
+        "generate --chat",
+    );
+    let (_, _, want_chat) = reference_text(&base, "chat_capital");
+    assert_eq!(stdout(&o), format!("{want_chat}\n"));
+}
+
 #[test]
 fn malformed_gguf_is_refused_before_the_image_is_touched() {
     let dir = tempfile::tempdir().unwrap();

@@ -131,6 +131,16 @@ pub enum ModelSource {
         /// What it is.
         description: String,
     },
+    /// A llama.cpp GGUF whose 4-bit projections (Q4_0 / Q4_1) were kept as int4, not
+    /// requantised; Q4_1's float minima are the layers' group offsets.
+    GgufInt4 {
+        /// The file (as given at import time).
+        path: String,
+        /// Its size in bytes, if it could be read.
+        file_bytes: Option<u64>,
+        /// The block types kept (`Q4_1`, `Q4_0`), comma-separated.
+        kept: String,
+    },
     /// AWQ int4 quantisation of an earlier base of the same image.
     Awq {
         /// The earlier base's source, as it displayed.
@@ -149,6 +159,20 @@ impl ModelSource {
         ModelSource::Gguf {
             path: path.display().to_string(),
             file_bytes: std::fs::metadata(path).ok().map(|m| m.len()),
+        }
+    }
+
+    /// A GGUF file whose 4-bit projections of types `kept` were kept as int4.
+    pub fn gguf_int4(path: impl AsRef<Path>, kept: &[crate::gguf::GgmlType]) -> Self {
+        let path = path.as_ref();
+        ModelSource::GgufInt4 {
+            path: path.display().to_string(),
+            file_bytes: std::fs::metadata(path).ok().map(|m| m.len()),
+            kept: kept
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
         }
     }
 
@@ -171,6 +195,9 @@ impl std::fmt::Display for ModelSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ModelSource::Gguf { path, .. } => write!(f, "GGUF {path}"),
+            ModelSource::GgufInt4 { path, kept, .. } => {
+                write!(f, "GGUF {path} ({kept} kept as int4)")
+            }
             ModelSource::HfDir { path } => write!(f, "HF directory {path}"),
             ModelSource::InMemory { description } => write!(f, "in-memory model ({description})"),
             ModelSource::Awq {
@@ -1157,6 +1184,51 @@ mod tests {
         let old = db.snapshot_at(r1.tid).unwrap();
         let (r, _) = current_record(&old).unwrap().unwrap();
         assert_eq!(r, r1.record);
+    }
+
+    /// Int4 layers with group offsets (GGUF Q4_1 minima) store `<proj>.qoffsets` and
+    /// read back equal; an AutoAWQ checkpoint refuses them.
+    #[test]
+    fn int4_group_offsets_round_trip_through_the_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open_db(dir.path());
+        let dense = tiny_model(DType::F32);
+        let mut weights =
+            crate::quant::quantize_weights_rtn(&dense.config, &dense.weights, 8).unwrap();
+        for (i, l) in weights.layers.iter_mut().enumerate() {
+            let w = l.q_proj.clone();
+            let n = w.layout().scales_len();
+            let off = (0..n)
+                .map(|j| half::f16::from_f32((j as f32 - i as f32) * 1e-3))
+                .collect();
+            l.q_proj = w.with_offsets("q", off).unwrap();
+        }
+        let q = QuantizedModel {
+            config: dense.config.clone(),
+            weights,
+            tokenizer: dense.tokenizer.clone(),
+            chat_template: dense.chat_template.clone(),
+        };
+        let source = ModelSource::gguf_int4("model.gguf", &[crate::gguf::GgmlType::Q4_1]);
+        assert!(source.to_string().contains("Q4_1 kept as int4"), "{source}");
+        import_quantized(&db, &q, source, Progress::Hidden).unwrap();
+        let names: Vec<String> = tensor_records(&db)
+            .unwrap()
+            .into_iter()
+            .map(|t| t.name)
+            .collect();
+        assert!(names.contains(&"model.layers.0.self_attn.q_proj.qoffsets".to_owned()));
+        assert!(!names.iter().any(|n| n.contains("k_proj.qoffsets")));
+        match open_base(&db).unwrap() {
+            BaseModel::Int4(back) => assert_eq!(back.weights, q.weights),
+            other => panic!("expected an int4 base, got {other:?}"),
+        }
+        let err = q.save_autoawq(dir.path().join("awq")).unwrap_err();
+        assert!(
+            matches!(&err, QuantError::OffsetsUnsupported { name, .. } if name.contains("q_proj")),
+            "{err}"
+        );
+        assert!(!dir.path().join("awq").exists(), "nothing written");
     }
 
     #[test]

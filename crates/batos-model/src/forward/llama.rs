@@ -410,21 +410,21 @@ impl LlamaModel {
             let name = |what: &str| format!("model.layers.{i}.{what}");
             layers.push(LlamaLayer {
                 attn_norm: l.attn_norm.clone(),
-                qkv: Linear::Int4(Int4Weight::concat_out(
+                qkv: Linear::int4(Int4Weight::concat_out(
                     &name("self_attn.qkv_proj"),
                     &[&l.q_proj, &l.k_proj, &l.v_proj],
                 )?),
-                o_proj: Linear::Int4(l.o_proj.clone()),
+                o_proj: Linear::int4(l.o_proj.clone()),
                 mlp_norm: l.mlp_norm.clone(),
-                gate_up: Linear::Int4(Int4Weight::concat_out(
+                gate_up: Linear::int4(Int4Weight::concat_out(
                     &name("mlp.gate_up_proj"),
                     &[&l.gate_proj, &l.up_proj],
                 )?),
-                down: Linear::Int4(l.down_proj.clone()),
+                down: Linear::int4(l.down_proj.clone()),
             });
         }
         let embed = match &weights.embed_tokens {
-            QuantizedEmbedding::Int4(w) => Linear::Int4(w.clone()),
+            QuantizedEmbedding::Int4(w) => Linear::int4(w.clone()),
             QuantizedEmbedding::Dense(t) => Linear::Dense(Matrix::from_f32(
                 "model.embed_tokens",
                 &t.to_f32_vec(),
@@ -709,6 +709,7 @@ impl LlamaModel {
             .map_err(kernel("attn rms_norm"))?;
         kern.matmul(&s.h, &layer.qkv.view(), &mut s.qkv)
             .map_err(kernel("qkv_proj"))?;
+        layer.qkv.add_group_offsets(&s.h, &mut s.qkv);
         if let Some(l) = &step.lora {
             // q, k and v read the same normed input: one pass, into the fused output.
             let group = [
@@ -762,6 +763,7 @@ impl LlamaModel {
             .map_err(kernel("paged_attention"))?;
         kern.matmul(&s.attn, &layer.o_proj.view(), &mut s.proj)
             .map_err(kernel("o_proj"))?;
+        layer.o_proj.add_group_offsets(&s.attn, &mut s.proj);
         if let Some(l) = &step.lora {
             let hid = d.hidden_size;
             let o = [GroupMember {
@@ -788,6 +790,7 @@ impl LlamaModel {
             .map_err(kernel("mlp rms_norm"))?;
         kern.matmul(&s.h, &layer.gate_up.view(), &mut s.gate_up)
             .map_err(kernel("gate_up_proj"))?;
+        layer.gate_up.add_group_offsets(&s.h, &mut s.gate_up);
         let hid = d.hidden_size;
         if let Some(l) = lora {
             // gate and up read the same normed input: one pass, into the fused output.
@@ -809,6 +812,7 @@ impl LlamaModel {
             .map_err(kernel("silu_mul"))?;
         kern.matmul(&s.act, &layer.down.view(), &mut s.proj)
             .map_err(kernel("down_proj"))?;
+        layer.down.add_group_offsets(&s.act, &mut s.proj);
         if let Some(l) = lora {
             let down = [GroupMember {
                 proj: Projection::Down,
@@ -840,6 +844,7 @@ impl LlamaModel {
             let head = self.lm_head.as_ref().unwrap_or(&self.embed);
             kern.matmul(&normed, &head.view(), &mut logits)
                 .map_err(kernel("lm_head"))?;
+            head.add_group_offsets(&normed, &mut logits);
         }
         Ok(ForwardOutput {
             logits,

@@ -2,6 +2,7 @@
 
 use batos_kernels::WeightView;
 use half::{bf16, f16};
+use rayon::prelude::*;
 
 use super::error::ForwardError;
 use crate::quant::Int4Weight;
@@ -103,12 +104,54 @@ impl Matrix {
     }
 }
 
+/// An int4 projection as the forward pass holds it: AutoAWQ's tensors for the kernels,
+/// and the group offsets (GGUF Q4_1 minima) widened to f32, `[in/group, out]`.
+#[derive(Clone, Debug)]
+pub(crate) struct Int4Linear {
+    pub(crate) weight: Int4Weight,
+    pub(crate) offsets: Option<Vec<f32>>,
+}
+
+impl Int4Linear {
+    /// Moves `weight`'s group offsets (if any) to the f32 runtime copy.
+    pub fn new(mut weight: Int4Weight) -> Int4Linear {
+        let offsets = weight
+            .take_offsets()
+            .map(|o| o.iter().map(|v| v.to_f32()).collect());
+        Int4Linear { weight, offsets }
+    }
+
+    /// `y[t, n] += Σ_g offset[g, n] · σ_g(x_t)`, `σ_g` the sum of token `t`'s inputs in
+    /// group `g`: the float-minimum part of `(q − zero) · scale + offset`. Every sum runs
+    /// in a fixed order (σ over the group, then over `g`) per token, so a token's output
+    /// does not depend on the batch around it.
+    fn add_group_offsets(&self, x: &[f32], y: &mut [f32]) {
+        let Some(off) = &self.offsets else { return };
+        let lay = self.weight.layout();
+        let (k, n, g) = (lay.in_features(), lay.out_features(), lay.group_size());
+        y.par_chunks_mut(n)
+            .zip(x.par_chunks(k))
+            .for_each(|(yt, xt)| {
+                let mut acc = vec![0f32; n];
+                for (grp, xg) in xt.chunks(g).enumerate() {
+                    let sigma = xg.iter().fold(0f32, |a, &v| a + v);
+                    for (a, &m) in acc.iter_mut().zip(&off[grp * n..(grp + 1) * n]) {
+                        *a += m * sigma;
+                    }
+                }
+                for (yv, a) in yt.iter_mut().zip(&acc) {
+                    *yv += a;
+                }
+            });
+    }
+}
+
 /// A linear layer's weights as the forward pass holds them: dense, or int4 in AutoAWQ's
 /// layout (the kernels dequantise on the fly). Activations are f32 either way.
 #[derive(Clone, Debug)]
 pub(crate) enum Linear {
     Dense(Matrix),
-    Int4(Int4Weight),
+    Int4(Int4Linear),
 }
 
 impl Linear {
@@ -116,7 +159,22 @@ impl Linear {
     pub fn size_in_bytes(&self) -> usize {
         match self {
             Linear::Dense(m) => m.size_in_bytes(),
-            Linear::Int4(w) => w.size_in_bytes(),
+            Linear::Int4(w) => {
+                w.weight.size_in_bytes() + w.offsets.as_ref().map_or(0, |o| 4 * o.len())
+            }
+        }
+    }
+
+    /// An int4 layer (group offsets, if any, kept as f32).
+    pub fn int4(w: Int4Weight) -> Linear {
+        Linear::Int4(Int4Linear::new(w))
+    }
+
+    /// Adds the group-offset term after the kernels' matmul of `x` (`[T, in]`) into `y`
+    /// (`[T, out]`); nothing for dense layers and int4 layers without offsets.
+    pub fn add_group_offsets(&self, x: &[f32], y: &mut [f32]) {
+        if let Linear::Int4(w) = self {
+            w.add_group_offsets(x, y);
         }
     }
 
@@ -124,7 +182,7 @@ impl Linear {
     pub fn view(&self) -> WeightView<'_> {
         match self {
             Linear::Dense(m) => m.view(),
-            Linear::Int4(w) => w.view(),
+            Linear::Int4(w) => w.weight.view(),
         }
     }
 }

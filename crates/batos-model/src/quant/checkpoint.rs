@@ -143,7 +143,21 @@ fn push_int4(owned: &mut Vec<Owned>, prefix: &str, q: &Int4Weight) {
         vec![lay.groups(), lay.out_features()],
         bytemuck::cast_slice(q.scales()).to_vec(),
     ));
+    // batos's own extension (GGUF Q4_1 minima); AutoAWQ checkpoints never get it, see
+    // `save_autoawq`.
+    if let Some(off) = q.offsets() {
+        owned.push((
+            format!("{prefix}.{OFFSETS_SUFFIX}"),
+            Dtype::F16,
+            vec![lay.groups(), lay.out_features()],
+            bytemuck::cast_slice(off).to_vec(),
+        ));
+    }
 }
+
+/// The stored name suffix of an int4 layer's group offsets (`<proj>.qoffsets`, F16
+/// `[in/group, out]`).
+pub const OFFSETS_SUFFIX: &str = "qoffsets";
 
 fn st_dtype(d: DType) -> Dtype {
     match d {
@@ -259,7 +273,7 @@ impl QuantizedWeights {
             if name.ends_with("rotary_emb.inv_freq") {
                 continue;
             }
-            if [".qweight", ".qzeros", ".scales"]
+            if [".qweight", ".qzeros", ".scales", ".qoffsets"]
                 .iter()
                 .any(|s| name.ends_with(s))
             {
@@ -368,6 +382,12 @@ impl QuantizedModel {
     pub fn save_autoawq(&self, dir: impl AsRef<Path>) -> Result<(), QuantError> {
         let dir = dir.as_ref();
         self.weights.validate(&self.config)?;
+        if let Some(name) = self.weights.first_with_offsets() {
+            return Err(QuantError::OffsetsUnsupported {
+                name,
+                target: "an AutoAWQ checkpoint",
+            });
+        }
         std::fs::create_dir_all(dir).map_err(|e| QuantError::io("create", dir, e))?;
         let mut cfg = hf_config_json(&self.config);
         cfg["quantization_config"] = AwqCheckpointConfig {
@@ -514,7 +534,26 @@ fn take_linear(
         .chunks_exact(2)
         .map(|c| f16::from_le_bytes([c[0], c[1]]))
         .collect();
-    Int4Weight::from_parts(prefix, layout, qweight, qzeros, scales)
+    let w = Int4Weight::from_parts(prefix, layout, qweight, qzeros, scales)?;
+    let name = format!("{prefix}.{OFFSETS_SUFFIX}");
+    match packed.remove(&name) {
+        None => Ok(w),
+        Some((path, dt, sh, bytes)) => {
+            let dims = [layout.groups(), out];
+            if dt != Dtype::F16 || sh != dims {
+                return Err(QuantError::BadTensor {
+                    path,
+                    name,
+                    reason: format!("{dt:?} {sh:?}, expected F16 {dims:?}"),
+                });
+            }
+            let offsets = bytes
+                .chunks_exact(2)
+                .map(|c| f16::from_le_bytes([c[0], c[1]]))
+                .collect();
+            w.with_offsets(prefix, offsets)
+        }
+    }
 }
 
 fn write_json(path: &Path, v: &serde_json::Value) -> Result<(), QuantError> {

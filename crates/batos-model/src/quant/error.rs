@@ -17,6 +17,17 @@ pub enum QuantError {
         #[source]
         source: batos_kernels::KernelError,
     },
+    /// A GGUF tensor cannot be kept as int4 (block type or shape).
+    #[error("GGUF tensor '{name}' ({ggml_type}) cannot be kept as int4: {reason}")]
+    GgufInt4 {
+        name: String,
+        ggml_type: String,
+        reason: String,
+    },
+    /// A layer has float group offsets (GGUF Q4_1 minima), which the target format
+    /// (an AutoAWQ checkpoint, the CUDA runtime) cannot represent.
+    #[error("int4 weight '{name}' has nonzero group offsets (GGUF Q4_1 minima): {target} cannot hold them")]
+    OffsetsUnsupported { name: String, target: &'static str },
     /// A tensor does not have the shape its role needs.
     #[error("tensor '{name}': expected shape {expected:?}, got {got} elements")]
     Shape {

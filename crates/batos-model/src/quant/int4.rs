@@ -89,7 +89,9 @@ pub fn fake_quantize(
 
 /// An int4 linear layer `[out_features, in_features]` in AutoAWQ's GEMM layout:
 /// `qweight` u32 `[in, out/8]`, `qzeros` u32 `[in/group, out/8]`, `scales` f16
-/// `[in/group, out]` (see [`batos_kernels::cpu::int4`]).
+/// `[in/group, out]` (see [`batos_kernels::cpu::int4`]), plus optional group offsets
+/// f16 `[in/group, out]`: a float minimum per (group, output) as GGUF's Q4_1 has, so
+/// `W[n, k] = (q − zero) · scale + offset[k / group, n]`. AutoAWQ has no such tensor.
 ///
 /// ```
 /// use batos_model::quant::Int4Weight;
@@ -107,6 +109,8 @@ pub struct Int4Weight {
     qweight: Vec<u32>,
     qzeros: Vec<u32>,
     scales: Vec<f16>,
+    /// `[in/group, out]`; `None` for AutoAWQ weights (integer zero points only).
+    offsets: Option<Vec<f16>>,
 }
 
 impl Int4Weight {
@@ -130,7 +134,39 @@ impl Int4Weight {
             qweight,
             qzeros,
             scales,
+            offsets: None,
         })
+    }
+
+    /// Adds group offsets (f16 `[in/group, out]`, a float minimum per group and output
+    /// as in GGUF's Q4_1): the layer then computes `(q − zero) · scale + offset`.
+    pub fn with_offsets(mut self, name: &str, offsets: Vec<f16>) -> Result<Self, QuantError> {
+        if offsets.len() != self.layout.scales_len() {
+            return Err(QuantError::Shape {
+                name: format!("{name} (group offsets)"),
+                expected: vec![self.layout.groups(), self.layout.out_features()],
+                got: offsets.len(),
+            });
+        }
+        self.offsets = Some(offsets);
+        Ok(self)
+    }
+
+    /// Group offsets `[in/group, out]`, if the layer has them.
+    pub fn offsets(&self) -> Option<&[f16]> {
+        self.offsets.as_deref()
+    }
+
+    /// Removes and returns the group offsets (the runtime keeps them as f32).
+    pub(crate) fn take_offsets(&mut self) -> Option<Vec<f16>> {
+        self.offsets.take()
+    }
+
+    /// Whether any group offset is nonzero (what an AutoAWQ checkpoint cannot hold).
+    pub fn has_nonzero_offsets(&self) -> bool {
+        self.offsets
+            .as_ref()
+            .is_some_and(|o| o.iter().any(|v| v.to_f32() != 0.0))
     }
 
     /// Quantises a row-major `[rows = out, cols = in]` f32 matrix with groups of
@@ -235,6 +271,7 @@ impl Int4Weight {
             qweight,
             qzeros,
             scales,
+            offsets: None,
         })
     }
 
@@ -280,20 +317,27 @@ impl Int4Weight {
         WeightView::int4(self.data())
     }
 
-    /// The weights as a row-major `[out, in]` f32 matrix.
+    /// The weights as a row-major `[out, in]` f32 matrix (group offsets added).
     pub fn dequantize(&self) -> Vec<f32> {
         let (rows, cols) = (self.rows(), self.cols());
+        let g = self.layout.group_size();
         let data = self.data();
         let mut out = vec![0f32; rows * cols];
-        out.par_chunks_mut(cols)
-            .enumerate()
-            .for_each(|(r, row)| data.dequantize_row(r, row));
+        out.par_chunks_mut(cols).enumerate().for_each(|(r, row)| {
+            data.dequantize_row(r, row);
+            if let Some(off) = &self.offsets {
+                for (grp, chunk) in row.chunks_mut(g).enumerate() {
+                    let m = off[grp * rows + r].to_f32();
+                    chunk.iter_mut().for_each(|v| *v += m);
+                }
+            }
+        });
         out
     }
 
-    /// Bytes held (packed codes, zero points and scales).
+    /// Bytes held (packed codes, zero points, scales and any group offsets).
     pub fn size_in_bytes(&self) -> usize {
-        self.layout.size_in_bytes()
+        self.layout.size_in_bytes() + self.offsets.as_ref().map_or(0, |o| 2 * o.len())
     }
 
     /// Stacks layers with the same `in_features` and group size along the output
@@ -330,15 +374,30 @@ impl Int4Weight {
         }
         let mut qzeros = Vec::with_capacity(layout.qzeros_len());
         let mut scales = Vec::with_capacity(layout.scales_len());
+        let any_offsets = parts.iter().any(|p| p.offsets.is_some());
+        let mut offsets = Vec::with_capacity(if any_offsets { layout.scales_len() } else { 0 });
         for grp in 0..k / g {
             for p in parts {
                 let w = p.layout.words_per_row();
                 qzeros.extend_from_slice(&p.qzeros[grp * w..(grp + 1) * w]);
                 let o = p.rows();
-                scales.extend_from_slice(&p.scales[grp * o..(grp + 1) * o]);
+                let range = grp * o..(grp + 1) * o;
+                scales.extend_from_slice(&p.scales[range.clone()]);
+                if any_offsets {
+                    match &p.offsets {
+                        Some(off) => offsets.extend_from_slice(&off[range]),
+                        // A part without offsets has a zero minimum.
+                        None => offsets.extend(std::iter::repeat_n(f16::ZERO, o)),
+                    }
+                }
             }
         }
-        Int4Weight::from_parts(name, layout, qweight, qzeros, scales)
+        let fused = Int4Weight::from_parts(name, layout, qweight, qzeros, scales)?;
+        if any_offsets {
+            fused.with_offsets(name, offsets)
+        } else {
+            Ok(fused)
+        }
     }
 
     /// The 4-bit code of `W[n, k]` (for tests and inspection).

@@ -13,6 +13,7 @@ mod awq;
 mod checkpoint;
 mod error;
 mod eval;
+mod gguf_int4;
 mod gptq;
 mod int4;
 mod model;
@@ -23,8 +24,10 @@ pub use awq::{
     Compensation, EmbeddingQuant, LayerSearch, SHIPPED_CALIBRATION_TEXT, SHIPPED_HELDOUT_TEXT,
 };
 pub use checkpoint::AwqCheckpointConfig;
+pub use checkpoint::OFFSETS_SUFFIX;
 pub use error::QuantError;
 pub use eval::{perplexity, sequence_logits, Perplexity};
+pub use gguf_int4::{int4_from_gguf, GgufInt4Model, GGUF_Q4_GROUP};
 pub use int4::{fake_quantize, Int4Weight};
 pub use model::{QuantizedEmbedding, QuantizedLayer, QuantizedModel, QuantizedWeights, LINEARS};
 pub use rtn::{quantize_rtn, quantize_weights_rtn};

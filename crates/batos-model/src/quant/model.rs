@@ -147,6 +147,12 @@ impl QuantizedWeights {
                     reason: "an int4 embedding needs the head tied to it".into(),
                 });
             }
+            if w.offsets().is_some() {
+                return Err(QuantError::OffsetsUnsupported {
+                    name: TensorRole::TokenEmbedding.hf_name(),
+                    target: "the int4 embedding gather",
+                });
+            }
             if w.layout().group_size() != self.group_size {
                 return Err(QuantError::InvalidConfig {
                     field: "group_size",
@@ -217,6 +223,17 @@ impl QuantizedWeights {
             }
         }
         Ok(())
+    }
+
+    /// The first projection with nonzero group offsets (GGUF Q4_1 minima), by name.
+    pub fn first_with_offsets(&self) -> Option<String> {
+        self.layers.iter().enumerate().find_map(|(layer, l)| {
+            LINEARS.iter().find_map(|&t| {
+                let w = l.linear(t).expect("LINEARS are projections");
+                w.has_nonzero_offsets()
+                    .then(|| TensorRole::Layer { layer, tensor: t }.hf_name())
+            })
+        })
     }
 
     /// Bytes held by all weights.

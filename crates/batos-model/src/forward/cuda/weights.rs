@@ -29,7 +29,7 @@ fn matrix_bytes(m: &Matrix) -> u64 {
 fn linear_bytes(l: &Linear) -> u64 {
     match l {
         Linear::Dense(m) => matrix_bytes(m),
-        Linear::Int4(w) => w.size_in_bytes() as u64,
+        Linear::Int4(w) => w.weight.size_in_bytes() as u64,
     }
 }
 
@@ -74,7 +74,14 @@ impl DeviceLinear {
     fn upload(dev: &CudaDevice, name: &str, l: &Linear) -> Result<Self, ForwardError> {
         match l {
             Linear::Dense(m) => Ok(DeviceLinear::Dense(upload_matrix(dev, name, m)?)),
-            Linear::Int4(w) => {
+            Linear::Int4(l) if l.offsets.is_some() => Err(ForwardError::BadConfig {
+                reason: format!(
+                    "{name} has int4 group offsets (GGUF Q4_1 minima kept as int4); the CUDA \
+                     runtime has no offset term: run it on the CPU, or import the GGUF dense"
+                ),
+            }),
+            Linear::Int4(l) => {
+                let w = &l.weight;
                 let layout = w.layout();
                 let shape = AwqShape {
                     in_features: layout.in_features(),
