@@ -9,9 +9,11 @@
 //! - `qzeros`: u32 `[K/G, N/8]`, zero points packed the same way;
 //! - `scales`: f16 `[K/G, N]`.
 //!
-//! Weight `W[n, k] = (q[k, n] − z[k/G, n]) · s[k/G, n]`, computed exactly as
-//! `((q − z) as f32) * s` by every implementation, so the AVX2 kernels see the same
-//! weights as the scalar reference.
+//! Weight `W[n, k] = (q[k, n] − z[k/G, n]) · s[k/G, n]`, computed as
+//! `((q − z) as f32) * s` by [`Int4Data::get`], [`Int4Data::dequantize_row`] and the
+//! scalar reference matmul. The AVX2 matmul instead takes the zero point and scale out
+//! of each group's sum (`s·Σx·q − (z·s)·Σx`, see `matmul_avx2`): the same product,
+//! rounded differently, and in one fixed order per output whatever the batch.
 //!
 //! Shape constraints (checked by [`Int4Layout::new`], typed errors otherwise): `K ≥ 1`,
 //! `N` a positive multiple of 8 (one packed word holds eight output columns), `G ≥ 1`
@@ -235,8 +237,9 @@ impl<'a> Int4Data<'a> {
     }
 }
 
-/// Tokens at which the int4 matmul switches from unpacking in registers (decode) to a
-/// panel of codes unpacked once and reused by all tokens (prefill).
+/// Tokens at which the int4 matmul switches from the decode kernels (codes unpacked
+/// in registers for each use, shared by up to three tokens) to a panel of codes
+/// unpacked once and reused by all tokens (prefill).
 const PANEL_MIN_TOKENS: usize = 4;
 
 /// Packed words a prefill panel block unpacks at once (two per 16-column sub-panel):
@@ -244,8 +247,12 @@ const PANEL_MIN_TOKENS: usize = 4;
 /// inputs stay in L1 across the eight 16-column microkernels.
 const PANEL_BLOCK_WORDS: usize = 16;
 
-/// How many input rows ahead the decode kernel prefetches its next packed words.
-const DECODE_PREFETCH_ROWS: usize = 16;
+/// Packed words per decode chunk (1,024 columns): each input row's words of a chunk
+/// are one contiguous 512-byte read, so the weights stream through memory nearly in
+/// order (walking one 8-word block down all K rows instead touches a new page every
+/// few rows and measured ~1.6x slower per token once the weights come from DRAM),
+/// and the chunk's per-group sums (8 KiB per token) stay in L1.
+const DECODE_CHUNK_WORDS: usize = 128;
 
 /// `out[T, N] = x[T, K] · Wᵀ` for int4 `W` on AVX2 (shapes checked by the caller),
 /// parallel over disjoint ranges of packed output words.
@@ -409,8 +416,10 @@ mod avx2 {
         }
     }
 
-    /// Decode path: blocks of eight packed words (64 columns), one token at a time, the
-    /// codes peeled out of a 256-bit load of one input row's eight words.
+    /// Decode path: up to three tokens at a time against chunks of
+    /// [`DECODE_CHUNK_WORDS`] packed words, input rows in memory order; each row's
+    /// words are peeled eight at a time out of 256-bit loads, and the per-group sums
+    /// live in small L1 buffers rather than registers, so one unpack feeds every token.
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn fused(
         x: &[f32],
@@ -420,20 +429,35 @@ mod avx2 {
         cols: std::ops::Range<usize>,
         out: SendPtr,
     ) {
-        let mut j = cols.start;
-        while j < cols.end {
-            let nw = (cols.end - j).min(8);
-            for i in 0..t {
-                // SAFETY: forwarded contract; token i < t, words j..j+nw ≤ cols.end.
+        let mut i = 0;
+        while i < t {
+            let mr = (t - i).min(3);
+            let mut j = cols.start;
+            while j < cols.end {
+                let nc = (cols.end - j).min(DECODE_CHUNK_WORDS);
+                // SAFETY: forwarded contract; tokens i..i+mr < t, words j..j+nc ≤ cols.end.
                 unsafe {
-                    if nw == 8 {
-                        fused_block::<true>(x, xsum, i, w, j, 8, out)
-                    } else {
-                        fused_block::<false>(x, xsum, i, w, j, nw, out)
+                    match mr {
+                        3 => fused_chunk::<3>(x, xsum, i, w, j, nc, out),
+                        2 => fused_chunk::<2>(x, xsum, i, w, j, nc, out),
+                        _ => fused_chunk::<1>(x, xsum, i, w, j, nc, out),
                     }
                 }
+                j += nc;
             }
-            j += nw;
+            i += mr;
+        }
+    }
+
+    /// Lanes `< nw` set.
+    #[inline(always)]
+    unsafe fn word_mask(nw: usize) -> __m256i {
+        // SAFETY: register-only AVX2 ops.
+        unsafe {
+            _mm256_cmpgt_epi32(
+                _mm256_set1_epi32(nw as i32),
+                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+            )
         }
     }
 
@@ -468,15 +492,16 @@ mod avx2 {
         }
     }
 
-    /// Token `i` against words `j0..j0+nw` (`nw == 8` when `FULL`).
+    /// Tokens `i0..i0+MR` against words `j0..j0+nc` (`nc ≤ DECODE_CHUNK_WORDS`).
+    /// Sums are kept per 8-word block in nibble-major order (64 floats per block).
     #[inline(always)]
-    unsafe fn fused_block<const FULL: bool>(
+    unsafe fn fused_chunk<const MR: usize>(
         x: &[f32],
         xsum: &[f32],
-        i: usize,
+        i0: usize,
         w: &Int4Data<'_>,
         j0: usize,
-        nw: usize,
+        nc: usize,
         out: SendPtr,
     ) {
         let (k, n, g) = (
@@ -485,49 +510,72 @@ mod avx2 {
             w.layout.group_size,
         );
         let (wpr, groups) = (w.layout.words_per_row(), k / g);
-        // SAFETY: row i of x and xsum, words j0..j0+nw of every qweight row (a masked
-        // load when not FULL) and the output tile are in bounds by the caller's
-        // contract.
+        let (full, rem) = (nc / 8, nc % 8);
+        let blocks = nc.div_ceil(8);
+        let mut d = [[0f32; DECODE_CHUNK_WORDS * 8]; MR];
+        let mut y = [[0f32; DECODE_CHUNK_WORDS * 8]; MR];
+        // SAFETY: rows i0..i0+MR of x and xsum, words j0..j0+nc of every qweight row
+        // (the last block's by a masked load when it is short) and the output tile are
+        // in bounds by the caller's contract; d and y hold `blocks · 64 ≤` their length.
         unsafe {
-            let mask = _mm256_cmpgt_epi32(
-                _mm256_set1_epi32(nw as i32),
-                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-            );
-            let xr = x.as_ptr().add(i * k);
+            let rem_mask = word_mask(rem);
             let qp = (w.qweight.as_ptr() as *const i32).add(j0);
-            let mut y = [_mm256_setzero_ps(); 8];
             for grp in 0..groups {
-                let mut d = [_mm256_setzero_ps(); 8];
+                for dm in d.iter_mut() {
+                    dm[..blocks * 64].fill(0.0);
+                }
                 for r in grp * g..(grp + 1) * g {
-                    // Rows are N/2 bytes apart (24 KiB for the LM head): too far for
-                    // the hardware prefetchers to follow, so ask for a row ahead.
-                    _mm_prefetch::<_MM_HINT_T0>(
-                        qp.wrapping_add((r + DECODE_PREFETCH_ROWS) * wpr) as *const i8
-                    );
-                    let v = if FULL {
-                        _mm256_loadu_si256(qp.add(r * wpr) as *const __m256i)
-                    } else {
-                        _mm256_maskload_epi32(qp.add(r * wpr), mask)
-                    };
-                    let xb = _mm256_set1_ps(*xr.add(r));
-                    let q = nibbles(v);
-                    for (dp, &qv) in d.iter_mut().zip(&q) {
-                        *dp = _mm256_fmadd_ps(xb, qv, *dp);
+                    let row = qp.add(r * wpr);
+                    let xb: [__m256; MR] =
+                        std::array::from_fn(|m| _mm256_set1_ps(*x.get_unchecked((i0 + m) * k + r)));
+                    for b in 0..blocks {
+                        let v = if b < full {
+                            _mm256_loadu_si256(row.add(8 * b) as *const __m256i)
+                        } else {
+                            _mm256_maskload_epi32(row.add(8 * b), rem_mask)
+                        };
+                        let q = nibbles(v);
+                        for (dm, &xm) in d.iter_mut().zip(&xb) {
+                            let dp = dm.as_mut_ptr().add(64 * b);
+                            for (p, &qv) in q.iter().enumerate() {
+                                let a = dp.add(8 * p);
+                                _mm256_storeu_ps(a, _mm256_fmadd_ps(xm, qv, _mm256_loadu_ps(a)));
+                            }
+                        }
                     }
                 }
-                let (s, zs) = group_params_nibble_major(w, grp, j0, nw, mask);
-                let xs = _mm256_set1_ps(*xsum.get_unchecked(i * groups + grp));
-                for p in 0..8 {
-                    y[p] = _mm256_fmadd_ps(s[p], d[p], y[p]);
-                    y[p] = _mm256_fnmadd_ps(zs[p], xs, y[p]);
+                for b in 0..blocks {
+                    let nw = if b < full { 8 } else { rem };
+                    let (s, zs) = group_params_nibble_major(w, grp, j0 + 8 * b, nw, word_mask(nw));
+                    for (m, (dm, ym)) in d.iter().zip(y.iter_mut()).enumerate() {
+                        let xs = _mm256_set1_ps(*xsum.get_unchecked((i0 + m) * groups + grp));
+                        let (dp, yp) = (dm.as_ptr().add(64 * b), ym.as_mut_ptr().add(64 * b));
+                        for p in 0..8 {
+                            let a = yp.add(8 * p);
+                            let v = _mm256_fmadd_ps(
+                                s[p],
+                                _mm256_loadu_ps(dp.add(8 * p)),
+                                _mm256_loadu_ps(a),
+                            );
+                            _mm256_storeu_ps(a, _mm256_fnmadd_ps(zs[p], xs, v));
+                        }
+                    }
                 }
             }
             // Back to column order: row c of the transpose's input is nibble
-            // NIBBLE_OF_COLUMN[c], so row i of its output is word j0 + i's 8 columns.
-            let by_word = transpose8(std::array::from_fn(|c| y[NIBBLE_OF_COLUMN[c]]));
-            let o = out.0.add(i * n + 8 * j0);
-            for (u, v) in by_word.iter().enumerate().take(nw) {
-                _mm256_storeu_ps(o.add(8 * u), *v);
+            // NIBBLE_OF_COLUMN[c], so row u of its output is word j0 + 8b + u's columns.
+            for (m, ym) in y.iter().enumerate() {
+                for b in 0..blocks {
+                    let nw = if b < full { 8 } else { rem };
+                    let yp = ym.as_ptr().add(64 * b);
+                    let by_word = transpose8(std::array::from_fn(|c| {
+                        _mm256_loadu_ps(yp.add(8 * NIBBLE_OF_COLUMN[c]))
+                    }));
+                    let o = out.0.add((i0 + m) * n + 8 * (j0 + 8 * b));
+                    for (u, v) in by_word.iter().enumerate().take(nw) {
+                        _mm256_storeu_ps(o.add(8 * u), *v);
+                    }
+                }
             }
         }
     }
