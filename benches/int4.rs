@@ -2,7 +2,10 @@
 //! f16 and f32 paths at SmolLM2-135M's shapes, group size 32 (the `batos quantize`
 //! default), named `<impl>/matmul_<dtype>/<out>x<in>/t=<tokens>` (`<impl>` is
 //! `cpu::implementation()`), plus the int4 tied LM head (49152x576) and the decode
-//! matvec on one thread (`matmul_int4_serial`) to show the fork/join cost.
+//! matvec on one thread (`matmul_int4_serial`) to show the fork/join cost, and
+//! `int4_decode_step`: every projection of one step of the 30-layer model plus the
+//! head, each from its own buffers (75 MB, so the weights come from DRAM as in a real
+//! decode step, unlike the single-matrix benches where they stay in cache).
 //!
 //! `cargo bench --bench int4` (filter with a trailing substring, e.g. `-- t=1`).
 //! Throughput: FLOPs (2·T·out·in). Figures: docs/perf/awq.md.
@@ -133,5 +136,54 @@ fn matmul(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, matmul);
+/// One step's projections, each with its own weights (different seeds, so no buffer is
+/// shared), at T tokens.
+fn decode_step(c: &mut Criterion) {
+    let imp = cpu::implementation();
+    let mut g = c.benchmark_group(format!("{imp}/int4_decode_step"));
+    g.sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(3));
+    let mut mats: Vec<Int4Owned> = Vec::new();
+    for layer in 0..30u32 {
+        for &(n, k) in &SHAPES {
+            let mut q = int4(n, k);
+            q.qweight = data(q.layout.qweight_len(), 5 + layer);
+            mats.push(q);
+        }
+    }
+    mats.push(int4(HEAD.0, HEAD.1));
+    for t in [1usize, 16] {
+        let xs: Vec<Vec<f32>> = mats
+            .iter()
+            .map(|q| floats(t * q.layout.in_features(), 2))
+            .collect();
+        let mut outs: Vec<Vec<f32>> = mats
+            .iter()
+            .map(|q| vec![0f32; t * q.layout.out_features()])
+            .collect();
+        let flops: usize = mats
+            .iter()
+            .map(|q| 2 * t * q.layout.in_features() * q.layout.out_features())
+            .sum();
+        g.throughput(Throughput::Elements(flops as u64));
+        g.bench_with_input(
+            BenchmarkId::new("30 layers + head", format!("t={t}")),
+            &t,
+            |b, _| {
+                b.iter(|| {
+                    for ((q, x), out) in mats.iter().zip(&xs).zip(outs.iter_mut()) {
+                        let view = WeightView::int4(
+                            Int4Data::new(q.layout, &q.qweight, &q.qzeros, &q.scales).unwrap(),
+                        );
+                        cpu::matmul(black_box(x), &view, out).unwrap();
+                    }
+                })
+            },
+        );
+    }
+    g.finish();
+}
+
+criterion_group!(benches, matmul, decode_step);
 criterion_main!(benches);
