@@ -30,7 +30,10 @@ struct TreeHeader {
     depth: u32,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// A node. Leaves encode as a list of length-prefixed entries so that the store can
+/// apply delta revisions without knowing `K` and `V` (layout in `delta.rs`); branches
+/// encode their keys and children with bincode.
+#[derive(Debug, Clone)]
 enum Node<K, V> {
     Leaf {
         keys: Vec<K>,
@@ -41,6 +44,134 @@ enum Node<K, V> {
         keys: Vec<K>,
         children: Vec<Oid>,
     },
+}
+
+/// Bytes written as a length-prefixed byte string.
+struct RawBytes<'a>(&'a [u8]);
+
+impl Serialize for RawBytes<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_bytes(self.0)
+    }
+}
+
+impl<K: Serialize, V: Serialize> Serialize for Node<K, V> {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::SerializeTuple;
+        match self {
+            Node::Leaf { keys, vals, next } => {
+                if keys.len() != vals.len() {
+                    return Err(serde::ser::Error::custom(
+                        "leaf with unequal keys and values",
+                    ));
+                }
+                let mut t = s.serialize_tuple(3 + 2 * keys.len())?;
+                t.serialize_element(&0u8)?;
+                t.serialize_element(next)?;
+                t.serialize_element(&(keys.len() as u64))?;
+                // Each key and value as its own bincode encoding (references they hold
+                // still reach the collector of the enclosing encode).
+                let mut buf = Vec::new();
+                let cfg = bincode::config::standard();
+                for (k, v) in keys.iter().zip(vals) {
+                    buf.clear();
+                    bincode::serde::encode_into_std_write(k, &mut buf, cfg)
+                        .map_err(serde::ser::Error::custom)?;
+                    t.serialize_element(&RawBytes(&buf))?;
+                    buf.clear();
+                    bincode::serde::encode_into_std_write(v, &mut buf, cfg)
+                        .map_err(serde::ser::Error::custom)?;
+                    t.serialize_element(&RawBytes(&buf))?;
+                }
+                t.end()
+            }
+            Node::Branch { keys, children } => {
+                let mut t = s.serialize_tuple(3)?;
+                t.serialize_element(&1u8)?;
+                t.serialize_element(keys)?;
+                t.serialize_element(children)?;
+                t.end()
+            }
+        }
+    }
+}
+
+/// A length-prefixed byte string (a leaf's key or value).
+struct Bytes(Vec<u8>);
+
+impl<'de> Deserialize<'de> for Bytes {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Bytes;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("bytes")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> std::result::Result<Bytes, E> {
+                Ok(Bytes(v.to_vec()))
+            }
+            fn visit_byte_buf<E: serde::de::Error>(
+                self,
+                v: Vec<u8>,
+            ) -> std::result::Result<Bytes, E> {
+                Ok(Bytes(v))
+            }
+        }
+        d.deserialize_byte_buf(V)
+    }
+}
+
+fn decode_part<T: DeserializeOwned, E: serde::de::Error>(b: &[u8]) -> std::result::Result<T, E> {
+    let (v, used) = bincode::serde::decode_from_slice::<T, _>(b, bincode::config::standard())
+        .map_err(E::custom)?;
+    if used != b.len() {
+        return Err(E::custom("trailing bytes in a leaf entry"));
+    }
+    Ok(v)
+}
+
+impl<'de, K: DeserializeOwned, V: DeserializeOwned> Deserialize<'de> for Node<K, V> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Vis<K, V>(PhantomData<fn() -> (K, V)>);
+        impl<'de, K: DeserializeOwned, V: DeserializeOwned> serde::de::Visitor<'de> for Vis<K, V> {
+            type Value = Node<K, V>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a B-tree node")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> std::result::Result<Node<K, V>, A::Error> {
+                use serde::de::Error;
+                let missing = || A::Error::custom("truncated B-tree node");
+                let tag: u8 = seq.next_element()?.ok_or_else(missing)?;
+                match tag {
+                    0 => {
+                        let next: Option<Oid> = seq.next_element()?.ok_or_else(missing)?;
+                        let n: u64 = seq.next_element()?.ok_or_else(missing)?;
+                        // Each entry takes at least two bytes: a larger count is garbage.
+                        let cap = (n as usize).min(4 * MAX_LEAF);
+                        let (mut keys, mut vals) =
+                            (Vec::with_capacity(cap), Vec::with_capacity(cap));
+                        for _ in 0..n {
+                            let k: Bytes = seq.next_element()?.ok_or_else(missing)?;
+                            let v: Bytes = seq.next_element()?.ok_or_else(missing)?;
+                            keys.push(decode_part(&k.0)?);
+                            vals.push(decode_part(&v.0)?);
+                        }
+                        Ok(Node::Leaf { keys, vals, next })
+                    }
+                    1 => {
+                        let keys: Vec<K> = seq.next_element()?.ok_or_else(missing)?;
+                        let children: Vec<Oid> = seq.next_element()?.ok_or_else(missing)?;
+                        Ok(Node::Branch { keys, children })
+                    }
+                    t => Err(A::Error::custom(format!("unknown B-tree node tag {t}"))),
+                }
+            }
+        }
+        d.deserialize_tuple(usize::MAX, Vis(PhantomData))
+    }
 }
 
 impl<K, V> ResolveConflict for Node<K, V>
@@ -309,18 +440,23 @@ where
         if let Some(v) = unchanged {
             return Ok(Some(v));
         }
-        let outcome = txn.cached_write(leaf, Self::resolver(), |n: &mut Node<K, V>| {
+        let outcome = txn.cached_edit(leaf, Self::resolver(), |n: &mut Node<K, V>, edits| {
             let Node::Leaf { keys, vals, next } = n else {
                 unreachable!("descend ends at a leaf")
             };
             match keys.binary_search(&key) {
-                Ok(i) => LeafInsert::Replaced(std::mem::replace(&mut vals[i], val)),
+                Ok(i) => {
+                    edits.set(i, &val);
+                    LeafInsert::Replaced(std::mem::replace(&mut vals[i], val))
+                }
                 Err(i) => {
+                    edits.insert(i, &key, &val);
                     keys.insert(i, key);
                     vals.insert(i, val);
                     if keys.len() <= MAX_LEAF {
                         LeafInsert::Inserted
                     } else {
+                        edits.whole();
                         let mid = keys.len() / 2;
                         LeafInsert::Split {
                             keys: keys.split_off(mid),
@@ -414,13 +550,18 @@ where
         if !present {
             return Ok(None);
         }
-        txn.cached_write(leaf, Self::resolver(), |n: &mut Node<K, V>| match n {
-            Node::Leaf { keys, vals, .. } => keys.binary_search(key).ok().map(|i| {
-                keys.remove(i);
-                vals.remove(i)
-            }),
-            Node::Branch { .. } => None,
-        })
+        txn.cached_edit(
+            leaf,
+            Self::resolver(),
+            |n: &mut Node<K, V>, edits| match n {
+                Node::Leaf { keys, vals, .. } => keys.binary_search(key).ok().map(|i| {
+                    edits.remove(i);
+                    keys.remove(i);
+                    vals.remove(i)
+                }),
+                Node::Branch { .. } => None,
+            },
+        )
     }
 
     /// Iterates `range` in key order, loading one leaf at a time (leaves read by a scan

@@ -10,8 +10,9 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::blob::{BlobReader, BlobWriter};
-use crate::codec::{decode, encode, Encoded};
-use crate::db::{DbInner, PendingWrite, WriteSet};
+use crate::codec::{decode, encode, type_fingerprint, Encoded};
+use crate::db::{DbInner, DeltaOf, PendingWrite, WriteSet};
+use crate::delta::{DeltaLog, LeafEdits, MAX_CHAIN};
 use crate::error::{CommitError, Result, StoreError};
 use crate::ids::{BlobRef, Oid, Ref, Tid};
 use crate::log::Entry;
@@ -57,12 +58,16 @@ struct Cached {
     dirty: Option<EncodeAny>,
     resolver: Option<crate::db::Resolver>,
     is_new: bool,
+    /// While dirty: the edits since the committed revision it was read as, when the commit
+    /// can write them as a delta (a B-tree leaf edited in place).
+    delta: Option<DeltaLog>,
 }
 
 /// A decoded object in a transaction's cache.
 enum CachedValue {
-    /// An unmodified committed revision (of that tid), shared with other transactions.
-    Shared(SharedValue, Tid),
+    /// An unmodified committed revision (of that tid, at that delta depth), shared with
+    /// other transactions.
+    Shared(SharedValue, Tid, u8),
     /// This transaction's own state (modified or new).
     Owned(Box<dyn Any + Send + Sync>),
 }
@@ -70,7 +75,7 @@ enum CachedValue {
 impl CachedValue {
     fn as_any(&self) -> &(dyn Any + Send + Sync) {
         match self {
-            CachedValue::Shared(v, _) => &**v,
+            CachedValue::Shared(v, ..) => &**v,
             CachedValue::Owned(v) => &**v,
         }
     }
@@ -86,8 +91,8 @@ impl CachedValue {
     /// The value for modification: a shared revision is taken over when nobody else
     /// holds it, and copied otherwise.
     fn downcast_mut<T: Clone + Send + Sync + 'static>(&mut self) -> Option<&mut T> {
-        if let CachedValue::Shared(v, tid) = self {
-            let tid = *tid;
+        if let CachedValue::Shared(v, tid, depth) = self {
+            let (tid, depth) = (*tid, *depth);
             // Move the Arc out (a placeholder stands in for a moment), so that ours is
             // the only reference when the shared cache has let go of it.
             let v = std::mem::replace(v, Arc::new(()));
@@ -97,7 +102,7 @@ impl CachedValue {
                     *self = CachedValue::Owned(Box::new(owned));
                 }
                 Err(v) => {
-                    *self = CachedValue::Shared(v, tid);
+                    *self = CachedValue::Shared(v, tid, depth);
                     return None;
                 }
             }
@@ -110,7 +115,7 @@ impl CachedValue {
 
     fn into_shared(self) -> SharedValue {
         match self {
-            CachedValue::Shared(v, _) => v,
+            CachedValue::Shared(v, ..) => v,
             CachedValue::Owned(v) => SharedValue::from(v),
         }
     }
@@ -229,6 +234,7 @@ impl Txn {
             oid,
             PendingWrite {
                 enc,
+                delta: None,
                 resolver,
                 is_new,
             },
@@ -274,6 +280,7 @@ impl Txn {
             oid,
             PendingWrite {
                 enc,
+                delta: None,
                 resolver: None,
                 is_new: true,
             },
@@ -311,7 +318,7 @@ impl Txn {
         } else {
             // A committed revision: decoded once for the whole Db.
             match self.db.load_shared::<T>(oid, self.snapshot)? {
-                Some((v, tid)) if v.is::<T>() => CachedValue::Shared(v, tid),
+                Some((v, tid, depth)) if v.is::<T>() => CachedValue::Shared(v, tid, depth),
                 // Stored as another type: decoding reports it.
                 Some(_) => CachedValue::Owned(Box::new(self.get::<T>(oid)?)),
                 None => {
@@ -345,6 +352,7 @@ impl Txn {
                 dirty: None,
                 resolver,
                 is_new,
+                delta: None,
             },
         );
         Ok(())
@@ -385,11 +393,58 @@ impl Txn {
         }
         c.dirty = Some(encode_any::<T>);
         c.resolver = resolver;
-        if let CachedValue::Shared(v, tid) = &c.value {
+        c.delta = None;
+        if let CachedValue::Shared(v, tid, _) = &c.value {
             self.db.take_shared(oid, *tid, v);
         }
         let v = c.value.downcast_mut::<T>().expect("cache_load stored a T");
         Ok(f(v))
+    }
+
+    /// Like [`Self::cached_write`] for a B-tree leaf whose changes `f` reports to
+    /// `LeafEdits`: if the leaf is a committed revision (and its delta chain is short),
+    /// the commit writes only those edits.
+    pub(crate) fn cached_edit<T, R>(
+        &mut self,
+        oid: Oid,
+        resolver: Option<crate::db::Resolver>,
+        f: impl FnOnce(&mut T, &mut LeafEdits<'_>) -> R,
+    ) -> Result<R>
+    where
+        T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
+    {
+        self.check_writable()?;
+        self.cache_load::<T>(oid)?;
+        let pending = self.writes.remove(&oid);
+        let cache = self.cache.get_mut();
+        let c = cache.get_mut(&oid).expect("cache_load inserted it");
+        if let Some(w) = pending {
+            c.is_new |= w.is_new;
+        }
+        if c.dirty.is_none() {
+            // First change in this transaction: edits can describe it if it was read as a
+            // committed revision.
+            c.delta = match &c.value {
+                CachedValue::Shared(_, tid, depth) if !c.is_new && *depth < MAX_CHAIN => {
+                    Some(DeltaLog {
+                        base: *tid,
+                        depth: depth + 1,
+                        type_fp: type_fingerprint::<T>(),
+                        ops: Vec::new(),
+                        refs: Default::default(),
+                    })
+                }
+                _ => None,
+            };
+        }
+        c.dirty = Some(encode_any::<T>);
+        c.resolver = resolver;
+        if let CachedValue::Shared(v, tid, _) = &c.value {
+            self.db.take_shared(oid, *tid, v);
+        }
+        let v = c.value.downcast_mut::<T>().expect("cache_load stored a T");
+        let mut edits = LeafEdits { log: &mut c.delta };
+        Ok(f(v, &mut edits))
     }
 
     /// Adds a new object to the cache (dirty).
@@ -411,27 +466,51 @@ impl Txn {
                 dirty: Some(encode_any::<T>),
                 resolver,
                 is_new: true,
+                delta: None,
             },
         );
         Ok(())
     }
 
     /// Moves dirty cache entries into the write set (before commit). Returns their
-    /// decoded values, for the shared cache once the commit's tid is known.
-    fn flush_cache(&mut self) -> Result<Vec<(Oid, SharedValue)>> {
+    /// decoded values and delta depths, for the shared cache once the commit's tid is
+    /// known.
+    fn flush_cache(&mut self) -> Result<Vec<(Oid, SharedValue, u8)>> {
         let mut decoded = Vec::new();
         for (oid, c) in self.cache.get_mut().drain() {
-            if let Some(enc) = c.dirty {
-                self.writes.insert(
-                    oid,
-                    PendingWrite {
-                        enc: enc(c.value.as_any())?,
-                        resolver: c.resolver,
-                        is_new: c.is_new,
-                    },
-                );
-                decoded.push((oid, c.value.into_shared()));
-            }
+            let Some(enc) = c.dirty else {
+                continue;
+            };
+            let (enc, delta) = match c.delta {
+                Some(mut d) => {
+                    d.refs.oids.sort_unstable();
+                    d.refs.oids.dedup();
+                    d.refs.blobs.sort_unstable();
+                    d.refs.blobs.dedup();
+                    let of = DeltaOf {
+                        base: d.base,
+                        depth: d.depth,
+                    };
+                    let enc = Encoded {
+                        type_fp: d.type_fp,
+                        refs: d.refs,
+                        data: d.ops,
+                    };
+                    (enc, Some(of))
+                }
+                None => (enc(c.value.as_any())?, None),
+            };
+            let depth = delta.map_or(0, |d| d.depth);
+            self.writes.insert(
+                oid,
+                PendingWrite {
+                    enc,
+                    delta,
+                    resolver: c.resolver,
+                    is_new: c.is_new,
+                },
+            );
+            decoded.push((oid, c.value.into_shared(), depth));
         }
         Ok(decoded)
     }
@@ -549,7 +628,7 @@ impl Txn {
             // What a resolver merged differs from what this transaction decoded.
             let committed = decoded
                 .into_iter()
-                .filter(|(oid, _)| !resolved.contains(oid))
+                .filter(|(oid, ..)| !resolved.contains(oid))
                 .collect();
             self.db.cache_committed(tid, committed);
         }
