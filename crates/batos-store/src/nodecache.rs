@@ -6,10 +6,10 @@
 //! index, then asks the cache for that exact revision. Entries are evicted oldest first.
 
 use std::any::Any;
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 
-use crate::ids::{Oid, Tid};
+use crate::ids::{IdMap, Oid, Tid};
 
 /// A decoded, immutable object revision.
 pub(crate) type SharedValue = Arc<dyn Any + Send + Sync>;
@@ -19,7 +19,7 @@ pub(crate) const NODE_CACHE_ENTRIES: usize = 16_384;
 
 pub(crate) struct NodeCache {
     /// Each revision with its delta depth (see `log::EntryKind::depth`).
-    map: HashMap<(Oid, Tid), (SharedValue, u8)>,
+    map: IdMap<(Oid, Tid), (SharedValue, u8)>,
     order: VecDeque<(Oid, Tid)>,
     cap: usize,
 }
@@ -27,7 +27,7 @@ pub(crate) struct NodeCache {
 impl NodeCache {
     pub(crate) fn new(cap: usize) -> NodeCache {
         NodeCache {
-            map: HashMap::new(),
+            map: IdMap::default(),
             order: VecDeque::new(),
             cap,
         }

@@ -2,7 +2,7 @@
 
 use std::any::Any;
 use std::cell::RefCell;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -14,7 +14,7 @@ use crate::codec::{decode, encode, type_fingerprint, Encoded};
 use crate::db::{DbInner, DeltaOf, PendingWrite, WriteSet};
 use crate::delta::{DeltaLog, LeafEdits, MAX_CHAIN};
 use crate::error::{CommitError, Result, StoreError};
-use crate::ids::{BlobRef, Oid, Ref, Tid};
+use crate::ids::{BlobRef, IdMap, Oid, Ref, Tid};
 use crate::log::Entry;
 use crate::nodecache::SharedValue;
 use crate::resolve::{resolver_for, ResolveConflict};
@@ -46,7 +46,7 @@ pub struct Txn {
     blobs: Arc<Mutex<Vec<BlobRef>>>,
     /// Decoded objects used by structures such as the B-tree, so a transaction that
     /// touches a node many times decodes it once and encodes it once, at commit.
-    cache: RefCell<HashMap<Oid, Cached>>,
+    cache: RefCell<IdMap<Oid, Cached>>,
     done: bool,
 }
 
@@ -150,7 +150,7 @@ impl Txn {
             writes: BTreeMap::new(),
             read_current: BTreeSet::new(),
             blobs: Arc::new(Mutex::new(Vec::new())),
-            cache: RefCell::new(HashMap::new()),
+            cache: RefCell::new(IdMap::default()),
             done: false,
         }
     }
