@@ -429,22 +429,24 @@ where
     /// Inserts or replaces; returns the previous value.
     pub fn insert(&self, txn: &mut Txn, key: K, val: V) -> Result<Option<V>> {
         let (leaf, mut path) = self.descend(txn, &key)?;
-        let unchanged = txn.cached_read(leaf, |n: &Node<K, V>| match n {
-            Node::Leaf { keys, vals, .. } => keys
-                .binary_search(&key)
-                .ok()
-                .filter(|&i| vals[i] == val)
-                .map(|i| vals[i].clone()),
-            Node::Branch { .. } => None,
+        // Where the key goes (the leaf does not change before the edit below), unless
+        // it is already there with this value: then nothing is written.
+        let pos = txn.cached_read(leaf, |n: &Node<K, V>| match n {
+            Node::Leaf { keys, vals, .. } => match keys.binary_search(&key) {
+                Ok(i) if vals[i] == val => Err(vals[i].clone()),
+                pos => Ok(Some(pos)),
+            },
+            Node::Branch { .. } => Ok(None),
         })?;
-        if let Some(v) = unchanged {
-            return Ok(Some(v));
-        }
+        let pos = match pos {
+            Err(unchanged) => return Ok(Some(unchanged)),
+            Ok(pos) => pos,
+        };
         let outcome = txn.cached_edit(leaf, Self::resolver(), |n: &mut Node<K, V>, edits| {
             let Node::Leaf { keys, vals, next } = n else {
                 unreachable!("descend ends at a leaf")
             };
-            match keys.binary_search(&key) {
+            match pos.unwrap_or_else(|| keys.binary_search(&key)) {
                 Ok(i) => {
                     edits.set(i, &val);
                     LeafInsert::Replaced(std::mem::replace(&mut vals[i], val))

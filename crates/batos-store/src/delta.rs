@@ -30,20 +30,33 @@ const OP_INSERT: u8 = 1;
 const OP_SET: u8 = 2;
 const OP_REMOVE: u8 = 3;
 
-/// Appends `v` in bincode's varint encoding (what `serialize_u64` writes).
-pub(crate) fn put_varint(out: &mut Vec<u8>, v: u64) {
-    if v < 251 {
-        out.push(v as u8);
+/// `v` in bincode's varint encoding (what `serialize_u64` writes): the bytes and their
+/// count.
+fn varint(v: u64) -> ([u8; 9], usize) {
+    let mut b = [0u8; 9];
+    let n = if v < 251 {
+        b[0] = v as u8;
+        1
     } else if v <= u64::from(u16::MAX) {
-        out.push(251);
-        out.extend_from_slice(&(v as u16).to_le_bytes());
+        b[0] = 251;
+        b[1..3].copy_from_slice(&(v as u16).to_le_bytes());
+        3
     } else if v <= u64::from(u32::MAX) {
-        out.push(252);
-        out.extend_from_slice(&(v as u32).to_le_bytes());
+        b[0] = 252;
+        b[1..5].copy_from_slice(&(v as u32).to_le_bytes());
+        5
     } else {
-        out.push(253);
-        out.extend_from_slice(&v.to_le_bytes());
-    }
+        b[0] = 253;
+        b[1..9].copy_from_slice(&v.to_le_bytes());
+        9
+    };
+    (b, n)
+}
+
+/// Appends `v` in bincode's varint encoding.
+fn put_varint(out: &mut Vec<u8>, v: u64) {
+    let (b, n) = varint(v);
+    out.extend_from_slice(&b[..n]);
 }
 
 /// Reads a bincode varint (u64 range) at `*pos`.
@@ -151,16 +164,15 @@ pub(crate) fn apply(base: &[u8], ops: &[u8]) -> Result<Vec<u8>, String> {
 }
 
 /// Appends `value` as a length-prefixed bincode encoding (a leaf's key or value).
-/// `scratch` is reused between calls.
-pub(crate) fn put_encoded<T: Serialize>(
+fn put_encoded<T: Serialize>(
     out: &mut Vec<u8>,
-    scratch: &mut Vec<u8>,
     value: &T,
 ) -> Result<(), bincode::error::EncodeError> {
-    scratch.clear();
-    bincode::serde::encode_into_std_write(value, scratch, bincode::config::standard())?;
-    put_varint(out, scratch.len() as u64);
-    out.extend_from_slice(scratch);
+    let start = out.len();
+    bincode::serde::encode_into_std_write(value, out, bincode::config::standard())?;
+    // Slide the encoding over to make room for its length (keys and values are small).
+    let (len, n) = varint((out.len() - start) as u64);
+    out.splice(start..start, len[..n].iter().copied());
     Ok(())
 }
 
@@ -202,21 +214,19 @@ impl LeafEdits<'_> {
     /// The entry `(key, value)` was inserted at position `i`.
     pub(crate) fn insert<K: Serialize, V: Serialize>(&mut self, i: usize, key: &K, value: &V) {
         self.record(|ops| {
-            let mut scratch = Vec::new();
             ops.push(OP_INSERT);
             put_varint(ops, i as u64);
-            put_encoded(ops, &mut scratch, key)?;
-            put_encoded(ops, &mut scratch, value)
+            put_encoded(ops, key)?;
+            put_encoded(ops, value)
         });
     }
 
     /// The value at position `i` was replaced by `value`.
     pub(crate) fn set<V: Serialize>(&mut self, i: usize, value: &V) {
         self.record(|ops| {
-            let mut scratch = Vec::new();
             ops.push(OP_SET);
             put_varint(ops, i as u64);
-            put_encoded(ops, &mut scratch, value)
+            put_encoded(ops, value)
         });
     }
 

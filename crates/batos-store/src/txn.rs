@@ -305,7 +305,7 @@ impl Txn {
 
     /// Makes sure `oid` is decoded in the cache as a `T`.
     fn cache_load<T: DeserializeOwned + Send + Sync + 'static>(&self, oid: Oid) -> Result<()> {
-        let mut cache = self.cache.borrow_mut();
+        let cache = self.cache.borrow();
         let in_txn = match cache.get(&oid) {
             Some(c) if c.value.is::<T>() => return Ok(()),
             Some(_) => true,
@@ -329,22 +329,27 @@ impl Txn {
                 }
             }
         };
-        cache = self.cache.borrow_mut();
+        let mut cache = self.cache.borrow_mut();
         if cache.len() >= CACHE_CLEAN_LIMIT {
             cache.retain(|_, c| c.dirty.is_some());
         }
-        let (is_new, resolver) = match (cache.get(&oid), self.writes.get(&oid)) {
-            (Some(c), _) => (c.is_new, c.resolver),
-            (None, Some(w)) => (w.is_new, w.resolver),
-            (None, None) => (false, None),
+        // A committed revision not in the cache has no state in this transaction yet.
+        let (is_new, resolver) = if !in_txn {
+            (false, None)
+        } else {
+            let (is_new, resolver) = match (cache.get(&oid), self.writes.get(&oid)) {
+                (Some(c), _) => (c.is_new, c.resolver),
+                (None, Some(w)) => (w.is_new, w.resolver),
+                (None, None) => (false, None),
+            };
+            if cache.get(&oid).is_some_and(|c| c.dirty.is_some()) {
+                // A dirty entry of another type: `get` above would have failed.
+                return Err(StoreError::IndexInconsistent {
+                    detail: format!("{oid} cached as two types in one transaction"),
+                });
+            }
+            (is_new, resolver)
         };
-        let dirty = cache.get(&oid).and_then(|c| c.dirty);
-        if dirty.is_some() {
-            // A dirty entry of another type: `get` above would have failed.
-            return Err(StoreError::IndexInconsistent {
-                detail: format!("{oid} cached as two types in one transaction"),
-            });
-        }
         cache.insert(
             oid,
             Cached {
@@ -363,6 +368,13 @@ impl Txn {
     where
         T: DeserializeOwned + Send + Sync + 'static,
     {
+        {
+            // The common case: already decoded in this transaction.
+            let cache = self.cache.borrow();
+            if let Some(v) = cache.get(&oid).and_then(|c| c.value.downcast_ref::<T>()) {
+                return Ok(f(v));
+            }
+        }
         self.cache_load::<T>(oid)?;
         let cache = self.cache.borrow();
         let v = cache[&oid]
