@@ -86,10 +86,30 @@ impl<K: Serialize, V: Serialize> Serialize for Node<K, V> {
                 t.end()
             }
             Node::Branch { keys, children } => {
-                let mut t = s.serialize_tuple(3)?;
+                let Some((first, rest)) = children.split_first() else {
+                    return Err(serde::ser::Error::custom("branch without children"));
+                };
+                if rest.len() != keys.len() {
+                    return Err(serde::ser::Error::custom(
+                        "branch with children not one more than keys",
+                    ));
+                }
+                let mut t = s.serialize_tuple(3 + 2 * keys.len())?;
                 t.serialize_element(&1u8)?;
-                t.serialize_element(keys)?;
-                t.serialize_element(children)?;
+                t.serialize_element(first)?;
+                t.serialize_element(&(keys.len() as u64))?;
+                let mut buf = Vec::new();
+                let cfg = bincode::config::standard();
+                for (k, c) in keys.iter().zip(rest) {
+                    buf.clear();
+                    bincode::serde::encode_into_std_write(k, &mut buf, cfg)
+                        .map_err(serde::ser::Error::custom)?;
+                    t.serialize_element(&RawBytes(&buf))?;
+                    buf.clear();
+                    bincode::serde::encode_into_std_write(c, &mut buf, cfg)
+                        .map_err(serde::ser::Error::custom)?;
+                    t.serialize_element(&RawBytes(&buf))?;
+                }
                 t.end()
             }
         }
@@ -162,8 +182,18 @@ impl<'de, K: DeserializeOwned, V: DeserializeOwned> Deserialize<'de> for Node<K,
                         Ok(Node::Leaf { keys, vals, next })
                     }
                     1 => {
-                        let keys: Vec<K> = seq.next_element()?.ok_or_else(missing)?;
-                        let children: Vec<Oid> = seq.next_element()?.ok_or_else(missing)?;
+                        let first: Oid = seq.next_element()?.ok_or_else(missing)?;
+                        let n: u64 = seq.next_element()?.ok_or_else(missing)?;
+                        let cap = (n as usize).min(4 * MAX_BRANCH);
+                        let mut keys = Vec::with_capacity(cap);
+                        let mut children = Vec::with_capacity(cap + 1);
+                        children.push(first);
+                        for _ in 0..n {
+                            let k: Bytes = seq.next_element()?.ok_or_else(missing)?;
+                            let c: Bytes = seq.next_element()?.ok_or_else(missing)?;
+                            keys.push(decode_part(&k.0)?);
+                            children.push(decode_part(&c.0)?);
+                        }
                         Ok(Node::Branch { keys, children })
                     }
                     t => Err(A::Error::custom(format!("unknown B-tree node tag {t}"))),
@@ -458,8 +488,8 @@ where
                     if keys.len() <= MAX_LEAF {
                         LeafInsert::Inserted
                     } else {
-                        edits.whole();
                         let mid = keys.len() / 2;
+                        edits.truncate(mid);
                         LeafInsert::Split {
                             keys: keys.split_off(mid),
                             vals: vals.split_off(mid),
@@ -486,29 +516,34 @@ where
             },
             Self::resolver(),
         )?;
-        txn.cached_write(leaf, Self::resolver(), |n: &mut Node<K, V>| {
+        txn.cached_edit(leaf, Self::resolver(), |n: &mut Node<K, V>, edits| {
             if let Node::Leaf { next, .. } = n {
                 *next = Some(right);
+                edits.set_next(*next);
             }
         })?;
         let mut new_child = right;
         let mut left_child = leaf;
         while let Some((parent, i)) = path.pop() {
-            let split = txn.cached_write(parent, Self::resolver(), |n: &mut Node<K, V>| {
-                let Node::Branch { keys, children } = n else {
-                    unreachable!("the path holds branches")
-                };
-                keys.insert(i, sep.clone());
-                children.insert(i + 1, new_child);
-                if keys.len() <= MAX_BRANCH {
-                    return None;
-                }
-                let mid = keys.len() / 2;
-                let rkeys = keys.split_off(mid + 1);
-                let up = keys.pop().expect("mid < len");
-                let rchildren = children.split_off(mid + 1);
-                Some((up, rkeys, rchildren))
-            })?;
+            let split =
+                txn.cached_edit(parent, Self::resolver(), |n: &mut Node<K, V>, edits| {
+                    let Node::Branch { keys, children } = n else {
+                        unreachable!("the path holds branches")
+                    };
+                    // Entry `i` of a branch is separator `i` with the child to its right.
+                    edits.insert(i, &sep, &new_child);
+                    keys.insert(i, sep.clone());
+                    children.insert(i + 1, new_child);
+                    if keys.len() <= MAX_BRANCH {
+                        return None;
+                    }
+                    let mid = keys.len() / 2;
+                    edits.truncate(mid);
+                    let rkeys = keys.split_off(mid + 1);
+                    let up = keys.pop().expect("mid < len");
+                    let rchildren = children.split_off(mid + 1);
+                    Some((up, rkeys, rchildren))
+                })?;
             let Some((up, rkeys, rchildren)) = split else {
                 return Ok(None);
             };
@@ -695,7 +730,7 @@ where
 mod tests {
     use super::*;
     use crate::codec::{decode, encode};
-    use crate::delta::{apply, DeltaLog, LeafEdits};
+    use crate::delta::{apply, DeltaLog, NodeEdits};
     use crate::ids::Tid;
     use proptest::prelude::*;
 
@@ -714,7 +749,7 @@ mod tests {
         #[test]
         fn recorded_edits_applied_to_the_base_bytes_encode_the_edited_leaf(
             init in proptest::collection::vec((any::<u16>(), ".{0,12}"), 0..40),
-            ops in proptest::collection::vec((0u8..3, any::<u16>(), ".{0,300}"), 0..20),
+            ops in proptest::collection::vec((0u8..5, any::<u16>(), ".{0,300}"), 0..20),
         ) {
             let mut leaf = leaf_of(init);
             let base = encode(&leaf).unwrap().data;
@@ -725,9 +760,21 @@ mod tests {
                 ops: Vec::new(),
                 refs: Default::default(),
             });
-            let mut edits = LeafEdits { log: &mut log };
-            let Node::Leaf { keys, vals, .. } = &mut leaf else { unreachable!() };
+            let mut edits = NodeEdits { log: &mut log };
+            let Node::Leaf { keys, vals, next } = &mut leaf else { unreachable!() };
             for (op, k, v) in ops {
+                if op == 3 {
+                    let n = usize::from(k) % (keys.len() + 1);
+                    edits.truncate(n);
+                    keys.truncate(n);
+                    vals.truncate(n);
+                    continue;
+                }
+                if op == 4 {
+                    *next = Oid::new(u64::from(k) * 1000);
+                    edits.set_next(*next);
+                    continue;
+                }
                 match (op, keys.binary_search(&k)) {
                     (0 | 1, Ok(i)) => {
                         edits.set(i, &v);
@@ -757,6 +804,52 @@ mod tests {
         }
     }
 
+    proptest! {
+        /// The same for branches: separators inserted with the child to their right,
+        /// and the truncation of a split.
+        #[test]
+        fn recorded_branch_edits_encode_the_edited_branch(
+            init in proptest::collection::btree_set(any::<u16>(), 0..60),
+            ops in proptest::collection::vec((any::<bool>(), any::<u16>(), 1u64..1 << 40), 0..20),
+        ) {
+            let keys: Vec<u16> = init.into_iter().collect();
+            let children = (0..=keys.len() as u64).map(|c| Oid::new(c + 1).unwrap()).collect();
+            let mut node: Node<u16, String> = Node::Branch { keys, children };
+            let base = encode(&node).unwrap().data;
+            let mut log = Some(DeltaLog {
+                base: Tid::FIRST,
+                depth: 1,
+                type_fp: 0,
+                ops: Vec::new(),
+                refs: Default::default(),
+            });
+            let mut edits = NodeEdits { log: &mut log };
+            let Node::Branch { keys, children } = &mut node else { unreachable!() };
+            for (insert, k, c) in ops {
+                if insert {
+                    let Err(i) = keys.binary_search(&k) else { continue };
+                    let child = Oid::new(c).unwrap();
+                    edits.insert(i, &k, &child);
+                    keys.insert(i, k);
+                    children.insert(i + 1, child);
+                } else {
+                    let n = usize::from(k) % (keys.len() + 1);
+                    edits.truncate(n);
+                    keys.truncate(n);
+                    children.truncate(n + 1);
+                }
+            }
+            let want = encode(&node).unwrap();
+            let got = apply(&base, &log.unwrap().ops).unwrap();
+            prop_assert_eq!(&got, &want.data);
+            let back: Node<u16, String> = decode(Oid::ROOT, want.type_fp, &got).unwrap();
+            let (Node::Branch { keys: k1, children: c1 }, Node::Branch { keys: k2, children: c2 }) = (&back, &node) else {
+                unreachable!()
+            };
+            prop_assert_eq!((k1, c1), (k2, c2));
+        }
+    }
+
     #[test]
     fn references_inside_leaf_entries_are_collected() {
         let a = Oid::new(5).unwrap();
@@ -769,7 +862,7 @@ mod tests {
         let enc = encode(&leaf).unwrap();
         assert_eq!(enc.refs.oids, vec![Oid::new(3).unwrap(), a, b]);
         let mut log = None;
-        let mut edits = LeafEdits { log: &mut log };
+        let mut edits = NodeEdits { log: &mut log };
         edits.insert(0, &0u32, &a);
         assert!(
             log.is_none(),
@@ -782,7 +875,7 @@ mod tests {
             ops: Vec::new(),
             refs: Default::default(),
         });
-        LeafEdits { log: &mut log }.insert(0, &0u32, &b);
+        NodeEdits { log: &mut log }.insert(0, &0u32, &b);
         assert_eq!(log.unwrap().refs.oids, vec![b]);
     }
 }

@@ -1,21 +1,26 @@
-//! Delta revisions of B-tree leaves.
+//! Delta revisions of B-tree nodes.
 //!
-//! A transaction that changes a few entries of a committed leaf writes only those
-//! changes (a *delta* against the revision it read) instead of the whole leaf. The log
-//! then holds, per leaf, a full revision followed by a bounded chain of deltas; reading a
-//! revision applies its chain to the full one. Materialising needs no types: a leaf's
-//! encoding is a list of length-prefixed entries (see `btree.rs`), and a delta is a list
-//! of positional edits of that list, so the store applies them on bytes. Resolvers, raw
-//! reads and `verify` see full states.
+//! A transaction that changes a few entries of a committed node writes only those
+//! changes (a *delta* against the revision it read) instead of the whole node. The log
+//! then holds, per node, a full revision followed by a bounded chain of deltas; reading a
+//! revision applies its chain to the full one. Materialising needs no types: a node's
+//! encoding is a head plus a list of length-prefixed entries (see `btree.rs`), and a
+//! delta is a list of positional edits of that list, so the store applies them on bytes.
+//! Resolvers, raw reads and `verify` see full states.
 //!
-//! Leaf encoding (bincode-compatible, written by `Node`'s `Serialize`):
-//! `0u8`, `next: Option<Oid>`, `count: varint`, then `count` times
-//! `key: varint len + bincode(K)`, `value: varint len + bincode(V)`.
+//! Node encoding (bincode-compatible, written by `Node`'s `Serialize`):
+//! - leaf: `0u8`, `next: Option<Oid>`, `count: varint`, then `count` times
+//!   `key: varint len + bincode(K)`, `value: varint len + bincode(V)`;
+//! - branch: `1u8`, `first child: Oid`, `count: varint`, then `count` times
+//!   `key`, `child` (length-prefixed as above): entry `i` is separator `i` and the child
+//!   to its right.
 //!
 //! Delta data: a sequence of edits, each `tag u8` then
-//! - `1` insert at `i`: `i: varint`, key, value (as in the leaf);
+//! - `1` insert at `i`: `i: varint`, key, value (length-prefixed, as in the node);
 //! - `2` replace the value at `i`: `i: varint`, value;
-//! - `3` remove at `i`: `i: varint`.
+//! - `3` remove at `i`: `i: varint`;
+//! - `4` keep the first `i` entries: `i: varint`;
+//! - `5` set a leaf's `next`: `Option<Oid>`.
 
 use serde::Serialize;
 
@@ -26,9 +31,12 @@ use crate::ids::{collecting, Refs};
 pub(crate) const MAX_CHAIN: u8 = 16;
 
 const LEAF_TAG: u8 = 0;
+const BRANCH_TAG: u8 = 1;
 const OP_INSERT: u8 = 1;
 const OP_SET: u8 = 2;
 const OP_REMOVE: u8 = 3;
+const OP_TRUNCATE: u8 = 4;
+const OP_NEXT: u8 = 5;
 
 /// `v` in bincode's varint encoding (what `serialize_u64` writes): the bytes and their
 /// count.
@@ -89,25 +97,35 @@ fn get_bytes<'a>(b: &'a [u8], pos: &mut usize) -> Option<&'a [u8]> {
     Some(&b[start..end])
 }
 
-/// A leaf's encoding split into its header (tag and `next`) and its entries.
-struct LeafParts<'a> {
+/// A node's encoding split into its head (tag, and `next` or the first child) and its
+/// entries.
+struct NodeParts<'a> {
     head: &'a [u8],
     entries: Vec<(&'a [u8], &'a [u8])>,
 }
 
-fn parse_leaf(b: &[u8]) -> Result<LeafParts<'_>, String> {
-    let bad = |what: &str| format!("delta base is not a B-tree leaf: {what}");
-    if b.first() != Some(&LEAF_TAG) {
-        return Err(bad("wrong tag"));
-    }
-    let mut pos = 1;
-    match b.get(pos) {
-        Some(0) => pos += 1,
-        Some(1) => {
-            pos += 1;
-            get_varint(b, &mut pos).ok_or_else(|| bad("truncated next"))?;
+/// An `Option<Oid>` as bincode writes it, at `*pos`.
+fn get_option_oid(b: &[u8], pos: &mut usize) -> Option<()> {
+    match b.get(*pos)? {
+        0 => *pos += 1,
+        1 => {
+            *pos += 1;
+            get_varint(b, pos)?;
         }
-        _ => return Err(bad("bad next")),
+        _ => return None,
+    }
+    Some(())
+}
+
+fn parse_node(b: &[u8]) -> Result<NodeParts<'_>, String> {
+    let bad = |what: &str| format!("delta base is not a B-tree node: {what}");
+    let mut pos = 1;
+    match b.first() {
+        Some(&LEAF_TAG) => get_option_oid(b, &mut pos).ok_or_else(|| bad("bad next"))?,
+        Some(&BRANCH_TAG) => {
+            get_varint(b, &mut pos).ok_or_else(|| bad("truncated first child"))?;
+        }
+        _ => return Err(bad("wrong tag")),
     }
     let head = &b[..pos];
     let n = get_varint(b, &mut pos).ok_or_else(|| bad("truncated count"))?;
@@ -123,17 +141,30 @@ fn parse_leaf(b: &[u8]) -> Result<LeafParts<'_>, String> {
     if pos != b.len() {
         return Err(bad("trailing bytes"));
     }
-    Ok(LeafParts { head, entries })
+    Ok(NodeParts { head, entries })
 }
 
-/// Applies the edits `ops` to the leaf encoded in `base`; returns the new leaf's encoding.
+/// Applies the edits `ops` to the node encoded in `base`; returns the new node's
+/// encoding.
 pub(crate) fn apply(base: &[u8], ops: &[u8]) -> Result<Vec<u8>, String> {
-    let LeafParts { head, mut entries } = parse_leaf(base)?;
+    let NodeParts { head, mut entries } = parse_node(base)?;
+    let mut head = std::borrow::Cow::Borrowed(head);
     let bad = |what: &str| format!("malformed delta: {what}");
     let mut pos = 0;
     while pos < ops.len() {
         let tag = ops[pos];
         pos += 1;
+        if tag == OP_NEXT {
+            let start = pos;
+            get_option_oid(ops, &mut pos).ok_or_else(|| bad("bad next"))?;
+            if head[0] != LEAF_TAG {
+                return Err(bad("next of a branch"));
+            }
+            let mut h = vec![LEAF_TAG];
+            h.extend_from_slice(&ops[start..pos]);
+            head = std::borrow::Cow::Owned(h);
+            continue;
+        }
         let i = get_varint(ops, &mut pos).ok_or_else(|| bad("truncated index"))?;
         let i = usize::try_from(i).map_err(|_| bad("index out of range"))?;
         match tag {
@@ -148,13 +179,14 @@ pub(crate) fn apply(base: &[u8], ops: &[u8]) -> Result<Vec<u8>, String> {
             OP_REMOVE if i < entries.len() => {
                 entries.remove(i);
             }
-            OP_INSERT | OP_SET | OP_REMOVE => return Err(bad("index out of range")),
+            OP_TRUNCATE if i <= entries.len() => entries.truncate(i),
+            OP_INSERT | OP_SET | OP_REMOVE | OP_TRUNCATE => return Err(bad("index out of range")),
             _ => return Err(bad("unknown edit")),
         }
     }
     let body: usize = entries.iter().map(|(k, v)| k.len() + v.len()).sum();
     let mut out = Vec::with_capacity(head.len() + 9 + body);
-    out.extend_from_slice(head);
+    out.extend_from_slice(&head);
     put_varint(&mut out, entries.len() as u64);
     for (k, v) in &entries {
         out.extend_from_slice(k);
@@ -176,7 +208,7 @@ fn put_encoded<T: Serialize>(
     Ok(())
 }
 
-/// The edits a transaction made to one committed leaf, recorded as it makes them.
+/// The edits a transaction made to one committed node, recorded as it makes them.
 #[derive(Debug, Clone)]
 pub(crate) struct DeltaLog {
     /// The committed revision the edits apply to.
@@ -189,13 +221,14 @@ pub(crate) struct DeltaLog {
     pub refs: Refs,
 }
 
-/// Records a transaction's edits to one leaf, or nothing when the leaf will be written
-/// whole (it is new, its chain is at its limit, or it changed shape).
-pub(crate) struct LeafEdits<'a> {
+/// Records a transaction's edits to one node, or nothing when the node will be written
+/// whole (it is new, its chain is at its limit, or it changed in a way edits do not
+/// describe).
+pub(crate) struct NodeEdits<'a> {
     pub(crate) log: &'a mut Option<DeltaLog>,
 }
 
-impl LeafEdits<'_> {
+impl NodeEdits<'_> {
     fn record(&mut self, f: impl FnOnce(&mut Vec<u8>) -> Result<(), bincode::error::EncodeError>) {
         let Some(log) = self.log.as_mut() else {
             return;
@@ -239,9 +272,22 @@ impl LeafEdits<'_> {
         });
     }
 
-    /// The leaf changed in a way edits do not describe (a split): write it whole.
-    pub(crate) fn whole(&mut self) {
-        *self.log = None;
+    /// Entries from position `len` on were removed.
+    pub(crate) fn truncate(&mut self, len: usize) {
+        self.record(|ops| {
+            ops.push(OP_TRUNCATE);
+            put_varint(ops, len as u64);
+            Ok(())
+        });
+    }
+
+    /// A leaf's `next` was set.
+    pub(crate) fn set_next(&mut self, next: Option<crate::ids::Oid>) {
+        self.record(|ops| {
+            ops.push(OP_NEXT);
+            bincode::serde::encode_into_std_write(next, ops, bincode::config::standard())
+                .map(|_| ())
+        });
     }
 }
 
@@ -274,11 +320,17 @@ mod tests {
             &[OP_INSERT, 0, 9],
             &[9, 0],
             &[OP_REMOVE],
+            &[OP_TRUNCATE, 2],
+            &[OP_NEXT, 7],
         ] {
             assert!(apply(&leaf, ops).is_err(), "{ops:?}");
         }
+        let branch = [BRANCH_TAG, 5, 0];
+        assert!(apply(&branch, &[OP_TRUNCATE, 0]).is_ok());
+        assert!(apply(&branch, &[OP_NEXT, 0]).is_err());
         for base in [
-            &[1u8, 0, 0][..],
+            &[2u8, 0, 0][..],
+            &[BRANCH_TAG],
             &[LEAF_TAG, 2],
             &[LEAF_TAG, 0, 2, 1, b'a'],
             &[],

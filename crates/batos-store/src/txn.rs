@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::blob::{BlobReader, BlobWriter};
 use crate::codec::{decode, encode, type_fingerprint, Encoded};
 use crate::db::{DbInner, DeltaOf, PendingWrite, WriteSet};
-use crate::delta::{DeltaLog, LeafEdits, MAX_CHAIN};
+use crate::delta::{DeltaLog, NodeEdits, MAX_CHAIN};
 use crate::error::{CommitError, Result, StoreError};
 use crate::ids::{BlobRef, IdMap, Oid, Ref, Tid};
 use crate::log::Entry;
@@ -414,13 +414,13 @@ impl Txn {
     }
 
     /// Like [`Self::cached_write`] for a B-tree leaf whose changes `f` reports to
-    /// `LeafEdits`: if the leaf is a committed revision (and its delta chain is short),
+    /// `NodeEdits`: if the leaf is a committed revision (and its delta chain is short),
     /// the commit writes only those edits.
     pub(crate) fn cached_edit<T, R>(
         &mut self,
         oid: Oid,
         resolver: Option<crate::db::Resolver>,
-        f: impl FnOnce(&mut T, &mut LeafEdits<'_>) -> R,
+        f: impl FnOnce(&mut T, &mut NodeEdits<'_>) -> R,
     ) -> Result<R>
     where
         T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
@@ -455,7 +455,7 @@ impl Txn {
             self.db.take_shared(oid, *tid, v);
         }
         let v = c.value.downcast_mut::<T>().expect("cache_load stored a T");
-        let mut edits = LeafEdits { log: &mut c.delta };
+        let mut edits = NodeEdits { log: &mut c.delta };
         Ok(f(v, &mut edits))
     }
 
