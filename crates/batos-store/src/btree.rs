@@ -753,13 +753,13 @@ mod tests {
         ) {
             let mut leaf = leaf_of(init);
             let base = encode(&leaf).unwrap().data;
-            let mut log = Some(DeltaLog {
+            let mut log = Some(Box::new(DeltaLog {
                 base: Tid::FIRST,
                 depth: 1,
                 type_fp: 0,
                 ops: Vec::new(),
                 refs: Default::default(),
-            });
+            }));
             let mut edits = NodeEdits { log: &mut log };
             let Node::Leaf { keys, vals, next } = &mut leaf else { unreachable!() };
             for (op, k, v) in ops {
@@ -816,13 +816,13 @@ mod tests {
             let children = (0..=keys.len() as u64).map(|c| Oid::new(c + 1).unwrap()).collect();
             let mut node: Node<u16, String> = Node::Branch { keys, children };
             let base = encode(&node).unwrap().data;
-            let mut log = Some(DeltaLog {
+            let mut log = Some(Box::new(DeltaLog {
                 base: Tid::FIRST,
                 depth: 1,
                 type_fp: 0,
                 ops: Vec::new(),
                 refs: Default::default(),
-            });
+            }));
             let mut edits = NodeEdits { log: &mut log };
             let Node::Branch { keys, children } = &mut node else { unreachable!() };
             for (insert, k, c) in ops {
@@ -868,13 +868,13 @@ mod tests {
             log.is_none(),
             "nothing is recorded for a leaf written whole"
         );
-        let mut log = Some(DeltaLog {
+        let mut log = Some(Box::new(DeltaLog {
             base: Tid::FIRST,
             depth: 1,
             type_fp: 0,
             ops: Vec::new(),
             refs: Default::default(),
-        });
+        }));
         NodeEdits { log: &mut log }.insert(0, &0u32, &b);
         assert_eq!(log.unwrap().refs.oids, vec![b]);
     }

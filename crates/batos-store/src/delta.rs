@@ -225,7 +225,7 @@ pub(crate) struct DeltaLog {
 /// whole (it is new, its chain is at its limit, or it changed in a way edits do not
 /// describe).
 pub(crate) struct NodeEdits<'a> {
-    pub(crate) log: &'a mut Option<DeltaLog>,
+    pub(crate) log: &'a mut Option<Box<DeltaLog>>,
 }
 
 impl NodeEdits<'_> {

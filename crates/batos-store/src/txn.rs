@@ -60,7 +60,7 @@ struct Cached {
     is_new: bool,
     /// While dirty: the edits since the committed revision it was read as, when the commit
     /// can write them as a delta (a B-tree leaf edited in place).
-    delta: Option<DeltaLog>,
+    delta: Option<Box<DeltaLog>>,
 }
 
 /// A decoded object in a transaction's cache.
@@ -95,7 +95,9 @@ impl CachedValue {
             let (tid, depth) = (*tid, *depth);
             // Move the Arc out (a placeholder stands in for a moment), so that ours is
             // the only reference when the shared cache has let go of it.
-            let v = std::mem::replace(v, Arc::new(()));
+            static PLACEHOLDER: std::sync::OnceLock<SharedValue> = std::sync::OnceLock::new();
+            let stand_in = PLACEHOLDER.get_or_init(|| Arc::new(())).clone();
+            let v = std::mem::replace(v, stand_in);
             match v.downcast::<T>() {
                 Ok(v) => {
                     let owned = Arc::try_unwrap(v).unwrap_or_else(|shared| (*shared).clone());
@@ -333,6 +335,10 @@ impl Txn {
         if cache.len() >= CACHE_CLEAN_LIMIT {
             cache.retain(|_, c| c.dirty.is_some());
         }
+        if cache.capacity() == 0 {
+            // Skip the first few regrowths: a B-tree transaction touches hundreds of nodes.
+            cache.reserve(64);
+        }
         // A committed revision not in the cache has no state in this transaction yet.
         let (is_new, resolver) = if !in_txn {
             (false, None)
@@ -438,13 +444,13 @@ impl Txn {
             // committed revision.
             c.delta = match &c.value {
                 CachedValue::Shared(_, tid, depth) if !c.is_new && *depth < MAX_CHAIN => {
-                    Some(DeltaLog {
+                    Some(Box::new(DeltaLog {
                         base: *tid,
                         depth: depth + 1,
                         type_fp: type_fingerprint::<T>(),
                         ops: Vec::new(),
                         refs: Default::default(),
-                    })
+                    }))
                 }
                 _ => None,
             };
@@ -493,7 +499,7 @@ impl Txn {
             let Some(enc) = c.dirty else {
                 continue;
             };
-            let (enc, delta) = match c.delta {
+            let (enc, delta) = match c.delta.map(|d| *d) {
                 Some(mut d) => {
                     d.refs.oids.sort_unstable();
                     d.refs.oids.dedup();
