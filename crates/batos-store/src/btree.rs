@@ -116,38 +116,16 @@ impl<K: Serialize, V: Serialize> Serialize for Node<K, V> {
     }
 }
 
-/// A length-prefixed byte string (a leaf's key or value).
-struct Bytes(Vec<u8>);
-
-impl<'de> Deserialize<'de> for Bytes {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        struct V;
-        impl serde::de::Visitor<'_> for V {
-            type Value = Bytes;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("bytes")
-            }
-            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> std::result::Result<Bytes, E> {
-                Ok(Bytes(v.to_vec()))
-            }
-            fn visit_byte_buf<E: serde::de::Error>(
-                self,
-                v: Vec<u8>,
-            ) -> std::result::Result<Bytes, E> {
-                Ok(Bytes(v))
-            }
-        }
-        d.deserialize_byte_buf(V)
-    }
-}
-
-fn decode_part<T: DeserializeOwned, E: serde::de::Error>(b: &[u8]) -> std::result::Result<T, E> {
-    let (v, used) = bincode::serde::decode_from_slice::<T, _>(b, bincode::config::standard())
-        .map_err(E::custom)?;
-    if used != b.len() {
-        return Err(E::custom("trailing bytes in a leaf entry"));
-    }
-    Ok(v)
+/// Reads one length-prefixed key, value or child. The prefix is the length of the
+/// bincode encoding that follows, so the part decodes in place, without a copy; the
+/// prefix is for the store's untyped edits (`delta.rs`), which skip over parts.
+fn next_part<'de, T: DeserializeOwned, A: serde::de::SeqAccess<'de>>(
+    seq: &mut A,
+) -> std::result::Result<T, A::Error> {
+    use serde::de::Error;
+    let missing = || A::Error::custom("truncated B-tree node");
+    let _len: u64 = seq.next_element()?.ok_or_else(missing)?;
+    seq.next_element()?.ok_or_else(missing)
 }
 
 impl<'de, K: DeserializeOwned, V: DeserializeOwned> Deserialize<'de> for Node<K, V> {
@@ -174,10 +152,8 @@ impl<'de, K: DeserializeOwned, V: DeserializeOwned> Deserialize<'de> for Node<K,
                         let (mut keys, mut vals) =
                             (Vec::with_capacity(cap), Vec::with_capacity(cap));
                         for _ in 0..n {
-                            let k: Bytes = seq.next_element()?.ok_or_else(missing)?;
-                            let v: Bytes = seq.next_element()?.ok_or_else(missing)?;
-                            keys.push(decode_part(&k.0)?);
-                            vals.push(decode_part(&v.0)?);
+                            keys.push(next_part(&mut seq)?);
+                            vals.push(next_part(&mut seq)?);
                         }
                         Ok(Node::Leaf { keys, vals, next })
                     }
@@ -189,10 +165,8 @@ impl<'de, K: DeserializeOwned, V: DeserializeOwned> Deserialize<'de> for Node<K,
                         let mut children = Vec::with_capacity(cap + 1);
                         children.push(first);
                         for _ in 0..n {
-                            let k: Bytes = seq.next_element()?.ok_or_else(missing)?;
-                            let c: Bytes = seq.next_element()?.ok_or_else(missing)?;
-                            keys.push(decode_part(&k.0)?);
-                            children.push(decode_part(&c.0)?);
+                            keys.push(next_part(&mut seq)?);
+                            children.push(next_part(&mut seq)?);
                         }
                         Ok(Node::Branch { keys, children })
                     }
