@@ -68,8 +68,9 @@ enum CachedValue {
     /// An unmodified committed revision (of that tid, at that delta depth), shared with
     /// other transactions.
     Shared(SharedValue, Tid, u8),
-    /// This transaction's own state (modified or new).
-    Owned(Box<dyn Any + Send + Sync>),
+    /// This transaction's own state (modified or new). The only reference to it, so it
+    /// can be modified in place and offered to the shared cache at commit without a copy.
+    Owned(SharedValue),
 }
 
 impl CachedValue {
@@ -97,28 +98,27 @@ impl CachedValue {
             // the only reference when the shared cache has let go of it.
             static PLACEHOLDER: std::sync::OnceLock<SharedValue> = std::sync::OnceLock::new();
             let stand_in = PLACEHOLDER.get_or_init(|| Arc::new(())).clone();
-            let v = std::mem::replace(v, stand_in);
-            match v.downcast::<T>() {
-                Ok(v) => {
-                    let owned = Arc::try_unwrap(v).unwrap_or_else(|shared| (*shared).clone());
-                    *self = CachedValue::Owned(Box::new(owned));
-                }
-                Err(v) => {
-                    *self = CachedValue::Shared(v, tid, depth);
-                    return None;
-                }
+            let mut v = std::mem::replace(v, stand_in);
+            if !v.is::<T>() {
+                *self = CachedValue::Shared(v, tid, depth);
+                return None;
             }
+            if Arc::get_mut(&mut v).is_none() {
+                // Someone else still reads this revision: modify a copy.
+                let copy = v.downcast_ref::<T>().expect("checked above").clone();
+                v = Arc::new(copy);
+            }
+            *self = CachedValue::Owned(v);
         }
         match self {
-            CachedValue::Owned(v) => v.downcast_mut::<T>(),
+            CachedValue::Owned(v) => Arc::get_mut(v)?.downcast_mut::<T>(),
             CachedValue::Shared(..) => None,
         }
     }
 
     fn into_shared(self) -> SharedValue {
         match self {
-            CachedValue::Shared(v, ..) => v,
-            CachedValue::Owned(v) => SharedValue::from(v),
+            CachedValue::Shared(v, ..) | CachedValue::Owned(v) => v,
         }
     }
 }
@@ -316,13 +316,13 @@ impl Txn {
         drop(cache);
         let value = if in_txn {
             // This transaction's own state: decode it (which reports a type mismatch).
-            CachedValue::Owned(Box::new(self.get::<T>(oid)?))
+            CachedValue::Owned(Arc::new(self.get::<T>(oid)?))
         } else {
             // A committed revision: decoded once for the whole Db.
             match self.db.load_shared::<T>(oid, self.snapshot)? {
                 Some((v, tid, depth)) if v.is::<T>() => CachedValue::Shared(v, tid, depth),
                 // Stored as another type: decoding reports it.
-                Some(_) => CachedValue::Owned(Box::new(self.get::<T>(oid)?)),
+                Some(_) => CachedValue::Owned(Arc::new(self.get::<T>(oid)?)),
                 None => {
                     return Err(StoreError::ObjectNotFound {
                         oid,
@@ -480,7 +480,7 @@ impl Txn {
         self.cache.get_mut().insert(
             oid,
             Cached {
-                value: CachedValue::Owned(Box::new(value)),
+                value: CachedValue::Owned(Arc::new(value)),
                 dirty: Some(encode_any::<T>),
                 resolver,
                 is_new: true,
