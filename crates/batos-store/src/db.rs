@@ -720,7 +720,7 @@ fn load_full(seg: &Segment, oid: Oid, tid: Tid, loc: EntryLoc) -> Result<(Entry,
             ));
         };
         let b = read_entry(&seg.file, &seg.path, bloc, oid, btid)?;
-        if b.kind.depth() + 1 != depth || b.type_fp != e.type_fp {
+        if u16::from(b.kind.depth()) + 1 != u16::from(depth) || b.type_fp != e.type_fp {
             return Err(corrupt(
                 e,
                 at,
