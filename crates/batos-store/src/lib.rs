@@ -23,6 +23,7 @@ mod btree;
 mod codec;
 mod config;
 mod db;
+mod delta;
 mod error;
 mod ids;
 mod index;
