@@ -39,5 +39,6 @@ pub use config::{OpenMode, ProgressMode, StoreConfig};
 pub use db::{Db, LivingImage, LogInfo, PackReport, VerifyReport};
 pub use error::{CommitError, ConflictError, Result, StoreError};
 pub use ids::{BlobId, BlobRef, Oid, Ref, Tid};
+pub use log::FORMAT_VERSION;
 pub use resolve::{AppendLog, Counter, ResolveConflict};
 pub use txn::{Txn, TxnMode};

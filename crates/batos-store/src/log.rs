@@ -15,9 +15,11 @@ use crate::error::{Result, StoreError};
 use crate::ids::{BlobId, Oid, Tid};
 
 pub(crate) const SEG_MAGIC: &[u8; 8] = b"BATOSLOG";
-/// 2: entries carry a kind (full state, or a delta of a B-tree leaf against an earlier
-/// revision); leaves encode as length-prefixed entries.
-pub(crate) const FORMAT_VERSION: u32 = 2;
+/// On-disk format this build writes and reads; an image of another version is refused
+/// with [`StoreError::UnsupportedVersion`](crate::StoreError::UnsupportedVersion).
+/// 2: entries carry a kind (full state, or a delta of a B-tree node against an earlier
+/// revision); nodes encode as length-prefixed entries.
+pub const FORMAT_VERSION: u32 = 2;
 pub(crate) const SEG_HEADER_LEN: u64 = 64;
 const REC_MAGIC: u32 = 0xB47C_0317;
 const REC_HEADER_LEN: usize = 28;
