@@ -1,11 +1,16 @@
 //! Criterion benches of the int4 (AutoAWQ GEMM layout) CPU matmul against the dense
-//! f16 and f32 paths at SmolLM2-135M's shapes, group size 64, named
-//! `<impl>/matmul_<dtype>/<out>x<in>/t=<tokens>` (`<impl>` is `cpu::implementation()`).
+//! f16 and f32 paths at SmolLM2-135M's shapes, group size 32 (the `batos quantize`
+//! default), named `<impl>/matmul_<dtype>/<out>x<in>/t=<tokens>` (`<impl>` is
+//! `cpu::implementation()`), plus the int4 tied LM head (49152x576) and the decode
+//! matvec on one thread (`matmul_int4_serial`) to show the fork/join cost, and
+//! `int4_decode_step`: every projection of one step of the 30-layer model plus the
+//! head, each from its own buffers (75 MB, so the weights come from DRAM as in a real
+//! decode step, unlike the single-matrix benches where they stay in cache).
 //!
 //! `cargo bench --bench int4` (filter with a trailing substring, e.g. `-- t=1`).
 //! Throughput: FLOPs (2·T·out·in). Figures: docs/perf/awq.md.
 
-use batos_kernels::cpu::{self, int4::pack_word};
+use batos_kernels::cpu::{self, int4::pack_word, ThreadBackend};
 use batos_kernels::{Int4Data, Int4Layout, WeightView};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use half::f16;
@@ -16,7 +21,9 @@ use std::time::Duration;
 /// gate/up fused as the forward pass runs them).
 const SHAPES: [(usize, usize); 4] = [(960, 576), (576, 576), (3072, 576), (576, 1536)];
 const TOKENS: [usize; 4] = [1, 16, 128, 512];
-const GROUP: usize = 64;
+const GROUP: usize = 32;
+/// The tied embedding/LM head, int4 only (the dense copies would be 57-113 MB).
+const HEAD: (usize, usize) = (49152, 576);
 
 fn data(n: usize, seed: u32) -> Vec<u32> {
     let mut s = seed.wrapping_mul(2_654_435_761).max(1);
@@ -88,9 +95,95 @@ fn matmul(c: &mut Criterion) {
                 );
             }
         }
+        if dtype == "int4" {
+            let (n, k) = HEAD;
+            let q = int4(n, k);
+            let view = WeightView::int4(
+                Int4Data::new(q.layout, &q.qweight, &q.qzeros, &q.scales).unwrap(),
+            );
+            for t in [1, 16] {
+                let x = floats(t * k, 2);
+                let mut out = vec![0f32; t * n];
+                g.throughput(Throughput::Elements((2 * t * n * k) as u64));
+                g.bench_with_input(
+                    BenchmarkId::new(format!("{n}x{k}"), format!("t={t}")),
+                    &t,
+                    |b, _| b.iter(|| cpu::matmul(black_box(&x), &view, &mut out).unwrap()),
+                );
+            }
+        }
         g.finish();
     }
+    // Decode on the calling thread only: the gap to `matmul_int4` at t=1 is what the
+    // fork/join buys (or costs).
+    let mut g = c.benchmark_group(format!("{imp}/matmul_int4_serial"));
+    g.sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+    cpu::set_thread_backend(ThreadBackend::Serial);
+    for &(n, k) in SHAPES.iter().chain([&HEAD]) {
+        let q = int4(n, k);
+        let view =
+            WeightView::int4(Int4Data::new(q.layout, &q.qweight, &q.qzeros, &q.scales).unwrap());
+        let x = floats(k, 2);
+        let mut out = vec![0f32; n];
+        g.throughput(Throughput::Elements((2 * n * k) as u64));
+        g.bench_with_input(BenchmarkId::new(format!("{n}x{k}"), "t=1"), &1, |b, _| {
+            b.iter(|| cpu::matmul(black_box(&x), &view, &mut out).unwrap())
+        });
+    }
+    cpu::set_thread_backend(ThreadBackend::SpinPool);
+    g.finish();
 }
 
-criterion_group!(benches, matmul);
+/// One step's projections, each with its own weights (different seeds, so no buffer is
+/// shared), at T tokens.
+fn decode_step(c: &mut Criterion) {
+    let imp = cpu::implementation();
+    let mut g = c.benchmark_group(format!("{imp}/int4_decode_step"));
+    g.sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(3));
+    let mut mats: Vec<Int4Owned> = Vec::new();
+    for layer in 0..30u32 {
+        for &(n, k) in &SHAPES {
+            let mut q = int4(n, k);
+            q.qweight = data(q.layout.qweight_len(), 5 + layer);
+            mats.push(q);
+        }
+    }
+    mats.push(int4(HEAD.0, HEAD.1));
+    for t in [1usize, 16] {
+        let xs: Vec<Vec<f32>> = mats
+            .iter()
+            .map(|q| floats(t * q.layout.in_features(), 2))
+            .collect();
+        let mut outs: Vec<Vec<f32>> = mats
+            .iter()
+            .map(|q| vec![0f32; t * q.layout.out_features()])
+            .collect();
+        let flops: usize = mats
+            .iter()
+            .map(|q| 2 * t * q.layout.in_features() * q.layout.out_features())
+            .sum();
+        g.throughput(Throughput::Elements(flops as u64));
+        g.bench_with_input(
+            BenchmarkId::new("30 layers + head", format!("t={t}")),
+            &t,
+            |b, _| {
+                b.iter(|| {
+                    for ((q, x), out) in mats.iter().zip(&xs).zip(outs.iter_mut()) {
+                        let view = WeightView::int4(
+                            Int4Data::new(q.layout, &q.qweight, &q.qzeros, &q.scales).unwrap(),
+                        );
+                        cpu::matmul(black_box(x), &view, out).unwrap();
+                    }
+                })
+            },
+        );
+    }
+    g.finish();
+}
+
+criterion_group!(benches, matmul, decode_step);
 criterion_main!(benches);

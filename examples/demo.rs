@@ -120,7 +120,12 @@ fn main() -> anyhow::Result<()> {
         .init();
     let all = Instant::now();
     let cache = ModelCache::from_env()?;
-    let image_dir = cache.root().join("images").join("smollm2-135m-instruct");
+    // The cache directory names the store format, so an image cached by an older build is
+    // left alone and a fresh one is imported beside it.
+    let image_dir = cache.root().join("images").join(format!(
+        "smollm2-135m-instruct.format{}",
+        batos::store::FORMAT_VERSION
+    ));
     let image = LivingImage::open(&image_dir, StoreConfig::default())
         .with_context(|| format!("cannot open the living image {}", image_dir.display()))?;
     import_if_needed(&image, &cache)?;

@@ -2,9 +2,11 @@
 //!
 //! - packing: `Int4Data::get` agrees with codes packed by hand in AutoAWQ's nibble order;
 //! - `cpu::matmul` on int4 weights against `reference::matmul` (which dequantises each
-//!   row and accumulates in f64) on odd shapes, every thread backend, both the fused
-//!   decode path (T < 4) and the panel prefill path: `|got − want| ≤ 1e-5 · Σₖ|xₖ·wₖ|`
-//!   per element, as for the dense kernels (dequantisation is exact in both);
+//!   row and accumulates in f64) on odd shapes, every thread backend, both the decode
+//!   path (T < 4) and the panel prefill path: `|got − want| ≤ 1e-5 · Σₖ|xₖ|·(qₖ+zₖ)·sₖ`
+//!   per element. The kernels sum `s·Σx·q − (z·s)·Σx` per group rather than
+//!   `Σx·(q−z)·s`, so their rounding error scales with the magnitudes of both terms,
+//!   not of their difference: hence `q + z`, where a dense kernel's bound has `|q − z|`;
 //! - batch invariance: a token's output row is bit-identical whatever other tokens
 //!   share the call (decode vs prefill path, any tiling);
 //! - bad shapes and lengths are typed errors.
@@ -118,11 +120,16 @@ fn check_matmul(rng: &mut TestRng, t: usize, k: usize, n: usize, g: usize) {
     let x = rng.vec(t * k);
     let mut want = vec![0f32; t * n];
     r::matmul(&x, &view, &mut want).unwrap();
+    // Σₖ|xₖ|·(qₖ + zₖ)·sₖ: the size of the two per-group terms the kernels subtract.
+    let d = case.data();
     let mut mag = vec![0f32; t * n];
     for i in 0..t {
         for j in 0..n {
             mag[i * n + j] = (0..k)
-                .map(|kk| (x[i * k + kk] * view.get(j, kk).unwrap()).abs())
+                .map(|kk| {
+                    let qz = f32::from(d.code(j, kk)) + f32::from(d.zero(j, kk));
+                    x[i * k + kk].abs() * qz * d.scale(j, kk).to_f32()
+                })
                 .sum();
         }
     }
@@ -149,14 +156,19 @@ fn check_matmul(rng: &mut TestRng, t: usize, k: usize, n: usize, g: usize) {
 fn matmul_matches_reference_on_odd_shapes() {
     let mut rng = TestRng::new(3);
     // (K, N, G): K not a multiple of 8, groups of 1, one group, the model's 64.
+    // N: one word, under one 8-word decode block (56), one block (64), blocks plus a
+    // remainder (72, 136), a 16-column prefill sub-panel plus one word (24, 40).
     let shapes = [
         (7, 8, 7),
         (7, 8, 1),
         (9, 24, 3),
+        (21, 64, 7),
         (63, 40, 21),
         (64, 8, 64),
         (65, 16, 13),
+        (39, 120, 13),
         (192, 56, 64),
+        (96, 200, 32),
         (576, 72, 64),
         (130, 136, 65),
     ];
@@ -165,32 +177,57 @@ fn matmul_matches_reference_on_odd_shapes() {
             check_matmul(&mut rng, t, k, n, g);
         }
     }
+    for t in 1..=37 {
+        check_matmul(&mut rng, t, 91, 56, 7);
+    }
     // One larger product so several threads share the work.
     check_matmul(&mut rng, 37, 576, 1536, 64);
     check_matmul(&mut rng, 2, 1536, 576, 64);
 }
 
+/// Every sub-batch of `x` (`[37, K]`) gives bit-identical rows to the whole batch,
+/// under every thread backend (decode path for T < 4, prefill panels above).
+fn check_batch_invariance(rng: &mut TestRng, k: usize, n: usize, g: usize) {
+    let case = Case::random(rng, k, n, g);
+    let view = case.view();
+    let total = 37;
+    let x = rng.vec(total * k);
+    let mut full = vec![0f32; total * n];
+    cpu::matmul(&x, &view, &mut full).unwrap();
+    for backend in [
+        ThreadBackend::SpinPool,
+        ThreadBackend::Rayon,
+        ThreadBackend::Serial,
+    ] {
+        cpu::set_thread_backend(backend);
+        for t in [1, 2, 3, 4, 5, 6, 7, 11, 16, 36] {
+            for start in [0, 5.min(total - t), total - t] {
+                let mut part = vec![0f32; t * n];
+                cpu::matmul(&x[start * k..(start + t) * k], &view, &mut part).unwrap();
+                let same = part
+                    .iter()
+                    .zip(&full[start * n..(start + t) * n])
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(
+                    same,
+                    "k={k} n={n} g={g} {backend:?}: rows {start}..{} alone differ from \
+                     the batch of {total}",
+                    start + t
+                );
+            }
+        }
+    }
+    cpu::set_thread_backend(ThreadBackend::SpinPool);
+}
+
 #[test]
 fn a_token_row_does_not_depend_on_its_batch() {
     let mut rng = TestRng::new(4);
-    let case = Case::random(&mut rng, 576, 192, 64);
-    let view = case.view();
-    let (k, n) = (576, 192);
-    let x = rng.vec(25 * k);
-    let mut full = vec![0f32; 25 * n];
-    cpu::matmul(&x, &view, &mut full).unwrap();
-    for t in [1, 2, 3, 4, 6, 11] {
-        for start in [0, 5, 25 - t] {
-            let mut part = vec![0f32; t * n];
-            cpu::matmul(&x[start * k..(start + t) * k], &view, &mut part).unwrap();
-            assert_eq!(
-                part,
-                full[start * n..(start + t) * n],
-                "rows {start}..{} alone vs in a batch of 25",
-                start + t
-            );
-        }
-    }
+    // The model's group sizes, and odd ones with partial decode blocks.
+    check_batch_invariance(&mut rng, 576, 192, 64);
+    check_batch_invariance(&mut rng, 576, 960, 32);
+    check_batch_invariance(&mut rng, 65, 56, 13);
+    check_batch_invariance(&mut rng, 21, 136, 1);
 }
 
 #[test]

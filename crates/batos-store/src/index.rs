@@ -16,7 +16,6 @@
 //! written to a temp file, fsynced, renamed and the directory fsynced, so a crash leaves
 //! the old one or the new one.
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -458,7 +457,7 @@ fn decode_entry(e: &[u8]) -> Option<Rev> {
 /// Revisions committed since the checkpoint, per oid, oldest first.
 #[derive(Default)]
 struct Overlay {
-    map: HashMap<Oid, Vec<(Tid, EntryLoc)>>,
+    map: crate::ids::IdMap<Oid, Vec<(Tid, EntryLoc)>>,
     len: usize,
 }
 

@@ -498,3 +498,80 @@ fn second_opener_is_refused_in_process_and_across_processes() {
     db.verify().unwrap();
     let _ = std::io::stdout().flush();
 }
+
+/// A leaf revision that later deltas build on is damaged: reading through the chain
+/// names the damaged revision, and verify reports the record.
+#[test]
+fn damaged_base_of_a_delta_chain_is_a_typed_error() {
+    use batos_store::BTree;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("img");
+    let db = Db::open(&path, cfg()).unwrap();
+    let tree = db
+        .transact(|t| -> Result<_, StoreError> {
+            let tree = BTree::<u32, String>::named(t, "tree")?;
+            for k in 0..20 {
+                tree.insert(t, k, "x".repeat(40))?;
+            }
+            Ok(tree)
+        })
+        .unwrap();
+    // Edits until one commit writes the leaf whole (its chain is full): the one whose
+    // record is much larger than the others.
+    let mut full = None;
+    let mut first_len = None;
+    for i in 0..40u32 {
+        let start = db.log_info().end;
+        let mut t = db.begin();
+        tree.insert(&mut t, i % 20, format!("v{i}")).unwrap();
+        let tid = t.commit().unwrap();
+        let end = db.log_info().end;
+        let first = *first_len.get_or_insert(end - start);
+        if end - start > 2 * first {
+            full = Some((tid, start, end));
+            break;
+        }
+    }
+    let (full_tid, start, end) = full.expect("a chain ends within 40 edits");
+    let mut t = db.begin();
+    tree.insert(&mut t, 3, "after".into()).unwrap();
+    t.commit().unwrap();
+    let segment = db.log_info().segment;
+    drop(db);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&segment)
+        .unwrap();
+    let off = (start + end) / 2;
+    let mut b = [0u8; 1];
+    file.read_exact_at(&mut b, off).unwrap();
+    file.write_all_at(&[b[0] ^ 0x5a], off).unwrap();
+    drop(file);
+    let db = Db::open(&path, cfg()).unwrap();
+    match tree.get(&db.begin(), &3) {
+        Err(StoreError::CorruptObject { tid, .. }) => assert_eq!(tid, full_tid),
+        other => panic!("expected CorruptObject, got {other:?}"),
+    }
+    match db.verify() {
+        Err(StoreError::CorruptRecord { offset, .. }) => assert_eq!(offset, start),
+        other => panic!("expected CorruptRecord, got {other:?}"),
+    }
+}
+
+#[test]
+fn image_of_an_older_format_is_refused_with_its_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("img");
+    drop(Db::open(&path, cfg()).unwrap());
+    std::fs::write(path.join("BATOS-IMAGE"), b"batos living image, format 1\n").unwrap();
+    match Db::open(&path, cfg()) {
+        Err(StoreError::UnsupportedVersion {
+            found, supported, ..
+        }) => {
+            assert_eq!(found, 1);
+            assert!(supported > 1);
+        }
+        other => panic!("expected UnsupportedVersion, got {other:?}"),
+    }
+}
