@@ -1,10 +1,7 @@
 //! Where a single-threaded transaction of 100 random B-tree inserts spends its time:
 //! the inserts (CPU, in the transaction's node cache) and `commit` (encode, append,
-//! index, fdatasync), plus the bytes each commit appends and the CPU each transaction
-//! burns (the thread's CPU time over the transactions only, so image setup and
-//! teardown are left out; it counts kernel time in `pwrite` and `fdatasync` too, and
-//! unlike wall time it hardly depends on what else the machine runs). Same keys and
-//! values as the criterion bench `btree/100_inserts_per_txn`.
+//! index, fdatasync), plus the bytes each commit appends. Same keys and values as the
+//! criterion bench `btree/100_inserts_per_txn`.
 //!
 //! `BATOS_BENCH_DIR=/tmp cargo run --release -p batos-store --example btree_txn_profile -- 600`
 //! (add `strace -f -T -e trace=fdatasync` in front to see the fsyncs' share).
@@ -38,7 +35,6 @@ fn main() -> Result<(), StoreError> {
     let (mut inserts, mut commits) = (Vec::with_capacity(n), Vec::with_capacity(n));
     let mut bytes = Vec::with_capacity(n);
     let started = Instant::now();
-    let cpu_started = process_cpu();
     for txn_no in 0..n {
         let end_before = db.log_info().end;
         let t0 = Instant::now();
@@ -58,7 +54,6 @@ fn main() -> Result<(), StoreError> {
         bytes.push(db.log_info().end - end_before);
     }
     let total = started.elapsed();
-    let cpu = process_cpu().saturating_sub(cpu_started);
     let med = |v: &mut Vec<Duration>| {
         v.sort();
         (v[v.len() / 2], v[v.len() / 10], v[v.len() * 9 / 10])
@@ -71,11 +66,6 @@ fn main() -> Result<(), StoreError> {
         total.as_secs_f64(),
         n as f64 / total.as_secs_f64()
     );
-    println!(
-        "CPU per transaction: {:.3} ms ({:.2} s of CPU time)",
-        cpu.as_secs_f64() * 1e3 / n as f64,
-        cpu.as_secs_f64()
-    );
     println!("inserts: median {im:?} (p10 {i10:?}, p90 {i90:?})");
     println!("commit:  median {cm:?} (p10 {c10:?}, p90 {c90:?})");
     println!(
@@ -85,16 +75,4 @@ fn main() -> Result<(), StoreError> {
         bytes[n * 9 / 10]
     );
     Ok(())
-}
-
-/// CPU time the (single) thread running the transactions has used, user and system,
-/// from the scheduler's own accounting.
-fn process_cpu() -> Duration {
-    let text = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap_or_default();
-    let ns = text
-        .split_whitespace()
-        .next()
-        .and_then(|f| f.parse().ok())
-        .unwrap_or(0);
-    Duration::from_nanos(ns)
 }

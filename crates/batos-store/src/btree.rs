@@ -30,10 +30,7 @@ struct TreeHeader {
     depth: u32,
 }
 
-/// A node. Leaves encode as a list of length-prefixed entries so that the store can
-/// apply delta revisions without knowing `K` and `V` (layout in `delta.rs`); branches
-/// encode their keys and children with bincode.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 enum Node<K, V> {
     Leaf {
         keys: Vec<K>,
@@ -44,138 +41,6 @@ enum Node<K, V> {
         keys: Vec<K>,
         children: Vec<Oid>,
     },
-}
-
-/// Bytes written as a length-prefixed byte string.
-struct RawBytes<'a>(&'a [u8]);
-
-impl Serialize for RawBytes<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        s.serialize_bytes(self.0)
-    }
-}
-
-impl<K: Serialize, V: Serialize> Serialize for Node<K, V> {
-    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        use serde::ser::SerializeTuple;
-        match self {
-            Node::Leaf { keys, vals, next } => {
-                if keys.len() != vals.len() {
-                    return Err(serde::ser::Error::custom(
-                        "leaf with unequal keys and values",
-                    ));
-                }
-                let mut t = s.serialize_tuple(3 + 2 * keys.len())?;
-                t.serialize_element(&0u8)?;
-                t.serialize_element(next)?;
-                t.serialize_element(&(keys.len() as u64))?;
-                // Each key and value as its own bincode encoding (references they hold
-                // still reach the collector of the enclosing encode).
-                let mut buf = Vec::new();
-                let cfg = bincode::config::standard();
-                for (k, v) in keys.iter().zip(vals) {
-                    buf.clear();
-                    bincode::serde::encode_into_std_write(k, &mut buf, cfg)
-                        .map_err(serde::ser::Error::custom)?;
-                    t.serialize_element(&RawBytes(&buf))?;
-                    buf.clear();
-                    bincode::serde::encode_into_std_write(v, &mut buf, cfg)
-                        .map_err(serde::ser::Error::custom)?;
-                    t.serialize_element(&RawBytes(&buf))?;
-                }
-                t.end()
-            }
-            Node::Branch { keys, children } => {
-                let Some((first, rest)) = children.split_first() else {
-                    return Err(serde::ser::Error::custom("branch without children"));
-                };
-                if rest.len() != keys.len() {
-                    return Err(serde::ser::Error::custom(
-                        "branch with children not one more than keys",
-                    ));
-                }
-                let mut t = s.serialize_tuple(3 + 2 * keys.len())?;
-                t.serialize_element(&1u8)?;
-                t.serialize_element(first)?;
-                t.serialize_element(&(keys.len() as u64))?;
-                let mut buf = Vec::new();
-                let cfg = bincode::config::standard();
-                for (k, c) in keys.iter().zip(rest) {
-                    buf.clear();
-                    bincode::serde::encode_into_std_write(k, &mut buf, cfg)
-                        .map_err(serde::ser::Error::custom)?;
-                    t.serialize_element(&RawBytes(&buf))?;
-                    buf.clear();
-                    bincode::serde::encode_into_std_write(c, &mut buf, cfg)
-                        .map_err(serde::ser::Error::custom)?;
-                    t.serialize_element(&RawBytes(&buf))?;
-                }
-                t.end()
-            }
-        }
-    }
-}
-
-/// Reads one length-prefixed key, value or child. The prefix is the length of the
-/// bincode encoding that follows, so the part decodes in place, without a copy; the
-/// prefix is for the store's untyped edits (`delta.rs`), which skip over parts.
-fn next_part<'de, T: DeserializeOwned, A: serde::de::SeqAccess<'de>>(
-    seq: &mut A,
-) -> std::result::Result<T, A::Error> {
-    use serde::de::Error;
-    let missing = || A::Error::custom("truncated B-tree node");
-    let _len: u64 = seq.next_element()?.ok_or_else(missing)?;
-    seq.next_element()?.ok_or_else(missing)
-}
-
-impl<'de, K: DeserializeOwned, V: DeserializeOwned> Deserialize<'de> for Node<K, V> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        struct Vis<K, V>(PhantomData<fn() -> (K, V)>);
-        impl<'de, K: DeserializeOwned, V: DeserializeOwned> serde::de::Visitor<'de> for Vis<K, V> {
-            type Value = Node<K, V>;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a B-tree node")
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                self,
-                mut seq: A,
-            ) -> std::result::Result<Node<K, V>, A::Error> {
-                use serde::de::Error;
-                let missing = || A::Error::custom("truncated B-tree node");
-                let tag: u8 = seq.next_element()?.ok_or_else(missing)?;
-                match tag {
-                    0 => {
-                        let next: Option<Oid> = seq.next_element()?.ok_or_else(missing)?;
-                        let n: u64 = seq.next_element()?.ok_or_else(missing)?;
-                        // Each entry takes at least two bytes: a larger count is garbage.
-                        let cap = (n as usize).min(4 * MAX_LEAF);
-                        let (mut keys, mut vals) =
-                            (Vec::with_capacity(cap), Vec::with_capacity(cap));
-                        for _ in 0..n {
-                            keys.push(next_part(&mut seq)?);
-                            vals.push(next_part(&mut seq)?);
-                        }
-                        Ok(Node::Leaf { keys, vals, next })
-                    }
-                    1 => {
-                        let first: Oid = seq.next_element()?.ok_or_else(missing)?;
-                        let n: u64 = seq.next_element()?.ok_or_else(missing)?;
-                        let cap = (n as usize).min(4 * MAX_BRANCH);
-                        let mut keys = Vec::with_capacity(cap);
-                        let mut children = Vec::with_capacity(cap + 1);
-                        children.push(first);
-                        for _ in 0..n {
-                            keys.push(next_part(&mut seq)?);
-                            children.push(next_part(&mut seq)?);
-                        }
-                        Ok(Node::Branch { keys, children })
-                    }
-                    t => Err(A::Error::custom(format!("unknown B-tree node tag {t}"))),
-                }
-            }
-        }
-        d.deserialize_tuple(usize::MAX, Vis(PhantomData))
-    }
 }
 
 impl<K, V> ResolveConflict for Node<K, V>
@@ -433,37 +298,30 @@ where
     /// Inserts or replaces; returns the previous value.
     pub fn insert(&self, txn: &mut Txn, key: K, val: V) -> Result<Option<V>> {
         let (leaf, mut path) = self.descend(txn, &key)?;
-        // Where the key goes (the leaf does not change before the edit below), unless
-        // it is already there with this value: then nothing is written.
-        let pos = txn.cached_read(leaf, |n: &Node<K, V>| match n {
-            Node::Leaf { keys, vals, .. } => match keys.binary_search(&key) {
-                Ok(i) if vals[i] == val => Err(vals[i].clone()),
-                pos => Ok(Some(pos)),
-            },
-            Node::Branch { .. } => Ok(None),
+        let unchanged = txn.cached_read(leaf, |n: &Node<K, V>| match n {
+            Node::Leaf { keys, vals, .. } => keys
+                .binary_search(&key)
+                .ok()
+                .filter(|&i| vals[i] == val)
+                .map(|i| vals[i].clone()),
+            Node::Branch { .. } => None,
         })?;
-        let pos = match pos {
-            Err(unchanged) => return Ok(Some(unchanged)),
-            Ok(pos) => pos,
-        };
-        let outcome = txn.cached_edit(leaf, Self::resolver(), |n: &mut Node<K, V>, edits| {
+        if let Some(v) = unchanged {
+            return Ok(Some(v));
+        }
+        let outcome = txn.cached_write(leaf, Self::resolver(), |n: &mut Node<K, V>| {
             let Node::Leaf { keys, vals, next } = n else {
                 unreachable!("descend ends at a leaf")
             };
-            match pos.unwrap_or_else(|| keys.binary_search(&key)) {
-                Ok(i) => {
-                    edits.set(i, &val);
-                    LeafInsert::Replaced(std::mem::replace(&mut vals[i], val))
-                }
+            match keys.binary_search(&key) {
+                Ok(i) => LeafInsert::Replaced(std::mem::replace(&mut vals[i], val)),
                 Err(i) => {
-                    edits.insert(i, &key, &val);
                     keys.insert(i, key);
                     vals.insert(i, val);
                     if keys.len() <= MAX_LEAF {
                         LeafInsert::Inserted
                     } else {
                         let mid = keys.len() / 2;
-                        edits.truncate(mid);
                         LeafInsert::Split {
                             keys: keys.split_off(mid),
                             vals: vals.split_off(mid),
@@ -490,34 +348,29 @@ where
             },
             Self::resolver(),
         )?;
-        txn.cached_edit(leaf, Self::resolver(), |n: &mut Node<K, V>, edits| {
+        txn.cached_write(leaf, Self::resolver(), |n: &mut Node<K, V>| {
             if let Node::Leaf { next, .. } = n {
                 *next = Some(right);
-                edits.set_next(*next);
             }
         })?;
         let mut new_child = right;
         let mut left_child = leaf;
         while let Some((parent, i)) = path.pop() {
-            let split =
-                txn.cached_edit(parent, Self::resolver(), |n: &mut Node<K, V>, edits| {
-                    let Node::Branch { keys, children } = n else {
-                        unreachable!("the path holds branches")
-                    };
-                    // Entry `i` of a branch is separator `i` with the child to its right.
-                    edits.insert(i, &sep, &new_child);
-                    keys.insert(i, sep.clone());
-                    children.insert(i + 1, new_child);
-                    if keys.len() <= MAX_BRANCH {
-                        return None;
-                    }
-                    let mid = keys.len() / 2;
-                    edits.truncate(mid);
-                    let rkeys = keys.split_off(mid + 1);
-                    let up = keys.pop().expect("mid < len");
-                    let rchildren = children.split_off(mid + 1);
-                    Some((up, rkeys, rchildren))
-                })?;
+            let split = txn.cached_write(parent, Self::resolver(), |n: &mut Node<K, V>| {
+                let Node::Branch { keys, children } = n else {
+                    unreachable!("the path holds branches")
+                };
+                keys.insert(i, sep.clone());
+                children.insert(i + 1, new_child);
+                if keys.len() <= MAX_BRANCH {
+                    return None;
+                }
+                let mid = keys.len() / 2;
+                let rkeys = keys.split_off(mid + 1);
+                let up = keys.pop().expect("mid < len");
+                let rchildren = children.split_off(mid + 1);
+                Some((up, rkeys, rchildren))
+            })?;
             let Some((up, rkeys, rchildren)) = split else {
                 return Ok(None);
             };
@@ -561,18 +414,13 @@ where
         if !present {
             return Ok(None);
         }
-        txn.cached_edit(
-            leaf,
-            Self::resolver(),
-            |n: &mut Node<K, V>, edits| match n {
-                Node::Leaf { keys, vals, .. } => keys.binary_search(key).ok().map(|i| {
-                    edits.remove(i);
-                    keys.remove(i);
-                    vals.remove(i)
-                }),
-                Node::Branch { .. } => None,
-            },
-        )
+        txn.cached_write(leaf, Self::resolver(), |n: &mut Node<K, V>| match n {
+            Node::Leaf { keys, vals, .. } => keys.binary_search(key).ok().map(|i| {
+                keys.remove(i);
+                vals.remove(i)
+            }),
+            Node::Branch { .. } => None,
+        })
     }
 
     /// Iterates `range` in key order, loading one leaf at a time (leaves read by a scan
@@ -697,159 +545,5 @@ where
                 }
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::codec::{decode, encode};
-    use crate::delta::{apply, DeltaLog, NodeEdits};
-    use crate::ids::Tid;
-    use proptest::prelude::*;
-
-    fn leaf_of(entries: Vec<(u16, String)>) -> Node<u16, String> {
-        let map: std::collections::BTreeMap<u16, String> = entries.into_iter().collect();
-        Node::Leaf {
-            keys: map.keys().copied().collect(),
-            vals: map.into_values().collect(),
-            next: Oid::new(77),
-        }
-    }
-
-    proptest! {
-        /// The store applies recorded edits on bytes; the result must be exactly the
-        /// encoding of the leaf the B-tree edited.
-        #[test]
-        fn recorded_edits_applied_to_the_base_bytes_encode_the_edited_leaf(
-            init in proptest::collection::vec((any::<u16>(), ".{0,12}"), 0..40),
-            ops in proptest::collection::vec((0u8..5, any::<u16>(), ".{0,300}"), 0..20),
-        ) {
-            let mut leaf = leaf_of(init);
-            let base = encode(&leaf).unwrap().data;
-            let mut log = Some(Box::new(DeltaLog {
-                base: Tid::FIRST,
-                depth: 1,
-                type_fp: 0,
-                ops: Vec::new(),
-                refs: Default::default(),
-            }));
-            let mut edits = NodeEdits { log: &mut log };
-            let Node::Leaf { keys, vals, next } = &mut leaf else { unreachable!() };
-            for (op, k, v) in ops {
-                if op == 3 {
-                    let n = usize::from(k) % (keys.len() + 1);
-                    edits.truncate(n);
-                    keys.truncate(n);
-                    vals.truncate(n);
-                    continue;
-                }
-                if op == 4 {
-                    *next = Oid::new(u64::from(k) * 1000);
-                    edits.set_next(*next);
-                    continue;
-                }
-                match (op, keys.binary_search(&k)) {
-                    (0 | 1, Ok(i)) => {
-                        edits.set(i, &v);
-                        vals[i] = v;
-                    }
-                    (0 | 1, Err(i)) => {
-                        edits.insert(i, &k, &v);
-                        keys.insert(i, k);
-                        vals.insert(i, v);
-                    }
-                    (_, Ok(i)) => {
-                        edits.remove(i);
-                        keys.remove(i);
-                        vals.remove(i);
-                    }
-                    (_, Err(_)) => {}
-                }
-            }
-            let want = encode(&leaf).unwrap();
-            let got = apply(&base, &log.unwrap().ops).unwrap();
-            prop_assert_eq!(&got, &want.data);
-            let back: Node<u16, String> = decode(Oid::ROOT, want.type_fp, &got).unwrap();
-            let (Node::Leaf { keys: k1, vals: v1, next: n1 }, Node::Leaf { keys: k2, vals: v2, next: n2 }) = (&back, &leaf) else {
-                unreachable!()
-            };
-            prop_assert_eq!((k1, v1, n1), (k2, v2, n2));
-        }
-    }
-
-    proptest! {
-        /// The same for branches: separators inserted with the child to their right,
-        /// and the truncation of a split.
-        #[test]
-        fn recorded_branch_edits_encode_the_edited_branch(
-            init in proptest::collection::btree_set(any::<u16>(), 0..60),
-            ops in proptest::collection::vec((any::<bool>(), any::<u16>(), 1u64..1 << 40), 0..20),
-        ) {
-            let keys: Vec<u16> = init.into_iter().collect();
-            let children = (0..=keys.len() as u64).map(|c| Oid::new(c + 1).unwrap()).collect();
-            let mut node: Node<u16, String> = Node::Branch { keys, children };
-            let base = encode(&node).unwrap().data;
-            let mut log = Some(Box::new(DeltaLog {
-                base: Tid::FIRST,
-                depth: 1,
-                type_fp: 0,
-                ops: Vec::new(),
-                refs: Default::default(),
-            }));
-            let mut edits = NodeEdits { log: &mut log };
-            let Node::Branch { keys, children } = &mut node else { unreachable!() };
-            for (insert, k, c) in ops {
-                if insert {
-                    let Err(i) = keys.binary_search(&k) else { continue };
-                    let child = Oid::new(c).unwrap();
-                    edits.insert(i, &k, &child);
-                    keys.insert(i, k);
-                    children.insert(i + 1, child);
-                } else {
-                    let n = usize::from(k) % (keys.len() + 1);
-                    edits.truncate(n);
-                    keys.truncate(n);
-                    children.truncate(n + 1);
-                }
-            }
-            let want = encode(&node).unwrap();
-            let got = apply(&base, &log.unwrap().ops).unwrap();
-            prop_assert_eq!(&got, &want.data);
-            let back: Node<u16, String> = decode(Oid::ROOT, want.type_fp, &got).unwrap();
-            let (Node::Branch { keys: k1, children: c1 }, Node::Branch { keys: k2, children: c2 }) = (&back, &node) else {
-                unreachable!()
-            };
-            prop_assert_eq!((k1, c1), (k2, c2));
-        }
-    }
-
-    #[test]
-    fn references_inside_leaf_entries_are_collected() {
-        let a = Oid::new(5).unwrap();
-        let b = Oid::new(9).unwrap();
-        let leaf: Node<u32, Oid> = Node::Leaf {
-            keys: vec![1, 2],
-            vals: vec![b, a],
-            next: Oid::new(3),
-        };
-        let enc = encode(&leaf).unwrap();
-        assert_eq!(enc.refs.oids, vec![Oid::new(3).unwrap(), a, b]);
-        let mut log = None;
-        let mut edits = NodeEdits { log: &mut log };
-        edits.insert(0, &0u32, &a);
-        assert!(
-            log.is_none(),
-            "nothing is recorded for a leaf written whole"
-        );
-        let mut log = Some(Box::new(DeltaLog {
-            base: Tid::FIRST,
-            depth: 1,
-            type_fp: 0,
-            ops: Vec::new(),
-            refs: Default::default(),
-        }));
-        NodeEdits { log: &mut log }.insert(0, &0u32, &b);
-        assert_eq!(log.unwrap().refs.oids, vec![b]);
     }
 }

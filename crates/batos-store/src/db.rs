@@ -19,36 +19,24 @@ use crate::error::{CommitError, ConflictError, Result, StoreError};
 use crate::ids::{BlobId, BlobRef, Oid, Tid};
 use crate::index::{Checkpoint, CkptOpen, Covers, Index};
 use crate::log::{
-    encode_entry, later_acknowledged_record, read_entry, record_matches_at, Entry, EntryKind,
-    EntryLoc, NewBlob, ReadOutcome, RecordBuilder, SegmentHeader, SegmentReader, MAX_RECORD,
-    SEG_HEADER_LEN,
+    encode_entry, later_acknowledged_record, read_entry, record_matches_at, Entry, EntryLoc,
+    NewBlob, ReadOutcome, RecordBuilder, SegmentHeader, SegmentReader, MAX_RECORD, SEG_HEADER_LEN,
 };
 use crate::nodecache::{NodeCache, SharedValue, NODE_CACHE_ENTRIES};
 use crate::txn::{RootMap, Txn, TxnMode};
 
 const MARKER: &str = "BATOS-IMAGE";
-const MARKER_TEXT: &str = "batos living image, format 2\n";
+const MARKER_TEXT: &str = "batos living image, format 1\n";
 
 /// A type-erased conflict resolver: (oid, ancestor, committed, mine) -> merged state.
 pub(crate) type Resolver = fn(Oid, &Entry, &Entry, &Encoded) -> Result<Option<Encoded>>;
 
 /// One object write queued in a transaction.
 pub(crate) struct PendingWrite {
-    /// The whole state, or with `delta` the edits of a B-tree leaf.
     pub enc: Encoded,
-    /// `enc.data` holds edits to apply to this committed revision (`EntryKind::Delta`).
-    pub delta: Option<DeltaOf>,
     pub resolver: Option<Resolver>,
     /// Allocated by this transaction: cannot conflict.
     pub is_new: bool,
-}
-
-/// The revision a delta write applies to.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct DeltaOf {
-    pub base: Tid,
-    /// The new revision's depth (the base's plus one).
-    pub depth: u8,
 }
 
 /// Everything a transaction asks to commit.
@@ -379,7 +367,6 @@ impl Db {
                 Oid::ROOT,
                 PendingWrite {
                     enc: encode(&RootMap::default())?,
-                    delta: None,
                     resolver: None,
                     is_new: true,
                 },
@@ -576,15 +563,9 @@ fn prepare_dir(path: &Path, mode: OpenMode) -> Result<()> {
     match std::fs::read(&marker) {
         Ok(text) if text == MARKER_TEXT.as_bytes() => Ok(()),
         Ok(text) if text.starts_with(b"batos living image") => {
-            // "batos living image, format N": report N (0 when unreadable).
-            let found = std::str::from_utf8(&text)
-                .ok()
-                .and_then(|t| t.trim_end().rsplit(' ').next())
-                .and_then(|n| n.parse().ok())
-                .unwrap_or(0);
             Err(StoreError::UnsupportedVersion {
                 path: marker,
-                found,
+                found: 0,
                 supported: crate::log::FORMAT_VERSION,
             })
         }
@@ -685,64 +666,6 @@ fn open_index(dir: &Path, gen: u64) -> Result<Index> {
         }
     };
     Ok(Index::new(path, base))
-}
-
-/// Reads revision `tid` of `oid` (at `loc`) with its whole state: a delta is applied to
-/// the chain of revisions it builds on. Also returns the revision's delta depth.
-fn load_full(seg: &Segment, oid: Oid, tid: Tid, loc: EntryLoc) -> Result<(Entry, u8)> {
-    let newest = read_entry(&seg.file, &seg.path, loc, oid, tid)?;
-    let depth = newest.kind.depth();
-    if depth == 0 {
-        return Ok((newest, 0));
-    }
-    let corrupt = |e: &Entry, at: EntryLoc, detail: String| StoreError::CorruptObject {
-        oid,
-        tid: e.tid,
-        path: seg.path.clone(),
-        offset: at.offset,
-        detail,
-    };
-    // Newest first, down to the full revision.
-    let mut chain = vec![(newest, loc)];
-    while let Some(&(ref e, at)) = chain.last() {
-        let EntryKind::Delta { base, depth } = e.kind else {
-            break;
-        };
-        if chain.len() > usize::from(crate::delta::MAX_CHAIN) + 1 {
-            return Err(corrupt(e, at, "delta chain longer than the limit".into()));
-        }
-        let found = lookup_exact(seg, oid, base)?;
-        let Some((btid, bloc)) = found.filter(|(t, _)| *t == base) else {
-            return Err(corrupt(
-                e,
-                at,
-                format!("delta of revision {base}, which is missing"),
-            ));
-        };
-        let b = read_entry(&seg.file, &seg.path, bloc, oid, btid)?;
-        if u16::from(b.kind.depth()) + 1 != u16::from(depth) || b.type_fp != e.type_fp {
-            return Err(corrupt(
-                e,
-                at,
-                format!("delta of revision {base}, which does not match (depth or type)"),
-            ));
-        }
-        chain.push((b, bloc));
-    }
-    let (full, _) = chain.pop().expect("the chain ends at a full revision");
-    let mut data = full.data;
-    for (d, at) in chain.iter().rev() {
-        data = crate::delta::apply(&data, &d.data).map_err(|detail| corrupt(d, *at, detail))?;
-    }
-    let (mut newest, _) = chain.swap_remove(0);
-    newest.data = data;
-    newest.kind = EntryKind::Full;
-    Ok((newest, depth))
-}
-
-/// Revision `tid` of `oid` if it exists (the newest at or before `tid` otherwise).
-fn lookup_exact(seg: &Segment, oid: Oid, tid: Tid) -> Result<Option<(Tid, EntryLoc)>> {
-    seg.index.lookup(oid, tid.get())
 }
 
 /// What recovery found.
@@ -931,7 +854,7 @@ impl DbInner {
         let seg = self.current.read().clone();
         match Self::lookup(&seg, oid, snapshot.get())? {
             None => Ok(None),
-            Some((tid, loc)) => load_full(&seg, oid, tid, loc).map(|(e, _)| Some(e)),
+            Some((tid, loc)) => read_entry(&seg.file, &seg.path, loc, oid, tid).map(Some),
         }
     }
 
@@ -941,7 +864,7 @@ impl DbInner {
         &self,
         oid: Oid,
         snapshot: Tid,
-    ) -> Result<Option<(SharedValue, Tid, u8)>>
+    ) -> Result<Option<(SharedValue, Tid)>>
     where
         T: serde::de::DeserializeOwned + Send + Sync + 'static,
     {
@@ -950,16 +873,16 @@ impl DbInner {
         let Some((tid, loc)) = Self::lookup(&seg, oid, snapshot.get())? else {
             return Ok(None);
         };
-        if let Some((v, depth)) = self.nodes.lock().get(oid, tid) {
+        if let Some(v) = self.nodes.lock().get(oid, tid) {
             if v.is::<T>() {
-                return Ok(Some((v, tid, depth)));
+                return Ok(Some((v, tid)));
             }
         }
-        let (e, depth) = load_full(&seg, oid, tid, loc)?;
+        let e = read_entry(&seg.file, &seg.path, loc, oid, tid)?;
         let value: T = crate::codec::decode(oid, e.type_fp, &e.data)?;
         let value: SharedValue = Arc::new(value);
-        self.nodes.lock().insert(oid, tid, value.clone(), depth);
-        Ok(Some((value, tid, depth)))
+        self.nodes.lock().insert(oid, tid, value.clone());
+        Ok(Some((value, tid)))
     }
 
     /// Takes `value`, the cached decoded revision `(oid, tid)`, out of the shared cache
@@ -970,11 +893,10 @@ impl DbInner {
     }
 
     /// Offers decoded revisions that a commit just wrote (as `tid`) to the shared cache.
-    /// Each value comes with its revision's delta depth.
-    pub(crate) fn cache_committed(&self, tid: Tid, values: Vec<(Oid, SharedValue, u8)>) {
+    pub(crate) fn cache_committed(&self, tid: Tid, values: Vec<(Oid, SharedValue)>) {
         let mut nodes = self.nodes.lock();
-        for (oid, v, depth) in values {
-            nodes.insert(oid, tid, v, depth);
+        for (oid, v) in values {
+            nodes.insert(oid, tid, v);
         }
     }
 
@@ -1041,35 +963,9 @@ impl DbInner {
                     continue;
                 }
                 let Some((latest, loc)) = Self::lookup_latest_locked(&seg, oid)? else {
-                    if w.delta.is_some() {
-                        // The leaf it edits is gone: pack found it unreachable.
-                        let h = self.pack_horizon.load(Ordering::Acquire);
-                        return Err(match Tid::new(h) {
-                            Some(horizon) => ConflictError::Packed {
-                                snapshot: snap,
-                                horizon,
-                            }
-                            .into(),
-                            None => StoreError::IndexInconsistent {
-                                detail: format!("{oid} was read at {snap} but has no revision"),
-                            }
-                            .into(),
-                        });
-                    }
                     continue;
                 };
                 if latest <= snap {
-                    if let Some(d) = w.delta {
-                        if d.base != latest {
-                            return Err(StoreError::IndexInconsistent {
-                                detail: format!(
-                                    "{oid}: edits of revision {} but the latest is {latest}",
-                                    d.base
-                                ),
-                            }
-                            .into());
-                        }
-                    }
                     continue;
                 }
                 let conflict = ConflictError::Write {
@@ -1080,30 +976,15 @@ impl DbInner {
                 let Some(resolver) = w.resolver else {
                     return Err(conflict.into());
                 };
-                let (committed, _) = load_full(&seg, oid, latest, loc)?;
+                let committed = read_entry(&seg.file, &seg.path, loc, oid, latest)?;
                 let Some((atid, aloc)) = Self::lookup(&seg, oid, snap.get())? else {
                     return Err(conflict.into());
                 };
-                let (ancestor, _) = load_full(&seg, oid, atid, aloc)?;
-                let mine = match w.delta {
-                    None => None,
-                    // Edits of the revision this transaction read: apply them to it.
-                    Some(d) if d.base == atid => Some(Encoded {
-                        type_fp: w.enc.type_fp,
-                        refs: w.enc.refs.clone(),
-                        data: crate::delta::apply(&ancestor.data, &w.enc.data).map_err(
-                            |detail| StoreError::IndexInconsistent {
-                                detail: format!("{oid}: edits of revision {atid}: {detail}"),
-                            },
-                        )?,
-                    }),
-                    Some(_) => return Err(conflict.into()),
-                };
-                match resolver(oid, &ancestor, &committed, mine.as_ref().unwrap_or(&w.enc))? {
+                let ancestor = read_entry(&seg.file, &seg.path, aloc, oid, atid)?;
+                match resolver(oid, &ancestor, &committed, &w.enc)? {
                     Some(merged) => {
                         tracing::debug!(%oid, "conflict resolved by the object's resolver");
                         w.enc = merged;
-                        w.delta = None;
                         resolved.push(oid);
                     }
                     None => return Err(conflict.into()),
@@ -1133,14 +1014,7 @@ impl DbInner {
                 + 64,
         );
         for (&oid, w) in &ws.writes {
-            let kind = match w.delta {
-                None => EntryKind::Full,
-                Some(d) => EntryKind::Delta {
-                    base: d.base,
-                    depth: d.depth,
-                },
-            };
-            b.push_encoded(oid, tid, kind, &w.enc);
+            b.push_encoded(oid, tid, &w.enc);
             if b.encoded_len() > MAX_RECORD - 1024 {
                 return Err(StoreError::TooLarge {
                     bytes: b.encoded_len(),
@@ -1386,28 +1260,9 @@ impl DbInner {
         while let Some(oid) = stack.pop() {
             let revs = old.index.revisions(oid)?; // oldest first
             let first_kept = revs.iter().rposition(|(t, _)| *t <= horizon).unwrap_or(0);
-            // A kept delta keeps the revisions it builds on (and what they refer to:
-            // the state's references are among the chain's).
-            let mut todo: Vec<(Tid, EntryLoc)> = revs.iter().skip(first_kept).copied().collect();
-            while let Some((tid, loc)) = todo.pop() {
-                if !keep.insert((oid, tid)) {
-                    continue;
-                }
+            for &(tid, loc) in revs.iter().skip(first_kept) {
                 let e = read_entry(&old.file, &old.path, loc, oid, tid)?;
-                if let EntryKind::Delta { base, .. } = e.kind {
-                    match revs.iter().find(|(t, _)| *t == base) {
-                        Some(&b) => todo.push(b),
-                        None => {
-                            return Err(StoreError::CorruptObject {
-                                oid,
-                                tid,
-                                path: old.path.clone(),
-                                offset: loc.offset,
-                                detail: format!("delta of revision {base}, which is missing"),
-                            })
-                        }
-                    }
-                }
+                keep.insert((oid, tid));
                 keep_blobs.extend(e.blobs.iter().copied());
                 for r in e.refs {
                     if seen.insert(r) {
@@ -1475,7 +1330,7 @@ impl DbInner {
                     },
                     data: e.data.clone(),
                 };
-                b.push_entry(e.oid, &encode_entry(e.oid, e.tid, e.kind, &enc));
+                b.push_entry(e.oid, &encode_entry(e.oid, e.tid, &enc));
             }
             kept += entries.len() as u64;
             let (bytes, _) = b.finish(&carried_blobs);
@@ -1633,10 +1488,6 @@ impl DbInner {
                             ),
                         })
                     }
-                }
-                if e.kind != EntryKind::Full {
-                    // The chain it builds on is there and its edits apply.
-                    load_full(&seg, e.oid, e.tid, *loc)?;
                 }
                 for b in &e.blobs {
                     referenced.entry(*b).or_insert((e.oid, e.tid));

@@ -308,38 +308,3 @@ pub(crate) fn collecting<R>(f: impl FnOnce() -> R) -> (R, Refs) {
     refs.blobs.dedup();
     (r, refs)
 }
-
-/// A fast hasher for maps keyed by ids (`Oid`, `(Oid, Tid)`): ids are ours, not
-/// attacker-chosen, so the default SipHash's flood resistance buys nothing and costs a
-/// measurable share of a B-tree transaction (every node access looks up an oid).
-#[derive(Default, Clone, Copy)]
-pub(crate) struct IdHasher(u64);
-
-impl IdHasher {
-    fn add(&mut self, n: u64) {
-        // FxHash's step: rotate, mix in, multiply by an odd constant.
-        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-    }
-}
-
-impl std::hash::Hasher for IdHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for chunk in bytes.chunks(8) {
-            let mut b = [0u8; 8];
-            b[..chunk.len()].copy_from_slice(chunk);
-            self.add(u64::from_le_bytes(b));
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.add(n);
-    }
-
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
-
-/// A hash map keyed by ids.
-pub(crate) type IdMap<K, V> =
-    std::collections::HashMap<K, V, std::hash::BuildHasherDefault<IdHasher>>;

@@ -16,6 +16,7 @@
 //! written to a temp file, fsynced, renamed and the directory fsynced, so a crash leaves
 //! the old one or the new one.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -457,7 +458,7 @@ fn decode_entry(e: &[u8]) -> Option<Rev> {
 /// Revisions committed since the checkpoint, per oid, oldest first.
 #[derive(Default)]
 struct Overlay {
-    map: crate::ids::IdMap<Oid, Vec<(Tid, EntryLoc)>>,
+    map: HashMap<Oid, Vec<(Tid, EntryLoc)>>,
     len: usize,
 }
 

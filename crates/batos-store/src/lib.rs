@@ -23,7 +23,6 @@ mod btree;
 mod codec;
 mod config;
 mod db;
-mod delta;
 mod error;
 mod ids;
 mod index;

@@ -17,9 +17,7 @@ use crate::ids::{BlobId, Oid, Tid};
 pub(crate) const SEG_MAGIC: &[u8; 8] = b"BATOSLOG";
 /// On-disk format this build writes and reads; an image of another version is refused
 /// with [`StoreError::UnsupportedVersion`](crate::StoreError::UnsupportedVersion).
-/// 2: entries carry a kind (full state, or a delta of a B-tree node against an earlier
-/// revision); nodes encode as length-prefixed entries.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 1;
 pub(crate) const SEG_HEADER_LEN: u64 = 64;
 const REC_MAGIC: u32 = 0xB47C_0317;
 const REC_HEADER_LEN: usize = 28;
@@ -89,48 +87,12 @@ pub(crate) struct NewBlob {
     pub hash: [u8; 32],
 }
 
-/// How an entry stores its object's state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum EntryKind {
-    /// `data` is the whole state.
-    Full,
-    /// `data` holds edits of a B-tree leaf (see `delta.rs`) to apply to the revision of
-    /// the same object at `base`; `depth` counts the deltas back to a full revision
-    /// (1 when `base` is full).
-    Delta { base: Tid, depth: u8 },
-}
-
-const KIND_FULL: u8 = 0;
-const KIND_DELTA: u8 = 1;
-
-impl EntryKind {
-    fn write(self, b: &mut Vec<u8>) {
-        match self {
-            EntryKind::Full => b.push(KIND_FULL),
-            EntryKind::Delta { base, depth } => {
-                b.push(KIND_DELTA);
-                b.extend_from_slice(&base.get().to_le_bytes());
-                b.push(depth);
-            }
-        }
-    }
-
-    /// Deltas back to a full revision (0 for a full one).
-    pub fn depth(self) -> u8 {
-        match self {
-            EntryKind::Full => 0,
-            EntryKind::Delta { depth, .. } => depth,
-        }
-    }
-}
-
 /// One object revision inside a record, as parsed.
 #[derive(Debug, Clone)]
 pub(crate) struct Entry {
     pub oid: Oid,
     pub tid: Tid,
     pub type_fp: u64,
-    pub kind: EntryKind,
     pub refs: Vec<Oid>,
     pub blobs: Vec<BlobId>,
     pub data: Vec<u8>,
@@ -164,12 +126,11 @@ pub(crate) struct RecordBuilder {
     entry_offsets: Vec<(Oid, u64, u32)>,
 }
 
-pub(crate) fn encode_entry(oid: Oid, tid: Tid, kind: EntryKind, enc: &Encoded) -> Vec<u8> {
-    let mut e = Vec::with_capacity(42 + enc.data.len() + 8 * enc.refs.oids.len());
+pub(crate) fn encode_entry(oid: Oid, tid: Tid, enc: &Encoded) -> Vec<u8> {
+    let mut e = Vec::with_capacity(32 + enc.data.len() + 8 * enc.refs.oids.len());
     e.extend_from_slice(&oid.get().to_le_bytes());
     e.extend_from_slice(&tid.get().to_le_bytes());
     e.extend_from_slice(&enc.type_fp.to_le_bytes());
-    kind.write(&mut e);
     e.extend_from_slice(&(enc.refs.oids.len() as u32).to_le_bytes());
     for r in &enc.refs.oids {
         e.extend_from_slice(&r.get().to_le_bytes());
@@ -210,7 +171,7 @@ impl RecordBuilder {
 
     /// Appends the entry for `oid` at `tid`, encoded in place (the same bytes as
     /// [`encode_entry`], without an intermediate buffer).
-    pub fn push_encoded(&mut self, oid: Oid, tid: Tid, kind: EntryKind, enc: &Encoded) {
+    pub fn push_encoded(&mut self, oid: Oid, tid: Tid, enc: &Encoded) {
         let len_at = self.buf.len();
         self.buf.extend_from_slice(&0u32.to_le_bytes()); // entry length, patched below
         let off = self.buf.len();
@@ -218,7 +179,6 @@ impl RecordBuilder {
         b.extend_from_slice(&oid.get().to_le_bytes());
         b.extend_from_slice(&tid.get().to_le_bytes());
         b.extend_from_slice(&enc.type_fp.to_le_bytes());
-        kind.write(b);
         b.extend_from_slice(&(enc.refs.oids.len() as u32).to_le_bytes());
         for r in &enc.refs.oids {
             b.extend_from_slice(&r.get().to_le_bytes());
@@ -310,20 +270,6 @@ pub(crate) fn parse_entry(bytes: &[u8]) -> std::result::Result<Entry, String> {
     let oid = Oid::new(c.u64().ok_or_else(malformed)?).ok_or("entry with oid 0")?;
     let tid = Tid::new(c.u64().ok_or_else(malformed)?).ok_or("entry with tid 0")?;
     let type_fp = c.u64().ok_or_else(malformed)?;
-    let kind = match c.take(1).ok_or_else(malformed)?[0] {
-        KIND_FULL => EntryKind::Full,
-        KIND_DELTA => {
-            let base = Tid::new(c.u64().ok_or_else(malformed)?).ok_or("delta of tid 0")?;
-            let depth = c.take(1).ok_or_else(malformed)?[0];
-            if base >= tid || depth == 0 {
-                return Err(format!(
-                    "delta of revision {base} at {tid} with depth {depth}"
-                ));
-            }
-            EntryKind::Delta { base, depth }
-        }
-        k => return Err(format!("unknown entry kind {k}")),
-    };
     let n_refs = c.u32().ok_or_else(malformed)? as usize;
     if n_refs > body.len() / 8 {
         return Err(malformed());
@@ -349,7 +295,6 @@ pub(crate) fn parse_entry(bytes: &[u8]) -> std::result::Result<Entry, String> {
         oid,
         tid,
         type_fp,
-        kind,
         refs,
         blobs,
         data,
@@ -685,19 +630,14 @@ mod tests {
             data: b"state bytes".to_vec(),
         };
         let mut a = RecordBuilder::new(tid, 64, 1, 10);
-        let kind = EntryKind::Delta {
-            base: Tid::new(4).expect("non-zero"),
-            depth: 3,
-        };
-        a.push_entry(oid, &encode_entry(oid, tid, kind, &enc));
+        a.push_entry(oid, &encode_entry(oid, tid, &enc));
         let mut b = RecordBuilder::new(tid, 64, 1, 10);
-        b.push_encoded(oid, tid, kind, &enc);
+        b.push_encoded(oid, tid, &enc);
         let (ra, oa) = a.finish(&[]);
         let (rb, ob) = b.finish(&[]);
         assert_eq!(ra, rb);
         assert_eq!(oa, ob);
         let rec = parse_record(&rb, 0).expect("parses");
         assert_eq!(rec.entries[0].1.data, enc.data);
-        assert_eq!(rec.entries[0].1.kind, kind);
     }
 }

@@ -6,10 +6,10 @@
 //! index, then asks the cache for that exact revision. Entries are evicted oldest first.
 
 use std::any::Any;
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
-use crate::ids::{IdMap, Oid, Tid};
+use crate::ids::{Oid, Tid};
 
 /// A decoded, immutable object revision.
 pub(crate) type SharedValue = Arc<dyn Any + Send + Sync>;
@@ -18,8 +18,7 @@ pub(crate) type SharedValue = Arc<dyn Any + Send + Sync>;
 pub(crate) const NODE_CACHE_ENTRIES: usize = 16_384;
 
 pub(crate) struct NodeCache {
-    /// Each revision with its delta depth (see `log::EntryKind::depth`).
-    map: IdMap<(Oid, Tid), (SharedValue, u8)>,
+    map: HashMap<(Oid, Tid), SharedValue>,
     order: VecDeque<(Oid, Tid)>,
     cap: usize,
 }
@@ -27,13 +26,13 @@ pub(crate) struct NodeCache {
 impl NodeCache {
     pub(crate) fn new(cap: usize) -> NodeCache {
         NodeCache {
-            map: IdMap::default(),
+            map: HashMap::new(),
             order: VecDeque::new(),
             cap,
         }
     }
 
-    pub(crate) fn get(&self, oid: Oid, tid: Tid) -> Option<(SharedValue, u8)> {
+    pub(crate) fn get(&self, oid: Oid, tid: Tid) -> Option<SharedValue> {
         self.map.get(&(oid, tid)).cloned()
     }
 
@@ -41,7 +40,7 @@ impl NodeCache {
     /// that a transaction about to modify its copy can take it without cloning.
     pub(crate) fn take(&mut self, oid: Oid, tid: Tid, value: &SharedValue) -> bool {
         match self.map.get(&(oid, tid)) {
-            Some((v, _)) if Arc::ptr_eq(v, value) => {
+            Some(v) if Arc::ptr_eq(v, value) => {
                 self.map.remove(&(oid, tid));
                 // `order` keeps the key until it is popped; keep it from growing without
                 // bound when entries are taken and re-inserted over and over.
@@ -55,7 +54,7 @@ impl NodeCache {
         }
     }
 
-    pub(crate) fn insert(&mut self, oid: Oid, tid: Tid, value: SharedValue, depth: u8) {
+    pub(crate) fn insert(&mut self, oid: Oid, tid: Tid, value: SharedValue) {
         if self.cap == 0 || self.map.contains_key(&(oid, tid)) {
             return;
         }
@@ -67,7 +66,7 @@ impl NodeCache {
                 None => break,
             }
         }
-        self.map.insert((oid, tid), (value, depth));
+        self.map.insert((oid, tid), value);
         self.order.push_back((oid, tid));
     }
 }
@@ -81,11 +80,11 @@ mod tests {
         let mut c = NodeCache::new(2);
         let t = Tid::FIRST;
         let oid = |n| Oid::new(n).expect("non-zero");
-        c.insert(oid(1), t, Arc::new(1u32), 0);
-        c.insert(oid(2), t, Arc::new(2u32), 0);
-        c.insert(oid(3), t, Arc::new(3u32), 0);
+        c.insert(oid(1), t, Arc::new(1u32));
+        c.insert(oid(2), t, Arc::new(2u32));
+        c.insert(oid(3), t, Arc::new(3u32));
         assert!(c.get(oid(1), t).is_none());
-        let (v, _) = c.get(oid(3), t).expect("newest kept");
+        let v = c.get(oid(3), t).expect("newest kept");
         assert_eq!(v.downcast_ref::<u32>(), Some(&3));
         assert_eq!(c.map.len(), 2);
     }
@@ -96,13 +95,13 @@ mod tests {
         let t = Tid::FIRST;
         let oid = |n| Oid::new(n).expect("non-zero");
         let v: SharedValue = Arc::new(1u32);
-        c.insert(oid(1), t, v.clone(), 0);
+        c.insert(oid(1), t, v.clone());
         assert!(!c.take(oid(1), t, &(Arc::new(1u32) as SharedValue)));
         assert!(c.take(oid(1), t, &v));
         assert!(c.get(oid(1), t).is_none());
         for i in 0..1000u64 {
             let v: SharedValue = Arc::new(i);
-            c.insert(oid(2), Tid::new(i + 1).expect("non-zero"), v.clone(), 0);
+            c.insert(oid(2), Tid::new(i + 1).expect("non-zero"), v.clone());
             assert!(c.take(oid(2), Tid::new(i + 1).expect("non-zero"), &v));
         }
         assert!(

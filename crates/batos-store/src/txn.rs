@@ -2,7 +2,7 @@
 
 use std::any::Any;
 use std::cell::RefCell;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -10,11 +10,10 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::blob::{BlobReader, BlobWriter};
-use crate::codec::{decode, encode, type_fingerprint, Encoded};
-use crate::db::{DbInner, DeltaOf, PendingWrite, WriteSet};
-use crate::delta::{DeltaLog, NodeEdits, MAX_CHAIN};
+use crate::codec::{decode, encode, Encoded};
+use crate::db::{DbInner, PendingWrite, WriteSet};
 use crate::error::{CommitError, Result, StoreError};
-use crate::ids::{BlobRef, IdMap, Oid, Ref, Tid};
+use crate::ids::{BlobRef, Oid, Ref, Tid};
 use crate::log::Entry;
 use crate::nodecache::SharedValue;
 use crate::resolve::{resolver_for, ResolveConflict};
@@ -46,7 +45,7 @@ pub struct Txn {
     blobs: Arc<Mutex<Vec<BlobRef>>>,
     /// Decoded objects used by structures such as the B-tree, so a transaction that
     /// touches a node many times decodes it once and encodes it once, at commit.
-    cache: RefCell<IdMap<Oid, Cached>>,
+    cache: RefCell<HashMap<Oid, Cached>>,
     done: bool,
 }
 
@@ -58,25 +57,20 @@ struct Cached {
     dirty: Option<EncodeAny>,
     resolver: Option<crate::db::Resolver>,
     is_new: bool,
-    /// While dirty: the edits since the committed revision it was read as, when the commit
-    /// can write them as a delta (a B-tree leaf edited in place).
-    delta: Option<Box<DeltaLog>>,
 }
 
 /// A decoded object in a transaction's cache.
 enum CachedValue {
-    /// An unmodified committed revision (of that tid, at that delta depth), shared with
-    /// other transactions.
-    Shared(SharedValue, Tid, u8),
-    /// This transaction's own state (modified or new). The only reference to it, so it
-    /// can be modified in place and offered to the shared cache at commit without a copy.
-    Owned(SharedValue),
+    /// An unmodified committed revision (of that tid), shared with other transactions.
+    Shared(SharedValue, Tid),
+    /// This transaction's own state (modified or new).
+    Owned(Box<dyn Any + Send + Sync>),
 }
 
 impl CachedValue {
     fn as_any(&self) -> &(dyn Any + Send + Sync) {
         match self {
-            CachedValue::Shared(v, ..) => &**v,
+            CachedValue::Shared(v, _) => &**v,
             CachedValue::Owned(v) => &**v,
         }
     }
@@ -92,33 +86,32 @@ impl CachedValue {
     /// The value for modification: a shared revision is taken over when nobody else
     /// holds it, and copied otherwise.
     fn downcast_mut<T: Clone + Send + Sync + 'static>(&mut self) -> Option<&mut T> {
-        if let CachedValue::Shared(v, tid, depth) = self {
-            let (tid, depth) = (*tid, *depth);
+        if let CachedValue::Shared(v, tid) = self {
+            let tid = *tid;
             // Move the Arc out (a placeholder stands in for a moment), so that ours is
             // the only reference when the shared cache has let go of it.
-            static PLACEHOLDER: std::sync::OnceLock<SharedValue> = std::sync::OnceLock::new();
-            let stand_in = PLACEHOLDER.get_or_init(|| Arc::new(())).clone();
-            let mut v = std::mem::replace(v, stand_in);
-            if !v.is::<T>() {
-                *self = CachedValue::Shared(v, tid, depth);
-                return None;
+            let v = std::mem::replace(v, Arc::new(()));
+            match v.downcast::<T>() {
+                Ok(v) => {
+                    let owned = Arc::try_unwrap(v).unwrap_or_else(|shared| (*shared).clone());
+                    *self = CachedValue::Owned(Box::new(owned));
+                }
+                Err(v) => {
+                    *self = CachedValue::Shared(v, tid);
+                    return None;
+                }
             }
-            if Arc::get_mut(&mut v).is_none() {
-                // Someone else still reads this revision: modify a copy.
-                let copy = v.downcast_ref::<T>().expect("checked above").clone();
-                v = Arc::new(copy);
-            }
-            *self = CachedValue::Owned(v);
         }
         match self {
-            CachedValue::Owned(v) => Arc::get_mut(v)?.downcast_mut::<T>(),
+            CachedValue::Owned(v) => v.downcast_mut::<T>(),
             CachedValue::Shared(..) => None,
         }
     }
 
     fn into_shared(self) -> SharedValue {
         match self {
-            CachedValue::Shared(v, ..) | CachedValue::Owned(v) => v,
+            CachedValue::Shared(v, _) => v,
+            CachedValue::Owned(v) => SharedValue::from(v),
         }
     }
 }
@@ -152,7 +145,7 @@ impl Txn {
             writes: BTreeMap::new(),
             read_current: BTreeSet::new(),
             blobs: Arc::new(Mutex::new(Vec::new())),
-            cache: RefCell::new(IdMap::default()),
+            cache: RefCell::new(HashMap::new()),
             done: false,
         }
     }
@@ -236,7 +229,6 @@ impl Txn {
             oid,
             PendingWrite {
                 enc,
-                delta: None,
                 resolver,
                 is_new,
             },
@@ -282,7 +274,6 @@ impl Txn {
             oid,
             PendingWrite {
                 enc,
-                delta: None,
                 resolver: None,
                 is_new: true,
             },
@@ -307,7 +298,7 @@ impl Txn {
 
     /// Makes sure `oid` is decoded in the cache as a `T`.
     fn cache_load<T: DeserializeOwned + Send + Sync + 'static>(&self, oid: Oid) -> Result<()> {
-        let cache = self.cache.borrow();
+        let mut cache = self.cache.borrow_mut();
         let in_txn = match cache.get(&oid) {
             Some(c) if c.value.is::<T>() => return Ok(()),
             Some(_) => true,
@@ -316,13 +307,13 @@ impl Txn {
         drop(cache);
         let value = if in_txn {
             // This transaction's own state: decode it (which reports a type mismatch).
-            CachedValue::Owned(Arc::new(self.get::<T>(oid)?))
+            CachedValue::Owned(Box::new(self.get::<T>(oid)?))
         } else {
             // A committed revision: decoded once for the whole Db.
             match self.db.load_shared::<T>(oid, self.snapshot)? {
-                Some((v, tid, depth)) if v.is::<T>() => CachedValue::Shared(v, tid, depth),
+                Some((v, tid)) if v.is::<T>() => CachedValue::Shared(v, tid),
                 // Stored as another type: decoding reports it.
-                Some(_) => CachedValue::Owned(Arc::new(self.get::<T>(oid)?)),
+                Some(_) => CachedValue::Owned(Box::new(self.get::<T>(oid)?)),
                 None => {
                     return Err(StoreError::ObjectNotFound {
                         oid,
@@ -331,31 +322,22 @@ impl Txn {
                 }
             }
         };
-        let mut cache = self.cache.borrow_mut();
+        cache = self.cache.borrow_mut();
         if cache.len() >= CACHE_CLEAN_LIMIT {
             cache.retain(|_, c| c.dirty.is_some());
         }
-        if cache.capacity() == 0 {
-            // Skip the first few regrowths: a B-tree transaction touches hundreds of nodes.
-            cache.reserve(64);
-        }
-        // A committed revision not in the cache has no state in this transaction yet.
-        let (is_new, resolver) = if !in_txn {
-            (false, None)
-        } else {
-            let (is_new, resolver) = match (cache.get(&oid), self.writes.get(&oid)) {
-                (Some(c), _) => (c.is_new, c.resolver),
-                (None, Some(w)) => (w.is_new, w.resolver),
-                (None, None) => (false, None),
-            };
-            if cache.get(&oid).is_some_and(|c| c.dirty.is_some()) {
-                // A dirty entry of another type: `get` above would have failed.
-                return Err(StoreError::IndexInconsistent {
-                    detail: format!("{oid} cached as two types in one transaction"),
-                });
-            }
-            (is_new, resolver)
+        let (is_new, resolver) = match (cache.get(&oid), self.writes.get(&oid)) {
+            (Some(c), _) => (c.is_new, c.resolver),
+            (None, Some(w)) => (w.is_new, w.resolver),
+            (None, None) => (false, None),
         };
+        let dirty = cache.get(&oid).and_then(|c| c.dirty);
+        if dirty.is_some() {
+            // A dirty entry of another type: `get` above would have failed.
+            return Err(StoreError::IndexInconsistent {
+                detail: format!("{oid} cached as two types in one transaction"),
+            });
+        }
         cache.insert(
             oid,
             Cached {
@@ -363,7 +345,6 @@ impl Txn {
                 dirty: None,
                 resolver,
                 is_new,
-                delta: None,
             },
         );
         Ok(())
@@ -374,13 +355,6 @@ impl Txn {
     where
         T: DeserializeOwned + Send + Sync + 'static,
     {
-        {
-            // The common case: already decoded in this transaction.
-            let cache = self.cache.borrow();
-            if let Some(v) = cache.get(&oid).and_then(|c| c.value.downcast_ref::<T>()) {
-                return Ok(f(v));
-            }
-        }
         self.cache_load::<T>(oid)?;
         let cache = self.cache.borrow();
         let v = cache[&oid]
@@ -411,58 +385,11 @@ impl Txn {
         }
         c.dirty = Some(encode_any::<T>);
         c.resolver = resolver;
-        c.delta = None;
-        if let CachedValue::Shared(v, tid, _) = &c.value {
+        if let CachedValue::Shared(v, tid) = &c.value {
             self.db.take_shared(oid, *tid, v);
         }
         let v = c.value.downcast_mut::<T>().expect("cache_load stored a T");
         Ok(f(v))
-    }
-
-    /// Like [`Self::cached_write`] for a B-tree leaf whose changes `f` reports to
-    /// `NodeEdits`: if the leaf is a committed revision (and its delta chain is short),
-    /// the commit writes only those edits.
-    pub(crate) fn cached_edit<T, R>(
-        &mut self,
-        oid: Oid,
-        resolver: Option<crate::db::Resolver>,
-        f: impl FnOnce(&mut T, &mut NodeEdits<'_>) -> R,
-    ) -> Result<R>
-    where
-        T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
-    {
-        self.check_writable()?;
-        self.cache_load::<T>(oid)?;
-        let pending = self.writes.remove(&oid);
-        let cache = self.cache.get_mut();
-        let c = cache.get_mut(&oid).expect("cache_load inserted it");
-        if let Some(w) = pending {
-            c.is_new |= w.is_new;
-        }
-        if c.dirty.is_none() {
-            // First change in this transaction: edits can describe it if it was read as a
-            // committed revision.
-            c.delta = match &c.value {
-                CachedValue::Shared(_, tid, depth) if !c.is_new && *depth < MAX_CHAIN => {
-                    Some(Box::new(DeltaLog {
-                        base: *tid,
-                        depth: depth + 1,
-                        type_fp: type_fingerprint::<T>(),
-                        ops: Vec::new(),
-                        refs: Default::default(),
-                    }))
-                }
-                _ => None,
-            };
-        }
-        c.dirty = Some(encode_any::<T>);
-        c.resolver = resolver;
-        if let CachedValue::Shared(v, tid, _) = &c.value {
-            self.db.take_shared(oid, *tid, v);
-        }
-        let v = c.value.downcast_mut::<T>().expect("cache_load stored a T");
-        let mut edits = NodeEdits { log: &mut c.delta };
-        Ok(f(v, &mut edits))
     }
 
     /// Adds a new object to the cache (dirty).
@@ -480,55 +407,31 @@ impl Txn {
         self.cache.get_mut().insert(
             oid,
             Cached {
-                value: CachedValue::Owned(Arc::new(value)),
+                value: CachedValue::Owned(Box::new(value)),
                 dirty: Some(encode_any::<T>),
                 resolver,
                 is_new: true,
-                delta: None,
             },
         );
         Ok(())
     }
 
     /// Moves dirty cache entries into the write set (before commit). Returns their
-    /// decoded values and delta depths, for the shared cache once the commit's tid is
-    /// known.
-    fn flush_cache(&mut self) -> Result<Vec<(Oid, SharedValue, u8)>> {
+    /// decoded values, for the shared cache once the commit's tid is known.
+    fn flush_cache(&mut self) -> Result<Vec<(Oid, SharedValue)>> {
         let mut decoded = Vec::new();
         for (oid, c) in self.cache.get_mut().drain() {
-            let Some(enc) = c.dirty else {
-                continue;
-            };
-            let (enc, delta) = match c.delta.map(|d| *d) {
-                Some(mut d) => {
-                    d.refs.oids.sort_unstable();
-                    d.refs.oids.dedup();
-                    d.refs.blobs.sort_unstable();
-                    d.refs.blobs.dedup();
-                    let of = DeltaOf {
-                        base: d.base,
-                        depth: d.depth,
-                    };
-                    let enc = Encoded {
-                        type_fp: d.type_fp,
-                        refs: d.refs,
-                        data: d.ops,
-                    };
-                    (enc, Some(of))
-                }
-                None => (enc(c.value.as_any())?, None),
-            };
-            let depth = delta.map_or(0, |d| d.depth);
-            self.writes.insert(
-                oid,
-                PendingWrite {
-                    enc,
-                    delta,
-                    resolver: c.resolver,
-                    is_new: c.is_new,
-                },
-            );
-            decoded.push((oid, c.value.into_shared(), depth));
+            if let Some(enc) = c.dirty {
+                self.writes.insert(
+                    oid,
+                    PendingWrite {
+                        enc: enc(c.value.as_any())?,
+                        resolver: c.resolver,
+                        is_new: c.is_new,
+                    },
+                );
+                decoded.push((oid, c.value.into_shared()));
+            }
         }
         Ok(decoded)
     }
@@ -646,7 +549,7 @@ impl Txn {
             // What a resolver merged differs from what this transaction decoded.
             let committed = decoded
                 .into_iter()
-                .filter(|(oid, ..)| !resolved.contains(oid))
+                .filter(|(oid, _)| !resolved.contains(oid))
                 .collect();
             self.db.cache_committed(tid, committed);
         }
