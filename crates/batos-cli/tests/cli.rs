@@ -84,21 +84,70 @@ fn reference_text(base: &serde_json::Value, name: &str) -> (String, String, Stri
     )
 }
 
-#[test]
-fn import_then_generate_matches_the_reference() {
-    const TEST: &str = "import_then_generate_matches_the_reference";
+/// The real model's GGUF and ../shared/reference/base.json, or `None` after a SKIP line.
+fn real_model_and_reference(test: &str) -> Option<(PathBuf, serde_json::Value)> {
     let Some(refdir) = reference_dir() else {
-        return skip(
-            TEST,
+        skip(
+            test,
             "reference outputs not found (set BATOS_REFERENCE_DIR or keep ../shared/reference)",
         );
+        return None;
     };
     let gguf = match batos::model::fetch::smollm2_gguf() {
         Ok(p) => p,
-        Err(e) => return skip(TEST, &format!("real model unavailable: {e}")),
+        Err(e) => {
+            skip(test, &format!("real model unavailable: {e}"));
+            return None;
+        }
     };
-    let base: serde_json::Value =
+    let base =
         serde_json::from_str(&std::fs::read_to_string(refdir.join("base.json")).unwrap()).unwrap();
+    Some((gguf, base))
+}
+
+/// Greedy `generate` from `image` gives the reference texts: 32 tokens of the fox prompt
+/// past EOS, and the chat prompt (the template's default system message) up to
+/// `<|im_end|>`. Returns the fox prompt and its 32-token text.
+fn assert_generates_reference_texts(image: &str, base: &serde_json::Value) -> (String, String) {
+    let (prompt, want32, _) = reference_text(base, "fox");
+    let o = ok(
+        batos(&[
+            "generate",
+            "--image",
+            image,
+            "--prompt",
+            &prompt,
+            "--max-tokens",
+            "32",
+            "--ignore-eos",
+        ]),
+        "generate",
+    );
+    assert_eq!(stdout(&o), format!("{want32}\n"));
+    let o = ok(
+        batos(&[
+            "generate",
+            "--image",
+            image,
+            "--chat",
+            "--prompt",
+            "What is the capital of France?",
+            "--max-tokens",
+            "32",
+        ]),
+        "generate --chat",
+    );
+    let (_, _, want_chat) = reference_text(base, "chat_capital");
+    assert_eq!(stdout(&o), format!("{want_chat}\n"));
+    (prompt, want32)
+}
+
+#[test]
+fn import_then_generate_matches_the_reference() {
+    const TEST: &str = "import_then_generate_matches_the_reference";
+    let Some((gguf, base)) = real_model_and_reference(TEST) else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("image");
     let image = path_str(&image);
@@ -114,39 +163,7 @@ fn import_then_generate_matches_the_reference() {
     assert!(info.contains("30 layers, hidden 576"), "{info}");
     assert!(info.contains("chat template  yes"), "{info}");
 
-    // Greedy, 32 tokens, past EOS like the reference: the same text, from the image alone.
-    let (prompt, want32, _) = reference_text(&base, "fox");
-    let o = ok(
-        batos(&[
-            "generate",
-            "--image",
-            image,
-            "--prompt",
-            &prompt,
-            "--max-tokens",
-            "32",
-            "--ignore-eos",
-        ]),
-        "generate",
-    );
-    assert_eq!(stdout(&o), format!("{want32}\n"));
-
-    // The chat template with its default system message, stopping at <|im_end|>.
-    let o = ok(
-        batos(&[
-            "generate",
-            "--image",
-            image,
-            "--chat",
-            "--prompt",
-            "What is the capital of France?",
-            "--max-tokens",
-            "32",
-        ]),
-        "generate --chat",
-    );
-    let (_, _, want_chat) = reference_text(&base, "chat_capital");
-    assert_eq!(stdout(&o), format!("{want_chat}\n"));
+    let (prompt, want32) = assert_generates_reference_texts(image, &base);
 
     // A stop string cuts the text before it.
     let cut = want32.find("bear").expect("reference text has 'bear'");
@@ -227,18 +244,9 @@ fn image_without_a_model_says_so() {
 #[test]
 fn import_gguf_as_int4_then_generate_matches_the_reference() {
     const TEST: &str = "import_gguf_as_int4_then_generate_matches_the_reference";
-    let Some(refdir) = reference_dir() else {
-        return skip(
-            TEST,
-            "reference outputs not found (set BATOS_REFERENCE_DIR or keep ../shared/reference)",
-        );
+    let Some((gguf, base)) = real_model_and_reference(TEST) else {
+        return;
     };
-    let gguf = match batos::model::fetch::smollm2_gguf() {
-        Ok(p) => p,
-        Err(e) => return skip(TEST, &format!("real model unavailable: {e}")),
-    };
-    let base: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(refdir.join("base.json")).unwrap()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("image");
     let image = path_str(&image);
@@ -263,36 +271,7 @@ fn import_gguf_as_int4_then_generate_matches_the_reference() {
     assert!(info.contains("int4"), "{info}");
     assert!(info.contains("Q4_1 kept as int4"), "{info}");
 
-    let (prompt, want32, _) = reference_text(&base, "fox");
-    let o = ok(
-        batos(&[
-            "generate",
-            "--image",
-            image,
-            "--prompt",
-            &prompt,
-            "--max-tokens",
-            "32",
-            "--ignore-eos",
-        ]),
-        "generate",
-    );
-    assert_eq!(stdout(&o), format!("{want32}\n"));
-    let o = ok(
-        batos(&[
-            "generate",
-            "--image",
-            image,
-            "--chat",
-            "--prompt",
-            "What is the capital of France?",
-            "--max-tokens",
-            "32",
-        ]),
-        "generate --chat",
-    );
-    let (_, _, want_chat) = reference_text(&base, "chat_capital");
-    assert_eq!(stdout(&o), format!("{want_chat}\n"));
+    assert_generates_reference_texts(image, &base);
 }
 
 #[test]

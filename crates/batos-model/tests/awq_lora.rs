@@ -15,88 +15,20 @@
 
 mod common;
 mod forward_common;
+mod lora_common;
 
-use batos_lora::{AdapterManager, Expect, HotSnapshot, ManagerConfig, PrefetchPolicy};
-use batos_model::forward::{ForwardBatch, LlamaModel, LogitsRows, SeqStep, WeightDType};
+use batos_lora::HotFormat;
+use batos_model::forward::{LlamaModel, WeightDType};
 use batos_model::quant::{
     quantize_awq, AwqConfig, Calibration, ClipSearch, SHIPPED_CALIBRATION_TEXT,
 };
 use batos_model::{LoadOptions, LoadedModel};
-use batos_store::{Db, StoreConfig};
-use batos_types::{BlockId, MemoryBudget, SlotIdx};
-use common::{ids, real_model, reference_dir, reference_json};
-use forward_common::TestCache;
+use common::{ids, real_model, reference_json};
+use lora_common::{batch_logits, hot_adapter};
 
 /// Lowest per-prompt agreement accepted (measured with this configuration: see
 /// docs/perf/awq.md; the target of issue 6 is 0.9).
 const MIN_AGREEMENT: f64 = 0.6;
-
-struct Hot {
-    _dir: tempfile::TempDir,
-    _mgr: AdapterManager,
-    _pin: batos_lora::HotPin,
-    snapshot: HotSnapshot,
-    slot: SlotIdx,
-}
-
-fn hot_adapter(model: &LlamaModel) -> Hot {
-    let d = model.dims();
-    let base = d.lora_base_shapes("SmolLM2-135M-Instruct");
-    let dir = tempfile::tempdir().unwrap();
-    let db = Db::open(dir.path().join("image"), StoreConfig::default()).unwrap();
-    let cfg = ManagerConfig {
-        prefetch: PrefetchPolicy::Off,
-        ..ManagerConfig::default()
-    };
-    let mgr = AdapterManager::open(&db, base, MemoryBudget::new("host", 1 << 30), cfg).unwrap();
-    let adapter_dir = reference_dir().unwrap().join("adapters/lora_r16");
-    mgr.add_dir("lora_r16", &adapter_dir, Expect::Absent)
-        .unwrap();
-    let lease = mgr.acquire("lora_r16").unwrap();
-    let pin = mgr.pin_hot(&lease).unwrap();
-    Hot {
-        snapshot: mgr.hot_snapshot(),
-        slot: pin.slot(),
-        _pin: pin,
-        _mgr: mgr,
-        _dir: dir,
-    }
-}
-
-/// All-position logits of `seqs` run as one batch, each in its own blocks.
-fn batch_logits(
-    model: &LlamaModel,
-    snapshot: &HotSnapshot,
-    seqs: &[(Vec<u32>, Option<SlotIdx>)],
-) -> Vec<Vec<f32>> {
-    let d = model.dims();
-    let per_seq = seqs.iter().map(|s| s.0.len()).max().unwrap().div_ceil(16);
-    let mut cache = TestCache::new(d, per_seq * seqs.len(), 16);
-    let steps = seqs
-        .iter()
-        .enumerate()
-        .map(|(i, (toks, adapter))| {
-            let table = (0..per_seq)
-                .map(|b| BlockId((i * per_seq + b) as u32))
-                .collect();
-            let mut s = SeqStep::new(toks.clone(), 0, table).with_logits(LogitsRows::All);
-            s.adapter = *adapter;
-            s
-        })
-        .collect();
-    let out = model
-        .forward_with_adapters(&ForwardBatch::new(steps), &mut cache, snapshot)
-        .unwrap();
-    (0..seqs.len())
-        .map(|i| {
-            out.seq_logits(i)
-                .expect("every sequence of the step has rows")
-                .flatten()
-                .copied()
-                .collect()
-        })
-        .collect()
-}
 
 #[test]
 fn lora_over_awq_agrees_with_f32_and_is_deterministic() {
@@ -113,7 +45,7 @@ fn lora_over_awq_agrees_with_f32_and_is_deterministic() {
         .with_clip(ClipSearch::Off);
     let awq = quantize_awq(&model, &cfg, &calib).unwrap();
     let int4 = LlamaModel::from_quantized(&awq.config, &awq.weights, WeightDType::F32).unwrap();
-    let hot = hot_adapter(&int4);
+    let hot = hot_adapter(&int4, HotFormat::default());
     let vocab = int4.dims().vocab_size;
 
     let prompts = lora["prompts"].as_array().unwrap();

@@ -14,18 +14,18 @@
 
 mod common;
 mod forward_common;
+mod lora_common;
 
 use std::sync::OnceLock;
 
-use batos_lora::{AdapterManager, Expect, HotSnapshot, ManagerConfig, PrefetchPolicy};
-use batos_model::forward::{ForwardBatch, LlamaModel, LogitsRows, SeqStep, WeightDType};
+use batos_lora::{HotFormat, HotSnapshot};
+use batos_model::forward::{LlamaModel, WeightDType};
 use batos_model::gguf::GgmlType;
 use batos_model::quant::QuantizedModel;
 use batos_model::weights::Progress;
-use batos_store::{Db, StoreConfig};
-use batos_types::{BlockId, MemoryBudget, SlotIdx};
-use common::{ids, real_model, reference_dir, reference_json};
-use forward_common::TestCache;
+use batos_types::SlotIdx;
+use common::{ids, real_model, reference_json};
+use lora_common::{batch_logits, hot_adapter};
 
 /// Largest accepted |logit − reference| over the step-1 top-10 ids. The weights are the
 /// reference's exactly; only the summation order differs (codes × scale, then the
@@ -46,65 +46,6 @@ fn int4_model(test: &str) -> Option<&'static LlamaModel> {
         println!("SKIP {test}: real model unavailable (see the SKIP line above)");
     }
     m.as_ref()
-}
-
-struct Hot {
-    _dir: tempfile::TempDir,
-    _mgr: AdapterManager,
-    _pin: batos_lora::HotPin,
-    snapshot: HotSnapshot,
-    slot: SlotIdx,
-}
-
-fn hot_adapter(model: &LlamaModel) -> Hot {
-    let base = model.dims().lora_base_shapes("SmolLM2-135M-Instruct");
-    let dir = tempfile::tempdir().unwrap();
-    let db = Db::open(dir.path().join("image"), StoreConfig::default()).unwrap();
-    let cfg = ManagerConfig {
-        prefetch: PrefetchPolicy::Off,
-        ..ManagerConfig::default()
-    };
-    let mgr = AdapterManager::open(&db, base, MemoryBudget::new("host", 1 << 30), cfg).unwrap();
-    let adapter_dir = reference_dir().unwrap().join("adapters/lora_r16");
-    mgr.add_dir("lora_r16", &adapter_dir, Expect::Absent)
-        .unwrap();
-    let lease = mgr.acquire("lora_r16").unwrap();
-    let pin = mgr.pin_hot(&lease).unwrap();
-    Hot {
-        snapshot: mgr.hot_snapshot(),
-        slot: pin.slot(),
-        _pin: pin,
-        _mgr: mgr,
-        _dir: dir,
-    }
-}
-
-/// All-position logits of `seqs` run as one batch, each in its own blocks.
-fn batch_logits(
-    model: &LlamaModel,
-    snapshot: &HotSnapshot,
-    seqs: &[(Vec<u32>, Option<SlotIdx>)],
-) -> Vec<Vec<f32>> {
-    let per_seq = seqs.iter().map(|s| s.0.len()).max().unwrap().div_ceil(16);
-    let mut cache = TestCache::new(model.dims(), per_seq * seqs.len(), 16);
-    let steps = seqs
-        .iter()
-        .enumerate()
-        .map(|(i, (toks, adapter))| {
-            let table = (0..per_seq)
-                .map(|b| BlockId((i * per_seq + b) as u32))
-                .collect();
-            let mut s = SeqStep::new(toks.clone(), 0, table).with_logits(LogitsRows::All);
-            s.adapter = *adapter;
-            s
-        })
-        .collect();
-    let out = model
-        .forward_with_adapters(&ForwardBatch::new(steps), &mut cache, snapshot)
-        .unwrap();
-    (0..seqs.len())
-        .map(|i| out.seq_logits(i).unwrap().flatten().copied().collect())
-        .collect()
 }
 
 /// Checks every prompt of `reference` (greedy ids, step-1 top-10) with `adapter`;
@@ -172,7 +113,7 @@ fn int4_native_lora_matches_the_f32_reference_and_is_deterministic() {
     else {
         return;
     };
-    let hot = hot_adapter(model);
+    let hot = hot_adapter(model, HotFormat::default());
     let seqs = check_against(model, &hot.snapshot, &lora, Some(hot.slot));
 
     // Alone vs inside a mixed batch (base and adapter rows): the same bits.

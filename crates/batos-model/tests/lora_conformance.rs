@@ -14,17 +14,18 @@
 
 mod common;
 mod forward_common;
+mod lora_common;
 
 use std::sync::OnceLock;
 
-use batos_lora::{AdapterManager, Expect, HotFormat, HotSnapshot, ManagerConfig, PrefetchPolicy};
+use batos_lora::{HotFormat, HotSnapshot};
 use batos_model::forward::{ForwardBatch, ForwardError, LlamaModel, SeqStep, WeightDType};
 use batos_model::gguf::GgufFile;
 use batos_model::{LlamaConfig, LoadOptions, ModelWeights};
-use batos_store::{Db, StoreConfig};
-use batos_types::{BlockId, MemoryBudget, SlotIdx};
-use common::{ids, real_model, reference_dir, reference_json};
+use batos_types::{BlockId, SlotIdx};
+use common::{ids, real_model, reference_json};
 use forward_common::TestCache;
+use lora_common::hot_adapter;
 
 struct Real {
     model: LlamaModel,
@@ -51,16 +52,6 @@ fn real(test: &str) -> Option<&'static Real> {
     loaded.as_ref()
 }
 
-/// The adapter manager over a fresh image holding `lora_r16`, with it leased and pinned
-/// hot; returns the snapshot the forward pass reads and the slot to use.
-struct Hot {
-    _dir: tempfile::TempDir,
-    _mgr: AdapterManager,
-    _pin: batos_lora::HotPin,
-    snapshot: HotSnapshot,
-    slot: SlotIdx,
-}
-
 /// Step-1 top-10 logit tolerance against the f32 PEFT reference with f32 and f16 hot
 /// slots (measured: 1.5e-5 and 3.0e-4 at most over the three prompts).
 const TOL: f32 = 1e-3;
@@ -68,31 +59,6 @@ const TOL: f32 = 1e-3;
 const TOL_BF16: f32 = 1e-2;
 /// The same with int8 hot slots (one scale per rank row).
 const TOL_I8: f32 = 5e-2;
-
-fn hot_adapter(model: &LlamaModel, hot_format: HotFormat) -> Hot {
-    let d = model.dims();
-    let base = d.lora_base_shapes("SmolLM2-135M-Instruct");
-    let dir = tempfile::tempdir().unwrap();
-    let db = Db::open(dir.path().join("image"), StoreConfig::default()).unwrap();
-    let cfg = ManagerConfig {
-        prefetch: PrefetchPolicy::Off,
-        hot_format,
-        ..ManagerConfig::default()
-    };
-    let mgr = AdapterManager::open(&db, base, MemoryBudget::new("host", 1 << 30), cfg).unwrap();
-    let adapter_dir = reference_dir().unwrap().join("adapters/lora_r16");
-    mgr.add_dir("lora_r16", &adapter_dir, Expect::Absent)
-        .unwrap();
-    let lease = mgr.acquire("lora_r16").unwrap();
-    let pin = mgr.pin_hot(&lease).unwrap();
-    Hot {
-        snapshot: mgr.hot_snapshot(),
-        slot: pin.slot(),
-        _pin: pin,
-        _mgr: mgr,
-        _dir: dir,
-    }
-}
 
 /// Greedy decoding of several sequences in one batch per step: the prompts prefill
 /// together, then every sequence adds one token per step. Returns each sequence's
