@@ -124,6 +124,27 @@ pub(crate) struct BatchLimits {
     pub adapters: AdapterSupport,
 }
 
+impl BatchLimits {
+    /// The limits of one step of a model shaped `dims` into `cache`; a step may name
+    /// LoRA slots only when it runs with a hot snapshot.
+    pub fn for_step(
+        dims: &super::LlamaDims,
+        cache: &dyn super::KvCacheMut,
+        adapters: Option<&batos_lora::HotSnapshot>,
+    ) -> Self {
+        BatchLimits {
+            vocab_size: dims.vocab_size,
+            max_position: dims.max_position,
+            block_size: cache.layout().block_size(),
+            num_blocks: cache.num_blocks(),
+            adapters: match adapters {
+                Some(_) => AdapterSupport::HotSlots,
+                None => AdapterSupport::BaseOnly,
+            },
+        }
+    }
+}
+
 /// Whether the step may name LoRA slots.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum AdapterSupport {

@@ -12,7 +12,7 @@ use batos_types::SlotIdx;
 use crate::config::RopeScaling as ConfigRopeScaling;
 use crate::{LlamaConfig, ModelWeights, Tensor};
 
-use super::batch::{AdapterSupport, BatchLimits, ForwardBatch, ForwardOutput, StepPlan};
+use super::batch::{BatchLimits, ForwardBatch, ForwardOutput, StepPlan};
 use super::cache::KvCacheMut;
 use super::error::ForwardError;
 use super::weights::{Linear, Matrix, WeightDType};
@@ -607,19 +607,7 @@ impl LlamaModel {
             .kernels("LlamaModel::forward")
             .map_err(kernel("device"))?;
         let layout = cache.layout();
-        let plan = StepPlan::new(
-            batch,
-            BatchLimits {
-                vocab_size: self.dims.vocab_size,
-                max_position: self.dims.max_position,
-                block_size: layout.block_size(),
-                num_blocks: cache.num_blocks(),
-                adapters: match adapters {
-                    Some(_) => AdapterSupport::HotSlots,
-                    None => AdapterSupport::BaseOnly,
-                },
-            },
-        )?;
+        let plan = StepPlan::new(batch, BatchLimits::for_step(&self.dims, cache, adapters))?;
         let d = self.dims;
         let t = plan.token_ids.len();
         let (qw, kvw, ffn) = (d.q_width(), d.kv_width(), d.intermediate_size);

@@ -41,7 +41,7 @@ use batos_kernels::KernelError;
 use batos_lora::{HotSnapshot, Projection};
 use batos_types::{MemoryBudget, Reservation, ReservationKind, SlotIdx};
 
-use super::batch::{AdapterSupport, BatchLimits, ForwardBatch, ForwardOutput, StepPlan};
+use super::batch::{BatchLimits, ForwardBatch, ForwardOutput, StepPlan};
 use super::cache::KvCacheMut;
 use super::error::ForwardError;
 use super::llama::{LlamaDims, LlamaModel};
@@ -367,20 +367,7 @@ impl CudaLlama {
         adapters: Option<&HotSnapshot>,
     ) -> Result<(StepPlan, Option<DeviceBuffer<Act>>), ForwardError> {
         self.kv_for(cache)?;
-        let layout = cache.layout();
-        let plan = StepPlan::new(
-            batch,
-            BatchLimits {
-                vocab_size: self.dims.vocab_size,
-                max_position: self.dims.max_position,
-                block_size: layout.block_size(),
-                num_blocks: cache.num_blocks(),
-                adapters: match adapters {
-                    Some(_) => AdapterSupport::HotSlots,
-                    None => AdapterSupport::BaseOnly,
-                },
-            },
-        )?;
+        let plan = StepPlan::new(batch, BatchLimits::for_step(&self.dims, cache, adapters))?;
         let token_slots = batch.token_adapters();
         if let Some(snap) = adapters {
             check_slots(batch, snap)?;
