@@ -648,21 +648,31 @@ mod x86 {
     }
 
     /// AVX2 `Σ u8·i8` over each lane's four bytes, added to `acc` (no saturation: the
-    /// codes are < 16, so a pair of products is at most 2·15·128).
-    #[inline(always)]
-    unsafe fn dot_avx2(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
-        // SAFETY: register-only AVX2 ops.
-        unsafe {
-            let pairs = _mm256_maddubs_epi16(w, x);
-            _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
-        }
+    /// codes are < 16, so a pair of products is at most 2·15·128). Register-only AVX2
+    /// ops; expanded inside the kernels' `unsafe` blocks.
+    macro_rules! dot_avx2 {
+        ($acc:expr, $w:expr, $x:expr) => {{
+            let pairs = _mm256_maddubs_epi16($w, $x);
+            _mm256_add_epi32($acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+        }};
     }
 
-    /// The same with one `vpdpbusd`.
-    #[inline(always)]
-    unsafe fn dot_vnni(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
-        // SAFETY: register-only op; only inlined into the VNNI kernel.
-        unsafe { _mm256_dpbusd_epi32(acc, w, x) }
+    /// The same with one `vpdpbusd` (EVEX: AVX-512 VNNI + VL), as inline assembly
+    /// rather than the intrinsic: AVX-512 intrinsics and target features need Rust
+    /// 1.89, the workspace's MSRV is 1.85. Only expanded into the VNNI kernel, which
+    /// runs after `DotPath::Avx512Vnni` was detected.
+    macro_rules! dot_vnni {
+        ($acc:expr, $w:expr, $x:expr) => {{
+            let mut acc: __m256i = $acc;
+            std::arch::asm!(
+                "{{evex}} vpdpbusd {acc}, {w}, {x}",
+                acc = inout(ymm_reg) acc,
+                w = in(ymm_reg) $w,
+                x = in(ymm_reg) $x,
+                options(pure, nomem, nostack, preserves_flags),
+            );
+            acc
+        }};
     }
 
     /// Stamps out the tiled kernel once per instruction set, so every intrinsic is
@@ -723,7 +733,8 @@ mod x86 {
                 }
 
                 /// Tokens `i0..i0+MR` against row blocks `b0..b0+NB`.
-                #[inline(always)]
+                #[target_feature(enable = $features)]
+                #[inline]
                 unsafe fn tile<const MR: usize, const NB: usize>(
                     a: &Int8Activations,
                     w: &Int4DotWeight,
@@ -767,8 +778,8 @@ mod x86 {
                                         (q.add(4) as *const i32).read_unaligned(),
                                     );
                                     for u in 0..NB {
-                                        acc[m][u] = $dot(acc[m][u], lo[u], xa);
-                                        acc[m][u] = $dot(acc[m][u], hi[u], xb);
+                                        acc[m][u] = $dot!(acc[m][u], lo[u], xa);
+                                        acc[m][u] = $dot!(acc[m][u], hi[u], xb);
                                     }
                                 }
                             }
