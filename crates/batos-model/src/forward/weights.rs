@@ -29,13 +29,18 @@ pub enum WeightDType {
 ///   `docs/perf/awq.md`). CPU only: the CUDA runtime rejects it with a typed error.
 ///
 /// Either way a token's outputs are bit-identical whatever the batch around it.
+///
+/// The default is `Int8`, chosen by measurement (docs/perf/awq.md, "int8
+/// activations"): on the held-out text it moves perplexity by +0.36 % (AWQ, group 32)
+/// and −0.13 % (GGUF Q4_1 kept as int4), while decode and prefill run about twice as
+/// fast. Build CUDA-bound models with `F32`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 #[non_exhaustive]
 pub enum Int4Activations {
     /// f32 activations.
-    #[default]
     F32,
     /// int8 activations, integer dot products.
+    #[default]
     Int8,
 }
 
