@@ -121,8 +121,13 @@ fn awq_perplexity_is_bounded_and_its_checkpoint_round_trips() {
     awq.save_autoawq(dir.path()).unwrap();
     let back = QuantizedModel::load_autoawq(dir.path()).unwrap();
     assert_eq!(back.weights, awq.weights);
-    let back_model =
-        LlamaModel::from_quantized(&back.config, &back.weights, WeightDType::F32).unwrap();
+    let back_model = LlamaModel::from_quantized_with(
+        &back.config,
+        &back.weights,
+        WeightDType::F32,
+        Int4Activations::F32,
+    )
+    .unwrap();
     let prompt = back.tokenizer.encode("The quick brown fox").unwrap();
     assert_eq!(
         prompt,
