@@ -176,20 +176,29 @@ impl Int8Activations {
         self.q.resize(tokens * groups * padded, 0);
         self.scale.resize(tokens * groups, 0.0);
         self.sum.resize(tokens * groups, 0);
-        let blocks = x
-            .chunks_exact(group)
-            .zip(self.q.chunks_exact_mut(padded))
-            .zip(self.scale.iter_mut().zip(self.sum.iter_mut()));
-        for ((xg, qg), (d, s)) in blocks {
-            let qg = &mut qg[..group];
-            (*d, *s) = match path {
-                #[cfg(target_arch = "x86_64")]
-                DotPath::Avx2 | DotPath::Avx512Vnni => {
-                    // SAFETY: `require` checked AVX2 above; both slices have `group` elements.
-                    unsafe { x86::quantize_group(xg, qg) }
-                }
-                _ => quantize_group_scalar(xg, qg),
-            };
+        // Large batches (prefill) quantise on the pool's threads, whole tokens each.
+        let tasks = if tokens * k >= 1 << 14 {
+            super::par::num_threads().min(tokens)
+        } else {
+            1
+        };
+        let per = tokens.div_ceil(tasks) * groups;
+        let jobs: Vec<std::sync::Mutex<Option<QuantizeJob<'_>>>> = x
+            .chunks(per * group)
+            .zip(self.q.chunks_mut(per * padded))
+            .zip(self.scale.chunks_mut(per).zip(self.sum.chunks_mut(per)))
+            .map(|((x, q), (d, s))| std::sync::Mutex::new(Some((x, q, d, s))))
+            .collect();
+        let run = |i: usize| {
+            let job = jobs[i].lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(job) = job {
+                quantize_groups(path, group, padded, job);
+            }
+        };
+        if jobs.len() == 1 {
+            run(0);
+        } else {
+            super::par::for_each(jobs.len(), &run);
         }
         Ok(())
     }
@@ -223,6 +232,30 @@ impl Int8Activations {
     /// `σ8 = Σ x8` of token `t`'s group `grp`.
     pub fn sum(&self, t: usize, grp: usize) -> i32 {
         self.sum[t * (self.k / self.group) + grp]
+    }
+}
+
+/// Inputs, values, scales and sums of a run of whole groups.
+type QuantizeJob<'a> = (&'a [f32], &'a mut [i8], &'a mut [f32], &'a mut [i32]);
+
+/// Quantises every group of `job` on `path` (checked available by the caller).
+fn quantize_groups(path: DotPath, group: usize, padded: usize, job: QuantizeJob<'_>) {
+    let (x, q, scale, sum) = job;
+    let blocks = x
+        .chunks_exact(group)
+        .zip(q.chunks_exact_mut(padded))
+        .zip(scale.iter_mut().zip(sum.iter_mut()));
+    for ((xg, qg), (d, s)) in blocks {
+        let qg = &mut qg[..group];
+        (*d, *s) = match path {
+            #[cfg(target_arch = "x86_64")]
+            DotPath::Avx2 | DotPath::Avx512Vnni => {
+                // SAFETY: the caller checked the path (AVX2) is available; both slices
+                // have `group` elements.
+                unsafe { x86::quantize_group(xg, qg) }
+            }
+            _ => quantize_group_scalar(xg, qg),
+        };
     }
 }
 
