@@ -7,9 +7,15 @@
 //! head, each from its own buffers (75 MB, so the weights come from DRAM as in a real
 //! decode step, unlike the single-matrix benches where they stay in cache).
 //!
+//! The integer-dot kernels (`cpu::int4_dot`: int8 activations, weights repacked at
+//! load) run the same shapes as `<impl>/matmul_int4_int8/<path>/...` for each SIMD
+//! path this CPU has (quantising the activations included) and as
+//! `<impl>/int4_int8_decode_step` on the fastest.
+//!
 //! `cargo bench --bench int4` (filter with a trailing substring, e.g. `-- t=1`).
 //! Throughput: FLOPs (2·T·out·in). Figures: docs/perf/awq.md.
 
+use batos_kernels::cpu::int4_dot::{self, DotPath, Int4DotWeight};
 use batos_kernels::cpu::{self, int4::pack_word, ThreadBackend};
 use batos_kernels::{Int4Data, Int4Layout, WeightView};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -185,5 +191,77 @@ fn decode_step(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, matmul, decode_step);
+fn dot_weight(q: &Int4Owned) -> Int4DotWeight {
+    let data = Int4Data::new(q.layout, &q.qweight, &q.qzeros, &q.scales).unwrap();
+    Int4DotWeight::from_int4(&data, None).unwrap()
+}
+
+/// The integer-dot kernels at the same shapes, per SIMD path.
+fn matmul_int8(c: &mut Criterion) {
+    let imp = cpu::implementation();
+    for path in [DotPath::Avx2, DotPath::Avx512Vnni] {
+        if !path.is_available() {
+            continue;
+        }
+        let mut g = c.benchmark_group(format!("{imp}/matmul_int4_int8/{}", path.name()));
+        g.sample_size(10)
+            .warm_up_time(Duration::from_millis(500))
+            .measurement_time(Duration::from_secs(2));
+        for (n, k) in SHAPES.into_iter().chain([HEAD]) {
+            let w = dot_weight(&int4(n, k));
+            let tokens: &[usize] = if (n, k) == HEAD { &[1, 16] } else { &TOKENS };
+            for &t in tokens {
+                let x = floats(t * k, 2);
+                let mut out = vec![0f32; t * n];
+                g.throughput(Throughput::Elements((2 * t * n * k) as u64));
+                g.bench_with_input(
+                    BenchmarkId::new(format!("{n}x{k}"), format!("t={t}")),
+                    &t,
+                    |b, _| {
+                        b.iter(|| int4_dot::matmul_with(path, black_box(&x), &w, &mut out).unwrap())
+                    },
+                );
+            }
+        }
+        g.finish();
+    }
+}
+
+/// [`decode_step`] on the integer-dot kernels (fastest path).
+fn decode_step_int8(c: &mut Criterion) {
+    let imp = cpu::implementation();
+    let mut g = c.benchmark_group(format!("{imp}/int4_int8_decode_step"));
+    g.sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(3));
+    let mut mats: Vec<Int4DotWeight> = Vec::new();
+    for layer in 0..30u32 {
+        for &(n, k) in &SHAPES {
+            let mut q = int4(n, k);
+            q.qweight = data(q.layout.qweight_len(), 5 + layer);
+            mats.push(dot_weight(&q));
+        }
+    }
+    mats.push(dot_weight(&int4(HEAD.0, HEAD.1)));
+    for t in [1usize, 16] {
+        let xs: Vec<Vec<f32>> = mats.iter().map(|w| floats(t * w.cols(), 2)).collect();
+        let mut outs: Vec<Vec<f32>> = mats.iter().map(|w| vec![0f32; t * w.rows()]).collect();
+        let flops: usize = mats.iter().map(|w| 2 * t * w.cols() * w.rows()).sum();
+        g.throughput(Throughput::Elements(flops as u64));
+        g.bench_with_input(
+            BenchmarkId::new("30 layers + head", format!("t={t}")),
+            &t,
+            |b, _| {
+                b.iter(|| {
+                    for ((w, x), out) in mats.iter().zip(&xs).zip(outs.iter_mut()) {
+                        int4_dot::matmul(black_box(x), w, out).unwrap();
+                    }
+                })
+            },
+        );
+    }
+    g.finish();
+}
+
+criterion_group!(benches, matmul, decode_step, matmul_int8, decode_step_int8);
 criterion_main!(benches);

@@ -29,7 +29,7 @@ use batos::model::LlamaConfig;
 use serde_json::json;
 
 use crate::device::{DeviceArgs, Stepper};
-use crate::{runtime, DTypeArg};
+use crate::{runtime, DTypeArg, Int4ActivationsArg};
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
@@ -51,6 +51,10 @@ pub struct BenchArgs {
     /// Element type of the runtime weights (default: as stored in the image).
     #[arg(long, value_enum)]
     weights: Option<DTypeArg>,
+    /// How an int4 base's projections take their activations on the CPU (default:
+    /// the engine's default, see docs/perf/awq.md; f32 on a CUDA device).
+    #[arg(long, value_enum)]
+    int4_activations: Option<Int4ActivationsArg>,
     /// Kernel threads (default: one per core, on the kernels' spin pool; another count
     /// runs them on a rayon pool of that size).
     #[arg(long)]
@@ -275,7 +279,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         "--prompt-lens and --concurrency take positive numbers"
     );
     runtime::set_threads(args.threads)?;
-    let rt = runtime::load(&args.image, args.weights)?;
+    let cuda = !args.device.is_cpu();
+    let rt = runtime::load(&args.image, args.weights, args.int4_activations, cuda)?;
     let peak_load_kib = runtime::proc_status_kib("VmHWM");
     let rss_loaded_kib = runtime::proc_status_kib("VmRSS");
     let reset = runtime::reset_peak_rss();
@@ -294,9 +299,12 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let weight_bytes = rt.model.weight_bytes() as f64;
     let threads = batos::kernels::cpu::num_threads();
     println!(
-        "batos bench: {} ({:?} weights, {:.0} MiB), {}, {} reps after 1 warm-up; load from image {:.2} s",
+        "batos bench: {} ({:?} weights{}, {:.0} MiB), {}, {} reps after 1 warm-up; load from image {:.2} s",
         args.image.display(),
         rt.model.weight_dtype(),
+        rt.model
+            .int4_activations()
+            .map_or(String::new(), |a| format!(", int4 x {a:?} activations")),
         weight_bytes / (1 << 20) as f64,
         runtime::threads_description(),
         args.reps,
@@ -414,6 +422,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         let doc = json!({
             "image": args.image.display().to_string(),
             "weights": format!("{:?}", rt.model.weight_dtype()),
+            "int4_activations": rt.model.int4_activations().map(|a| format!("{a:?}")),
             "weight_bytes": weight_bytes,
             "threads": threads,
             "thread_pool": format!("{:?}", batos::kernels::cpu::thread_backend()),

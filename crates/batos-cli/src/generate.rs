@@ -14,7 +14,7 @@ use batos::model::generate::{
 use batos::model::{ChatMessage, GenerationPrompt, ModelTokenizer, SpecialTokenText};
 
 use crate::device::DeviceArgs;
-use crate::{runtime, DTypeArg};
+use crate::{runtime, DTypeArg, Int4ActivationsArg};
 
 #[derive(Debug, clap::Args)]
 pub struct GenerateArgs {
@@ -69,6 +69,10 @@ pub struct GenerateArgs {
     /// Element type of the runtime weights (default: as stored in the image).
     #[arg(long, value_enum)]
     weights: Option<DTypeArg>,
+    /// How an int4 base's projections take their activations on the CPU (default:
+    /// the engine's default, see docs/perf/awq.md; f32 on a CUDA device).
+    #[arg(long, value_enum)]
+    int4_activations: Option<Int4ActivationsArg>,
     /// Kernel threads (default: one per core, on the kernels' spin pool; another count
     /// runs them on a rayon pool of that size).
     #[arg(long)]
@@ -83,7 +87,8 @@ pub struct GenerateArgs {
 pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.max_tokens >= 1, "--max-tokens must be at least 1");
     runtime::set_threads(args.threads)?;
-    let rt = runtime::load(&args.image, args.weights)?;
+    let cuda = !args.device.is_cpu();
+    let rt = runtime::load(&args.image, args.weights, args.int4_activations, cuda)?;
     let text = if args.chat {
         let template = rt.chat_template.as_ref().with_context(|| {
             format!(

@@ -92,6 +92,25 @@ impl DTypeArg {
     }
 }
 
+/// How int4 projections take their activations on the CPU (`--int4-activations`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Int4ActivationsArg {
+    /// f32 activations against int4 codes unpacked to f32.
+    F32,
+    /// int8 activations per weight group and integer dot products (CPU only).
+    Int8,
+}
+
+impl Int4ActivationsArg {
+    fn mode(self) -> batos::model::forward::Int4Activations {
+        use batos::model::forward::Int4Activations;
+        match self {
+            Int4ActivationsArg::F32 => Int4Activations::F32,
+            Int4ActivationsArg::Int8 => Int4Activations::Int8,
+        }
+    }
+}
+
 /// The `--image DIR` argument every command takes.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ImageArg {

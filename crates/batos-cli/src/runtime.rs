@@ -6,14 +6,14 @@ use std::time::Instant;
 
 use anyhow::Context;
 use batos::kv::{KvCacheConfig, KvCacheManager, KvShape};
-use batos::model::forward::{LlamaModel, WeightDType};
+use batos::model::forward::{Int4Activations, LlamaModel, WeightDType};
 use batos::model::image::{open_base_with, BaseModel};
 use batos::model::quant::{QuantizedEmbedding, QuantizedModel};
 use batos::model::{ChatTemplate, LlamaConfig, LoadedModel, ModelTokenizer, Progress};
 use batos::store::{LivingImage, OpenMode, ProgressMode, StoreConfig};
 use batos::types::{DType, MemoryBudget};
 
-use crate::DTypeArg;
+use crate::{DTypeArg, Int4ActivationsArg};
 
 /// Opens the living image at `dir`.
 pub fn open_image(dir: &Path, mode: OpenMode) -> anyhow::Result<LivingImage> {
@@ -37,8 +37,15 @@ pub struct Runtime {
 }
 
 /// Reads the image's model and builds the runtime model, with dense matrices in
-/// `weights` (default: the stored element type; f16 beside an int4 base's projections).
-pub fn load(image_dir: &Path, weights: Option<DTypeArg>) -> anyhow::Result<Runtime> {
+/// `weights` (default: the stored element type; f16 beside an int4 base's projections)
+/// and an int4 base's projections taking `int4_activations` (default:
+/// [`Int4Activations::default`]; f32 on a CUDA device, which has no int8 path).
+pub fn load(
+    image_dir: &Path,
+    weights: Option<DTypeArg>,
+    int4_activations: Option<Int4ActivationsArg>,
+    cuda: bool,
+) -> anyhow::Result<Runtime> {
     let started = Instant::now();
     let db = open_image(image_dir, OpenMode::OpenExisting)?;
     let base = open_base_with(&db, Progress::Bar)
@@ -73,9 +80,14 @@ pub fn load(image_dir: &Path, weights: Option<DTypeArg>) -> anyhow::Result<Runti
                 (QuantizedEmbedding::Dense(t), None) => stored_dtype(t.dtype()),
                 (_, None) => WeightDType::F16,
             };
-            let model = LlamaModel::from_quantized(&q.config, &q.weights, dtype)
+            let activations = match (int4_activations, cuda) {
+                (Some(a), _) => a.mode(),
+                (None, true) => Int4Activations::F32,
+                (None, false) => Int4Activations::default(),
+            };
+            let model = LlamaModel::from_quantized_with(&q.config, &q.weights, dtype, activations)
                 .context("cannot build the int4 runtime model")?;
-            tracing::info!(dense = ?dtype, group = q.weights.group_size, "int4 runtime model ready");
+            tracing::info!(dense = ?dtype, group = q.weights.group_size, ?activations, "int4 runtime model ready");
             let QuantizedModel {
                 config,
                 tokenizer,

@@ -58,6 +58,13 @@ pub enum KernelError {
         value: String,
         expected: &'static str,
     },
+    /// A kernel path was forced that this CPU cannot run (its instructions are missing).
+    #[error("{op}: the {path} path needs CPU features this machine lacks ({needs})")]
+    CpuPathUnavailable {
+        op: &'static str,
+        path: &'static str,
+        needs: &'static str,
+    },
     /// A CUDA device was asked for, but this build has no CUDA backend.
     #[error(
         "{op}: CUDA device {ordinal} requested, but batos-kernels was built without the `cuda` feature"

@@ -271,3 +271,261 @@ fn bad_shapes_are_typed_errors() {
     assert!(view.row_range(0, 8).is_none());
     assert!(view.row_range(0, 16).is_some());
 }
+
+// ---- Integer-dot kernels (int8 activations, `cpu::int4_dot`) ----
+//
+// - repacking AutoAWQ weights keeps every `W[n, k]` (with and without Q4_1 offsets);
+// - every `DotPath` this CPU has gives the same bits as the scalar reference, for the
+//   activations and the outputs, under every thread backend, on odd shapes (K not a
+//   multiple of 32, groups of 1..13 inputs, N not a multiple of 8, T 1..37);
+// - against the exact f64 product with the unquantised activations, the error is
+//   within what int8 rounding allows: `Σ_g (d_g/2)·Σ_{k∈g}|W[n,k]|` (each input moves by
+//   at most half a step `d_g`) plus `1e-5 ·` the magnitudes the float part sums;
+// - a token's output row is bit-identical alone and in any batch, at any position.
+
+use batos_kernels::cpu::int4_dot::{self, DotPath, Int4DotWeight, Int4Rows, Int8Activations};
+
+/// Row-major random int4 parameters, with offsets when `offsets`.
+struct DotCase {
+    n: usize,
+    k: usize,
+    g: usize,
+    codes: Vec<u8>,
+    zeros: Vec<u8>,
+    scales: Vec<f16>,
+    offsets: Option<Vec<f16>>,
+}
+
+impl DotCase {
+    fn random(rng: &mut TestRng, n: usize, k: usize, g: usize, offsets: bool) -> DotCase {
+        let groups = k / g;
+        DotCase {
+            n,
+            k,
+            g,
+            codes: (0..n * k).map(|_| rng.below(16) as u8).collect(),
+            zeros: (0..n * groups).map(|_| rng.below(16) as u8).collect(),
+            scales: (0..n * groups)
+                .map(|_| f16::from_f32(0.01 + 0.1 * rng.uniform().abs()))
+                .collect(),
+            offsets: offsets.then(|| {
+                (0..n * groups)
+                    .map(|_| f16::from_f32(0.2 * rng.uniform()))
+                    .collect()
+            }),
+        }
+    }
+
+    fn weight(&self) -> Int4DotWeight {
+        Int4DotWeight::from_rows(Int4Rows {
+            rows: self.n,
+            cols: self.k,
+            group_size: self.g,
+            codes: &self.codes,
+            zeros: &self.zeros,
+            scales: &self.scales,
+            offsets: self.offsets.as_deref(),
+        })
+        .unwrap()
+    }
+
+    fn w(&self, n: usize, k: usize) -> f64 {
+        let pi = n * (self.k / self.g) + k / self.g;
+        let d = f64::from(self.codes[n * self.k + k]) - f64::from(self.zeros[pi]);
+        let w = d * f64::from(self.scales[pi].to_f32());
+        w + self
+            .offsets
+            .as_ref()
+            .map_or(0.0, |o| f64::from(o[pi].to_f32()))
+    }
+}
+
+fn available_paths() -> Vec<DotPath> {
+    DotPath::ALL
+        .into_iter()
+        .filter(|p| p.is_available())
+        .collect()
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+#[test]
+fn dot_repack_keeps_every_weight() {
+    let mut rng = TestRng::new(41);
+    for (k, n, g) in [(64, 16, 32), (21, 8, 7), (96, 24, 96), (5, 8, 1)] {
+        let case = Case::random(&mut rng, k, n, g);
+        let data = case.data();
+        let offsets: Vec<f16> = (0..case.layout.scales_len())
+            .map(|_| f16::from_f32(0.3 * rng.uniform()))
+            .collect();
+        let plain = Int4DotWeight::from_int4(&data, None).unwrap();
+        let with = Int4DotWeight::from_int4(&data, Some(&offsets)).unwrap();
+        assert!(!plain.has_offsets() && with.has_offsets());
+        for nn in 0..n {
+            let mut row = vec![0f32; k];
+            plain.dequantize_row(nn, &mut row);
+            for kk in 0..k {
+                assert_eq!(plain.code(nn, kk), case.codes[nn * k + kk]);
+                assert_eq!(
+                    row[kk].to_bits(),
+                    data.get(nn, kk).to_bits(),
+                    "n={nn} k={kk}"
+                );
+                let o = offsets[(kk / g) * n + nn].to_f32();
+                assert_eq!(with.get(nn, kk), data.get(nn, kk) + o);
+            }
+        }
+        // The repacked layer takes the bytes of the AutoAWQ tensors (plus the offsets).
+        assert_eq!(
+            plain.size_in_bytes(),
+            n * k.div_ceil(g) * (g.next_multiple_of(8) / 2 + 2) + n.div_ceil(8) * (k / g) * 4
+        );
+    }
+}
+
+/// Shapes for the path and accuracy tests: `(n, k, g)`.
+fn dot_shapes() -> Vec<(usize, usize, usize)> {
+    let mut s = vec![
+        (8, 32, 32),
+        (56, 64, 32),
+        (13, 60, 12),
+        (61, 128, 64),
+        (1, 7, 7),
+        (40, 576, 32),
+    ];
+    for g in 1..=13 {
+        s.push((8 + 3 * g, g * (1 + g % 3), g));
+    }
+    s
+}
+
+#[test]
+fn dot_paths_agree_bit_for_bit_on_odd_shapes() {
+    let mut rng = TestRng::new(42);
+    let paths = available_paths();
+    for (si, (n, k, g)) in dot_shapes().into_iter().enumerate() {
+        let case = DotCase::random(&mut rng, n, k, g, si % 2 == 1);
+        let w = case.weight();
+        for t in [1, 2, 3, 4, 5, 9, 37] {
+            let x = rng.vec(t * k);
+            let mut want_acts = Int8Activations::new();
+            want_acts.quantize_with(DotPath::Scalar, &x, k, g).unwrap();
+            let mut want = vec![0f32; t * n];
+            int4_dot::matmul_int8_with(DotPath::Scalar, &want_acts, &w, &mut want).unwrap();
+            for &path in &paths {
+                let mut acts = Int8Activations::new();
+                acts.quantize_with(path, &x, k, g).unwrap();
+                assert_eq!(
+                    acts, want_acts,
+                    "{path:?} n={n} k={k} g={g} t={t}: activations"
+                );
+                for backend in [
+                    ThreadBackend::SpinPool,
+                    ThreadBackend::Rayon,
+                    ThreadBackend::Serial,
+                ] {
+                    cpu::set_thread_backend(backend);
+                    let mut got = vec![f32::NAN; t * n];
+                    int4_dot::matmul_int8_with(path, &acts, &w, &mut got).unwrap();
+                    assert_eq!(
+                        bits(&got),
+                        bits(&want),
+                        "{path:?} {backend:?} n={n} k={k} g={g} t={t}"
+                    );
+                }
+                cpu::set_thread_backend(ThreadBackend::SpinPool);
+            }
+        }
+    }
+}
+
+#[test]
+fn dot_error_is_within_the_int8_rounding_bound() {
+    let mut rng = TestRng::new(43);
+    for (si, (n, k, g)) in dot_shapes().into_iter().enumerate() {
+        let case = DotCase::random(&mut rng, n, k, g, si % 2 == 0);
+        let w = case.weight();
+        let t = 3;
+        let x = rng.vec(t * k);
+        let mut acts = Int8Activations::new();
+        acts.quantize(&x, k, g).unwrap();
+        let mut got = vec![0f32; t * n];
+        int4_dot::matmul_int8(&acts, &w, &mut got).unwrap();
+        for tt in 0..t {
+            for nn in 0..n {
+                let (mut exact, mut bound) = (0f64, 1e-6f64);
+                for grp in 0..k / g {
+                    let d = f64::from(acts.scale(tt, grp));
+                    let (mut abs_w, mut mag) = (0f64, 0f64);
+                    for (i, &q8) in acts.values(tt, grp).iter().enumerate() {
+                        let kk = grp * g + i;
+                        let wv = case.w(nn, kk);
+                        exact += wv * f64::from(x[tt * k + kk]);
+                        abs_w += wv.abs();
+                        mag += (f64::from(case.codes[nn * k + kk]) + 16.0) * f64::from(q8).abs();
+                    }
+                    let s = f64::from(w.scale(nn, grp).to_f32());
+                    let m = f64::from(w.group_min(nn, grp)).abs();
+                    bound += d / 2.0 * abs_w + 1e-5 * d * (s + m) * mag;
+                }
+                let gv = f64::from(got[tt * n + nn]);
+                assert!(
+                    (gv - exact).abs() <= bound,
+                    "n={n} k={k} g={g} token {tt} row {nn}: got {gv}, exact {exact}, bound {bound}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn dot_token_row_does_not_depend_on_its_batch() {
+    let mut rng = TestRng::new(44);
+    for (n, k, g, offsets) in [(56, 64, 32, false), (61, 96, 32, true), (24, 39, 13, true)] {
+        let case = DotCase::random(&mut rng, n, k, g, offsets);
+        let w = case.weight();
+        let t = 37;
+        let x = rng.vec(t * k);
+        let mut batch = vec![0f32; t * n];
+        int4_dot::matmul(&x, &w, &mut batch).unwrap();
+        for (start, len) in [(0, 1), (5, 1), (36, 1), (3, 2), (10, 4), (7, 9), (1, 36)] {
+            let mut part = vec![0f32; len * n];
+            int4_dot::matmul(&x[start * k..(start + len) * k], &w, &mut part).unwrap();
+            assert_eq!(
+                bits(&part),
+                bits(&batch[start * n..(start + len) * n]),
+                "n={n} k={k} g={g}: rows {start}..{} alone differ from the batch",
+                start + len
+            );
+        }
+    }
+}
+
+#[test]
+fn dot_bad_shapes_are_typed_errors() {
+    let mut rng = TestRng::new(45);
+    let w = DotCase::random(&mut rng, 16, 64, 32, false).weight();
+    let mut acts = Int8Activations::new();
+    assert!(matches!(
+        acts.quantize(&[0.0; 10], 64, 32),
+        Err(KernelError::NotWholeRows { .. })
+    ));
+    assert!(matches!(
+        acts.quantize(&[0.0; 60], 60, 32),
+        Err(KernelError::InvalidShape { .. })
+    ));
+    acts.quantize(&[0.5; 128], 64, 32).unwrap();
+    let mut out = vec![0f32; 31];
+    assert!(matches!(
+        int4_dot::matmul_int8(&acts, &w, &mut out),
+        Err(KernelError::LengthMismatch { .. })
+    ));
+    acts.quantize(&[0.5; 128], 64, 16).unwrap();
+    let mut out = vec![0f32; 32];
+    assert!(matches!(
+        int4_dot::matmul_int8(&acts, &w, &mut out),
+        Err(KernelError::LengthMismatch { .. })
+    ));
+}

@@ -34,7 +34,7 @@ use std::time::Instant;
 use batos_kernels::cuda::CudaDevice;
 use batos_lora::HotSnapshot;
 use batos_model::forward::cuda::{CudaLlama, LoraCapacity};
-use batos_model::forward::{ForwardBatch, LlamaModel, SeqStep, WeightDType};
+use batos_model::forward::{ForwardBatch, Int4Activations, LlamaModel, SeqStep, WeightDType};
 use batos_model::gguf::GgufFile;
 use batos_model::synthetic::SyntheticLlama;
 use batos_model::{ArchFamily, LlamaConfig, LlamaParams, LoadOptions, ModelWeights};
@@ -332,7 +332,13 @@ fn main() {
         } else {
             let q = batos_model::quant::quantize_weights_rtn(&synth.config, &synth.weights(), 64)
                 .expect("quantize the synthetic model");
-            LlamaModel::from_quantized(&synth.config, &q, WeightDType::F16).unwrap()
+            LlamaModel::from_quantized_with(
+                &synth.config,
+                &q,
+                WeightDType::F16,
+                Int4Activations::F32,
+            )
+            .unwrap()
         };
         bench_model(
             &dev,

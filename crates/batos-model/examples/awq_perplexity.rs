@@ -1,6 +1,7 @@
 //! Perplexity of SmolLM2-135M-Instruct on the shipped held-out text in f32, RTN int4 and
-//! AWQ int4 (same group size), with quantisation time and resident weight bytes: the
-//! figures of docs/perf/awq.md.
+//! AWQ int4 (same group size), the AWQ model with f32 and with int8 activations
+//! (`Int4Activations`), with quantisation time and resident weight bytes: the figures
+//! of docs/perf/awq.md.
 //!
 //! ```text
 //! cargo run --release -p batos-model --example awq_perplexity -- [samples] [sample_len] [search_tokens] [grid] [clip:0|1] [group] [gptq_damp:0=off] [embed:0|1] [save_dir]
@@ -9,7 +10,7 @@
 use std::time::Instant;
 
 use anyhow::Result;
-use batos_model::forward::{LlamaModel, WeightDType};
+use batos_model::forward::{Int4Activations, LlamaModel, WeightDType};
 use batos_model::quant::{
     perplexity, quantize_awq, quantize_rtn, AwqConfig, Calibration, ClipSearch, Compensation,
     EmbeddingQuant, SHIPPED_CALIBRATION_TEXT, SHIPPED_HELDOUT_TEXT,
@@ -104,6 +105,24 @@ fn main() -> Result<()> {
         100.0 * (p_awq.perplexity / p_f32.perplexity - 1.0),
         awq_model.weight_bytes()
     );
+    drop(awq_model);
+    let int8_model = LlamaModel::from_quantized_with(
+        &awq.config,
+        &awq.weights,
+        WeightDType::F16,
+        Int4Activations::Int8,
+    )?;
+    let t = Instant::now();
+    let p_int8 = perplexity(&int8_model, &heldout, window)?;
+    println!(
+        "awq g{group}, int8 activations: ppl {:.4} ({:+.2}% vs f32, {:+.2}% vs f32 activations, {:.1}s), weights {} bytes",
+        p_int8.perplexity,
+        100.0 * (p_int8.perplexity / p_f32.perplexity - 1.0),
+        100.0 * (p_int8.perplexity / p_awq.perplexity - 1.0),
+        t.elapsed().as_secs_f32(),
+        int8_model.weight_bytes()
+    );
+    drop(int8_model);
     let int4_linear: usize = awq.weights.layers.iter().map(|l| l.size_in_bytes()).sum();
     println!("int4 blocks (projections + norms): {int4_linear} bytes");
     if let Some(dir) = args.get(8) {

@@ -11,7 +11,7 @@
 use std::time::Instant;
 
 use anyhow::Result;
-use batos_model::forward::{LlamaModel, WeightDType};
+use batos_model::forward::{Int4Activations, LlamaModel, WeightDType};
 use batos_model::quant::{perplexity, QuantizedModel, SHIPPED_HELDOUT_TEXT};
 use batos_model::{LoadOptions, LoadedModel, Progress};
 
@@ -50,12 +50,17 @@ fn main() -> Result<()> {
         t.elapsed().as_secs_f32()
     );
     let q = read.model;
-    for dense in [WeightDType::F32, WeightDType::F16] {
-        let m = LlamaModel::from_quantized(&q.config, &q.weights, dense)?;
+    let modes = [
+        (WeightDType::F32, Int4Activations::F32),
+        (WeightDType::F16, Int4Activations::F32),
+        (WeightDType::F16, Int4Activations::Int8),
+    ];
+    for (dense, act) in modes {
+        let m = LlamaModel::from_quantized_with(&q.config, &q.weights, dense, act)?;
         let t = Instant::now();
         let p = perplexity(&m, &heldout, window)?;
         println!(
-            "int4-native, embedding {dense:?}: ppl {:.4} ({:+.3}% vs f32, {:.1}s), weights {} bytes",
+            "int4-native, embedding {dense:?}, {act:?} activations: ppl {:.4} ({:+.3}% vs f32, {:.1}s), weights {} bytes",
             p.perplexity,
             100.0 * (p.perplexity / p_f32.perplexity - 1.0),
             t.elapsed().as_secs_f32(),

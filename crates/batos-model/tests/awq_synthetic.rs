@@ -9,7 +9,7 @@ mod forward_common;
 use std::num::NonZeroUsize;
 
 use awq_common::{synthetic, token_stream};
-use batos_model::forward::{ForwardBatch, LlamaModel, SeqStep, WeightDType};
+use batos_model::forward::{ForwardBatch, Int4Activations, LlamaModel, SeqStep, WeightDType};
 use batos_model::generate::{
     GenerationParams, GenerationRequest, GeneratorConfig, SimpleGenerator,
 };
@@ -110,13 +110,24 @@ fn awq_is_deterministic() {
 
 #[test]
 fn int4_logits_are_bit_identical_alone_and_in_any_batch() {
+    check_batch_invariance(Int4Activations::F32);
+}
+
+#[test]
+fn int4_int8_activation_logits_are_bit_identical_alone_and_in_any_batch() {
+    check_batch_invariance(Int4Activations::Int8);
+}
+
+fn check_batch_invariance(activations: Int4Activations) {
     let synth = with_outliers(13);
     let config = synth.config.clone();
     let calib = Calibration::from_tokens(&token_stream(256, config.vocab_size, 5), 64, 4).unwrap();
     let q = quantize_weights_awq(&config, &synth.weights(), &awq_cfg(), &calib)
         .unwrap()
         .weights;
-    let model = LlamaModel::from_quantized(&config, &q, WeightDType::F32).unwrap();
+    let model =
+        LlamaModel::from_quantized_with(&config, &q, WeightDType::F32, activations).unwrap();
+    assert_eq!(model.int4_activations(), Some(activations));
     let d = *model.dims();
     // Prompts of at least 4 tokens: the int4 kernels are batch-invariant for every T
     // (tests/int4_kernels.rs in batos-kernels), but since the kernels branch's

@@ -17,7 +17,7 @@ mod forward_common;
 
 use batos_model::forward::cuda::{CudaLlama, LoraCapacity};
 use batos_model::forward::{
-    ForwardBatch, ForwardError, LlamaModel, LogitsRows, SeqStep, WeightDType,
+    ForwardBatch, ForwardError, Int4Activations, LlamaModel, LogitsRows, SeqStep, WeightDType,
 };
 use batos_model::gguf::GgufFile;
 use batos_model::synthetic::{tiny_params, SyntheticLlama};
@@ -275,7 +275,9 @@ fn int4_synthetic_model_runs_on_the_awq_kernels() {
     let synth = SyntheticLlama::new(LlamaConfig::new(tiny_params()).unwrap(), 5);
     let q = batos_model::quant::quantize_weights_rtn(&synth.config, &synth.weights(), 32)
         .expect("quantize synthetic model");
-    let cpu = LlamaModel::from_quantized(&synth.config, &q, WeightDType::F16).unwrap();
+    let cpu =
+        LlamaModel::from_quantized_with(&synth.config, &q, WeightDType::F16, Int4Activations::F32)
+            .unwrap();
     let d = *cpu.dims();
     let mut gpu = CudaLlama::upload(&cpu, dev, &budget()).unwrap();
     let prompts: Vec<Vec<u32>> = (0..3).map(|i| tokens(9, i + 7, d.vocab_size)).collect();

@@ -1,13 +1,17 @@
 //! int4 layers with group offsets (GGUF Q4_1 minima kept as int4) on a synthetic model
-//! (offline, fast): the forward pass computes the dequantised weights' function, and a
-//! sequence's logits are bit-identical alone or inside any batch.
+//! (offline, fast): the forward pass computes the dequantised weights' function (with
+//! f32 activations to 1e-5; with int8 activations, the integer-dot kernels, to
+//! `INT8_REL_ERR`), and a sequence's logits are bit-identical alone or inside any batch
+//! in both modes.
 
 mod awq_common;
 #[path = "forward_common/mod.rs"]
 mod forward_common;
 
 use awq_common::{synthetic, token_stream};
-use batos_model::forward::{ForwardBatch, LlamaModel, LogitsRows, SeqStep, WeightDType};
+use batos_model::forward::{
+    ForwardBatch, Int4Activations, LlamaModel, LogitsRows, SeqStep, WeightDType,
+};
 use batos_model::quant::{quantize_weights_rtn, sequence_logits, QuantizedWeights, LINEARS};
 use batos_model::{LayerTensor, ModelWeights, Tensor, TensorRole};
 use batos_types::BlockId;
@@ -92,10 +96,15 @@ fn rel_rms(reference: &[f32], other: &[f32]) -> f64 {
     (diff / sq(&mut reference.iter().copied())).sqrt()
 }
 
+/// Relative RMS logit error accepted with int8 activations: each group's inputs are
+/// rounded to 1/254 of their largest magnitude (measured: 3.1e-3).
+const INT8_REL_ERR: f64 = 1e-2;
+
 #[test]
 fn offsets_forward_matches_the_dequantised_dense_model() {
     let (config, q) = with_offsets(3);
-    let int4 = LlamaModel::from_quantized(&config, &q, WeightDType::F32).unwrap();
+    let int4 = LlamaModel::from_quantized_with(&config, &q, WeightDType::F32, Int4Activations::F32)
+        .unwrap();
     let dense =
         LlamaModel::from_weights(&config, &dequantised(&config, &q), WeightDType::F32).unwrap();
     let tokens = token_stream(40, config.vocab_size, 9);
@@ -104,6 +113,15 @@ fn offsets_forward_matches_the_dequantised_dense_model() {
     // Same weights, different summation order (codes·scale, then the offset term).
     let err = rel_rms(&b, &a);
     assert!(err < 1e-5, "relative logit error {err}");
+    let int8 =
+        LlamaModel::from_quantized_with(&config, &q, WeightDType::F32, Int4Activations::Int8)
+            .unwrap();
+    let err8 = rel_rms(&b, &sequence_logits(&int8, &tokens).unwrap());
+    println!("relative logit error: f32 activations {err:.2e}, int8 activations {err8:.2e}");
+    assert!(
+        err8 < INT8_REL_ERR,
+        "int8 activations: relative logit error {err8}"
+    );
 
     // Without the offset term the logits would be far off: the test can fail.
     let mut stripped = q.clone();
@@ -123,12 +141,20 @@ fn offsets_forward_matches_the_dequantised_dense_model() {
     )
     .unwrap();
     assert!(rel_rms(&b, &c) > 100.0 * err.max(1e-7));
+    assert!(rel_rms(&b, &c) > 5.0 * err8);
 }
 
 #[test]
 fn offsets_logits_are_bit_identical_alone_and_in_any_batch() {
+    for activations in [Int4Activations::F32, Int4Activations::Int8] {
+        check_batch_invariance(activations);
+    }
+}
+
+fn check_batch_invariance(activations: Int4Activations) {
     let (config, q) = with_offsets(5);
-    let model = LlamaModel::from_quantized(&config, &q, WeightDType::F32).unwrap();
+    let model =
+        LlamaModel::from_quantized_with(&config, &q, WeightDType::F32, activations).unwrap();
     let d = *model.dims();
     // At least 4 tokens each (see awq_synthetic.rs: the dense head's decode path).
     let prompts: Vec<Vec<u32>> = (0..5)

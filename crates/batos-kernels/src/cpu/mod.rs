@@ -7,6 +7,7 @@
 mod attention;
 pub(crate) mod check;
 pub mod int4;
+pub mod int4_dot;
 pub mod lora;
 mod par;
 mod pool;

@@ -15,7 +15,7 @@ use crate::{LlamaConfig, ModelWeights, Tensor};
 use super::batch::{BatchLimits, ForwardBatch, ForwardOutput, StepPlan};
 use super::cache::KvCacheMut;
 use super::error::ForwardError;
-use super::weights::{Linear, Matrix, WeightDType};
+use super::weights::{Int4Activations, Linear, Matrix, WeightDType};
 use crate::quant::{Int4Weight, QuantError, QuantizedEmbedding, QuantizedWeights};
 
 fn kernel(op: &'static str) -> impl FnOnce(KernelError) -> ForwardError {
@@ -392,14 +392,26 @@ impl LlamaModel {
         })
     }
 
-    /// Builds the runtime model from int4 weights ([`crate::quant`]): the projections
-    /// stay int4 (q/k/v and gate/up fused along the output dimension, which in
-    /// AutoAWQ's layout is a per-row concatenation), the embedding and head are stored
-    /// in `dense`, the norms f32.
+    /// Builds the runtime model from int4 weights ([`crate::quant`]) with the default
+    /// [`Int4Activations`]; see [`LlamaModel::from_quantized_with`].
     pub fn from_quantized(
         config: &LlamaConfig,
         weights: &QuantizedWeights,
         dense: WeightDType,
+    ) -> Result<LlamaModel, QuantError> {
+        Self::from_quantized_with(config, weights, dense, Int4Activations::default())
+    }
+
+    /// Builds the runtime model from int4 weights ([`crate::quant`]): the projections
+    /// stay int4 (q/k/v and gate/up fused along the output dimension, which in
+    /// AutoAWQ's layout is a per-row concatenation), in the layout `activations`
+    /// needs (AutoAWQ's for f32, repacked for int8); the embedding and head are stored
+    /// in `dense` when dense, the norms f32.
+    pub fn from_quantized_with(
+        config: &LlamaConfig,
+        weights: &QuantizedWeights,
+        dense: WeightDType,
+        activations: Int4Activations,
     ) -> Result<LlamaModel, QuantError> {
         weights.validate(config)?;
         let dims = LlamaDims::from_config(config);
@@ -410,21 +422,24 @@ impl LlamaModel {
             let name = |what: &str| format!("model.layers.{i}.{what}");
             layers.push(LlamaLayer {
                 attn_norm: l.attn_norm.clone(),
-                qkv: Linear::int4(Int4Weight::concat_out(
-                    &name("self_attn.qkv_proj"),
-                    &[&l.q_proj, &l.k_proj, &l.v_proj],
-                )?),
-                o_proj: Linear::int4(l.o_proj.clone()),
+                qkv: Linear::int4(
+                    Int4Weight::concat_out(
+                        &name("self_attn.qkv_proj"),
+                        &[&l.q_proj, &l.k_proj, &l.v_proj],
+                    )?,
+                    activations,
+                )?,
+                o_proj: Linear::int4(l.o_proj.clone(), activations)?,
                 mlp_norm: l.mlp_norm.clone(),
-                gate_up: Linear::int4(Int4Weight::concat_out(
-                    &name("mlp.gate_up_proj"),
-                    &[&l.gate_proj, &l.up_proj],
-                )?),
-                down: Linear::int4(l.down_proj.clone()),
+                gate_up: Linear::int4(
+                    Int4Weight::concat_out(&name("mlp.gate_up_proj"), &[&l.gate_proj, &l.up_proj])?,
+                    activations,
+                )?,
+                down: Linear::int4(l.down_proj.clone(), activations)?,
             });
         }
         let embed = match &weights.embed_tokens {
-            QuantizedEmbedding::Int4(w) => Linear::int4(w.clone()),
+            QuantizedEmbedding::Int4(w) => Linear::int4(w.clone(), activations)?,
             QuantizedEmbedding::Dense(t) => Linear::Dense(Matrix::from_f32(
                 "model.embed_tokens",
                 &t.to_f32_vec(),
@@ -494,7 +509,7 @@ impl LlamaModel {
         fn dense<'m>(what: &str, l: &'m Linear) -> Result<&'m Matrix, ForwardError> {
             match l {
                 Linear::Dense(m) => Ok(m),
-                Linear::Int4(_) => Err(ForwardError::BadConfig {
+                Linear::Int4(_) | Linear::Int4Dot(_) => Err(ForwardError::BadConfig {
                     reason: format!(
                         "{what} is int4; the device runtime needs it dense (quantize with \
                          `--embedding dense`)"
@@ -523,6 +538,15 @@ impl LlamaModel {
     /// The dtype the dense matrices are stored in (int4 projections aside).
     pub fn weight_dtype(&self) -> WeightDType {
         self.dense_dtype
+    }
+
+    /// How the int4 projections take their activations; `None` for a dense model.
+    pub fn int4_activations(&self) -> Option<Int4Activations> {
+        match self.layers.first().map(|l| &l.qkv) {
+            Some(Linear::Int4(_)) => Some(Int4Activations::F32),
+            Some(Linear::Int4Dot(_)) => Some(Int4Activations::Int8),
+            _ => None,
+        }
     }
 
     /// The sizes this model runs with.
@@ -663,7 +687,8 @@ impl LlamaModel {
             lora,
         };
 
-        kern.embedding(&self.embed.view(), &plan.token_ids, &mut s.x)
+        self.embed
+            .embedding(kern, &plan.token_ids, &mut s.x)
             .map_err(kernel("embedding"))?;
         for (i, layer) in self.layers.iter().enumerate() {
             let (k_cache, v_cache) = cache.layer_mut(i).ok_or(ForwardError::CacheMismatch {
@@ -695,9 +720,10 @@ impl LlamaModel {
         let row = qw + 2 * kvw;
         kern.rms_norm(&s.x, &layer.attn_norm, d.rms_norm_eps, &mut s.h)
             .map_err(kernel("attn rms_norm"))?;
-        kern.matmul(&s.h, &layer.qkv.view(), &mut s.qkv)
+        layer
+            .qkv
+            .matmul(kern, &s.h, &mut s.qkv)
             .map_err(kernel("qkv_proj"))?;
-        layer.qkv.add_group_offsets(&s.h, &mut s.qkv);
         if let Some(l) = &step.lora {
             // q, k and v read the same normed input: one pass, into the fused output.
             let group = [
@@ -749,9 +775,10 @@ impl LlamaModel {
         };
         kern.paged_attention(&s.q, &self.heads, &cache, seqs, &mut s.attn)
             .map_err(kernel("paged_attention"))?;
-        kern.matmul(&s.attn, &layer.o_proj.view(), &mut s.proj)
+        layer
+            .o_proj
+            .matmul(kern, &s.attn, &mut s.proj)
             .map_err(kernel("o_proj"))?;
-        layer.o_proj.add_group_offsets(&s.attn, &mut s.proj);
         if let Some(l) = &step.lora {
             let hid = d.hidden_size;
             let o = [GroupMember {
@@ -776,9 +803,10 @@ impl LlamaModel {
         let ffn = d.intermediate_size;
         kern.rms_norm(&s.x, &layer.mlp_norm, d.rms_norm_eps, &mut s.h)
             .map_err(kernel("mlp rms_norm"))?;
-        kern.matmul(&s.h, &layer.gate_up.view(), &mut s.gate_up)
+        layer
+            .gate_up
+            .matmul(kern, &s.h, &mut s.gate_up)
             .map_err(kernel("gate_up_proj"))?;
-        layer.gate_up.add_group_offsets(&s.h, &mut s.gate_up);
         let hid = d.hidden_size;
         if let Some(l) = lora {
             // gate and up read the same normed input: one pass, into the fused output.
@@ -798,9 +826,10 @@ impl LlamaModel {
         }
         kern.silu_mul_fused(&s.gate_up, ffn, &mut s.act)
             .map_err(kernel("silu_mul"))?;
-        kern.matmul(&s.act, &layer.down.view(), &mut s.proj)
+        layer
+            .down
+            .matmul(kern, &s.act, &mut s.proj)
             .map_err(kernel("down_proj"))?;
-        layer.down.add_group_offsets(&s.act, &mut s.proj);
         if let Some(l) = lora {
             let down = [GroupMember {
                 proj: Projection::Down,
@@ -830,9 +859,8 @@ impl LlamaModel {
             kern.rms_norm(x, &self.final_norm, d.rms_norm_eps, &mut normed)
                 .map_err(kernel("final rms_norm"))?;
             let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-            kern.matmul(&normed, &head.view(), &mut logits)
+            head.matmul(kern, &normed, &mut logits)
                 .map_err(kernel("lm_head"))?;
-            head.add_group_offsets(&normed, &mut logits);
         }
         Ok(ForwardOutput {
             logits,

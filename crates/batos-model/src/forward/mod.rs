@@ -19,4 +19,4 @@ pub use cache::KvCacheMut;
 pub use error::ForwardError;
 pub(crate) use llama::rope_config;
 pub use llama::{LlamaDims, LlamaModel};
-pub use weights::WeightDType;
+pub use weights::{Int4Activations, WeightDType};

@@ -30,6 +30,7 @@ fn linear_bytes(l: &Linear) -> u64 {
     match l {
         Linear::Dense(m) => matrix_bytes(m),
         Linear::Int4(w) => w.weight.size_in_bytes() as u64,
+        Linear::Int4Dot(w) => w.size_in_bytes() as u64,
     }
 }
 
@@ -74,6 +75,12 @@ impl DeviceLinear {
     fn upload(dev: &CudaDevice, name: &str, l: &Linear) -> Result<Self, ForwardError> {
         match l {
             Linear::Dense(m) => Ok(DeviceLinear::Dense(upload_matrix(dev, name, m)?)),
+            Linear::Int4Dot(_) => Err(ForwardError::BadConfig {
+                reason: format!(
+                    "{name} is repacked for int8 activations (a CPU-only layout); build the \
+                     model with `Int4Activations::F32` for the CUDA runtime"
+                ),
+            }),
             Linear::Int4(l) if l.offsets.is_some() => Err(ForwardError::BadConfig {
                 reason: format!(
                     "{name} has int4 group offsets (GGUF Q4_1 minima kept as int4); the CUDA \
