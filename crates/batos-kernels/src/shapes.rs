@@ -27,7 +27,7 @@ impl AttentionHeads {
                 "num_heads={num_heads}, num_kv_heads={num_kv_heads}, head_dim={head_dim} must all be non-zero"
             )));
         }
-        if num_heads % num_kv_heads != 0 {
+        if !num_heads.is_multiple_of(num_kv_heads) {
             return Err(bad(format!(
                 "num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}"
             )));
@@ -202,7 +202,7 @@ impl Rope {
             reason,
         };
         let dim = config.head_dim;
-        if dim == 0 || dim % 2 != 0 {
+        if dim == 0 || !dim.is_multiple_of(2) {
             return Err(bad("head_dim", format!("{dim} must be even and non-zero")));
         }
         if !(config.theta.is_finite() && config.theta > 0.0) {

@@ -189,7 +189,7 @@ impl KvCacheManager {
         let bs = self.block_size();
         let t = &s.table;
         let cow = match t.blocks().last() {
-            Some(&last) if t.num_tokens() % bs != 0 => self.pool.ref_count(last)? > 1,
+            Some(&last) if !t.num_tokens().is_multiple_of(bs) => self.pool.ref_count(last)? > 1,
             _ => false,
         };
         let extra = (t.num_tokens() + n).div_ceil(bs) - t.blocks().len();

@@ -77,7 +77,10 @@ impl LoraWeights {
         if layer >= self.num_layers {
             return bad(format!("layer {layer} of {}", self.num_layers));
         }
-        if pair.rank == 0 || pair.a.len() % pair.rank != 0 || pair.b.len() % pair.rank != 0 {
+        if pair.rank == 0
+            || !pair.a.len().is_multiple_of(pair.rank)
+            || !pair.b.len().is_multiple_of(pair.rank)
+        {
             return bad(format!(
                 "rank {} does not divide A ({}) and B ({})",
                 pair.rank,

@@ -152,7 +152,7 @@ impl LlamaConfig {
                 return Err(invalid(field, "must be positive"));
             }
         }
-        if p.num_attention_heads % p.num_key_value_heads != 0 {
+        if !p.num_attention_heads.is_multiple_of(p.num_key_value_heads) {
             return Err(invalid(
                 "num_key_value_heads",
                 format!(
@@ -161,7 +161,7 @@ impl LlamaConfig {
                 ),
             ));
         }
-        if p.head_dim % 2 != 0 {
+        if !p.head_dim.is_multiple_of(2) {
             return Err(invalid(
                 "head_dim",
                 format!("{} is odd; RoPE rotates pairs", p.head_dim),

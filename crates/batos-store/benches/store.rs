@@ -1,6 +1,7 @@
 //! Criterion benchmarks of batos-store, shaped like ZODB's bench (shared/bench/zodb):
 //! small commits (1 thread and 8 concurrent committers, fsync on), 100 B-tree inserts
-//! per transaction, a 64 MiB blob written (with fsync) and read back, point reads, and
+//! per transaction (in one ever-growing tree, and as ZODB's part b: 500 transactions into
+//! a fresh tree), a 64 MiB blob written (with fsync) and read back, point reads, and
 //! open time with 10k and 100k objects.
 //!
 //! Run: `cargo bench -p batos-store --bench store`. Images go to $BATOS_BENCH_DIR (or
@@ -205,6 +206,51 @@ fn btree_inserts(c: &mut Criterion) {
     g.finish();
 }
 
+/// ZODB bench part b's workload exactly: a fresh image and an empty tree, 500
+/// transactions of 100 random `key-%016x` inserts (50 000 keys at the end), timed from the
+/// first insert to the last commit. One criterion iteration is one whole run, so the
+/// throughput criterion prints (elements = transactions) is directly comparable with
+/// `bench_zodb.py`'s `commits_per_s` for part b. `btree/100_inserts_per_txn` above instead
+/// keeps growing one tree across all its iterations (hundreds of thousands of keys).
+fn btree_zodb_workload(c: &mut Criterion) {
+    const TXNS: u64 = 500;
+    let mut g = c.benchmark_group("btree_zodb_workload");
+    g.sample_size(10);
+    g.measurement_time(Duration::from_secs(10));
+    g.throughput(Throughput::Elements(TXNS));
+    let mut seed = 1000u64;
+    g.bench_function("500_txns_x_100_inserts", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let dir = bench_dir();
+                let db = Db::open(dir.path().join("img"), cfg()).unwrap();
+                let tree = db
+                    .transact(|t| -> Result<_, StoreError> {
+                        BTree::<String, String>::named(t, "tree")
+                    })
+                    .unwrap();
+                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+                seed += 1;
+                let start = Instant::now();
+                for txn_no in 0..TXNS {
+                    let mut t = db.begin();
+                    for j in 0..100 {
+                        let k = format!("key-{:016x}", rng.random::<u64>());
+                        tree.insert(&mut t, k, format!("value-{txn_no}-{j}"))
+                            .unwrap();
+                    }
+                    t.commit().unwrap();
+                }
+                total += start.elapsed();
+                drop(db);
+            }
+            total
+        })
+    });
+    g.finish();
+}
+
 #[derive(Serialize, Deserialize)]
 struct Holder {
     blob: batos_store::BlobRef,
@@ -352,5 +398,12 @@ fn open_time(c: &mut Criterion) {
     let _ = Oid::ROOT;
 }
 
-criterion_group!(benches, small_commits, btree_inserts, blobs, open_time);
+criterion_group!(
+    benches,
+    small_commits,
+    btree_inserts,
+    btree_zodb_workload,
+    blobs,
+    open_time
+);
 criterion_main!(benches);

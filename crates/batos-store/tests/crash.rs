@@ -176,7 +176,7 @@ fn child(dir: &Path) -> Result<(), StoreError> {
                         writeln!(o, "{i} {}", tid.get()).unwrap();
                         o.flush().unwrap();
                     }
-                    if th == 0 && n % 40 == 0 {
+                    if th == 0 && n.is_multiple_of(40) {
                         let last = db.last_tid().get();
                         db.pack(Tid::new(last.saturating_sub(20).max(1)).unwrap())?;
                     }

@@ -38,7 +38,7 @@ pub(crate) fn rows(
             reason: "row length is zero".into(),
         });
     }
-    if len % row_len != 0 {
+    if !len.is_multiple_of(row_len) {
         return Err(KernelError::NotWholeRows {
             op,
             what,

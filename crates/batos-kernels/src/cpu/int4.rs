@@ -79,12 +79,12 @@ impl Int4Layout {
                  {group_size} must all be positive"
             ));
         }
-        if out_features % 8 != 0 {
+        if !out_features.is_multiple_of(8) {
             return bad(format!(
                 "out_features {out_features} is not a multiple of 8 (eight columns per packed word)"
             ));
         }
-        if in_features % group_size != 0 {
+        if !in_features.is_multiple_of(group_size) {
             return bad(format!(
                 "in_features {in_features} is not a multiple of group_size {group_size}"
             ));

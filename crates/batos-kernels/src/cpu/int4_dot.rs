@@ -118,7 +118,7 @@ fn padded_group(group: usize) -> usize {
 }
 
 fn check_shape(op: &'static str, k: usize, group: usize) -> Result<()> {
-    if k == 0 || group == 0 || k % group != 0 {
+    if k == 0 || group == 0 || !k.is_multiple_of(group) {
         return Err(KernelError::InvalidShape {
             op,
             what: "int8 dot shape",

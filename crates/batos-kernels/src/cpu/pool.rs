@@ -162,7 +162,7 @@ fn worker(s: &Shared) {
         while s.epoch.load(SeqCst) == seen {
             std::hint::spin_loop();
             polls += 1;
-            if polls % 64 == 0 && start.elapsed() > SPIN {
+            if polls.is_multiple_of(64) && start.elapsed() > SPIN {
                 let mut l = s.lock.lock().unwrap_or_else(|e| e.into_inner());
                 s.sleepers.fetch_add(1, SeqCst);
                 while s.epoch.load(SeqCst) == seen {

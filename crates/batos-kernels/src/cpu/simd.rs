@@ -814,7 +814,7 @@ impl Avx2 {
     /// `out` (each thread streams its own weight rows). Shapes are checked by the
     /// caller; a mismatch here panics rather than reading out of bounds.
     pub(crate) fn matmul<W: Elem>(self, x: &[f32], k: usize, w: &[W], n: usize, out: &mut [f32]) {
-        assert!(k > 0 && x.len() % k == 0 && w.len() == n * k);
+        assert!(k > 0 && x.len().is_multiple_of(k) && w.len() == n * k);
         let t = x.len() / k;
         assert!(out.len() == t * n);
         if t == 0 || n == 0 {

@@ -268,7 +268,7 @@ impl Kernels for CudaKernels {
         });
         if !sequential
             || heads.group_size() > attention::MAX_GROUP
-            || heads.head_dim() % 4 != 0
+            || !heads.head_dim().is_multiple_of(4)
             || seqs.iter().all(|s| s.query_len == 0)
         {
             return crate::cpu::paged_attention(q, heads, cache, seqs, out);

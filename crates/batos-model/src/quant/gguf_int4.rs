@@ -54,12 +54,12 @@ pub fn int4_from_gguf(
                     .into(),
             )),
         };
-    if cols % GGUF_Q4_GROUP != 0 || cols == 0 {
+    if !cols.is_multiple_of(GGUF_Q4_GROUP) || cols == 0 {
         return Err(bad(format!(
             "{cols} input features is not a positive multiple of the block size {GGUF_Q4_GROUP}"
         )));
     }
-    if rows % 8 != 0 || rows == 0 {
+    if !rows.is_multiple_of(8) || rows == 0 {
         return Err(bad(format!(
             "{rows} output features is not a positive multiple of 8 (AutoAWQ packs 8 outputs to a word)"
         )));

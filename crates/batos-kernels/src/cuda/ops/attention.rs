@@ -238,7 +238,7 @@ fn check_attention<T: Activation>(
     out: &DeviceBuffer<T>,
 ) -> CudaResult<usize> {
     let l = batch.layout;
-    if l.num_kv_heads == 0 || heads % l.num_kv_heads != 0 {
+    if l.num_kv_heads == 0 || !heads.is_multiple_of(l.num_kv_heads) {
         return Err(CudaError::invalid(
             op,
             format!(
@@ -254,7 +254,7 @@ fn check_attention<T: Activation>(
             format!("GQA group {group} > {MAX_GROUP}"),
         ));
     }
-    if l.head_dim == 0 || l.head_dim % 4 != 0 {
+    if l.head_dim == 0 || !l.head_dim.is_multiple_of(4) {
         return Err(CudaError::invalid(
             op,
             format!("head_dim {} must be a positive multiple of 4", l.head_dim),
@@ -308,7 +308,7 @@ pub fn paged_attention_decode<T: Activation>(
     // The kernel reads K/V in 16-byte chunks: 4 (f32) or 8 (f16, bf16) elements,
     // at most 32 chunks (one warp) per row.
     let vw = 16 / std::mem::size_of::<T>();
-    if hd % vw != 0 || hd / vw > 32 {
+    if !hd.is_multiple_of(vw) || hd / vw > 32 {
         return Err(CudaError::invalid(
             OP,
             format!(

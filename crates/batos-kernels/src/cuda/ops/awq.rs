@@ -489,7 +489,7 @@ pub(crate) fn gemv_h2_plan(s: AwqShape, tokens: usize, sms: usize) -> GemvPlan {
     let out8 = s.out_features / 8;
     let (variant, vec) = if tokens > 1 {
         ("awq_gemv_h2t4", 1)
-    } else if out8 % 4 == 0 {
+    } else if out8.is_multiple_of(4) {
         ("awq_gemv_h2v4", 4)
     } else {
         ("awq_gemv_h2v1", 1)
@@ -497,7 +497,7 @@ pub(crate) fn gemv_h2_plan(s: AwqShape, tokens: usize, sms: usize) -> GemvPlan {
     let blocks_x = out8.div_ceil(vec * 32);
     let seg = [32usize, 16, 8]
         .into_iter()
-        .find(|c| s.group_size % c == 0)
+        .find(|c| s.group_size.is_multiple_of(*c))
         .unwrap_or(8);
     let want = ((2 * sms) / blocks_x).clamp(1, 32);
     let rows_per_split = (s.in_features.div_ceil(want).div_ceil(64) * 64).max(64);
@@ -514,7 +514,7 @@ pub(crate) fn gemv_h2_plan(s: AwqShape, tokens: usize, sms: usize) -> GemvPlan {
 
 pub(crate) fn gemv_plan(s: AwqShape, tokens: usize, sms: usize) -> GemvPlan {
     let out8 = s.out_features / 8;
-    let (variant, vec, tok) = if tokens == 1 && out8 % 4 == 0 {
+    let (variant, vec, tok) = if tokens == 1 && out8.is_multiple_of(4) {
         ("awq_gemv_t1v4", 4, 1)
     } else if tokens == 1 {
         ("awq_gemv_t1v1", 1, 1)
@@ -528,7 +528,7 @@ pub(crate) fn gemv_plan(s: AwqShape, tokens: usize, sms: usize) -> GemvPlan {
     let group_chunk = (0..=7)
         .rev()
         .map(|p| 1usize << p)
-        .find(|c| s.group_size % c == 0)
+        .find(|c| s.group_size.is_multiple_of(*c))
         .unwrap_or(1);
     // Split K so that about four 256-thread blocks per SM are in flight (two waves at
     // two resident blocks per SM), with splits of at least `unit` rows (8 per warp):

@@ -141,7 +141,7 @@ pub fn gather_rows<T: Activation>(
     out: &mut DeviceBuffer<T>,
 ) -> CudaResult<()> {
     const OP: &str = "gather_rows";
-    if width == 0 || input.len() % width != 0 {
+    if width == 0 || !input.len().is_multiple_of(width) {
         return Err(CudaError::invalid(
             OP,
             format!(
@@ -189,7 +189,7 @@ pub fn copy_cols<T: Activation>(
     out: &mut DeviceBuffer<T>,
 ) -> CudaResult<()> {
     const OP: &str = "copy_cols";
-    if stride == 0 || input.len() % stride != 0 || offset + width > stride {
+    if stride == 0 || !input.len().is_multiple_of(stride) || offset + width > stride {
         return Err(CudaError::invalid(
             OP,
             format!(

@@ -19,7 +19,7 @@ pub fn rms_norm<T: Activation>(
 ) -> CudaResult<()> {
     const OP: &str = "rms_norm";
     let d = weight.len();
-    if d == 0 || x.len() % d != 0 {
+    if d == 0 || !x.len().is_multiple_of(d) {
         return Err(CudaError::invalid(
             OP,
             format!(
@@ -148,7 +148,7 @@ pub fn embedding<T: Activation>(
     out: &mut DeviceBuffer<T>,
 ) -> CudaResult<()> {
     const OP: &str = "embedding";
-    if dim == 0 || table.len() % dim != 0 {
+    if dim == 0 || !table.len().is_multiple_of(dim) {
         return Err(CudaError::invalid(
             OP,
             format!(

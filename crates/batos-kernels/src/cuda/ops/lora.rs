@@ -401,7 +401,7 @@ pub fn lora_shrink<T: Activation>(
 
 /// The grouped kernels read and write 8 elements (16 bytes for f16) at a time.
 fn check_grouped(op: &'static str, s: LoraShape) -> CudaResult<()> {
-    if s.in_features % 8 != 0 || s.out_features % 8 != 0 {
+    if !s.in_features.is_multiple_of(8) || !s.out_features.is_multiple_of(8) {
         return Err(CudaError::invalid(
             op,
             format!(

@@ -9,7 +9,7 @@ use cudarc::driver::PushKernelArg;
 use super::{as_i32, as_u32, cfg, kname, launch, Activation};
 
 fn rows_of(op: &'static str, len: usize, vocab: usize) -> CudaResult<usize> {
-    if vocab == 0 || len % vocab != 0 {
+    if vocab == 0 || !len.is_multiple_of(vocab) {
         return Err(CudaError::invalid(
             op,
             format!("logits have {len} elements, not a multiple of vocab {vocab}"),
