@@ -621,10 +621,8 @@ fn parallel(path: DotPath, a: &Int8Activations, w: &Int4DotWeight, out: &mut [f3
     });
 }
 
-// AVX-512 intrinsics and target features are stable since Rust 1.89: this module needs
-// rustc >= 1.89 although the workspace still declares 1.85 (see docs/perf/awq.md).
+// AVX-512 intrinsics and target features are stable since Rust 1.89, the workspace's MSRV.
 #[cfg(target_arch = "x86_64")]
-#[allow(clippy::incompatible_msrv)]
 mod x86 {
     use super::*;
     use std::arch::x86_64::*;
