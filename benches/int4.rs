@@ -142,15 +142,10 @@ fn matmul(c: &mut Criterion) {
     g.finish();
 }
 
-/// One step's projections, each with its own weights (different seeds, so no buffer is
-/// shared), at T tokens.
-fn decode_step(c: &mut Criterion) {
-    let imp = cpu::implementation();
-    let mut g = c.benchmark_group(format!("{imp}/int4_decode_step"));
-    g.sample_size(10)
-        .warm_up_time(Duration::from_millis(500))
-        .measurement_time(Duration::from_secs(3));
-    let mut mats: Vec<Int4Owned> = Vec::new();
+/// One decode step's weights: 30 layers of projections, each with its own codes
+/// (different seeds, so no buffer is shared), then the head.
+fn step_weights() -> Vec<Int4Owned> {
+    let mut mats = Vec::new();
     for layer in 0..30u32 {
         for &(n, k) in &SHAPES {
             let mut q = int4(n, k);
@@ -159,6 +154,17 @@ fn decode_step(c: &mut Criterion) {
         }
     }
     mats.push(int4(HEAD.0, HEAD.1));
+    mats
+}
+
+/// One step's projections ([`step_weights`]) at T tokens.
+fn decode_step(c: &mut Criterion) {
+    let imp = cpu::implementation();
+    let mut g = c.benchmark_group(format!("{imp}/int4_decode_step"));
+    g.sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(3));
+    let mats = step_weights();
     for t in [1usize, 16] {
         let xs: Vec<Vec<f32>> = mats
             .iter()
@@ -234,15 +240,7 @@ fn decode_step_int8(c: &mut Criterion) {
     g.sample_size(10)
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(3));
-    let mut mats: Vec<Int4DotWeight> = Vec::new();
-    for layer in 0..30u32 {
-        for &(n, k) in &SHAPES {
-            let mut q = int4(n, k);
-            q.qweight = data(q.layout.qweight_len(), 5 + layer);
-            mats.push(dot_weight(&q));
-        }
-    }
-    mats.push(dot_weight(&int4(HEAD.0, HEAD.1)));
+    let mats: Vec<Int4DotWeight> = step_weights().iter().map(dot_weight).collect();
     for t in [1usize, 16] {
         let xs: Vec<Vec<f32>> = mats.iter().map(|w| floats(t * w.cols(), 2)).collect();
         let mut outs: Vec<Vec<f32>> = mats.iter().map(|w| vec![0f32; t * w.rows()]).collect();

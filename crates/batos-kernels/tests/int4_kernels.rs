@@ -19,6 +19,13 @@ use batos_kernels::{Int4Data, Int4Layout, KernelError, WeightView};
 use common::TestRng;
 use half::f16;
 
+/// Every thread backend: a row's output must not depend on which one ran it.
+const THREAD_BACKENDS: [ThreadBackend; 3] = [
+    ThreadBackend::SpinPool,
+    ThreadBackend::Rayon,
+    ThreadBackend::Serial,
+];
+
 /// Owned int4 test weights with their codes kept for checking.
 struct Case {
     layout: Int4Layout,
@@ -133,11 +140,7 @@ fn check_matmul(rng: &mut TestRng, t: usize, k: usize, n: usize, g: usize) {
                 .sum();
         }
     }
-    for backend in [
-        ThreadBackend::SpinPool,
-        ThreadBackend::Rayon,
-        ThreadBackend::Serial,
-    ] {
+    for backend in THREAD_BACKENDS {
         cpu::set_thread_backend(backend);
         let mut got = vec![f32::NAN; t * n];
         cpu::matmul(&x, &view, &mut got).unwrap();
@@ -194,11 +197,7 @@ fn check_batch_invariance(rng: &mut TestRng, k: usize, n: usize, g: usize) {
     let x = rng.vec(total * k);
     let mut full = vec![0f32; total * n];
     cpu::matmul(&x, &view, &mut full).unwrap();
-    for backend in [
-        ThreadBackend::SpinPool,
-        ThreadBackend::Rayon,
-        ThreadBackend::Serial,
-    ] {
+    for backend in THREAD_BACKENDS {
         cpu::set_thread_backend(backend);
         for t in [1, 2, 3, 4, 5, 6, 7, 11, 16, 36] {
             for start in [0, 5.min(total - t), total - t] {
@@ -421,11 +420,7 @@ fn dot_paths_agree_bit_for_bit_on_odd_shapes() {
                     acts, want_acts,
                     "{path:?} n={n} k={k} g={g} t={t}: activations"
                 );
-                for backend in [
-                    ThreadBackend::SpinPool,
-                    ThreadBackend::Rayon,
-                    ThreadBackend::Serial,
-                ] {
+                for backend in THREAD_BACKENDS {
                     cpu::set_thread_backend(backend);
                     let mut got = vec![f32::NAN; t * n];
                     int4_dot::matmul_int8_with(path, &acts, &w, &mut got).unwrap();

@@ -73,6 +73,51 @@ fn load_once<'a>(
     m.as_ref()
 }
 
+/// One reference prompt run teacher-forced along its 32 greedy ids in one batch.
+struct TeacherForced<'a> {
+    name: &'a str,
+    prompt_len: usize,
+    vocab: usize,
+    /// The reference's greedy ids.
+    want: Vec<u32>,
+    /// Prompt plus the first 31 greedy ids: what was fed.
+    toks: Vec<u32>,
+    logits: Vec<f32>,
+}
+
+impl<'a> TeacherForced<'a> {
+    fn run(
+        model: &LlamaModel,
+        snapshot: &HotSnapshot,
+        p: &'a serde_json::Value,
+        adapter: Option<SlotIdx>,
+    ) -> TeacherForced<'a> {
+        let input = ids(&p["input_ids"]);
+        let want = ids(&p["greedy_ids_32"]);
+        let mut toks = input.clone();
+        toks.extend_from_slice(&want[..31]);
+        let logits = batch_logits(model, snapshot, &[(toks.clone(), adapter)]).remove(0);
+        TeacherForced {
+            name: p["name"].as_str().unwrap(),
+            prompt_len: input.len(),
+            vocab: model.dims().vocab_size,
+            want,
+            toks,
+            logits,
+        }
+    }
+
+    /// The logits that predict greedy id `i`.
+    fn row(&self, i: usize) -> &[f32] {
+        let at = self.prompt_len - 1 + i;
+        &self.logits[at * self.vocab..(at + 1) * self.vocab]
+    }
+
+    fn argmax(&self, i: usize) -> u32 {
+        batos_kernels::cpu::argmax(self.row(i)).unwrap() as u32
+    }
+}
+
 /// Checks every prompt of `reference` (greedy ids, step-1 top-10) with `adapter`;
 /// returns each prompt's teacher-forced tokens and logits.
 fn check_against(
@@ -85,19 +130,12 @@ fn check_against(
     let mut out = Vec::new();
     let mut worst = 0f32;
     for p in reference["prompts"].as_array().unwrap() {
-        let name = p["name"].as_str().unwrap();
-        let input = ids(&p["input_ids"]);
-        let want = ids(&p["greedy_ids_32"]);
-        let mut toks = input.clone();
-        toks.extend_from_slice(&want[..31]);
-        let logits = batch_logits(model, snapshot, &[(toks.clone(), adapter)]).remove(0);
-        let row = |i: usize| &logits[(input.len() - 1 + i) * vocab..(input.len() + i) * vocab];
-        let got: Vec<u32> = (0..32)
-            .map(|i| batos_kernels::cpu::argmax(row(i)).unwrap() as u32)
-            .collect();
-        assert_eq!(got, want, "{name}: greedy ids (adapter {adapter:?})");
+        let run = TeacherForced::run(model, snapshot, p, adapter);
+        let name = run.name;
+        let got: Vec<u32> = (0..32).map(|i| run.argmax(i)).collect();
+        assert_eq!(got, run.want, "{name}: greedy ids (adapter {adapter:?})");
 
-        let step1 = row(0);
+        let step1 = run.row(0);
         let want_ids = ids(&p["step1_top10"]["ids"]);
         let mut order: Vec<u32> = (0..vocab as u32).collect();
         order.sort_by(|&a, &b| step1[b as usize].total_cmp(&step1[a as usize]));
@@ -113,7 +151,7 @@ fn check_against(
             "{name} (adapter {adapter:?}): 32/32 greedy ids, step-1 top-10 max |Δ| = {err:.2e}"
         );
         worst = worst.max(err);
-        out.push((toks, logits));
+        out.push((run.toks, run.logits));
     }
     assert!(
         worst <= TOP10_TOL,
@@ -172,29 +210,19 @@ fn int4_native_int8_activations_agree_with_the_f32_reference() {
     ) else {
         return;
     };
-    let vocab = model.dims().vocab_size;
     let hot = hot_adapter(model, HotFormat::default());
     let mut seqs = Vec::new();
     for (reference, adapter) in [(&base, None), (&lora, Some(hot.slot))] {
         for p in reference["prompts"].as_array().unwrap() {
-            let name = p["name"].as_str().unwrap();
-            let input = ids(&p["input_ids"]);
-            let want = ids(&p["greedy_ids_32"]);
-            let mut toks = input.clone();
-            toks.extend_from_slice(&want[..31]);
-            let logits = batch_logits(model, &hot.snapshot, &[(toks.clone(), adapter)]).remove(0);
-            let agree = (0..32)
-                .filter(|&i| {
-                    let row = &logits[(input.len() - 1 + i) * vocab..(input.len() + i) * vocab];
-                    batos_kernels::cpu::argmax(row).unwrap() as u32 == want[i]
-                })
-                .count();
+            let run = TeacherForced::run(model, &hot.snapshot, p, adapter);
+            let name = run.name;
+            let agree = (0..32).filter(|&i| run.argmax(i) == run.want[i]).count();
             println!("{name} (adapter {adapter:?}, int8 activations): {agree}/32 greedy ids");
             assert!(
                 agree >= INT8_MIN_AGREEMENT,
                 "{name} (adapter {adapter:?}): {agree}/32 < {INT8_MIN_AGREEMENT}"
             );
-            seqs.push((toks, logits, adapter));
+            seqs.push((run.toks, run.logits, adapter));
         }
     }
     // Alone vs inside a mixed batch: the same bits.
