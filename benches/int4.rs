@@ -57,6 +57,12 @@ struct Int4Owned {
     scales: Vec<f16>,
 }
 
+impl Int4Owned {
+    fn data(&self) -> Int4Data<'_> {
+        Int4Data::new(self.layout, &self.qweight, &self.qzeros, &self.scales).unwrap()
+    }
+}
+
 fn int4(n: usize, k: usize) -> Int4Owned {
     let layout = Int4Layout::new(k, n, GROUP).unwrap();
     let qweight = data(layout.qweight_len(), 3);
@@ -79,35 +85,20 @@ fn matmul(c: &mut Criterion) {
         g.sample_size(10)
             .warm_up_time(Duration::from_millis(500))
             .measurement_time(Duration::from_secs(2));
-        for &(n, k) in &SHAPES {
+        // The head only as int4 (the model's dense heads are measured by the f16/f32
+        // groups at the projection shapes), at the decode batch sizes.
+        let head: &[(usize, usize)] = if dtype == "int4" { &[HEAD] } else { &[] };
+        for &(n, k) in SHAPES.iter().chain(head) {
             let q = int4(n, k);
             let w32 = floats(n * k, 1);
             let w16: Vec<f16> = w32.iter().map(|&v| f16::from_f32(v)).collect();
             let view = match dtype {
-                "int4" => WeightView::int4(
-                    Int4Data::new(q.layout, &q.qweight, &q.qzeros, &q.scales).unwrap(),
-                ),
+                "int4" => WeightView::int4(q.data()),
                 "f16" => WeightView::f16(&w16, n, k).unwrap(),
                 _ => WeightView::f32(&w32, n, k).unwrap(),
             };
-            for &t in &TOKENS {
-                let x = floats(t * k, 2);
-                let mut out = vec![0f32; t * n];
-                g.throughput(Throughput::Elements((2 * t * n * k) as u64));
-                g.bench_with_input(
-                    BenchmarkId::new(format!("{n}x{k}"), format!("t={t}")),
-                    &t,
-                    |b, _| b.iter(|| cpu::matmul(black_box(&x), &view, &mut out).unwrap()),
-                );
-            }
-        }
-        if dtype == "int4" {
-            let (n, k) = HEAD;
-            let q = int4(n, k);
-            let view = WeightView::int4(
-                Int4Data::new(q.layout, &q.qweight, &q.qzeros, &q.scales).unwrap(),
-            );
-            for t in [1, 16] {
+            let tokens: &[usize] = if (n, k) == HEAD { &[1, 16] } else { &TOKENS };
+            for &t in tokens {
                 let x = floats(t * k, 2);
                 let mut out = vec![0f32; t * n];
                 g.throughput(Throughput::Elements((2 * t * n * k) as u64));
@@ -129,8 +120,7 @@ fn matmul(c: &mut Criterion) {
     cpu::set_thread_backend(ThreadBackend::Serial);
     for &(n, k) in SHAPES.iter().chain([&HEAD]) {
         let q = int4(n, k);
-        let view =
-            WeightView::int4(Int4Data::new(q.layout, &q.qweight, &q.qzeros, &q.scales).unwrap());
+        let view = WeightView::int4(q.data());
         let x = floats(k, 2);
         let mut out = vec![0f32; n];
         g.throughput(Throughput::Elements((2 * n * k) as u64));
@@ -185,9 +175,7 @@ fn decode_step(c: &mut Criterion) {
             |b, _| {
                 b.iter(|| {
                     for ((q, x), out) in mats.iter().zip(&xs).zip(outs.iter_mut()) {
-                        let view = WeightView::int4(
-                            Int4Data::new(q.layout, &q.qweight, &q.qzeros, &q.scales).unwrap(),
-                        );
+                        let view = WeightView::int4(q.data());
                         cpu::matmul(black_box(x), &view, out).unwrap();
                     }
                 })
@@ -198,8 +186,7 @@ fn decode_step(c: &mut Criterion) {
 }
 
 fn dot_weight(q: &Int4Owned) -> Int4DotWeight {
-    let data = Int4Data::new(q.layout, &q.qweight, &q.qzeros, &q.scales).unwrap();
-    Int4DotWeight::from_int4(&data, None).unwrap()
+    Int4DotWeight::from_int4(&q.data(), None).unwrap()
 }
 
 /// The integer-dot kernels at the same shapes, per SIMD path.

@@ -26,7 +26,7 @@ use batos_model::quant::{
 };
 use batos_model::{LoadOptions, LoadedModel};
 use common::{ids, real_model, reference_json};
-use lora_common::{batch_logits, hot_adapter};
+use lora_common::{batch_logits, check_mixed_batch, hot_adapter};
 
 /// Lowest per-prompt agreement accepted (measured with this configuration: see
 /// docs/perf/awq.md; the target of issue 6 is 0.9).
@@ -103,17 +103,6 @@ fn check_agreement_and_determinism(
     // Determinism: repeated runs and batch compositions give the same bits.
     let (a, b) = (&seqs[0], &seqs[seqs.len() - 1]);
     for _ in 0..2 {
-        let mixed = batch_logits(
-            int4,
-            &hot.snapshot,
-            &[
-                (b.0.clone(), None),
-                (a.0.clone(), Some(hot.slot)),
-                (b.0.clone(), Some(hot.slot)),
-            ],
-        );
-        assert_eq!(mixed[1], a.1, "adapter sequence alone vs in a mixed batch");
-        assert_eq!(mixed[2], b.1, "adapter sequence alone vs in a mixed batch");
-        assert_ne!(mixed[0], b.1, "the adapter changes the logits");
+        check_mixed_batch(int4, &hot.snapshot, hot.slot, a, b);
     }
 }

@@ -9,7 +9,7 @@ mod forward_common;
 use std::num::NonZeroUsize;
 
 use awq_common::{synthetic, token_stream};
-use batos_model::forward::{ForwardBatch, Int4Activations, LlamaModel, SeqStep, WeightDType};
+use batos_model::forward::{Int4Activations, LlamaModel, WeightDType};
 use batos_model::generate::{
     GenerationParams, GenerationRequest, GeneratorConfig, SimpleGenerator,
 };
@@ -18,8 +18,7 @@ use batos_model::quant::{
     ClipSearch, QuantError,
 };
 use batos_model::synthetic::SyntheticLlama;
-use batos_types::BlockId;
-use forward_common::{kv_manager, TestCache};
+use forward_common::{assert_one_step_matches_alone, kv_manager};
 
 /// A synthetic model whose norms make a few hidden channels large (as real LLMs have),
 /// the situation AWQ is for.
@@ -137,33 +136,12 @@ fn check_batch_invariance(activations: Int4Activations) {
     let prompts: Vec<Vec<u32>> = (0..6)
         .map(|i| token_stream(4 + 9 * i, d.vocab_size, 50 + i as u64))
         .collect();
-    // Each prompt alone, in blocks 0.. of a fresh cache.
-    let alone: Vec<Vec<f32>> = prompts
-        .iter()
-        .map(|p| sequence_logits(&model, p).unwrap())
-        .collect();
     // All prompts in one step, each in its own blocks, in two different orders.
-    for order in [[0, 1, 2, 3, 4, 5], [5, 3, 1, 0, 4, 2]] {
-        let mut cache = TestCache::new(&d, 64, 16);
-        let mut next = 0u32;
-        let steps: Vec<SeqStep> = order
-            .iter()
-            .map(|&i| {
-                let blocks = prompts[i].len().div_ceil(16) as u32;
-                let table = (next..next + blocks).map(BlockId).collect();
-                next += blocks;
-                SeqStep::new(prompts[i].clone(), 0, table)
-                    .with_logits(batos_model::forward::LogitsRows::All)
-            })
-            .collect();
-        let out = model
-            .forward(&ForwardBatch::new(steps), &mut cache)
-            .unwrap();
-        for (s, &i) in order.iter().enumerate() {
-            let rows: Vec<f32> = out.seq_logits(s).unwrap().flatten().copied().collect();
-            assert_eq!(rows, alone[i], "prompt {i} at batch position {s}");
-        }
-    }
+    assert_one_step_matches_alone(
+        &model,
+        &prompts,
+        &[&[0, 1, 2, 3, 4, 5], &[5, 3, 1, 0, 4, 2]],
+    );
     // Generation: the same tokens alone and in a mixed prefill/decode batch.
     let requests: Vec<GenerationRequest> = prompts
         .iter()

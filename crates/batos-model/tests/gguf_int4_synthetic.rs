@@ -9,13 +9,10 @@ mod awq_common;
 mod forward_common;
 
 use awq_common::{synthetic, token_stream};
-use batos_model::forward::{
-    ForwardBatch, Int4Activations, LlamaModel, LogitsRows, SeqStep, WeightDType,
-};
+use batos_model::forward::{Int4Activations, LlamaModel, WeightDType};
 use batos_model::quant::{quantize_weights_rtn, sequence_logits, QuantizedWeights, LINEARS};
 use batos_model::{LayerTensor, ModelWeights, Tensor, TensorRole};
-use batos_types::BlockId;
-use forward_common::TestCache;
+use forward_common::assert_one_step_matches_alone;
 use half::f16;
 
 /// RTN int4 of a synthetic model, then a float minimum on every projection's groups
@@ -160,28 +157,5 @@ fn check_batch_invariance(activations: Int4Activations) {
     let prompts: Vec<Vec<u32>> = (0..5)
         .map(|i| token_stream(4 + 7 * i, d.vocab_size, 70 + i as u64))
         .collect();
-    let alone: Vec<Vec<f32>> = prompts
-        .iter()
-        .map(|p| sequence_logits(&model, p).unwrap())
-        .collect();
-    for order in [[0, 1, 2, 3, 4], [4, 2, 0, 3, 1]] {
-        let mut cache = TestCache::new(&d, 64, 16);
-        let mut next = 0u32;
-        let steps: Vec<SeqStep> = order
-            .iter()
-            .map(|&i| {
-                let blocks = prompts[i].len().div_ceil(16) as u32;
-                let table = (next..next + blocks).map(BlockId).collect();
-                next += blocks;
-                SeqStep::new(prompts[i].clone(), 0, table).with_logits(LogitsRows::All)
-            })
-            .collect();
-        let out = model
-            .forward(&ForwardBatch::new(steps), &mut cache)
-            .unwrap();
-        for (s, &i) in order.iter().enumerate() {
-            let rows: Vec<f32> = out.seq_logits(s).unwrap().flatten().copied().collect();
-            assert_eq!(rows, alone[i], "prompt {i} at batch position {s}");
-        }
-    }
+    assert_one_step_matches_alone(&model, &prompts, &[&[0, 1, 2, 3, 4], &[4, 2, 0, 3, 1]]);
 }

@@ -70,3 +70,39 @@ pub fn tokens(n: usize, seed: u32, vocab: usize) -> Vec<u32> {
         .map(|i| (i.wrapping_mul(2_654_435_761) ^ seed.wrapping_mul(40_503)) % vocab as u32)
         .collect()
 }
+
+/// Runs `prompts` in one prefill step, each in its own blocks of a fresh cache, once per
+/// order in `orders`, and asserts that every prompt's logits are bit-identical to its
+/// logits alone (`batos_model::quant::sequence_logits`).
+pub fn assert_one_step_matches_alone(
+    model: &batos_model::forward::LlamaModel,
+    prompts: &[Vec<u32>],
+    orders: &[&[usize]],
+) {
+    use batos_model::forward::{ForwardBatch, LogitsRows, SeqStep};
+    let d = *model.dims();
+    let alone: Vec<Vec<f32>> = prompts
+        .iter()
+        .map(|p| batos_model::quant::sequence_logits(model, p).unwrap())
+        .collect();
+    for order in orders {
+        let mut cache = TestCache::new(&d, 64, 16);
+        let mut next = 0u32;
+        let steps: Vec<SeqStep> = order
+            .iter()
+            .map(|&i| {
+                let blocks = prompts[i].len().div_ceil(16) as u32;
+                let table = (next..next + blocks).map(batos_types::BlockId).collect();
+                next += blocks;
+                SeqStep::new(prompts[i].clone(), 0, table).with_logits(LogitsRows::All)
+            })
+            .collect();
+        let out = model
+            .forward(&ForwardBatch::new(steps), &mut cache)
+            .unwrap();
+        for (s, &i) in order.iter().enumerate() {
+            let rows: Vec<f32> = out.seq_logits(s).unwrap().flatten().copied().collect();
+            assert_eq!(rows, alone[i], "prompt {i} at batch position {s}");
+        }
+    }
+}

@@ -79,3 +79,28 @@ pub fn batch_logits(
         })
         .collect()
 }
+
+/// Runs `b` without an adapter, `a` and `b` with `slot` in one batch; asserts the two
+/// adapter rows equal `a.1` and `b.1` (their logits alone with the adapter) bit for bit
+/// and that the adapter changes `b`'s logits. Returns the base row's logits.
+pub fn check_mixed_batch(
+    model: &LlamaModel,
+    snapshot: &HotSnapshot,
+    slot: SlotIdx,
+    a: &(Vec<u32>, Vec<f32>),
+    b: &(Vec<u32>, Vec<f32>),
+) -> Vec<f32> {
+    let mut mixed = batch_logits(
+        model,
+        snapshot,
+        &[
+            (b.0.clone(), None),
+            (a.0.clone(), Some(slot)),
+            (b.0.clone(), Some(slot)),
+        ],
+    );
+    assert_eq!(mixed[1], a.1, "adapter sequence alone vs in a mixed batch");
+    assert_eq!(mixed[2], b.1, "adapter sequence alone vs in a mixed batch");
+    assert_ne!(mixed[0], b.1, "the adapter changes the logits");
+    mixed.swap_remove(0)
+}
