@@ -98,13 +98,18 @@ pub(crate) fn rope(
 }
 
 pub(crate) fn embedding(table: &WeightView<'_>, ids: &[u32], out: &[f32]) -> Result<()> {
-    len_eq("embedding", "out", out.len(), ids.len() * table.cols())?;
+    embedding_rows(table.rows(), table.cols(), ids, out)
+}
+
+/// [`embedding`] for any table of `rows × cols`.
+pub(crate) fn embedding_rows(rows: usize, cols: usize, ids: &[u32], out: &[f32]) -> Result<()> {
+    len_eq("embedding", "out", out.len(), ids.len() * cols)?;
     for &id in ids {
-        if id as usize >= table.rows() {
+        if id as usize >= rows {
             return Err(KernelError::TokenOutOfRange {
                 op: "embedding",
                 id,
-                rows: table.rows(),
+                rows,
             });
         }
     }

@@ -513,6 +513,16 @@ impl Int4DotWeight {
     }
 }
 
+/// Rows `ids` of `w` as an embedding table, dequantised into `out [ids.len(), K]`; the
+/// same checks and errors as [`super::embedding`].
+pub fn embedding(w: &Int4DotWeight, ids: &[u32], out: &mut [f32]) -> Result<()> {
+    super::check::embedding_rows(w.rows, w.cols, ids, out)?;
+    for (&id, o) in ids.iter().zip(out.chunks_exact_mut(w.cols)) {
+        w.dequantize_row(id as usize, o);
+    }
+    Ok(())
+}
+
 /// `out[T, N] = x[T, K] · Wᵀ` with `x` already quantised, on the fastest path.
 pub fn matmul_int8(a: &Int8Activations, w: &Int4DotWeight, out: &mut [f32]) -> Result<()> {
     matmul_int8_with(DotPath::best(), a, w, out)

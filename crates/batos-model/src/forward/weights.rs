@@ -155,20 +155,21 @@ impl Int4Linear {
         let Some(off) = &self.offsets else { return };
         let lay = self.weight.layout();
         let (k, n, g) = (lay.in_features(), lay.out_features(), lay.group_size());
-        y.par_chunks_mut(n)
-            .zip(x.par_chunks(k))
-            .for_each(|(yt, xt)| {
-                let mut acc = vec![0f32; n];
+        y.par_chunks_mut(n).zip(x.par_chunks(k)).for_each_init(
+            || vec![0f32; n],
+            |acc, (yt, xt)| {
+                acc.fill(0.0);
                 for (grp, xg) in xt.chunks(g).enumerate() {
                     let sigma = xg.iter().fold(0f32, |a, &v| a + v);
                     for (a, &m) in acc.iter_mut().zip(&off[grp * n..(grp + 1) * n]) {
                         *a += m * sigma;
                     }
                 }
-                for (yv, a) in yt.iter_mut().zip(&acc) {
+                for (yv, a) in yt.iter_mut().zip(acc.iter()) {
                     *yv += a;
                 }
-            });
+            },
+        );
     }
 }
 
@@ -234,28 +235,7 @@ impl Linear {
         match self {
             Linear::Dense(m) => kern.embedding(&m.view(), ids, out),
             Linear::Int4(w) => kern.embedding(&w.weight.view(), ids, out),
-            Linear::Int4Dot(w) => {
-                let (rows, d) = (w.rows(), w.cols());
-                if out.len() != ids.len() * d {
-                    return Err(KernelError::LengthMismatch {
-                        op: "embedding",
-                        what: "out",
-                        expected: ids.len() * d,
-                        got: out.len(),
-                    });
-                }
-                for (&id, o) in ids.iter().zip(out.chunks_exact_mut(d)) {
-                    if id as usize >= rows {
-                        return Err(KernelError::TokenOutOfRange {
-                            op: "embedding",
-                            id,
-                            rows,
-                        });
-                    }
-                    w.dequantize_row(id as usize, o);
-                }
-                Ok(())
-            }
+            Linear::Int4Dot(w) => int4_dot::embedding(w, ids, out),
         }
     }
 }
