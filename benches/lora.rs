@@ -9,6 +9,9 @@
 //! - `lora/decode_cpu/...` (process CPU time): one decoder layer's seven projections for a decode batch,
 //!   base matmuls alone vs base + per-token LoRA (16 sequences over 4 adapters; 64
 //!   sequences over 64 adapters).
+//! - `lora/decode_cold_cpu/64seq_64adapters_r16/per_layer_{f16,i8}`: the LoRA part of a
+//!   64 × 64 decode step with its matrices streamed from DRAM (8 layers of distinct
+//!   adapters in turn), per layer.
 //! - `lora/prefill/...`: 2 × 64-token prefill runs, segmented (SGMV) vs gathered (BGMV).
 //!
 //! - `lora/decode_cpu/.../lora_fused_{f32,f16,bf16}`: the LoRA part alone as the
@@ -376,6 +379,104 @@ fn decode(c: &mut Criterion) {
     g.finish();
 }
 
+/// The LoRA part of a 64 × 64 decode step with its matrices coming from DRAM, as in a
+/// real step: `LAYERS` layers of distinct adapters (more than the L3 holds) run in
+/// turn, each layer's four fused groups as the forward pass calls them. Reported per
+/// layer (process CPU time of all layers / `LAYERS`).
+fn decode_cold(c: &mut Criterion) {
+    const LAYERS: usize = 8;
+    let base = BaseShapes::smollm2_135m();
+    let (seqs, adapters, r) = (64usize, 64usize, 16usize);
+    let mut g = c.benchmark_group("lora/decode_cold_cpu");
+    g.sample_size(20);
+    let tokens: Vec<Option<SlotIdx>> = (0..seqs)
+        .map(|s| Some(SlotIdx((s % adapters) as u16)))
+        .collect();
+    let mut rng = Lcg(11);
+    let weights: Vec<LoraWeights> = (0..adapters)
+        .map(|_| {
+            let mut w = LoraWeights::empty(LAYERS);
+            for layer in 0..LAYERS {
+                for p in Projection::ALL {
+                    let (i, o) = base.dims(p);
+                    let pair = LoraPair {
+                        rank: r,
+                        scale: 2.0,
+                        a: rng.vec(r * i, 0.02),
+                        b: rng.vec(o * r, 0.02),
+                    };
+                    w.insert(layer, p, pair).unwrap();
+                }
+            }
+            w
+        })
+        .collect();
+    let groups: Vec<Vec<Projection>> = vec![
+        vec![Projection::Q, Projection::K, Projection::V],
+        vec![Projection::O],
+        vec![Projection::Gate, Projection::Up],
+        vec![Projection::Down],
+    ];
+    let x: Vec<Vec<f32>> = groups
+        .iter()
+        .map(|m| rng.vec(seqs * base.dims(m[0]).0, 1.0))
+        .collect();
+    let mut ys: Vec<Vec<f32>> = groups
+        .iter()
+        .map(|m| vec![0f32; seqs * m.iter().map(|&p| base.dims(p).1).sum::<usize>()])
+        .collect();
+    for (label, format) in [("f16", HotFormat::F16), ("i8", HotFormat::I8)] {
+        let hot: Vec<HotWeights> = weights
+            .iter()
+            .map(|w| HotWeights::convert(w, format))
+            .collect();
+        // [layer][projection] -> slot table
+        let tables: Vec<Vec<Vec<Option<k::LoraSlot<'_>>>>> = (0..LAYERS)
+            .map(|layer| {
+                Projection::ALL
+                    .iter()
+                    .map(|&p| {
+                        weights
+                            .iter()
+                            .zip(&hot)
+                            .map(|(w, h)| h.slot(w, layer, p))
+                            .collect()
+                    })
+                    .collect()
+            })
+            .collect();
+        let pos = |p: Projection| Projection::ALL.iter().position(|&q| q == p).unwrap();
+        g.bench_function(
+            format!("{seqs}seq_{adapters}adapters_r{r}/per_layer_{label}"),
+            |b| {
+                b.iter_custom(|iters| {
+                    let start = process_cpu();
+                    for _ in 0..iters {
+                        for t in &tables {
+                            for ((members, yv), xin) in groups.iter().zip(ys.iter_mut()).zip(&x) {
+                                let mut col = 0;
+                                let targets: Vec<k::LoraTarget<'_>> = members
+                                    .iter()
+                                    .map(|&p| {
+                                        let (i, o) = base.dims(p);
+                                        let s = k::LoraSlots::new(i, o, &t[pos(p)]).unwrap();
+                                        let tg = k::LoraTarget::new(s, col);
+                                        col += o;
+                                        tg
+                                    })
+                                    .collect();
+                                k::apply_fused(xin, &tokens, &targets, yv, col).unwrap();
+                            }
+                        }
+                    }
+                    (process_cpu() - start) / LAYERS as u32
+                })
+            },
+        );
+    }
+    g.finish();
+}
+
 fn prefill(c: &mut Criterion) {
     let base = BaseShapes::smollm2_135m();
     let mut g = c.benchmark_group("lora/prefill");
@@ -545,6 +646,14 @@ fn real_decode(c: &mut Criterion) {
         }
         // The same steps interleaved (base, f32, bf16, ... , base, ...) so that every
         // variant sees the same background load; the medians' ratios are printed.
+        // Skipped when a filter names only other benches (it is not a criterion bench).
+        let filters: Vec<String> = std::env::args()
+            .skip(1)
+            .filter(|a| a.contains('/') || a.contains('_'))
+            .collect();
+        if !filters.is_empty() && !filters.iter().any(|f| f.contains("real_decode")) {
+            continue;
+        }
         let rounds = 15;
         let mut times: Vec<Vec<f64>> = vec![Vec::new(); runs.len()];
         for _ in 0..rounds {
@@ -596,6 +705,7 @@ criterion_group!(
     cold_to_hot,
     warm_to_hot,
     decode,
+    decode_cold,
     prefill,
     real_decode
 );

@@ -5,7 +5,8 @@
 mod common;
 
 use batos_kernels::cpu::lora::{
-    self, reference, BLayout, LoraDType, LoraMatrix, LoraSegment, LoraSlot, LoraSlots, LoraTarget,
+    self, pack_a, pack_bt, reference, ALayout, BLayout, LoraDType, LoraMatrix, LoraSegment,
+    LoraSlot, LoraSlots, LoraTarget,
 };
 use batos_kernels::cpu::reference as base;
 use batos_kernels::{KernelError, WeightView};
@@ -386,6 +387,23 @@ impl Store {
         }
     }
 
+    /// The same matrix (`rows` rows) rearranged by `pack` ([`pack_a`] or [`pack_bt`]).
+    fn packed(self, rows: usize, bt: bool) -> Store {
+        fn p<T: Copy>(v: &[T], rows: usize, bt: bool) -> Vec<T> {
+            if bt {
+                pack_bt(v, rows)
+            } else {
+                pack_a(v, rows)
+            }
+        }
+        match self {
+            Store::F32(v) => Store::F32(p(&v, rows, bt)),
+            Store::F16(v) => Store::F16(p(&v, rows, bt)),
+            Store::BF16(v) => Store::BF16(p(&v, rows, bt)),
+            Store::I8(q, scales) => Store::I8(p(&q, rows, bt), scales),
+        }
+    }
+
     fn view(&self) -> LoraMatrix<'_> {
         match self {
             Store::F32(v) => LoraMatrix::F32(v),
@@ -400,7 +418,8 @@ fn store(table: &[Option<Owned>], a: LoraDType, b: LoraDType) -> Vec<Option<Stor
     store_as(table, a, b, BLayout::OutRank)
 }
 
-/// `B` transposed to `[rank, out]` when `layout` says so.
+/// `B` transposed to `[rank, out]` when `layout` says so; with
+/// [`BLayout::RankOutBlocks`] (the hot copies' layout) `A` is packed in panels too.
 fn store_as(
     table: &[Option<Owned>],
     a: LoraDType,
@@ -413,7 +432,7 @@ fn store_as(
             o.as_ref().map(|o| {
                 let bt: Vec<f32> = match layout {
                     BLayout::OutRank => o.b.clone(),
-                    BLayout::RankOut => {
+                    BLayout::RankOut | BLayout::RankOutBlocks => {
                         let out = o.b.len() / o.rank;
                         (0..o.rank * out)
                             .map(|i| o.b[(i % out) * o.rank + i / out])
@@ -422,11 +441,16 @@ fn store_as(
                 };
                 let b_rows = match layout {
                     BLayout::OutRank => o.b.len() / o.rank,
-                    BLayout::RankOut => o.rank,
+                    BLayout::RankOut | BLayout::RankOutBlocks => o.rank,
                 };
+                let (mut sa, mut sb) = (Store::new(&o.a, o.rank, a), Store::new(&bt, b_rows, b));
+                if layout == BLayout::RankOutBlocks {
+                    sa = sa.packed(o.rank, false);
+                    sb = sb.packed(o.rank, true);
+                }
                 Stored {
-                    a: Store::new(&o.a, o.rank, a),
-                    b: Store::new(&bt, b_rows, b),
+                    a: sa,
+                    b: sb,
                     layout,
                     rank: o.rank,
                     scale: o.scale,
@@ -440,8 +464,13 @@ fn stored_views(s: &[Option<Stored>]) -> Vec<Option<LoraSlot<'_>>> {
     s.iter()
         .map(|o| {
             o.as_ref().map(|o| {
+                let a_layout = match o.layout {
+                    BLayout::RankOutBlocks => ALayout::Panels,
+                    _ => ALayout::RowMajor,
+                };
                 LoraSlot::from_matrices(o.a.view(), o.b.view(), o.rank, o.scale)
                     .with_b_layout(o.layout)
+                    .with_a_layout(a_layout)
             })
         })
         .collect()
@@ -461,9 +490,13 @@ fn half_slots_match_the_reference_on_odd_shapes_mixed_ranks_and_mixed_dtypes() {
         let ranks = [Some(1), Some(3), None, Some(8), Some(17), Some(16)];
         let table = make_slots(&mut rng, n_in, n_out, &ranks);
         for (da, db, layout) in DTYPES.iter().flat_map(|&a| {
-            DTYPES
-                .iter()
-                .flat_map(move |&b| [(a, b, BLayout::OutRank), (a, b, BLayout::RankOut)])
+            DTYPES.iter().flat_map(move |&b| {
+                [
+                    (a, b, BLayout::OutRank),
+                    (a, b, BLayout::RankOut),
+                    (a, b, BLayout::RankOutBlocks),
+                ]
+            })
         }) {
             // An int8 B is only ever stored transposed (its row scales are per rank).
             if db == LoraDType::I8 && layout == BLayout::OutRank {
@@ -579,6 +612,9 @@ fn fused_group_matches_each_projection_alone_and_the_reference() {
         (LoraDType::F16, LoraDType::F16, BLayout::RankOut),
         (LoraDType::F32, LoraDType::F32, BLayout::RankOut),
         (LoraDType::I8, LoraDType::I8, BLayout::RankOut),
+        (LoraDType::F16, LoraDType::F16, BLayout::RankOutBlocks),
+        (LoraDType::F32, LoraDType::F32, BLayout::RankOutBlocks),
+        (LoraDType::I8, LoraDType::I8, BLayout::RankOutBlocks),
     ] {
         let stored: Vec<_> = tables.iter().map(|t| store_as(t, da, db, layout)).collect();
         let views: Vec<_> = stored.iter().map(|s| stored_views(s)).collect();

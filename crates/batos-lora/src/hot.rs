@@ -6,13 +6,16 @@
 //! tier keeps the canonical f32 decode (the generation is computed from it, and
 //! materialisation and device copies start from it); a half-precision format adds a
 //! converted copy of the matrices it narrows, built once when the adapter enters the
-//! warm tier and charged to the same warm reservation. A narrowed `B` is stored
-//! transposed (`[rank, out]`, [`BLayout::RankOut`]), the layout the expand streams
-//! fastest.
+//! warm tier and charged to the same warm reservation. A narrowed copy is stored in the
+//! order the kernels read it, so each matrix is one sequential stream: `A` in panels of
+//! eight rows ([`ALayout::Panels`]) and `B` transposed in column blocks
+//! ([`BLayout::RankOutBlocks`]).
 
 use crate::adapter::LoraWeights;
 use crate::shapes::Projection;
-use batos_kernels::cpu::lora::{BLayout, LoraDType, LoraMatrix, LoraSlot};
+use batos_kernels::cpu::lora::{
+    pack_a, pack_bt, ALayout, BLayout, LoraDType, LoraMatrix, LoraSlot,
+};
 use half::{bf16, f16};
 
 /// The element types hot slots keep `A` and `B` in. Activations and accumulation are
@@ -93,8 +96,24 @@ enum Half {
 }
 
 impl Half {
-    /// `src` (`rows` rows) in `dtype`, or `None` for f32 (the slot reads the f32 copy).
-    fn convert(src: &[f32], rows: usize, dtype: LoraDType) -> Option<Half> {
+    /// `src` (`rows` rows, row-major) in `dtype`, in the kernels' packed layout for
+    /// `matrix`, or `None` for f32 (the slot reads the f32 copy).
+    fn convert(src: &[f32], rows: usize, dtype: LoraDType, matrix: Packed) -> Option<Half> {
+        let narrowed = Half::narrow(src, rows, dtype)?;
+        // The int8 row scales are per rank row, which packing does not change; pack
+        // the elements after narrowing so each row's scale comes from its own values.
+        Some(match narrowed {
+            Half::F16(v) => Half::F16(matrix.pack(&v, rows)),
+            Half::BF16(v) => Half::BF16(matrix.pack(&v, rows)),
+            Half::I8 { q, scales } => Half::I8 {
+                q: matrix.pack(&q, rows),
+                scales,
+            },
+        })
+    }
+
+    /// `src` (`rows` rows) in `dtype`, row-major.
+    fn narrow(src: &[f32], rows: usize, dtype: LoraDType) -> Option<Half> {
         match dtype {
             LoraDType::F32 => None,
             LoraDType::I8 => {
@@ -169,8 +188,13 @@ impl HotWeights {
         for (layer, p, pair) in weights.iter() {
             // Both are stored with the rank as rows: A [rank, in], B transposed.
             let hp = HalfPair {
-                a: Half::convert(&pair.a, pair.rank, format.a),
-                b: Half::convert(&transpose(&pair.b, pair.rank), pair.rank, format.b),
+                a: Half::convert(&pair.a, pair.rank, format.a, Packed::A),
+                b: Half::convert(
+                    &transpose(&pair.b, pair.rank),
+                    pair.rank,
+                    format.b,
+                    Packed::Bt,
+                ),
             };
             bytes += hp.a.as_ref().map_or(0, Half::bytes) + hp.b.as_ref().map_or(0, Half::bytes);
             pairs[layer * n + p.index()] = Some(hp);
@@ -206,15 +230,34 @@ impl HotWeights {
             return Some(pair.slot());
         }
         let half = self.pairs[layer * Projection::ALL.len() + p.index()].as_ref();
-        let a = half
-            .and_then(|h| h.a.as_ref())
-            .map_or(LoraMatrix::F32(&pair.a), Half::view);
+        let (a, a_layout) = match half.and_then(|h| h.a.as_ref()) {
+            Some(a) => (a.view(), ALayout::Panels),
+            None => (LoraMatrix::F32(&pair.a), ALayout::RowMajor),
+        };
         let slot = match half.and_then(|h| h.b.as_ref()) {
             Some(b) => LoraSlot::from_matrices(a, b.view(), pair.rank, pair.scale)
-                .with_b_layout(BLayout::RankOut),
+                .with_b_layout(BLayout::RankOutBlocks),
             None => LoraSlot::from_matrices(a, LoraMatrix::F32(&pair.b), pair.rank, pair.scale),
         };
-        Some(slot)
+        Some(slot.with_a_layout(a_layout))
+    }
+}
+
+/// Which matrix a narrowed copy holds, and so its packed layout.
+#[derive(Clone, Copy)]
+enum Packed {
+    /// `A` `[rank, in]` → [`ALayout::Panels`].
+    A,
+    /// `Bᵀ` `[rank, out]` → [`BLayout::RankOutBlocks`].
+    Bt,
+}
+
+impl Packed {
+    fn pack<T: Copy>(self, v: &[T], rows: usize) -> Vec<T> {
+        match self {
+            Packed::A => pack_a(v, rows),
+            Packed::Bt => pack_bt(v, rows),
+        }
     }
 }
 
@@ -259,7 +302,8 @@ mod tests {
         let s = h.slot(&w, 1, Projection::V).unwrap();
         assert_eq!(s.a(), LoraMatrix::F32(&[0.1, -0.2, 0.3]));
         assert_eq!(s.b().dtype(), LoraDType::BF16);
-        assert_eq!(s.b_layout(), BLayout::RankOut);
+        assert_eq!(s.b_layout(), BLayout::RankOutBlocks);
+        assert_eq!(s.a_layout(), ALayout::RowMajor, "an f32 A is read in place");
         assert_eq!((s.b_at(0, 0), s.b_at(1, 0)), (Some(1.5), Some(2.5)));
         assert_eq!((s.rank(), s.scale()), (1, 0.5));
         assert!(h.slot(&w, 0, Projection::V).is_none(), "no pair there");
@@ -328,7 +372,7 @@ mod int8_tests {
         assert_eq!(h.bytes(), (10 + 2 * 4) + (6 + 2 * 4));
         let sa = s.a().row_scales().unwrap();
         for (i, v) in a.iter().enumerate() {
-            let got = s.a().get(i).unwrap();
+            let got = s.a_at(i / 5, i % 5).unwrap();
             assert!(
                 (got - v).abs() <= sa[i / 5] / 2.0 + 1e-7,
                 "A[{i}]: {got} vs {v}"

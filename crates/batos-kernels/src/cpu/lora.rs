@@ -30,6 +30,10 @@ use crate::cpu::check::{len_eq, rows};
 use crate::error::{KernelError, Result};
 use batos_types::SlotIdx;
 use half::{bf16, f16};
+use std::borrow::Cow;
+
+mod layout;
+pub use layout::{a_offset, b_offset, pack_a, pack_bt, ALayout};
 
 /// The element type of a hot slot's `A` or `B`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -71,10 +75,11 @@ pub enum LoraMatrix<'a> {
     F32(&'a [f32]),
     F16(&'a [f16]),
     BF16(&'a [bf16]),
-    /// Symmetric int8 with one f32 scale per row: element `i` is
-    /// `q[i] · scales[i / row_len]`, `row_len = q.len() / scales.len()`. The kernels
-    /// fold the row scales into the rank-sized intermediate, so the rows must be the
-    /// rank dimension: `A` (`[rank, in]`) and a transposed `B` ([`BLayout::RankOut`]).
+    /// Symmetric int8 with one f32 scale per rank row: the element at `A[j, i]` or
+    /// `B[o, j]` is `q · scales[j]`. The kernels fold the row scales into the
+    /// rank-sized intermediate, so a `B` in int8 must be stored with the rank as rows
+    /// ([`BLayout::RankOut`] or [`BLayout::RankOutBlocks`]). [`LoraMatrix::get`] reads
+    /// the row-major layout (row `i / (len / scales.len())`).
     I8 {
         q: &'a [i8],
         scales: &'a [f32],
@@ -140,7 +145,16 @@ impl<'a> LoraMatrix<'a> {
         }
     }
 
-    /// Every element widened to f32.
+    /// The element at storage offset `i`, which belongs to rank row `row`, widened to
+    /// f32 (int8 scaled by that row's scale); `None` past the end.
+    fn at_row(&self, i: usize, row: usize) -> Option<f32> {
+        match self {
+            LoraMatrix::I8 { q, scales } => Some(*q.get(i)? as f32 * scales.get(row)?),
+            other => other.get(i),
+        }
+    }
+
+    /// Every element widened to f32, in storage order.
     pub fn to_f32_vec(&self) -> Vec<f32> {
         match self {
             LoraMatrix::F32(s) => s.to_vec(),
@@ -176,8 +190,13 @@ pub enum BLayout {
     #[default]
     OutRank,
     /// `[rank, out]` row-major (B transposed): the expand streams out-wide rows and
-    /// needs no horizontal sums, the faster layout for hot copies.
+    /// needs no horizontal sums.
     RankOut,
+    /// `[rank, out]` in column blocks (the hot copies' layout): the columns in blocks
+    /// of 64 (then of 8, then the rest), each block `[rank][width]` in the place its
+    /// columns take in `[out, rank]` order, so the expand reads one sequential stream
+    /// (see [`b_offset`]).
+    RankOutBlocks,
 }
 
 /// One hot adapter's matrices for one projection: `A [rank, in]`, `B [out, rank]`
@@ -187,6 +206,7 @@ pub enum BLayout {
 pub struct LoraSlot<'a> {
     a: LoraMatrix<'a>,
     b: LoraMatrix<'a>,
+    a_layout: ALayout,
     b_layout: BLayout,
     rank: usize,
     scale: f32,
@@ -205,9 +225,65 @@ impl<'a> LoraSlot<'a> {
         LoraSlot {
             a,
             b,
+            a_layout: ALayout::RowMajor,
             b_layout: BLayout::OutRank,
             rank,
             scale,
+        }
+    }
+
+    /// The same slot with `A` read in `layout` (its length is the same either way).
+    pub fn with_a_layout(self, layout: ALayout) -> Self {
+        LoraSlot {
+            a_layout: layout,
+            ..self
+        }
+    }
+
+    /// How `A` is laid out.
+    pub fn a_layout(&self) -> ALayout {
+        self.a_layout
+    }
+
+    /// Element `(j, i)` of `A` (`j < rank`, `i < in`) widened to f32, whatever the
+    /// layout; `None` outside the matrix.
+    pub fn a_at(&self, j: usize, i: usize) -> Option<f32> {
+        let n_in = self.a.len() / self.rank.max(1);
+        if j >= self.rank || i >= n_in {
+            return None;
+        }
+        self.a
+            .at_row(a_offset(self.a_layout, self.rank, n_in, j, i), j)
+    }
+
+    /// `A` as row-major f32 `[rank, in]`, borrowed when it is stored that way.
+    pub fn a_rows_f32(&self) -> Cow<'a, [f32]> {
+        match (self.a, self.a_layout) {
+            (LoraMatrix::F32(v), ALayout::RowMajor) => Cow::Borrowed(v),
+            (m, ALayout::RowMajor) if m.row_scales().is_none() => Cow::Owned(m.to_f32_vec()),
+            _ => {
+                let n_in = self.a.len() / self.rank.max(1);
+                let mut v = Vec::with_capacity(self.a.len());
+                for j in 0..self.rank {
+                    v.extend((0..n_in).map(|i| self.a_at(j, i).unwrap_or(0.0)));
+                }
+                Cow::Owned(v)
+            }
+        }
+    }
+
+    /// `Bᵀ` as row-major f32 `[rank, out]`, borrowed when it is stored that way.
+    pub fn bt_rows_f32(&self) -> Cow<'a, [f32]> {
+        match (self.b, self.b_layout) {
+            (LoraMatrix::F32(v), BLayout::RankOut) => Cow::Borrowed(v),
+            _ => {
+                let n_out = self.b.len() / self.rank.max(1);
+                let mut v = Vec::with_capacity(self.b.len());
+                for j in 0..self.rank {
+                    v.extend((0..n_out).map(|o| self.b_at(o, j).unwrap_or(0.0)));
+                }
+                Cow::Owned(v)
+            }
         }
     }
 
@@ -234,10 +310,8 @@ impl<'a> LoraSlot<'a> {
         if o >= out {
             return None;
         }
-        match self.b_layout {
-            BLayout::OutRank => self.b.get(o * self.rank + j),
-            BLayout::RankOut => self.b.get(j * out + o),
-        }
+        self.b
+            .at_row(b_offset(self.b_layout, self.rank, out, o, j), j)
     }
 
     /// The adapter's rank for this projection.
@@ -250,12 +324,12 @@ impl<'a> LoraSlot<'a> {
         self.scale
     }
 
-    /// `A`, `[rank, in]` row-major.
+    /// `A`, `[rank, in]` (see [`LoraSlot::a_layout`]).
     pub fn a(&self) -> LoraMatrix<'a> {
         self.a
     }
 
-    /// `B`, `[out, rank]` row-major, or `[rank, out]` (see [`LoraSlot::b_layout`]).
+    /// `B`, `[out, rank]` or `[rank, out]` (see [`LoraSlot::b_layout`]).
     pub fn b(&self) -> LoraMatrix<'a> {
         self.b
     }
@@ -352,10 +426,12 @@ impl<'a> LoraSlots<'a> {
                     return Err(scales_bad(what, "a non-finite i8 row scale".into()));
                 }
             }
-            if s.b.row_scales().is_some() && s.b_layout != BLayout::RankOut {
+            if s.b.row_scales().is_some() && s.b_layout == BLayout::OutRank {
                 return Err(scales_bad(
                     "B",
-                    "an i8 B must be stored [rank, out] (BLayout::RankOut)".into(),
+                    "an i8 B must be stored with the rank as rows (BLayout::RankOut or \
+                     RankOutBlocks)"
+                        .into(),
                 ));
             }
             max_rank = max_rank.max(s.rank);
@@ -616,11 +692,11 @@ pub(crate) fn check_fused(
 pub mod reference {
     use super::*;
 
-    /// `Σ x[i]·m[off + i]` in f64.
-    fn dot(x: &[f32], m: LoraMatrix<'_>, off: usize) -> f64 {
+    /// `Σ x[i]·A[j, i]` in f64, in either layout of `A`.
+    fn dot_a(x: &[f32], s: &LoraSlot<'_>, j: usize) -> f64 {
         x.iter()
             .enumerate()
-            .map(|(i, &p)| p as f64 * m.get(off + i).unwrap_or(0.0) as f64)
+            .map(|(i, &p)| p as f64 * s.a_at(j, i).unwrap_or(0.0) as f64)
             .sum()
     }
 
@@ -651,7 +727,7 @@ pub mod reference {
             let s = slots.get(op, *s)?;
             let xi = &x[i * n_in..(i + 1) * n_in];
             for j in 0..s.rank {
-                h[i * r_max + j] = dot(xi, s.a, j * n_in) as f32;
+                h[i * r_max + j] = dot_a(xi, &s, j) as f32;
             }
         }
         Ok(())
@@ -731,7 +807,7 @@ pub mod reference {
                     continue;
                 };
                 let xi = &x[i * n_in..(i + 1) * n_in];
-                let h: Vec<f32> = (0..s.rank).map(|j| dot(xi, s.a, j * n_in) as f32).collect();
+                let h: Vec<f32> = (0..s.rank).map(|j| dot_a(xi, &s, j) as f32).collect();
                 let row = &mut y[i * y_width + g.column..i * y_width + g.column + n_out];
                 for (o, yv) in row.iter_mut().enumerate() {
                     *yv += (s.scale as f64 * dot_b(&h, &s, o)) as f32;
@@ -933,15 +1009,17 @@ fn fused(
         }
     }
     let simd = simd_available();
-    let work = |task: &mut Task<'_>| run_task(simd, x, n_in, targets, task);
+    let run = |chunk: &mut [Task<'_>]| {
+        for task in chunk {
+            run_task(simd, x, n_in, targets, task);
+        }
+    };
     if macs >= PAR_MIN_MACS && tasks.len() > 1 {
         // A few tasks per chunk: decode tasks are one token each, small to send alone.
         let per = tasks.len().div_ceil(super::par::num_threads() * 4).max(1);
-        super::par::for_each_chunk_mut(&mut tasks, per, &|_, chunk| {
-            chunk.iter_mut().for_each(work)
-        });
+        super::par::for_each_chunk_mut(&mut tasks, per, &|_, chunk| run(chunk));
     } else {
-        tasks.iter_mut().for_each(work);
+        run(&mut tasks);
     }
 }
 
@@ -985,6 +1063,7 @@ fn run_task(simd: bool, x: &[f32], n_in: usize, targets: &[LoraTarget<'_>], task
             let p = Pair {
                 a,
                 b,
+                a_layout: s.a_layout,
                 b_layout: s.b_layout,
                 rank: s.rank,
                 fold,
@@ -1005,6 +1084,7 @@ struct Out<'r, 'y> {
 struct Pair<'s, EA, EB> {
     a: &'s [EA],
     b: &'s [EB],
+    a_layout: ALayout,
     b_layout: BLayout,
     rank: usize,
     fold: Fold<'s>,
@@ -1021,10 +1101,26 @@ fn apply_pair<EA: SlotElem, EB: SlotElem>(
     let Pair {
         a,
         b,
+        a_layout,
         b_layout,
         rank: r,
         fold,
     } = p;
+    shrink_rows(simd, xs, a, a_layout, r, h);
+    // Fold the scale into h once rather than into every output.
+    fold.apply(h, r);
+    expand_one(simd, h, b, b_layout, r, out);
+}
+
+/// `h[t·r + j] = xs[t] · A[j]` for every token `t` and `j < r`, `A` in `layout`.
+fn shrink_rows<E: SlotElem>(
+    simd: bool,
+    xs: &[&[f32]],
+    a: &[E],
+    layout: ALayout,
+    r: usize,
+    h: &mut [f32],
+) {
     let n_in = a.len() / r;
     #[cfg(target_arch = "x86_64")]
     if simd {
@@ -1032,26 +1128,29 @@ fn apply_pair<EA: SlotElem, EB: SlotElem>(
         // slices have the lengths the tile functions assert (checked when the slots and
         // the call were validated).
         unsafe {
-            avx2::shrink_tile(xs, a, n_in, r, h);
-            fold.apply(h, r);
-            match b_layout {
-                BLayout::OutRank => avx2::expand_tile(h, b, r, out),
-                BLayout::RankOut => avx2::expand_tile_t(h, b, r, out),
+            match layout {
+                ALayout::RowMajor => avx2::shrink_tile(xs, a, n_in, r, h),
+                ALayout::Panels => avx2::shrink_panels(xs, a, n_in, r, h),
             }
         }
         return;
     }
     let _ = simd;
-    // Shrink: each A row is read once for the task's tokens.
+    // Each A row is read once for the task's tokens.
+    let mut gathered = Vec::new();
     for j in 0..r {
-        let row = &a[j * n_in..(j + 1) * n_in];
+        let row = match layout {
+            ALayout::RowMajor => &a[j * n_in..(j + 1) * n_in],
+            ALayout::Panels => {
+                gathered.clear();
+                gathered.extend((0..n_in).map(|i| a[a_offset(layout, r, n_in, j, i)]));
+                &gathered[..]
+            }
+        };
         for (t, xt) in xs.iter().enumerate() {
             h[t * r + j] = dot_scalar(xt, row);
         }
     }
-    // Fold the scale into h once rather than into every output.
-    fold.apply(h, r);
-    expand_scalar(h, b, b_layout, r, out);
 }
 
 /// The scalar expand: `out.rows[t][column + o] += h[t] · B[o]` in either layout.
@@ -1067,14 +1166,14 @@ fn expand_scalar<E: SlotElem>(h: &[f32], b: &[E], layout: BLayout, r: usize, out
             }
         }
         // Sum over the rank per output first, then add: the order of the SIMD path.
-        BLayout::RankOut => {
+        BLayout::RankOut | BLayout::RankOutBlocks => {
             let mut acc = vec![0f32; out.width];
             for (t, y) in out.rows.iter_mut().enumerate() {
                 acc.fill(0.0);
-                for (j, row) in b.chunks_exact(out.width).take(r).enumerate() {
+                for j in 0..r {
                     let hv = h[t * r + j];
-                    for (a, bv) in acc.iter_mut().zip(row) {
-                        *a += hv * bv.to_f32();
+                    for (o, a) in acc.iter_mut().enumerate() {
+                        *a += hv * b[b_offset(layout, r, out.width, o, j)].to_f32();
                     }
                 }
                 for (yv, a) in y[out.column..out.column + out.width].iter_mut().zip(&acc) {
@@ -1083,17 +1182,6 @@ fn expand_scalar<E: SlotElem>(h: &[f32], b: &[E], layout: BLayout, r: usize, out
             }
         }
     }
-}
-
-#[inline]
-fn dot<E: SlotElem>(simd: bool, x: &[f32], m: &[E]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if simd {
-        // SAFETY: `simd` is true only when AVX2, FMA and F16C were detected.
-        return unsafe { avx2::dot(x, m) };
-    }
-    let _ = simd;
-    dot_scalar(x, m)
 }
 
 fn dot_scalar<E: SlotElem>(x: &[f32], m: &[E]) -> f32 {
@@ -1326,6 +1414,147 @@ mod avx2 {
         }
     }
 
+    /// [`shrink_tile`] for `a` in [`ALayout::Panels`]: each panel is read as one
+    /// sequential stream, eight rows' next eight columns per step.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn shrink_panels<E: SlotElem>(
+        xs: &[&[f32]],
+        a: &[E],
+        n_in: usize,
+        r: usize,
+        h: &mut [f32],
+    ) {
+        use super::layout::PANEL;
+        let n = xs.len();
+        assert!(a.len() >= r * n_in && h.len() >= n * r && xs.iter().all(|x| x.len() >= n_in));
+        let full = n_in / 8 * 8;
+        let tail = n_in - full;
+        let mut j0 = 0;
+        while j0 < r {
+            let rows = PANEL.min(r - j0);
+            let panel = &a[j0 * n_in..(j0 + rows) * n_in];
+            let pp = panel.as_ptr();
+            for (t, xt) in xs.iter().enumerate() {
+                let px = xt.as_ptr();
+                let mut sums = [0f32; PANEL];
+                if rows == PANEL {
+                    let mut acc = [_mm256_setzero_ps(); PANEL];
+                    let mut i = 0;
+                    // SAFETY: i + 8 <= full <= n_in inside the token's x row; the chunk
+                    // at i·8 holds 64 elements inside the panel (8 rows × n_in).
+                    unsafe {
+                        while i < full {
+                            let xv = _mm256_loadu_ps(px.add(i));
+                            let chunk = pp.add(i * PANEL);
+                            for (k, acc) in acc.iter_mut().enumerate() {
+                                *acc = _mm256_fmadd_ps(E::load8(chunk.add(8 * k)), xv, *acc);
+                            }
+                            i += 8;
+                        }
+                        _mm256_storeu_ps(sums.as_mut_ptr(), reduce8(acc));
+                    }
+                } else {
+                    for (k, s) in sums.iter_mut().enumerate().take(rows) {
+                        let mut acc = _mm256_setzero_ps();
+                        let mut i = 0;
+                        // SAFETY: as above, with chunks of rows × 8 elements.
+                        unsafe {
+                            while i < full {
+                                let av = E::load8(pp.add(i * rows + 8 * k));
+                                acc = _mm256_fmadd_ps(av, _mm256_loadu_ps(px.add(i)), acc);
+                                i += 8;
+                            }
+                            let mut lanes = [0f32; 8];
+                            _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+                            *s = lanes.iter().sum();
+                        }
+                    }
+                }
+                for (k, s) in sums.iter_mut().enumerate().take(rows) {
+                    let tail_row = &panel[full * rows + k * tail..full * rows + (k + 1) * tail];
+                    for (ii, v) in tail_row.iter().enumerate() {
+                        *s += v.to_f32() * xt[full + ii];
+                    }
+                    h[t * r + j0 + k] = *s;
+                }
+            }
+            j0 += rows;
+        }
+    }
+
+    /// [`expand_tile_t`] for `bt` in [`BLayout::RankOutBlocks`]: each 64-column block
+    /// is read as one sequential stream.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn expand_tile_blocks<E: SlotElem>(
+        h: &[f32],
+        bt: &[E],
+        r: usize,
+        out: Out<'_, '_>,
+    ) {
+        use super::layout::BLOCK;
+        const REGS: usize = BLOCK / 8;
+        let (n, n_out, col) = (out.rows.len(), out.width, out.column);
+        assert!(
+            h.len() >= n * r
+                && bt.len() >= n_out * r
+                && out.rows.iter().all(|y| y.len() >= col + n_out)
+        );
+        let pb = bt.as_ptr();
+        for (t, y) in out.rows.iter_mut().enumerate() {
+            let ht = &h[t * r..(t + 1) * r];
+            let py = y[col..col + n_out].as_mut_ptr();
+            let mut o = 0;
+            while o + BLOCK <= n_out {
+                let mut acc = [_mm256_setzero_ps(); REGS];
+                // SAFETY: the block of columns o..o + 64 takes elements o·r..(o + 64)·r,
+                // row c at o·r + 64c (see `layout::b_offset`); o + 64 <= n_out.
+                unsafe {
+                    let block = pb.add(o * r);
+                    for (c, &hc) in ht.iter().enumerate() {
+                        let hv = _mm256_set1_ps(hc);
+                        let row = block.add(c * BLOCK);
+                        for (k, acc) in acc.iter_mut().enumerate() {
+                            *acc = _mm256_fmadd_ps(hv, E::load8(row.add(8 * k)), *acc);
+                        }
+                    }
+                    for (k, acc) in acc.iter().enumerate() {
+                        let p = py.add(o + 8 * k);
+                        _mm256_storeu_ps(p, _mm256_add_ps(_mm256_loadu_ps(p), *acc));
+                    }
+                }
+                o += BLOCK;
+            }
+            while o + 8 <= n_out {
+                let mut acc = _mm256_setzero_ps();
+                // SAFETY: blocks of 8 columns, row c at o·r + 8c; o + 8 <= n_out.
+                unsafe {
+                    let block = pb.add(o * r);
+                    for (c, &hc) in ht.iter().enumerate() {
+                        let bv = E::load8(block.add(8 * c));
+                        acc = _mm256_fmadd_ps(_mm256_set1_ps(hc), bv, acc);
+                    }
+                    let p = py.add(o);
+                    _mm256_storeu_ps(p, _mm256_add_ps(_mm256_loadu_ps(p), acc));
+                }
+                o += 8;
+            }
+            let w = n_out - o;
+            for oo in 0..w {
+                let mut acc = 0f32;
+                for (c, &hc) in ht.iter().enumerate() {
+                    acc = hc.mul_add(bt[o * r + c * w + oo].to_f32(), acc);
+                }
+                y[col + o + oo] += acc;
+            }
+        }
+    }
+
     /// Dot product of the common prefix of `x` and `m`.
     ///
     /// # Safety
@@ -1389,13 +1618,11 @@ pub fn shrink(
         let Some(s) = s else { continue };
         let s = slots.get(op, *s)?;
         let xi = &x[i * n_in..(i + 1) * n_in];
-        let row_scale = s.a.row_scales();
-        with_matrix!(s.a, a => {
-            for j in 0..s.rank {
-                let d = dot(simd, xi, &a[j * n_in..(j + 1) * n_in]);
-                h[i * r_max + j] = row_scale.map_or(d, |sc| d * sc[j]);
-            }
-        });
+        let hi = &mut h[i * r_max..i * r_max + s.rank];
+        with_matrix!(s.a, a => shrink_rows(simd, &[xi], a, s.a_layout, s.rank, hi));
+        if let Some(sc) = s.a.row_scales() {
+            hi.iter_mut().zip(sc).for_each(|(v, sc)| *v *= sc);
+        }
     }
     Ok(())
 }
@@ -1455,6 +1682,7 @@ fn expand_one<E: SlotElem>(
             match layout {
                 BLayout::OutRank => avx2::expand_tile(h, b, r, out),
                 BLayout::RankOut => avx2::expand_tile_t(h, b, r, out),
+                BLayout::RankOutBlocks => avx2::expand_tile_blocks(h, b, r, out),
             }
         }
         return;

@@ -25,7 +25,7 @@ use super::ops::attention::{self, AttentionBatch, PagedKvLayout, SeqQuery};
 use super::ops::elementwise::{self, RopeShape};
 use super::ops::lora::{self as lora_ops, LoraMode, LoraPlan, LoraShape, LoraStack};
 use crate::cpu::check;
-use crate::cpu::lora::{BLayout, LoraTarget};
+use crate::cpu::lora::LoraTarget;
 use crate::device::Kernels;
 use crate::error::{KernelError, Result};
 use crate::shapes::{AttentionHeads, KvCacheLayout, Rope, SeqAttention};
@@ -94,20 +94,8 @@ impl CudaKernels {
                 let k = sl.rank();
                 ranks[i] = k;
                 scales[i] = sl.scale();
-                a[i * r * n_in..(i * r + k) * n_in].copy_from_slice(&sl.a().to_f32_vec());
-                let b = sl.b().to_f32_vec();
-                let dst = &mut bt[i * r * n_out..(i * r + k) * n_out];
-                match sl.b_layout() {
-                    // Already [rank, out].
-                    BLayout::RankOut => dst.copy_from_slice(&b),
-                    BLayout::OutRank => {
-                        for (o, row) in b.chunks_exact(k).enumerate() {
-                            for (j, v) in row.iter().enumerate() {
-                                dst[j * n_out + o] = *v;
-                            }
-                        }
-                    }
-                }
+                a[i * r * n_in..(i * r + k) * n_in].copy_from_slice(&sl.a_rows_f32());
+                bt[i * r * n_out..(i * r + k) * n_out].copy_from_slice(&sl.bt_rows_f32());
             }
             let shape = LoraShape {
                 slots: n,

@@ -19,7 +19,7 @@
 
 use std::borrow::Cow;
 
-use batos_kernels::cpu::lora::{BLayout, LoraMatrix, LoraSlot};
+use batos_kernels::cpu::lora::LoraSlot;
 use batos_kernels::cuda::ops::lora::{LoraShape, LoraStack, MAX_RANK};
 use batos_kernels::cuda::{CudaDevice, UploadFence, UploadStream};
 use batos_lora::{HotSnapshot, Projection};
@@ -399,25 +399,7 @@ fn slot_rows<'a>(slot: &LoraSlot<'a>, n_in: usize, n_out: usize) -> Result<SlotR
     if slot.a().len() != r * n_in || slot.b().len() != n_out * r {
         return Err(slot.a().len() + slot.b().len());
     }
-    let widen = |m: LoraMatrix<'a>| match m {
-        LoraMatrix::F32(v) => Cow::Borrowed(v),
-        other => Cow::Owned(other.to_f32_vec()),
-    };
-    let a = widen(slot.a());
-    let bt = match slot.b_layout() {
-        // Already Bᵀ ([rank, out]).
-        BLayout::RankOut => widen(slot.b()),
-        // Bᵀ: row j is column j of B ([out, rank]).
-        BLayout::OutRank => {
-            let b = widen(slot.b());
-            let mut bt = vec![0.0 as Act; r * n_out];
-            for (o, row) in b.chunks_exact(r).enumerate() {
-                for (j, &v) in row.iter().enumerate() {
-                    bt[j * n_out + o] = v;
-                }
-            }
-            Cow::Owned(bt)
-        }
-    };
+    // Widened to f32 row-major [rank, in] and [rank, out] whatever the hot layout.
+    let (a, bt) = (slot.a_rows_f32(), slot.bt_rows_f32());
     Ok((a, bt))
 }

@@ -1,0 +1,169 @@
+//! Where each element of a hot slot's matrices sits in memory.
+//!
+//! A decode step over many distinct adapters streams every adapter's `A` and `B` once.
+//! Read row by row, an r16 matrix is sixteen short interleaved streams (the shrink
+//! reads eight rows at once, the expand sixteen), which the hardware prefetchers barely
+//! start on before they end; the packed layouts store the elements in the order the
+//! kernels read them, so each matrix is one sequential stream (`docs/perf/lora.md`).
+
+use super::BLayout;
+
+/// Rows of `A` per panel in [`ALayout::Panels`] (the shrink's register tile).
+pub(crate) const PANEL: usize = 8;
+/// Columns per block of `Bᵀ` in [`BLayout::RankOutBlocks`] (the expand's register tile).
+pub(crate) const BLOCK: usize = 64;
+/// Elements per SIMD load.
+const LANES: usize = 8;
+
+/// How a slot's `A` (`[rank, in]`) is laid out in memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum ALayout {
+    /// Row-major `[rank, in]`: PEFT's `lora_A.weight` as stored.
+    #[default]
+    RowMajor,
+    /// The rows in panels of eight (the last panel holds `rank % 8` rows when that is
+    /// not zero). A panel of `p` rows takes the same place as in row-major order, and
+    /// holds its columns eight at a time, `[in / 8][p][8]`, then the `in % 8` last
+    /// columns as `[p][in % 8]`: the order the shrink reads them.
+    Panels,
+}
+
+/// Offset of `A[j, i]` in a matrix of `rank` rows and `n_in` columns.
+#[inline]
+pub fn a_offset(layout: ALayout, rank: usize, n_in: usize, j: usize, i: usize) -> usize {
+    match layout {
+        ALayout::RowMajor => j * n_in + i,
+        ALayout::Panels => {
+            let j0 = j / PANEL * PANEL;
+            let rows = PANEL.min(rank - j0);
+            let full = n_in / LANES * LANES;
+            let k = j - j0;
+            j0 * n_in
+                + if i < full {
+                    i / LANES * LANES * rows + k * LANES + i % LANES
+                } else {
+                    full * rows + k * (n_in - full) + (i - full)
+                }
+        }
+    }
+}
+
+/// The column block holding output `o` of a `Bᵀ` with `n_out` columns in
+/// [`BLayout::RankOutBlocks`]: its first column and width.
+#[inline]
+pub(crate) fn bt_block(n_out: usize, o: usize) -> (usize, usize) {
+    let full_blocks = n_out / BLOCK * BLOCK;
+    if o < full_blocks {
+        return (o / BLOCK * BLOCK, BLOCK);
+    }
+    let full_lanes = full_blocks + (n_out - full_blocks) / LANES * LANES;
+    if o < full_lanes {
+        (o / LANES * LANES, LANES)
+    } else {
+        (full_lanes, n_out - full_lanes)
+    }
+}
+
+/// Offset of `B[o, j]` (`o < n_out`, `j < rank`) in each layout.
+#[inline]
+pub fn b_offset(layout: BLayout, rank: usize, n_out: usize, o: usize, j: usize) -> usize {
+    match layout {
+        BLayout::OutRank => o * rank + j,
+        BLayout::RankOut => j * n_out + o,
+        BLayout::RankOutBlocks => {
+            let (o0, w) = bt_block(n_out, o);
+            o0 * rank + j * w + (o - o0)
+        }
+    }
+}
+
+/// Row-major `a` (`[rank, in]`) rearranged into [`ALayout::Panels`].
+///
+/// ```
+/// use batos_kernels::cpu::lora::{a_offset, pack_a, ALayout};
+/// let a: Vec<u32> = (0..3 * 10).collect(); // rank 3, in 10
+/// let p = pack_a(&a, 3);
+/// assert_eq!(p[a_offset(ALayout::Panels, 3, 10, 2, 9)], 2 * 10 + 9);
+/// ```
+pub fn pack_a<T: Copy>(a: &[T], rank: usize) -> Vec<T> {
+    let n_in = a.len() / rank.max(1);
+    let mut out = a.to_vec();
+    for j in 0..rank {
+        for i in 0..n_in {
+            out[a_offset(ALayout::Panels, rank, n_in, j, i)] = a[j * n_in + i];
+        }
+    }
+    out
+}
+
+/// `bt` (`[rank, out]`, [`BLayout::RankOut`]) rearranged into
+/// [`BLayout::RankOutBlocks`].
+pub fn pack_bt<T: Copy>(bt: &[T], rank: usize) -> Vec<T> {
+    let n_out = bt.len() / rank.max(1);
+    let mut out = bt.to_vec();
+    for j in 0..rank {
+        for o in 0..n_out {
+            out[b_offset(BLayout::RankOutBlocks, rank, n_out, o, j)] = bt[j * n_out + o];
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every layout is a permutation of the matrix's places, on awkward shapes.
+    #[test]
+    fn offsets_are_permutations() {
+        for (r, n) in [
+            (1, 1),
+            (3, 7),
+            (8, 16),
+            (12, 77),
+            (16, 576),
+            (17, 200),
+            (64, 131),
+        ] {
+            let mut seen = vec![false; r * n];
+            for j in 0..r {
+                for i in 0..n {
+                    let k = a_offset(ALayout::Panels, r, n, j, i);
+                    assert!(!seen[k], "A r{r} n{n}: ({j}, {i}) collides");
+                    seen[k] = true;
+                }
+            }
+            for layout in [BLayout::OutRank, BLayout::RankOut, BLayout::RankOutBlocks] {
+                let mut seen = vec![false; r * n];
+                for o in 0..n {
+                    for j in 0..r {
+                        let k = b_offset(layout, r, n, o, j);
+                        assert!(!seen[k], "B {layout:?} r{r} n{n}: ({o}, {j}) collides");
+                        seen[k] = true;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The packed orders are the kernels' read orders: a full panel's first chunk is
+    /// eight rows' first eight columns in turn; a full block is one rank row's 64
+    /// outputs, then the next row's.
+    #[test]
+    fn packed_orders_follow_the_kernels() {
+        let (r, n) = (16, 576);
+        assert_eq!(a_offset(ALayout::Panels, r, n, 1, 0), 8);
+        assert_eq!(a_offset(ALayout::Panels, r, n, 7, 7), 63);
+        assert_eq!(a_offset(ALayout::Panels, r, n, 0, 8), 64);
+        assert_eq!(a_offset(ALayout::Panels, r, n, 8, 0), 8 * 576);
+        assert_eq!(b_offset(BLayout::RankOutBlocks, r, n, 63, 0), 63);
+        assert_eq!(b_offset(BLayout::RankOutBlocks, r, n, 0, 1), 64);
+        assert_eq!(b_offset(BLayout::RankOutBlocks, r, n, 64, 0), 64 * 16);
+        let a: Vec<usize> = (0..r * n).collect();
+        let p = pack_a(&a, r);
+        assert_eq!(&p[..10], &[0, 1, 2, 3, 4, 5, 6, 7, 576, 577]);
+        let bt: Vec<usize> = (0..r * n).collect();
+        let pb = pack_bt(&bt, r);
+        assert_eq!(&pb[62..66], &[62, 63, 576, 577]);
+    }
+}
