@@ -6,6 +6,8 @@
 //!   budget reservation, slot fill.
 //! - `lora/warm_to_hot/{shared,copy}/r16`: a decoded adapter into a hot slot (evicting
 //!   another): shared = the slot refers to host memory; copy = a device-style copy.
+//! - `lora/hot_convert/r16/{f16,i8}`: building an r16 adapter's hot copy (narrowing and
+//!   packing; part of cold → hot with those formats).
 //! - `lora/decode_cpu/...` (process CPU time): one decoder layer's seven projections for a decode batch,
 //!   base matmuls alone vs base + per-token LoRA (16 sequences over 4 adapters; 64
 //!   sequences over 64 adapters).
@@ -192,6 +194,33 @@ fn warm_to_hot(c: &mut Criterion) {
 struct Layer {
     base: Vec<(Projection, Vec<f32>)>,
     adapters: Vec<Vec<(Vec<f32>, Vec<f32>)>>, // [adapter][proj] -> (A, B)
+}
+
+/// The hot copy built when an adapter enters the warm tier (part of cold → hot):
+/// narrowing and packing an r16 adapter's 210 matrices.
+fn hot_convert(c: &mut Criterion) {
+    let base = BaseShapes::smollm2_135m();
+    let mut g = c.benchmark_group("lora/hot_convert");
+    let mut rng = Lcg(5);
+    let mut w = LoraWeights::empty(base.num_layers);
+    for layer in 0..base.num_layers {
+        for p in Projection::ALL {
+            let (i, o) = base.dims(p);
+            let pair = LoraPair {
+                rank: 16,
+                scale: 2.0,
+                a: rng.vec(16 * i, 0.02),
+                b: rng.vec(o * 16, 0.02),
+            };
+            w.insert(layer, p, pair).unwrap();
+        }
+    }
+    for (label, format) in [("f16", HotFormat::F16), ("i8", HotFormat::I8)] {
+        g.bench_function(format!("r16/{label}"), |b| {
+            b.iter(|| black_box(HotWeights::convert(&w, format)))
+        });
+    }
+    g.finish();
 }
 
 fn layer(base: &BaseShapes, n: usize, r: usize) -> Layer {
@@ -704,6 +733,7 @@ criterion_group!(
     benches,
     cold_to_hot,
     warm_to_hot,
+    hot_convert,
     decode,
     decode_cold,
     prefill,

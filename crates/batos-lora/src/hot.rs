@@ -13,9 +13,7 @@
 
 use crate::adapter::LoraWeights;
 use crate::shapes::Projection;
-use batos_kernels::cpu::lora::{
-    pack_a, pack_bt, ALayout, BLayout, LoraDType, LoraMatrix, LoraSlot,
-};
+use batos_kernels::cpu::lora::{pack_a, pack_b, ALayout, BLayout, LoraDType, LoraMatrix, LoraSlot};
 use half::{bf16, f16};
 
 /// The element types hot slots keep `A` and `B` in. Activations and accumulation are
@@ -96,52 +94,73 @@ enum Half {
 }
 
 impl Half {
-    /// `src` (`rows` rows, row-major) in `dtype`, in the kernels' packed layout for
-    /// `matrix`, or `None` for f32 (the slot reads the f32 copy).
-    fn convert(src: &[f32], rows: usize, dtype: LoraDType, matrix: Packed) -> Option<Half> {
-        let narrowed = Half::narrow(src, rows, dtype)?;
-        // The int8 row scales are per rank row, which packing does not change; pack
-        // the elements after narrowing so each row's scale comes from its own values.
-        Some(match narrowed {
-            Half::F16(v) => Half::F16(matrix.pack(&v, rows)),
-            Half::BF16(v) => Half::BF16(matrix.pack(&v, rows)),
-            Half::I8 { q, scales } => Half::I8 {
-                q: matrix.pack(&q, rows),
-                scales,
-            },
-        })
-    }
-
-    /// `src` (`rows` rows) in `dtype`, row-major.
-    fn narrow(src: &[f32], rows: usize, dtype: LoraDType) -> Option<Half> {
+    /// `src` (`A` `[rank, in]` or `B` `[out, rank]`, as `matrix` says) in `dtype`, in
+    /// the kernels' packed layout, or `None` for f32 (the slot reads the f32 copy).
+    /// `scratch` holds the narrowed matrix before packing (reused, so each matrix
+    /// takes one fresh allocation: fresh pages cost a fault each).
+    fn convert(
+        src: &[f32],
+        rank: usize,
+        dtype: LoraDType,
+        matrix: Packed,
+        scratch: &mut Scratch,
+    ) -> Option<Half> {
         match dtype {
             LoraDType::F32 => None,
             LoraDType::I8 => {
-                let row_len = src.len() / rows.max(1);
-                let mut q = Vec::with_capacity(src.len());
-                let mut scales = Vec::with_capacity(rows);
-                for row in src.chunks_exact(row_len.max(1)) {
-                    let max = row.iter().fold(0f32, |m, v| m.max(v.abs()));
-                    let scale = max / 127.0;
-                    scales.push(scale);
-                    let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-                    q.extend(
-                        row.iter()
-                            .map(|v| (v * inv).round().clamp(-127.0, 127.0) as i8),
-                    );
+                // One scale per rank row: A's rows, B's columns.
+                let mut scales = vec![0f32; rank];
+                let n = src.len() / rank.max(1);
+                match matrix {
+                    Packed::A => {
+                        for (s, row) in scales.iter_mut().zip(src.chunks_exact(n.max(1))) {
+                            *s = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+                        }
+                    }
+                    Packed::B => {
+                        for row in src.chunks_exact(rank.max(1)) {
+                            for (s, v) in scales.iter_mut().zip(row) {
+                                *s = s.max(v.abs());
+                            }
+                        }
+                    }
                 }
-                Some(Half::I8 { q, scales })
+                scales.iter_mut().for_each(|s| *s /= 127.0);
+                let inv: Vec<f32> = scales
+                    .iter()
+                    .map(|&s| if s > 0.0 { 1.0 / s } else { 0.0 })
+                    .collect();
+                let q = &mut scratch.i8;
+                q.clear();
+                match matrix {
+                    Packed::A => {
+                        for (k, row) in inv.iter().zip(src.chunks_exact(n.max(1))) {
+                            q.extend(row.iter().map(|v| quantize(v * k)));
+                        }
+                    }
+                    Packed::B => {
+                        for row in src.chunks_exact(rank.max(1)) {
+                            q.extend(row.iter().zip(&inv).map(|(v, k)| quantize(v * k)));
+                        }
+                    }
+                }
+                Some(Half::I8 {
+                    q: matrix.pack(q, rank),
+                    scales,
+                })
             }
             LoraDType::F16 if src.iter().all(|v| v.abs() <= f16::MAX.to_f32()) => {
-                let mut out = vec![f16::ZERO; src.len()];
+                let out = &mut scratch.f16;
+                out.resize(src.len(), f16::ZERO);
                 half::slice::HalfFloatSliceExt::convert_from_f32_slice(&mut out[..], src);
-                Some(Half::F16(out))
+                Some(Half::F16(matrix.pack(out, rank)))
             }
             // bf16 (or an f16 request whose values do not fit f16).
             LoraDType::F16 | LoraDType::BF16 => {
-                let mut out = vec![bf16::ZERO; src.len()];
+                let out = &mut scratch.bf16;
+                out.resize(src.len(), bf16::ZERO);
                 half::slice::HalfFloatSliceExt::convert_from_f32_slice(&mut out[..], src);
-                Some(Half::BF16(out))
+                Some(Half::BF16(matrix.pack(out, rank)))
             }
         }
     }
@@ -185,16 +204,12 @@ impl HotWeights {
         let n = Projection::ALL.len();
         let mut pairs = vec![None; weights.num_layers() * n];
         let mut bytes = 0;
+        let mut scratch = Scratch::default();
         for (layer, p, pair) in weights.iter() {
             // Both are stored with the rank as rows: A [rank, in], B transposed.
             let hp = HalfPair {
-                a: Half::convert(&pair.a, pair.rank, format.a, Packed::A),
-                b: Half::convert(
-                    &transpose(&pair.b, pair.rank),
-                    pair.rank,
-                    format.b,
-                    Packed::Bt,
-                ),
+                a: Half::convert(&pair.a, pair.rank, format.a, Packed::A, &mut scratch),
+                b: Half::convert(&pair.b, pair.rank, format.b, Packed::B, &mut scratch),
             };
             bytes += hp.a.as_ref().map_or(0, Half::bytes) + hp.b.as_ref().map_or(0, Half::bytes);
             pairs[layer * n + p.index()] = Some(hp);
@@ -243,34 +258,39 @@ impl HotWeights {
     }
 }
 
+/// `v` (within ±127 up to rounding) to the nearest int8, ties to even: the
+/// add-and-subtract of 1.5·2²³ rounds in the FPU's mode, where `f32::round` would be a
+/// libm call per element on the baseline x86-64 target.
+#[inline]
+fn quantize(v: f32) -> i8 {
+    const MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23
+    ((v.clamp(-127.0, 127.0) + MAGIC) - MAGIC) as i8
+}
+
+/// Buffers a narrowed matrix passes through before it is packed.
+#[derive(Default)]
+struct Scratch {
+    f16: Vec<f16>,
+    bf16: Vec<bf16>,
+    i8: Vec<i8>,
+}
+
 /// Which matrix a narrowed copy holds, and so its packed layout.
 #[derive(Clone, Copy)]
 enum Packed {
     /// `A` `[rank, in]` → [`ALayout::Panels`].
     A,
-    /// `Bᵀ` `[rank, out]` → [`BLayout::RankOutBlocks`].
-    Bt,
+    /// `B` `[out, rank]` → transposed, [`BLayout::RankOutBlocks`].
+    B,
 }
 
 impl Packed {
     fn pack<T: Copy>(self, v: &[T], rows: usize) -> Vec<T> {
         match self {
             Packed::A => pack_a(v, rows),
-            Packed::Bt => pack_bt(v, rows),
+            Packed::B => pack_b(v, rows),
         }
     }
-}
-
-/// `b` (`[out, rank]`) as `[rank, out]`.
-fn transpose(b: &[f32], rank: usize) -> Vec<f32> {
-    let out = b.len() / rank.max(1);
-    let mut t = vec![0f32; b.len()];
-    for (o, row) in b.chunks_exact(rank.max(1)).enumerate() {
-        for (j, v) in row.iter().enumerate() {
-            t[j * out + o] = *v;
-        }
-    }
-    t
 }
 
 #[cfg(test)]

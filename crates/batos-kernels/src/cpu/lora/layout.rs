@@ -87,10 +87,17 @@ pub fn b_offset(layout: BLayout, rank: usize, n_out: usize, o: usize, j: usize) 
 /// ```
 pub fn pack_a<T: Copy>(a: &[T], rank: usize) -> Vec<T> {
     let n_in = a.len() / rank.max(1);
-    let mut out = a.to_vec();
-    for j in 0..rank {
-        for i in 0..n_in {
-            out[a_offset(ALayout::Panels, rank, n_in, j, i)] = a[j * n_in + i];
+    let full = n_in / LANES * LANES;
+    let mut out = Vec::with_capacity(a.len());
+    for j0 in (0..rank).step_by(PANEL) {
+        let rows = &a[j0 * n_in..(j0 + PANEL.min(rank - j0)) * n_in];
+        for i in (0..full).step_by(LANES) {
+            for row in rows.chunks_exact(n_in) {
+                out.extend_from_slice(&row[i..i + LANES]);
+            }
+        }
+        for row in rows.chunks_exact(n_in) {
+            out.extend_from_slice(&row[full..]);
         }
     }
     out
@@ -100,11 +107,31 @@ pub fn pack_a<T: Copy>(a: &[T], rank: usize) -> Vec<T> {
 /// [`BLayout::RankOutBlocks`].
 pub fn pack_bt<T: Copy>(bt: &[T], rank: usize) -> Vec<T> {
     let n_out = bt.len() / rank.max(1);
-    let mut out = bt.to_vec();
-    for j in 0..rank {
-        for o in 0..n_out {
-            out[b_offset(BLayout::RankOutBlocks, rank, n_out, o, j)] = bt[j * n_out + o];
+    let mut out = Vec::with_capacity(bt.len());
+    let mut o = 0;
+    while o < n_out {
+        let (o0, w) = bt_block(n_out, o);
+        for row in bt.chunks_exact(n_out) {
+            out.extend_from_slice(&row[o0..o0 + w]);
         }
+        o = o0 + w;
+    }
+    out
+}
+
+/// `b` (`[out, rank]`, PEFT's `lora_B.weight`, [`BLayout::OutRank`]) transposed and
+/// rearranged into [`BLayout::RankOutBlocks`] in one pass.
+pub fn pack_b<T: Copy>(b: &[T], rank: usize) -> Vec<T> {
+    let n_out = b.len() / rank.max(1);
+    let mut out = Vec::with_capacity(b.len());
+    let mut o = 0;
+    while o < n_out {
+        let (o0, w) = bt_block(n_out, o);
+        let rows = &b[o0 * rank..(o0 + w) * rank];
+        for c in 0..rank {
+            out.extend(rows.chunks_exact(rank).map(|row| row[c]));
+        }
+        o = o0 + w;
     }
     out
 }
@@ -141,6 +168,40 @@ mod tests {
                         assert!(!seen[k], "B {layout:?} r{r} n{n}: ({o}, {j}) collides");
                         seen[k] = true;
                     }
+                }
+            }
+        }
+    }
+
+    /// The packing functions put each element where the offset functions say.
+    #[test]
+    fn packing_agrees_with_the_offsets() {
+        for (r, n) in [
+            (1, 1),
+            (3, 7),
+            (8, 16),
+            (12, 77),
+            (16, 576),
+            (17, 200),
+            (64, 131),
+        ] {
+            let m: Vec<usize> = (0..r * n).collect();
+            let pa = pack_a(&m, r);
+            let pb = pack_bt(&m, r);
+            assert_eq!((pa.len(), pb.len()), (r * n, r * n));
+            // m read as B [n, r] (element (o, j) = o·r + j), packed straight from there.
+            let pbb = pack_b(&m, r);
+            for o in 0..n {
+                for j in 0..r {
+                    let k = b_offset(BLayout::RankOutBlocks, r, n, o, j);
+                    assert_eq!(pbb[k], o * r + j, "B r{r} n{n} ({o}, {j})");
+                }
+            }
+            for j in 0..r {
+                for i in 0..n {
+                    assert_eq!(pa[a_offset(ALayout::Panels, r, n, j, i)], j * n + i);
+                    let o = b_offset(BLayout::RankOutBlocks, r, n, i, j);
+                    assert_eq!(pb[o], j * n + i, "Bt r{r} n{n} ({j}, {i})");
                 }
             }
         }
