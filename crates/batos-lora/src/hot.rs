@@ -13,7 +13,9 @@
 
 use crate::adapter::LoraWeights;
 use crate::shapes::Projection;
-use batos_kernels::cpu::lora::{pack_a, pack_b, ALayout, BLayout, LoraDType, LoraMatrix, LoraSlot};
+use batos_kernels::cpu::lora::{
+    pack_a_into, pack_b_into, ALayout, BLayout, LoraDType, LoraMatrix, LoraSlot,
+};
 use half::{bf16, f16};
 
 /// The element types hot slots keep `A` and `B` in. Activations and accumulation are
@@ -85,26 +87,41 @@ impl Default for HotFormat {
     }
 }
 
-/// A matrix narrowed to half precision or int8.
+/// Where a narrowed matrix sits in its adapter's [`Arenas`]: element ranges.
 #[derive(Clone, Debug, PartialEq)]
-enum Half {
-    F16(Vec<f16>),
-    BF16(Vec<bf16>),
-    I8 { q: Vec<i8>, scales: Vec<f32> },
+enum Span {
+    F16(std::ops::Range<usize>),
+    BF16(std::ops::Range<usize>),
+    I8 {
+        q: std::ops::Range<usize>,
+        scales: std::ops::Range<usize>,
+    },
 }
 
-impl Half {
-    /// `src` (`A` `[rank, in]` or `B` `[out, rank]`, as `matrix` says) in `dtype`, in
-    /// the kernels' packed layout, or `None` for f32 (the slot reads the f32 copy).
-    /// `scratch` holds the narrowed matrix before packing (reused, so each matrix
-    /// takes one fresh allocation: fresh pages cost a fault each).
-    fn convert(
+/// One adapter's narrowed matrices, one buffer per element type, each matrix after the
+/// previous one in the order the forward pass reads them (layer by layer, q, k, v, o,
+/// gate, up, down, `A` before `B`): a fused group's matrices for one adapter are one
+/// sequential stream, which the hardware prefetchers follow across matrices.
+#[derive(Clone, Debug, Default, PartialEq)]
+struct Arenas {
+    f16: Vec<f16>,
+    bf16: Vec<bf16>,
+    i8: Vec<i8>,
+    scales: Vec<f32>,
+}
+
+impl Arenas {
+    /// Appends `src` (`A` `[rank, in]` or `B` `[out, rank]`, as `matrix` says) in
+    /// `dtype`, in the kernels' packed layout; `None` for f32 (the slot reads the f32
+    /// copy). `scratch` holds the narrowed matrix before packing.
+    fn push(
+        &mut self,
         src: &[f32],
         rank: usize,
         dtype: LoraDType,
         matrix: Packed,
         scratch: &mut Scratch,
-    ) -> Option<Half> {
+    ) -> Option<Span> {
         match dtype {
             LoraDType::F32 => None,
             LoraDType::I8 => {
@@ -144,117 +161,48 @@ impl Half {
                         }
                     }
                 }
-                Some(Half::I8 {
-                    q: matrix.pack(q, rank),
-                    scales,
+                // Packing moves elements within their rank rows: the scales stay valid.
+                let (q0, s0) = (self.i8.len(), self.scales.len());
+                matrix.pack_into(q, rank, &mut self.i8);
+                self.scales.extend_from_slice(&scales);
+                Some(Span::I8 {
+                    q: q0..self.i8.len(),
+                    scales: s0..self.scales.len(),
                 })
             }
             LoraDType::F16 if src.iter().all(|v| v.abs() <= f16::MAX.to_f32()) => {
                 let out = &mut scratch.f16;
                 out.resize(src.len(), f16::ZERO);
                 half::slice::HalfFloatSliceExt::convert_from_f32_slice(&mut out[..], src);
-                Some(Half::F16(matrix.pack(out, rank)))
+                let start = self.f16.len();
+                matrix.pack_into(out, rank, &mut self.f16);
+                Some(Span::F16(start..self.f16.len()))
             }
             // bf16 (or an f16 request whose values do not fit f16).
             LoraDType::F16 | LoraDType::BF16 => {
                 let out = &mut scratch.bf16;
                 out.resize(src.len(), bf16::ZERO);
                 half::slice::HalfFloatSliceExt::convert_from_f32_slice(&mut out[..], src);
-                Some(Half::BF16(matrix.pack(out, rank)))
+                let start = self.bf16.len();
+                matrix.pack_into(out, rank, &mut self.bf16);
+                Some(Span::BF16(start..self.bf16.len()))
             }
         }
     }
 
-    fn view(&self) -> LoraMatrix<'_> {
-        match self {
-            Half::F16(v) => LoraMatrix::F16(v),
-            Half::BF16(v) => LoraMatrix::BF16(v),
-            Half::I8 { q, scales } => LoraMatrix::I8 { q, scales },
+    fn view(&self, span: &Span) -> LoraMatrix<'_> {
+        match span {
+            Span::F16(r) => LoraMatrix::F16(&self.f16[r.clone()]),
+            Span::BF16(r) => LoraMatrix::BF16(&self.bf16[r.clone()]),
+            Span::I8 { q, scales } => LoraMatrix::I8 {
+                q: &self.i8[q.clone()],
+                scales: &self.scales[scales.clone()],
+            },
         }
     }
 
     fn bytes(&self) -> u64 {
-        (match self {
-            Half::F16(v) => v.len() * 2,
-            Half::BF16(v) => v.len() * 2,
-            Half::I8 { q, scales } => q.len() + scales.len() * 4,
-        }) as u64
-    }
-}
-
-#[derive(Clone, Debug, PartialEq)]
-struct HalfPair {
-    a: Option<Half>,
-    b: Option<Half>,
-}
-
-/// The narrowed matrices of one adapter, indexed like its [`LoraWeights`]; a matrix
-/// the format keeps in f32 is read from the f32 weights.
-#[derive(Clone, Debug, PartialEq)]
-pub struct HotWeights {
-    format: HotFormat,
-    num_layers: usize,
-    pairs: Vec<Option<HalfPair>>,
-    bytes: u64,
-}
-
-impl HotWeights {
-    /// Converts every pair of `weights` to `format`.
-    pub fn convert(weights: &LoraWeights, format: HotFormat) -> HotWeights {
-        let n = Projection::ALL.len();
-        let mut pairs = vec![None; weights.num_layers() * n];
-        let mut bytes = 0;
-        let mut scratch = Scratch::default();
-        for (layer, p, pair) in weights.iter() {
-            // Both are stored with the rank as rows: A [rank, in], B transposed.
-            let hp = HalfPair {
-                a: Half::convert(&pair.a, pair.rank, format.a, Packed::A, &mut scratch),
-                b: Half::convert(&pair.b, pair.rank, format.b, Packed::B, &mut scratch),
-            };
-            bytes += hp.a.as_ref().map_or(0, Half::bytes) + hp.b.as_ref().map_or(0, Half::bytes);
-            pairs[layer * n + p.index()] = Some(hp);
-        }
-        HotWeights {
-            format,
-            num_layers: weights.num_layers(),
-            pairs,
-            bytes,
-        }
-    }
-
-    /// The format it was converted to.
-    pub fn format(&self) -> HotFormat {
-        self.format
-    }
-
-    /// Bytes of the converted matrices.
-    pub fn bytes(&self) -> u64 {
-        self.bytes
-    }
-
-    /// The kernels' view of `(layer, p)`: the narrowed matrices where there are any,
-    /// the f32 ones of `weights` (the weights this was converted from) elsewhere.
-    pub fn slot<'a>(
-        &'a self,
-        weights: &'a LoraWeights,
-        layer: usize,
-        p: Projection,
-    ) -> Option<LoraSlot<'a>> {
-        let pair = weights.pair(layer, p)?;
-        if layer >= self.num_layers {
-            return Some(pair.slot());
-        }
-        let half = self.pairs[layer * Projection::ALL.len() + p.index()].as_ref();
-        let (a, a_layout) = match half.and_then(|h| h.a.as_ref()) {
-            Some(a) => (a.view(), ALayout::Panels),
-            None => (LoraMatrix::F32(&pair.a), ALayout::RowMajor),
-        };
-        let slot = match half.and_then(|h| h.b.as_ref()) {
-            Some(b) => LoraSlot::from_matrices(a, b.view(), pair.rank, pair.scale)
-                .with_b_layout(BLayout::RankOutBlocks),
-            None => LoraSlot::from_matrices(a, LoraMatrix::F32(&pair.b), pair.rank, pair.scale),
-        };
-        Some(slot.with_a_layout(a_layout))
+        (self.f16.len() * 2 + self.bf16.len() * 2 + self.i8.len() + self.scales.len() * 4) as u64
     }
 }
 
@@ -285,11 +233,94 @@ enum Packed {
 }
 
 impl Packed {
-    fn pack<T: Copy>(self, v: &[T], rows: usize) -> Vec<T> {
+    fn pack_into<T: Copy>(self, v: &[T], rows: usize, out: &mut Vec<T>) {
         match self {
-            Packed::A => pack_a(v, rows),
-            Packed::B => pack_b(v, rows),
+            Packed::A => pack_a_into(v, rows, out),
+            Packed::B => pack_b_into(v, rows, out),
         }
+    }
+}
+
+/// The narrowed matrices of one adapter, indexed like its [`LoraWeights`]; a matrix
+/// the format keeps in f32 is read from the f32 weights.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HotWeights {
+    format: HotFormat,
+    num_layers: usize,
+    arenas: Arenas,
+    /// `(A, B)` spans per `(layer, projection)`.
+    pairs: Vec<Option<(Option<Span>, Option<Span>)>>,
+}
+
+impl HotWeights {
+    /// Converts every pair of `weights` to `format`.
+    pub fn convert(weights: &LoraWeights, format: HotFormat) -> HotWeights {
+        let n = Projection::ALL.len();
+        let mut pairs = vec![None; weights.num_layers() * n];
+        let mut arenas = Arenas::default();
+        // One allocation per arena in the usual case (no f16 value out of range).
+        let count = |d: LoraDType| -> usize {
+            weights
+                .iter()
+                .map(|(_, _, p)| {
+                    (if format.a == d { p.a.len() } else { 0 })
+                        + (if format.b == d { p.b.len() } else { 0 })
+                })
+                .sum()
+        };
+        arenas.f16.reserve_exact(count(LoraDType::F16));
+        arenas.bf16.reserve_exact(count(LoraDType::BF16));
+        arenas.i8.reserve_exact(count(LoraDType::I8));
+        let mut scratch = Scratch::default();
+        // `iter` visits layers in order and each layer's projections in
+        // `Projection::ALL` order: the forward pass's order.
+        for (layer, p, pair) in weights.iter() {
+            // Both are stored with the rank as rows: A [rank, in], B transposed.
+            let a = arenas.push(&pair.a, pair.rank, format.a, Packed::A, &mut scratch);
+            let b = arenas.push(&pair.b, pair.rank, format.b, Packed::B, &mut scratch);
+            pairs[layer * n + p.index()] = Some((a, b));
+        }
+        HotWeights {
+            format,
+            num_layers: weights.num_layers(),
+            arenas,
+            pairs,
+        }
+    }
+
+    /// The format it was converted to.
+    pub fn format(&self) -> HotFormat {
+        self.format
+    }
+
+    /// Bytes of the converted matrices.
+    pub fn bytes(&self) -> u64 {
+        self.arenas.bytes()
+    }
+
+    /// The kernels' view of `(layer, p)`: the narrowed matrices where there are any,
+    /// the f32 ones of `weights` (the weights this was converted from) elsewhere.
+    pub fn slot<'a>(
+        &'a self,
+        weights: &'a LoraWeights,
+        layer: usize,
+        p: Projection,
+    ) -> Option<LoraSlot<'a>> {
+        let pair = weights.pair(layer, p)?;
+        if layer >= self.num_layers {
+            return Some(pair.slot());
+        }
+        let half = self.pairs[layer * Projection::ALL.len() + p.index()].as_ref();
+        let (a, a_layout) = match half.and_then(|h| h.0.as_ref()) {
+            Some(a) => (self.arenas.view(a), ALayout::Panels),
+            None => (LoraMatrix::F32(&pair.a), ALayout::RowMajor),
+        };
+        let slot = match half.and_then(|h| h.1.as_ref()) {
+            Some(b) => LoraSlot::from_matrices(a, self.arenas.view(b), pair.rank, pair.scale)
+                .with_b_layout(BLayout::RankOutBlocks),
+            None => LoraSlot::from_matrices(a, LoraMatrix::F32(&pair.b), pair.rank, pair.scale),
+        };
+        Some(slot.with_a_layout(a_layout))
     }
 }
 

@@ -33,7 +33,7 @@ use half::{bf16, f16};
 use std::borrow::Cow;
 
 mod layout;
-pub use layout::{a_offset, b_offset, pack_a, pack_b, pack_bt, ALayout};
+pub use layout::{a_offset, b_offset, pack_a, pack_a_into, pack_b, pack_b_into, pack_bt, ALayout};
 
 /// The element type of a hot slot's `A` or `B`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

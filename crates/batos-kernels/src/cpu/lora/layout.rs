@@ -86,9 +86,15 @@ pub fn b_offset(layout: BLayout, rank: usize, n_out: usize, o: usize, j: usize) 
 /// assert_eq!(p[a_offset(ALayout::Panels, 3, 10, 2, 9)], 2 * 10 + 9);
 /// ```
 pub fn pack_a<T: Copy>(a: &[T], rank: usize) -> Vec<T> {
+    let mut out = Vec::with_capacity(a.len());
+    pack_a_into(a, rank, &mut out);
+    out
+}
+
+/// [`pack_a`] appending to `out`.
+pub fn pack_a_into<T: Copy>(a: &[T], rank: usize, out: &mut Vec<T>) {
     let n_in = a.len() / rank.max(1);
     let full = n_in / LANES * LANES;
-    let mut out = Vec::with_capacity(a.len());
     for j0 in (0..rank).step_by(PANEL) {
         let rows = &a[j0 * n_in..(j0 + PANEL.min(rank - j0)) * n_in];
         for i in (0..full).step_by(LANES) {
@@ -100,7 +106,6 @@ pub fn pack_a<T: Copy>(a: &[T], rank: usize) -> Vec<T> {
             out.extend_from_slice(&row[full..]);
         }
     }
-    out
 }
 
 /// `bt` (`[rank, out]`, [`BLayout::RankOut`]) rearranged into
@@ -122,8 +127,14 @@ pub fn pack_bt<T: Copy>(bt: &[T], rank: usize) -> Vec<T> {
 /// `b` (`[out, rank]`, PEFT's `lora_B.weight`, [`BLayout::OutRank`]) transposed and
 /// rearranged into [`BLayout::RankOutBlocks`] in one pass.
 pub fn pack_b<T: Copy>(b: &[T], rank: usize) -> Vec<T> {
-    let n_out = b.len() / rank.max(1);
     let mut out = Vec::with_capacity(b.len());
+    pack_b_into(b, rank, &mut out);
+    out
+}
+
+/// [`pack_b`] appending to `out`.
+pub fn pack_b_into<T: Copy>(b: &[T], rank: usize, out: &mut Vec<T>) {
+    let n_out = b.len() / rank.max(1);
     let mut o = 0;
     while o < n_out {
         let (o0, w) = bt_block(n_out, o);
@@ -133,7 +144,6 @@ pub fn pack_b<T: Copy>(b: &[T], rank: usize) -> Vec<T> {
         }
         o = o0 + w;
     }
-    out
 }
 
 #[cfg(test)]
