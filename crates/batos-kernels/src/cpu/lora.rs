@@ -824,6 +824,8 @@ pub mod reference {
 /// Tokens per task: a task's `h` stays in L1 and each adapter row it loads serves
 /// this many tokens.
 const TILE: usize = 8;
+/// Chunks the tasks are cut into per thread (see `fused`).
+const CHUNKS_PER_THREAD: usize = 16;
 /// Below this many multiply-adds the work stays on the calling thread.
 const PAR_MIN_MACS: usize = 1 << 18;
 
@@ -1015,8 +1017,13 @@ fn fused(
         }
     };
     if macs >= PAR_MIN_MACS && tasks.len() > 1 {
-        // A few tasks per chunk: decode tasks are one token each, small to send alone.
-        let per = tasks.len().div_ceil(super::par::num_threads() * 4).max(1);
+        // Chunks of a few tasks: a decode task is one token, small to hand out alone,
+        // but the threads finish together only if the last chunks are small (the
+        // idle thread's wait is spent spinning).
+        let per = tasks
+            .len()
+            .div_ceil(super::par::num_threads() * CHUNKS_PER_THREAD)
+            .max(1);
         super::par::for_each_chunk_mut(&mut tasks, per, &|_, chunk| run(chunk));
     } else {
         run(&mut tasks);
