@@ -566,6 +566,20 @@ fn real_decode(c: &mut Criterion) {
     let config = LlamaConfig::from_gguf(&gguf).expect("config");
     let weights = ModelWeights::from_gguf(&gguf, &config, &LoadOptions::default()).expect("load");
     let model = LlamaModel::from_weights(&config, &weights, WeightDType::F32).expect("model");
+    // The GGUF's Q4_1 projections kept as int4 with int8 activations: the fast CPU base.
+    let int4 = batos::model::quant::QuantizedModel::from_gguf_int4(
+        &path,
+        batos::model::weights::Progress::Hidden,
+    )
+    .expect("int4 import")
+    .model;
+    let model_int4 = LlamaModel::from_quantized_with(
+        &int4.config,
+        &int4.weights,
+        WeightDType::F32,
+        batos::model::forward::Int4Activations::Int8,
+    )
+    .expect("int4 model");
     let base = BaseShapes::smollm2_135m();
     // Process CPU time (see `bench_cpu`).
     let mut g = c.benchmark_group("lora/real_decode_f32_cpu");
@@ -683,38 +697,71 @@ fn real_decode(c: &mut Criterion) {
         if !filters.is_empty() && !filters.iter().any(|f| f.contains("real_decode")) {
             continue;
         }
-        let rounds = 20;
-        let mut times: Vec<Vec<f64>> = vec![Vec::new(); runs.len()];
-        // Each round starts one variant later: a step's cost depends on its place in
-        // the round (measured with the LoRA kernels skipped: up to ±5 % for the same
-        // work), so every variant takes every place equally often.
-        for round in 0..rounds {
-            for j in 0..runs.len() {
-                let k = (j + round) % runs.len();
-                let (_, batch, snapshot) = &runs[k];
-                let start = process_cpu();
-                black_box(
-                    model
-                        .forward_with_adapters(batch, kv.storage_mut(), snapshot)
-                        .expect("decode"),
-                );
-                times[k].push((process_cpu() - start).as_secs_f64() * 1e3);
-            }
-        }
-        let median = |v: &mut Vec<f64>| {
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
-        };
-        let medians: Vec<f64> = times.iter_mut().map(median).collect();
-        for ((label, _, _), m) in runs.iter().zip(&medians) {
-            eprintln!(
-                "lora/real_decode interleaved {seqs}seq_{adapters}adapters_r16/{label}: \
-                 median {m:.1} ms CPU over {rounds} rounds, throughput vs base {:.3}",
-                medians[0] / m
-            );
-        }
+        let all: Vec<(&str, &ForwardBatch, &batos::lora::HotSnapshot)> =
+            runs.iter().map(|(l, b, s)| (l.as_str(), b, *s)).collect();
+        interleaved("f32 base", &model, &all, &mut kv, seqs, adapters);
+        // The same batches over the int4 base (base, f16 and int8 slots).
+        let int4_runs: Vec<_> = all
+            .iter()
+            .filter(|(l, _, _)| matches!(*l, "base" | "lora_f16" | "lora_i8"))
+            .copied()
+            .collect();
+        interleaved(
+            "int4 base",
+            &model_int4,
+            &int4_runs,
+            &mut kv,
+            seqs,
+            adapters,
+        );
     }
     g.finish();
+}
+
+/// Runs `runs` (the first is the batch without adapters) interleaved for 20 rounds and
+/// prints each one's median process CPU time and its throughput against the first.
+fn interleaved(
+    tag: &str,
+    model: &batos::model::forward::LlamaModel,
+    runs: &[(
+        &str,
+        &batos::model::forward::ForwardBatch,
+        &batos::lora::HotSnapshot,
+    )],
+    kv: &mut batos::kv::KvCacheManager,
+    seqs: usize,
+    adapters: usize,
+) {
+    let rounds = 20;
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); runs.len()];
+    // Each round starts one variant later: a step's cost depends on its place in the
+    // round (measured with the LoRA kernels skipped: up to ±5 % for the same work), so
+    // every variant takes every place equally often.
+    for round in 0..rounds {
+        for j in 0..runs.len() {
+            let k = (j + round) % runs.len();
+            let (_, batch, snapshot) = runs[k];
+            let start = process_cpu();
+            black_box(
+                model
+                    .forward_with_adapters(batch, kv.storage_mut(), snapshot)
+                    .expect("decode"),
+            );
+            times[k].push((process_cpu() - start).as_secs_f64() * 1e3);
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let medians: Vec<f64> = times.iter_mut().map(median).collect();
+    for ((label, _, _), m) in runs.iter().zip(&medians) {
+        eprintln!(
+            "lora/real_decode interleaved ({tag}) {seqs}seq_{adapters}adapters_r16/{label}: \
+             median {m:.1} ms CPU over {rounds} rounds, throughput vs base {:.3}",
+            medians[0] / m
+        );
+    }
 }
 
 fn manager_sized(db: &Db, adapters: usize, hot_format: HotFormat) -> AdapterManager {
