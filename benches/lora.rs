@@ -85,10 +85,10 @@ impl Lcg {
     }
 }
 
-fn adapter_files(base: &BaseShapes, r: usize, seed: u64) -> AdapterFiles {
-    let mut rng = Lcg(seed);
-    let mut w = LoraWeights::empty(base.num_layers);
-    for layer in 0..base.num_layers {
+/// Random rank-`r` pairs on all seven projections of `layers` layers.
+fn random_weights(base: &BaseShapes, layers: usize, r: usize, rng: &mut Lcg) -> LoraWeights {
+    let mut w = LoraWeights::empty(layers);
+    for layer in 0..layers {
         for p in Projection::ALL {
             let (i, o) = base.dims(p);
             let pair = LoraPair {
@@ -100,6 +100,11 @@ fn adapter_files(base: &BaseShapes, r: usize, seed: u64) -> AdapterFiles {
             w.insert(layer, p, pair).unwrap();
         }
     }
+    w
+}
+
+fn adapter_files(base: &BaseShapes, r: usize, seed: u64) -> AdapterFiles {
+    let w = random_weights(base, base.num_layers, r, &mut Lcg(seed));
     let config = format!(
         r#"{{"peft_type":"LORA","r":{r},"lora_alpha":{},"target_modules":["q_proj","k_proj","v_proj","o_proj","gate_proj","up_proj","down_proj"],"bias":"none","use_dora":false,"base_model_name_or_path":"{}"}}"#,
         2 * r,
@@ -201,20 +206,7 @@ struct Layer {
 fn hot_convert(c: &mut Criterion) {
     let base = BaseShapes::smollm2_135m();
     let mut g = c.benchmark_group("lora/hot_convert");
-    let mut rng = Lcg(5);
-    let mut w = LoraWeights::empty(base.num_layers);
-    for layer in 0..base.num_layers {
-        for p in Projection::ALL {
-            let (i, o) = base.dims(p);
-            let pair = LoraPair {
-                rank: 16,
-                scale: 2.0,
-                a: rng.vec(16 * i, 0.02),
-                b: rng.vec(o * 16, 0.02),
-            };
-            w.insert(layer, p, pair).unwrap();
-        }
-    }
+    let w = random_weights(&base, base.num_layers, 16, &mut Lcg(5));
     for (label, format) in [("f16", HotFormat::F16), ("i8", HotFormat::I8)] {
         g.bench_function(format!("r16/{label}"), |b| {
             b.iter(|| black_box(HotWeights::convert(&w, format)))
@@ -423,22 +415,7 @@ fn decode_cold(c: &mut Criterion) {
         .collect();
     let mut rng = Lcg(11);
     let weights: Vec<LoraWeights> = (0..adapters)
-        .map(|_| {
-            let mut w = LoraWeights::empty(LAYERS);
-            for layer in 0..LAYERS {
-                for p in Projection::ALL {
-                    let (i, o) = base.dims(p);
-                    let pair = LoraPair {
-                        rank: r,
-                        scale: 2.0,
-                        a: rng.vec(r * i, 0.02),
-                        b: rng.vec(o * r, 0.02),
-                    };
-                    w.insert(layer, p, pair).unwrap();
-                }
-            }
-            w
-        })
+        .map(|_| random_weights(&base, LAYERS, r, &mut rng))
         .collect();
     let groups: Vec<Vec<Projection>> = vec![
         vec![Projection::Q, Projection::K, Projection::V],

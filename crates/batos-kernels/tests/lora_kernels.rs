@@ -5,7 +5,7 @@
 mod common;
 
 use batos_kernels::cpu::lora::{
-    self, pack_a, pack_bt, reference, ALayout, BLayout, LoraDType, LoraMatrix, LoraSegment,
+    self, pack_a, pack_b, reference, ALayout, BLayout, LoraDType, LoraMatrix, LoraSegment,
     LoraSlot, LoraSlots, LoraTarget,
 };
 use batos_kernels::cpu::reference as base;
@@ -387,20 +387,28 @@ impl Store {
         }
     }
 
-    /// The same matrix (`rows` rows) rearranged by `pack` ([`pack_a`] or [`pack_bt`]).
-    fn packed(self, rows: usize, bt: bool) -> Store {
-        fn p<T: Copy>(v: &[T], rows: usize, bt: bool) -> Vec<T> {
+    /// The same matrix, `A` (`[rank, in]`) or `Bᵀ` (`[rank, out]`, when `bt`), in the
+    /// packed hot layout ([`pack_a`], or [`pack_b`] from `B` `[out, rank]`).
+    fn packed(self, rank: usize, bt: bool) -> Store {
+        fn p<T: Copy>(v: &[T], rank: usize, bt: bool) -> Vec<T> {
+            let mut out = Vec::new();
             if bt {
-                pack_bt(v, rows)
+                // Back to B [out, rank]: element (o, j) is bt[j·out + o].
+                let n_out = v.len() / rank;
+                let b: Vec<T> = (0..v.len())
+                    .map(|i| v[(i % rank) * n_out + i / rank])
+                    .collect();
+                pack_b(&b, rank, &mut out)
             } else {
-                pack_a(v, rows)
+                pack_a(v, rank, &mut out)
             }
+            out
         }
         match self {
-            Store::F32(v) => Store::F32(p(&v, rows, bt)),
-            Store::F16(v) => Store::F16(p(&v, rows, bt)),
-            Store::BF16(v) => Store::BF16(p(&v, rows, bt)),
-            Store::I8(q, scales) => Store::I8(p(&q, rows, bt), scales),
+            Store::F32(v) => Store::F32(p(&v, rank, bt)),
+            Store::F16(v) => Store::F16(p(&v, rank, bt)),
+            Store::BF16(v) => Store::BF16(p(&v, rank, bt)),
+            Store::I8(q, scales) => Store::I8(p(&q, rank, bt), scales),
         }
     }
 

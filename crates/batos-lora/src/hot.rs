@@ -13,9 +13,7 @@
 
 use crate::adapter::LoraWeights;
 use crate::shapes::Projection;
-use batos_kernels::cpu::lora::{
-    pack_a_into, pack_b_into, ALayout, BLayout, LoraDType, LoraMatrix, LoraSlot,
-};
+use batos_kernels::cpu::lora::{pack_a, pack_b, ALayout, BLayout, LoraDType, LoraMatrix, LoraSlot};
 use half::{bf16, f16};
 
 /// The element types hot slots keep `A` and `B` in. Activations and accumulation are
@@ -235,8 +233,8 @@ enum Packed {
 impl Packed {
     fn pack_into<T: Copy>(self, v: &[T], rows: usize, out: &mut Vec<T>) {
         match self {
-            Packed::A => pack_a_into(v, rows, out),
-            Packed::B => pack_b_into(v, rows, out),
+            Packed::A => pack_a(v, rows, out),
+            Packed::B => pack_b(v, rows, out),
         }
     }
 }

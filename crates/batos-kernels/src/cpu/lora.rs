@@ -33,7 +33,7 @@ use half::{bf16, f16};
 use std::borrow::Cow;
 
 mod layout;
-pub use layout::{a_offset, b_offset, pack_a, pack_a_into, pack_b, pack_b_into, pack_bt, ALayout};
+pub use layout::{a_offset, b_offset, pack_a, pack_b, ALayout};
 
 /// The element type of a hot slot's `A` or `B`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -1350,38 +1350,51 @@ mod avx2 {
         }
     }
 
-    /// [`expand_tile`] for `B` stored transposed, `bt` `[r, width]`: for each token,
-    /// eight blocks of eight outputs accumulate `h[t, c]·bt[c]` over the rank in
-    /// registers (eight independent FMA chains), then add to the row once.
+    /// [`expand_tile`] for `B` stored transposed, `bt` `[r, width]`, row-major
+    /// ([`BLayout::RankOut`], `BLOCKED = false`) or in column blocks
+    /// ([`BLayout::RankOutBlocks`], `BLOCKED = true`, one sequential stream per
+    /// block): for each token, eight registers of eight outputs accumulate
+    /// `h[t, c]·bt[c]` over the rank (eight independent FMA chains), then add to the row
+    /// once.
     ///
     /// # Safety
     /// The CPU must support AVX2, FMA and F16C.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn expand_tile_t<E: SlotElem>(
+    pub(super) unsafe fn expand_tile_t<E: SlotElem, const BLOCKED: bool>(
         h: &[f32],
         bt: &[E],
         r: usize,
         out: Out<'_, '_>,
     ) {
-        const BLOCKS: usize = 8;
+        use super::layout::BLOCK;
+        const REGS: usize = BLOCK / 8;
         let (n, n_out, col) = (out.rows.len(), out.width, out.column);
         assert!(
             h.len() >= n * r
                 && bt.len() >= n_out * r
                 && out.rows.iter().all(|y| y.len() >= col + n_out)
         );
+        // Where row c of the `w` columns from `o` starts (see `layout::b_offset`).
+        let at = |c: usize, o: usize, w: usize| {
+            if BLOCKED {
+                o * r + c * w
+            } else {
+                c * n_out + o
+            }
+        };
         let pb = bt.as_ptr();
         for (t, y) in out.rows.iter_mut().enumerate() {
             let ht = &h[t * r..(t + 1) * r];
             let py = y[col..col + n_out].as_mut_ptr();
             let mut o = 0;
-            while o + 8 * BLOCKS <= n_out {
-                let mut acc = [_mm256_setzero_ps(); BLOCKS];
+            while o + BLOCK <= n_out {
+                let mut acc = [_mm256_setzero_ps(); REGS];
                 for (c, &hc) in ht.iter().enumerate() {
                     let hv = _mm256_set1_ps(hc);
-                    // SAFETY: row c of bt holds n_out elements and o + 64 <= n_out.
+                    // SAFETY: o + 64 <= n_out, so the 64 elements of row c of these
+                    // columns lie inside bt in either layout.
                     unsafe {
-                        let row = pb.add(c * n_out + o);
+                        let row = pb.add(at(c, o, BLOCK));
                         for (k, acc) in acc.iter_mut().enumerate() {
                             *acc = _mm256_fmadd_ps(hv, E::load8(row.add(8 * k)), *acc);
                         }
@@ -1394,14 +1407,14 @@ mod avx2 {
                         _mm256_storeu_ps(p, _mm256_add_ps(_mm256_loadu_ps(p), *acc));
                     }
                 }
-                o += 8 * BLOCKS;
+                o += BLOCK;
             }
             while o + 8 <= n_out {
                 let mut acc = _mm256_setzero_ps();
                 for (c, &hc) in ht.iter().enumerate() {
-                    // SAFETY: o + 8 <= n_out inside row c of bt.
+                    // SAFETY: o + 8 <= n_out: row c of these 8 columns is inside bt.
                     acc = unsafe {
-                        _mm256_fmadd_ps(_mm256_set1_ps(hc), E::load8(pb.add(c * n_out + o)), acc)
+                        _mm256_fmadd_ps(_mm256_set1_ps(hc), E::load8(pb.add(at(c, o, 8))), acc)
                     };
                 }
                 // SAFETY: o + 8 <= n_out: inside the row's columns.
@@ -1411,12 +1424,13 @@ mod avx2 {
                 }
                 o += 8;
             }
-            for oo in o..n_out {
+            let w = n_out - o;
+            for oo in 0..w {
                 let mut acc = 0f32;
                 for (c, &hc) in ht.iter().enumerate() {
-                    acc = hc.mul_add(bt[c * n_out + oo].to_f32(), acc);
+                    acc = hc.mul_add(bt[at(c, o, w) + oo].to_f32(), acc);
                 }
-                y[col + oo] += acc;
+                y[col + o + oo] += acc;
             }
         }
     }
@@ -1489,76 +1503,6 @@ mod avx2 {
                 }
             }
             j0 += rows;
-        }
-    }
-
-    /// [`expand_tile_t`] for `bt` in [`BLayout::RankOutBlocks`]: each 64-column block
-    /// is read as one sequential stream.
-    ///
-    /// # Safety
-    /// The CPU must support AVX2, FMA and F16C.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn expand_tile_blocks<E: SlotElem>(
-        h: &[f32],
-        bt: &[E],
-        r: usize,
-        out: Out<'_, '_>,
-    ) {
-        use super::layout::BLOCK;
-        const REGS: usize = BLOCK / 8;
-        let (n, n_out, col) = (out.rows.len(), out.width, out.column);
-        assert!(
-            h.len() >= n * r
-                && bt.len() >= n_out * r
-                && out.rows.iter().all(|y| y.len() >= col + n_out)
-        );
-        let pb = bt.as_ptr();
-        for (t, y) in out.rows.iter_mut().enumerate() {
-            let ht = &h[t * r..(t + 1) * r];
-            let py = y[col..col + n_out].as_mut_ptr();
-            let mut o = 0;
-            while o + BLOCK <= n_out {
-                let mut acc = [_mm256_setzero_ps(); REGS];
-                // SAFETY: the block of columns o..o + 64 takes elements o·r..(o + 64)·r,
-                // row c at o·r + 64c (see `layout::b_offset`); o + 64 <= n_out.
-                unsafe {
-                    let block = pb.add(o * r);
-                    for (c, &hc) in ht.iter().enumerate() {
-                        let hv = _mm256_set1_ps(hc);
-                        let row = block.add(c * BLOCK);
-                        for (k, acc) in acc.iter_mut().enumerate() {
-                            *acc = _mm256_fmadd_ps(hv, E::load8(row.add(8 * k)), *acc);
-                        }
-                    }
-                    for (k, acc) in acc.iter().enumerate() {
-                        let p = py.add(o + 8 * k);
-                        _mm256_storeu_ps(p, _mm256_add_ps(_mm256_loadu_ps(p), *acc));
-                    }
-                }
-                o += BLOCK;
-            }
-            while o + 8 <= n_out {
-                let mut acc = _mm256_setzero_ps();
-                // SAFETY: blocks of 8 columns, row c at o·r + 8c; o + 8 <= n_out.
-                unsafe {
-                    let block = pb.add(o * r);
-                    for (c, &hc) in ht.iter().enumerate() {
-                        let bv = E::load8(block.add(8 * c));
-                        acc = _mm256_fmadd_ps(_mm256_set1_ps(hc), bv, acc);
-                    }
-                    let p = py.add(o);
-                    _mm256_storeu_ps(p, _mm256_add_ps(_mm256_loadu_ps(p), acc));
-                }
-                o += 8;
-            }
-            let w = n_out - o;
-            for oo in 0..w {
-                let mut acc = 0f32;
-                for (c, &hc) in ht.iter().enumerate() {
-                    acc = hc.mul_add(bt[o * r + c * w + oo].to_f32(), acc);
-                }
-                y[col + o + oo] += acc;
-            }
         }
     }
 
@@ -1688,8 +1632,8 @@ fn expand_one<E: SlotElem>(
         unsafe {
             match layout {
                 BLayout::OutRank => avx2::expand_tile(h, b, r, out),
-                BLayout::RankOut => avx2::expand_tile_t(h, b, r, out),
-                BLayout::RankOutBlocks => avx2::expand_tile_blocks(h, b, r, out),
+                BLayout::RankOut => avx2::expand_tile_t::<E, false>(h, b, r, out),
+                BLayout::RankOutBlocks => avx2::expand_tile_t::<E, true>(h, b, r, out),
             }
         }
         return;

@@ -77,22 +77,17 @@ pub fn b_offset(layout: BLayout, rank: usize, n_out: usize, o: usize, j: usize) 
     }
 }
 
-/// Row-major `a` (`[rank, in]`) rearranged into [`ALayout::Panels`].
+/// Appends row-major `a` (`[rank, in]`) to `out` rearranged into
+/// [`ALayout::Panels`].
 ///
 /// ```
 /// use batos_kernels::cpu::lora::{a_offset, pack_a, ALayout};
 /// let a: Vec<u32> = (0..3 * 10).collect(); // rank 3, in 10
-/// let p = pack_a(&a, 3);
+/// let mut p = Vec::new();
+/// pack_a(&a, 3, &mut p);
 /// assert_eq!(p[a_offset(ALayout::Panels, 3, 10, 2, 9)], 2 * 10 + 9);
 /// ```
-pub fn pack_a<T: Copy>(a: &[T], rank: usize) -> Vec<T> {
-    let mut out = Vec::with_capacity(a.len());
-    pack_a_into(a, rank, &mut out);
-    out
-}
-
-/// [`pack_a`] appending to `out`.
-pub fn pack_a_into<T: Copy>(a: &[T], rank: usize, out: &mut Vec<T>) {
+pub fn pack_a<T: Copy>(a: &[T], rank: usize, out: &mut Vec<T>) {
     let n_in = a.len() / rank.max(1);
     let full = n_in / LANES * LANES;
     for j0 in (0..rank).step_by(PANEL) {
@@ -108,32 +103,9 @@ pub fn pack_a_into<T: Copy>(a: &[T], rank: usize, out: &mut Vec<T>) {
     }
 }
 
-/// `bt` (`[rank, out]`, [`BLayout::RankOut`]) rearranged into
-/// [`BLayout::RankOutBlocks`].
-pub fn pack_bt<T: Copy>(bt: &[T], rank: usize) -> Vec<T> {
-    let n_out = bt.len() / rank.max(1);
-    let mut out = Vec::with_capacity(bt.len());
-    let mut o = 0;
-    while o < n_out {
-        let (o0, w) = bt_block(n_out, o);
-        for row in bt.chunks_exact(n_out) {
-            out.extend_from_slice(&row[o0..o0 + w]);
-        }
-        o = o0 + w;
-    }
-    out
-}
-
-/// `b` (`[out, rank]`, PEFT's `lora_B.weight`, [`BLayout::OutRank`]) transposed and
-/// rearranged into [`BLayout::RankOutBlocks`] in one pass.
-pub fn pack_b<T: Copy>(b: &[T], rank: usize) -> Vec<T> {
-    let mut out = Vec::with_capacity(b.len());
-    pack_b_into(b, rank, &mut out);
-    out
-}
-
-/// [`pack_b`] appending to `out`.
-pub fn pack_b_into<T: Copy>(b: &[T], rank: usize, out: &mut Vec<T>) {
+/// Appends `b` (`[out, rank]`, PEFT's `lora_B.weight`, [`BLayout::OutRank`]) to `out`
+/// transposed and rearranged into [`BLayout::RankOutBlocks`], in one pass.
+pub fn pack_b<T: Copy>(b: &[T], rank: usize, out: &mut Vec<T>) {
     let n_out = b.len() / rank.max(1);
     let mut o = 0;
     while o < n_out {
@@ -196,22 +168,16 @@ mod tests {
             (64, 131),
         ] {
             let m: Vec<usize> = (0..r * n).collect();
-            let pa = pack_a(&m, r);
-            let pb = pack_bt(&m, r);
+            let (mut pa, mut pb) = (Vec::new(), Vec::new());
+            pack_a(&m, r, &mut pa);
+            // m read as B [n, r]: element (o, j) = o·r + j.
+            pack_b(&m, r, &mut pb);
             assert_eq!((pa.len(), pb.len()), (r * n, r * n));
-            // m read as B [n, r] (element (o, j) = o·r + j), packed straight from there.
-            let pbb = pack_b(&m, r);
-            for o in 0..n {
-                for j in 0..r {
-                    let k = b_offset(BLayout::RankOutBlocks, r, n, o, j);
-                    assert_eq!(pbb[k], o * r + j, "B r{r} n{n} ({o}, {j})");
-                }
-            }
             for j in 0..r {
                 for i in 0..n {
                     assert_eq!(pa[a_offset(ALayout::Panels, r, n, j, i)], j * n + i);
-                    let o = b_offset(BLayout::RankOutBlocks, r, n, i, j);
-                    assert_eq!(pb[o], j * n + i, "Bt r{r} n{n} ({j}, {i})");
+                    let k = b_offset(BLayout::RankOutBlocks, r, n, i, j);
+                    assert_eq!(pb[k], i * r + j, "B r{r} n{n} ({i}, {j})");
                 }
             }
         }
@@ -231,10 +197,12 @@ mod tests {
         assert_eq!(b_offset(BLayout::RankOutBlocks, r, n, 0, 1), 64);
         assert_eq!(b_offset(BLayout::RankOutBlocks, r, n, 64, 0), 64 * 16);
         let a: Vec<usize> = (0..r * n).collect();
-        let p = pack_a(&a, r);
+        let mut p = Vec::new();
+        pack_a(&a, r, &mut p);
         assert_eq!(&p[..10], &[0, 1, 2, 3, 4, 5, 6, 7, 576, 577]);
-        let bt: Vec<usize> = (0..r * n).collect();
-        let pb = pack_bt(&bt, r);
-        assert_eq!(&pb[62..66], &[62, 63, 576, 577]);
+        // B [n, r]: the first block holds column 0 of outputs 0..64, then column 1.
+        let mut pb = Vec::new();
+        pack_b(&a, r, &mut pb);
+        assert_eq!(&pb[62..66], &[62 * 16, 63 * 16, 1, 17]);
     }
 }
