@@ -122,18 +122,21 @@ pub fn pack_b<T: Copy>(b: &[T], rank: usize, out: &mut Vec<T>) {
 mod tests {
     use super::*;
 
+    /// (rank, columns): partial panels and blocks, tails of every width.
+    const SHAPES: [(usize, usize); 7] = [
+        (1, 1),
+        (3, 7),
+        (8, 16),
+        (12, 77),
+        (16, 576),
+        (17, 200),
+        (64, 131),
+    ];
+
     /// Every layout is a permutation of the matrix's places, on awkward shapes.
     #[test]
     fn offsets_are_permutations() {
-        for (r, n) in [
-            (1, 1),
-            (3, 7),
-            (8, 16),
-            (12, 77),
-            (16, 576),
-            (17, 200),
-            (64, 131),
-        ] {
+        for (r, n) in SHAPES {
             let mut seen = vec![false; r * n];
             for j in 0..r {
                 for i in 0..n {
@@ -158,15 +161,7 @@ mod tests {
     /// The packing functions put each element where the offset functions say.
     #[test]
     fn packing_agrees_with_the_offsets() {
-        for (r, n) in [
-            (1, 1),
-            (3, 7),
-            (8, 16),
-            (12, 77),
-            (16, 576),
-            (17, 200),
-            (64, 131),
-        ] {
+        for (r, n) in SHAPES {
             let m: Vec<usize> = (0..r * n).collect();
             let (mut pa, mut pb) = (Vec::new(), Vec::new());
             pack_a(&m, r, &mut pa);
