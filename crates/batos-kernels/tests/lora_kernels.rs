@@ -791,3 +791,31 @@ fn int8_slots_need_rank_rows_of_scales_and_a_transposed_b() {
     let slots = LoraSlots::new(4, 3, &t).unwrap();
     assert_eq!(slots.slots()[0].unwrap().a().get(5), Some(0.5));
 }
+
+/// The row-major f32 views the device paths upload read every layout back element for
+/// element.
+#[test]
+fn rank_major_f32_views_match_the_element_reads_in_every_layout() {
+    let mut rng = TestRng::new(53);
+    let (n_in, n_out) = (77, 130);
+    let table = make_slots(&mut rng, n_in, n_out, &[Some(3), Some(17)]);
+    for layout in [BLayout::OutRank, BLayout::RankOut, BLayout::RankOutBlocks] {
+        for dtype in DTYPES {
+            if dtype == LoraDType::I8 && layout == BLayout::OutRank {
+                continue;
+            }
+            let stored = store_as(&table, dtype, dtype, layout);
+            for s in stored_views(&stored).into_iter().flatten() {
+                let r = s.rank();
+                let a: Vec<f32> = (0..r * n_in)
+                    .map(|i| s.a_at(i / n_in, i % n_in).unwrap())
+                    .collect();
+                let bt: Vec<f32> = (0..r * n_out)
+                    .map(|i| s.b_at(i % n_out, i / n_out).unwrap())
+                    .collect();
+                assert_eq!(&s.a_rows_f32()[..], &a[..], "A {dtype} {layout:?}");
+                assert_eq!(&s.bt_rows_f32()[..], &bt[..], "Bt {dtype} {layout:?}");
+            }
+        }
+    }
+}

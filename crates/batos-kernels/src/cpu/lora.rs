@@ -260,26 +260,23 @@ impl<'a> LoraSlot<'a> {
     pub fn a_rows_f32(&self) -> Cow<'a, [f32]> {
         match (self.a, self.a_layout) {
             (LoraMatrix::F32(v), ALayout::RowMajor) => Cow::Borrowed(v),
-            (m, ALayout::RowMajor) if m.row_scales().is_none() => Cow::Owned(m.to_f32_vec()),
-            _ => {
-                let n_in = self.a.len() / self.rank.max(1);
-                let mut v = Vec::with_capacity(self.a.len());
-                for j in 0..self.rank {
-                    v.extend((0..n_in).map(|i| self.a_at(j, i).unwrap_or(0.0)));
-                }
-                Cow::Owned(v)
-            }
+            (m, ALayout::RowMajor) => Cow::Owned(widen_rank_rows(m, self.rank, RankRows::Stored)),
+            (m, ALayout::Panels) => Cow::Owned(widen_rank_rows(m, self.rank, RankRows::PanelsA)),
         }
     }
 
     /// `Bᵀ` as row-major f32 `[rank, out]`, borrowed when it is stored that way.
     pub fn bt_rows_f32(&self) -> Cow<'a, [f32]> {
+        let r = self.rank;
         match (self.b, self.b_layout) {
             (LoraMatrix::F32(v), BLayout::RankOut) => Cow::Borrowed(v),
-            _ => {
-                let n_out = self.b.len() / self.rank.max(1);
+            (m, BLayout::RankOut) => Cow::Owned(widen_rank_rows(m, r, RankRows::Stored)),
+            (m, BLayout::RankOutBlocks) => Cow::Owned(widen_rank_rows(m, r, RankRows::BlocksBt)),
+            // [out, rank]: transposed element by element.
+            (_, BLayout::OutRank) => {
+                let n_out = self.b.len() / r.max(1);
                 let mut v = Vec::with_capacity(self.b.len());
-                for j in 0..self.rank {
+                for j in 0..r {
                     v.extend((0..n_out).map(|o| self.b_at(o, j).unwrap_or(0.0)));
                 }
                 Cow::Owned(v)
@@ -332,6 +329,42 @@ impl<'a> LoraSlot<'a> {
     /// `B`, `[out, rank]` or `[rank, out]` (see [`LoraSlot::b_layout`]).
     pub fn b(&self) -> LoraMatrix<'a> {
         self.b
+    }
+}
+
+/// How a stored matrix's elements map to rank-major rows (`[rank, in]` for `A`,
+/// `[rank, out]` for `Bᵀ`).
+#[derive(Clone, Copy)]
+enum RankRows {
+    /// Already rank-major.
+    Stored,
+    /// `A` in [`ALayout::Panels`].
+    PanelsA,
+    /// `Bᵀ` in [`BLayout::RankOutBlocks`].
+    BlocksBt,
+}
+
+/// `m` as rank-major f32 rows, int8 row scales applied.
+fn widen_rank_rows(m: LoraMatrix<'_>, rank: usize, rows: RankRows) -> Vec<f32> {
+    fn order<T: Copy>(v: &[T], rank: usize, rows: RankRows) -> Cow<'_, [T]> {
+        match rows {
+            RankRows::Stored => Cow::Borrowed(v),
+            RankRows::PanelsA => Cow::Owned(layout::unpack_a(v, rank)),
+            RankRows::BlocksBt => Cow::Owned(layout::unpack_bt(v, rank)),
+        }
+    }
+    match m {
+        LoraMatrix::F32(v) => order(v, rank, rows).into_owned(),
+        LoraMatrix::F16(v) => order(v, rank, rows).iter().map(|x| x.to_f32()).collect(),
+        LoraMatrix::BF16(v) => order(v, rank, rows).iter().map(|x| x.to_f32()).collect(),
+        LoraMatrix::I8 { q, scales } => {
+            let q = order(q, rank, rows);
+            let n = q.len() / rank.max(1);
+            q.chunks_exact(n.max(1))
+                .zip(scales)
+                .flat_map(|(row, &s)| row.iter().map(move |&v| v as f32 * s))
+                .collect()
+        }
     }
 }
 
@@ -1136,8 +1169,8 @@ fn shrink_rows<E: SlotElem>(
         // the call were validated).
         unsafe {
             match layout {
-                ALayout::RowMajor => avx2::shrink_tile(xs, a, n_in, r, h),
-                ALayout::Panels => avx2::shrink_panels(xs, a, n_in, r, h),
+                ALayout::RowMajor => avx2::shrink_tile::<E, false>(xs, a, n_in, r, h),
+                ALayout::Panels => avx2::shrink_tile::<E, true>(xs, a, n_in, r, h),
             }
         }
         return;
@@ -1212,7 +1245,7 @@ fn dot_scalar<E: SlotElem>(x: &[f32], m: &[E]) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{Out, SlotElem};
+    use super::{a_offset, ALayout, Out, SlotElem};
     use std::arch::x86_64::*;
 
     /// The eight horizontal sums of `acc[0..8]`, in order.
@@ -1231,58 +1264,78 @@ mod avx2 {
     }
 
     /// `h[t·r + j] = xs[t] · a[j]` for every token `t` and `j < r`: `a` is
-    /// `[r, n_in]`, `h` `[xs.len(), r]`. Eight rows of `a` share each load of `x`, and
-    /// each token's sums are formed the same way whatever the other tokens are.
+    /// `[r, n_in]`, row-major (`PANELS = false`) or in [`ALayout::Panels`] (`true`, each
+    /// panel one sequential stream), `h` `[xs.len(), r]`. Eight rows of `a` share each
+    /// load of `x`, and each token's sums are formed the same way whatever the other
+    /// tokens are.
     ///
     /// # Safety
     /// The CPU must support AVX2, FMA and F16C.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn shrink_tile<E: SlotElem>(
+    pub(super) unsafe fn shrink_tile<E: SlotElem, const PANELS: bool>(
         xs: &[&[f32]],
         a: &[E],
         n_in: usize,
         r: usize,
         h: &mut [f32],
     ) {
+        use super::layout::PANEL;
         let n = xs.len();
         assert!(a.len() >= r * n_in && h.len() >= n * r && xs.iter().all(|x| x.len() >= n_in));
+        let layout = if PANELS {
+            ALayout::Panels
+        } else {
+            ALayout::RowMajor
+        };
+        let full = n_in / 8 * 8;
         let pa = a.as_ptr();
-        let mut j = 0;
-        while j + 8 <= r {
+        let mut j0 = 0;
+        while j0 < r {
+            let rows = PANEL.min(r - j0);
+            // Row k's 8 columns from 8c start at j0·n_in + k·row_step + c·step.
+            let (row_step, step) = if PANELS { (8, 8 * rows) } else { (n_in, 8) };
+            let base = |k: usize| j0 * n_in + k * row_step;
             for (t, xt) in xs.iter().enumerate() {
                 let px = xt.as_ptr();
-                let mut acc = [_mm256_setzero_ps(); 8];
-                let mut i = 0;
-                // SAFETY: i + 8 <= n_in, so every load stays inside the token's x row
-                // and rows j..j+8 of a (lengths asserted above).
-                unsafe {
-                    while i + 8 <= n_in {
-                        let xv = _mm256_loadu_ps(px.add(i));
-                        for (k, acc) in acc.iter_mut().enumerate() {
-                            let av = E::load8(pa.add((j + k) * n_in + i));
-                            *acc = _mm256_fmadd_ps(av, xv, *acc);
+                let mut sums = [0f32; PANEL];
+                if rows == PANEL {
+                    let mut acc = [_mm256_setzero_ps(); PANEL];
+                    // SAFETY: i + 8 <= full <= n_in inside the token's x row; each load
+                    // is 8 elements of row j0 + k at columns i..i + 8, inside `a`
+                    // (lengths asserted above) in either layout.
+                    unsafe {
+                        for c in 0..full / 8 {
+                            let xv = _mm256_loadu_ps(px.add(8 * c));
+                            for (k, acc) in acc.iter_mut().enumerate() {
+                                let av = E::load8(pa.add(base(k) + c * step));
+                                *acc = _mm256_fmadd_ps(av, xv, *acc);
+                            }
                         }
-                        i += 8;
+                        _mm256_storeu_ps(sums.as_mut_ptr(), reduce8(acc));
+                    }
+                } else {
+                    for (k, s) in sums.iter_mut().enumerate().take(rows) {
+                        let mut acc = _mm256_setzero_ps();
+                        let mut lanes = [0f32; 8];
+                        // SAFETY: as above.
+                        unsafe {
+                            for c in 0..full / 8 {
+                                let av = E::load8(pa.add(base(k) + c * step));
+                                acc = _mm256_fmadd_ps(av, _mm256_loadu_ps(px.add(8 * c)), acc);
+                            }
+                            _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+                        }
+                        *s = lanes.iter().sum();
                     }
                 }
-                let mut sums = [0f32; 8];
-                // SAFETY: `sums` holds exactly 8 floats.
-                unsafe { _mm256_storeu_ps(sums.as_mut_ptr(), reduce8(acc)) };
-                for (k, s) in sums.iter_mut().enumerate() {
-                    for ii in i..n_in {
-                        *s += a[(j + k) * n_in + ii].to_f32() * xt[ii];
+                for (k, s) in sums.iter_mut().enumerate().take(rows) {
+                    for ii in full..n_in {
+                        *s += a[a_offset(layout, r, n_in, j0 + k, ii)].to_f32() * xt[ii];
                     }
-                    h[t * r + j + k] = *s;
+                    h[t * r + j0 + k] = *s;
                 }
             }
-            j += 8;
-        }
-        for jj in j..r {
-            let row = &a[jj * n_in..(jj + 1) * n_in];
-            for (t, xt) in xs.iter().enumerate() {
-                // SAFETY: AVX2, FMA and F16C are available (this function's contract).
-                h[t * r + jj] = unsafe { dot(xt, row) };
-            }
+            j0 += rows;
         }
     }
 
@@ -1432,77 +1485,6 @@ mod avx2 {
                 }
                 y[col + o + oo] += acc;
             }
-        }
-    }
-
-    /// [`shrink_tile`] for `a` in [`ALayout::Panels`]: each panel is read as one
-    /// sequential stream, eight rows' next eight columns per step.
-    ///
-    /// # Safety
-    /// The CPU must support AVX2, FMA and F16C.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn shrink_panels<E: SlotElem>(
-        xs: &[&[f32]],
-        a: &[E],
-        n_in: usize,
-        r: usize,
-        h: &mut [f32],
-    ) {
-        use super::layout::PANEL;
-        let n = xs.len();
-        assert!(a.len() >= r * n_in && h.len() >= n * r && xs.iter().all(|x| x.len() >= n_in));
-        let full = n_in / 8 * 8;
-        let tail = n_in - full;
-        let mut j0 = 0;
-        while j0 < r {
-            let rows = PANEL.min(r - j0);
-            let panel = &a[j0 * n_in..(j0 + rows) * n_in];
-            let pp = panel.as_ptr();
-            for (t, xt) in xs.iter().enumerate() {
-                let px = xt.as_ptr();
-                let mut sums = [0f32; PANEL];
-                if rows == PANEL {
-                    let mut acc = [_mm256_setzero_ps(); PANEL];
-                    let mut i = 0;
-                    // SAFETY: i + 8 <= full <= n_in inside the token's x row; the chunk
-                    // at i·8 holds 64 elements inside the panel (8 rows × n_in).
-                    unsafe {
-                        while i < full {
-                            let xv = _mm256_loadu_ps(px.add(i));
-                            let chunk = pp.add(i * PANEL);
-                            for (k, acc) in acc.iter_mut().enumerate() {
-                                *acc = _mm256_fmadd_ps(E::load8(chunk.add(8 * k)), xv, *acc);
-                            }
-                            i += 8;
-                        }
-                        _mm256_storeu_ps(sums.as_mut_ptr(), reduce8(acc));
-                    }
-                } else {
-                    for (k, s) in sums.iter_mut().enumerate().take(rows) {
-                        let mut acc = _mm256_setzero_ps();
-                        let mut i = 0;
-                        // SAFETY: as above, with chunks of rows × 8 elements.
-                        unsafe {
-                            while i < full {
-                                let av = E::load8(pp.add(i * rows + 8 * k));
-                                acc = _mm256_fmadd_ps(av, _mm256_loadu_ps(px.add(i)), acc);
-                                i += 8;
-                            }
-                            let mut lanes = [0f32; 8];
-                            _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
-                            *s = lanes.iter().sum();
-                        }
-                    }
-                }
-                for (k, s) in sums.iter_mut().enumerate().take(rows) {
-                    let tail_row = &panel[full * rows + k * tail..full * rows + (k + 1) * tail];
-                    for (ii, v) in tail_row.iter().enumerate() {
-                        *s += v.to_f32() * xt[full + ii];
-                    }
-                    h[t * r + j0 + k] = *s;
-                }
-            }
-            j0 += rows;
         }
     }
 

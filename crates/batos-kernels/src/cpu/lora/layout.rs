@@ -118,6 +118,48 @@ pub fn pack_b<T: Copy>(b: &[T], rank: usize, out: &mut Vec<T>) {
     }
 }
 
+/// The inverse of [`pack_a`]: `packed` ([`ALayout::Panels`]) back to row-major
+/// `[rank, in]`.
+pub(crate) fn unpack_a<T: Copy>(packed: &[T], rank: usize) -> Vec<T> {
+    let n_in = packed.len() / rank.max(1);
+    let full = n_in / LANES * LANES;
+    let mut out = packed.to_vec();
+    let mut pos = 0;
+    for j0 in (0..rank).step_by(PANEL) {
+        let rows = PANEL.min(rank - j0);
+        for i in (0..full).step_by(LANES) {
+            for k in 0..rows {
+                let dst = (j0 + k) * n_in + i;
+                out[dst..dst + LANES].copy_from_slice(&packed[pos..pos + LANES]);
+                pos += LANES;
+            }
+        }
+        for k in 0..rows {
+            let (dst, tail) = ((j0 + k) * n_in + full, n_in - full);
+            out[dst..dst + tail].copy_from_slice(&packed[pos..pos + tail]);
+            pos += tail;
+        }
+    }
+    out
+}
+
+/// `packed` ([`BLayout::RankOutBlocks`]) back to row-major `Bᵀ` `[rank, out]`.
+pub(crate) fn unpack_bt<T: Copy>(packed: &[T], rank: usize) -> Vec<T> {
+    let n_out = packed.len() / rank.max(1);
+    let mut out = packed.to_vec();
+    let mut pos = 0;
+    let mut o = 0;
+    while o < n_out {
+        let (o0, w) = bt_block(n_out, o);
+        for c in 0..rank {
+            out[c * n_out + o0..c * n_out + o0 + w].copy_from_slice(&packed[pos..pos + w]);
+            pos += w;
+        }
+        o = o0 + w;
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -137,6 +179,14 @@ mod tests {
     #[test]
     fn offsets_are_permutations() {
         for (r, n) in SHAPES {
+            // The unpackers invert the packers.
+            let m: Vec<usize> = (0..r * n).collect();
+            let (mut pa, mut pb) = (Vec::new(), Vec::new());
+            pack_a(&m, r, &mut pa);
+            assert_eq!(unpack_a(&pa, r), m, "A r{r} n{n}");
+            let bt: Vec<usize> = (0..r * n).map(|i| (i % n) * r + i / n).collect();
+            pack_b(&m, r, &mut pb);
+            assert_eq!(unpack_bt(&pb, r), bt, "Bt r{r} n{n}");
             let mut seen = vec![false; r * n];
             for j in 0..r {
                 for i in 0..n {
