@@ -13,6 +13,7 @@
 #   trace.txt     set -x trace of this script
 #
 #   OUT=/some/dir scripts/gpu-check.sh      # total well under 8 minutes
+#   GPU_CHECK_QUICK=1 ...                   # a rerun: tests, bench and memcheck only
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-check-out}
@@ -122,8 +123,11 @@ else
   echo "- compute-sanitizer: not found, skipped" >> "$SUMMARY"
 fi
 
+QUICK=${GPU_CHECK_QUICK:-0}
+[ "$QUICK" = 1 ] && echo "- quick rerun: runtime NVRTC, racecheck and ncu skipped" >> "$SUMMARY"
+
 # ---- runtime NVRTC (the machine's CUDA 13 NVRTC) ---
-if [ -n "$NVRTC_LD" ]; then
+if [ -n "$NVRTC_LD" ] && [ "$QUICK" != 1 ]; then
   step "tests (runtime NVRTC: $(basename "$NVRTC_REAL"))" 120 "$TESTS" \
     env -u BATOS_CUDA_PTX_DIR LD_LIBRARY_PATH="$NVRTC_LD${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
     "$BIN/test-cuda_kernels" --test-threads=1 --nocapture
@@ -134,7 +138,7 @@ fi
 
 
 # ---- compute-sanitizer racecheck ---
-if [ -n "$SANITIZER" ]; then
+if [ -n "$SANITIZER" ] && [ "$QUICK" != 1 ]; then
   step "compute-sanitizer racecheck (shared-memory kernels)" 90 "$OUT/sanitizer.txt" \
     "${SAN_ENV[@]}" "$SANITIZER" --tool racecheck --error-exitcode 99 --print-limit 50 \
     "$BIN/test-cuda_kernels" --test-threads=1 awq_gemm awq_gemv lora_sgmv lora_grouped paged_decode paged_prefill top_p
@@ -143,7 +147,7 @@ fi
 # ---- Nsight Compute on the round-3 kernels (matvec, grouped LoRA, f16 decode) ---
 NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/nsight-compute*/ncu 2>/dev/null | head -n1)
 echo "ncu: ${NCU:-not found}" >> "$ENV"
-if [ -n "$NCU" ]; then
+if [ -n "$NCU" ] && [ "$QUICK" != 1 ]; then
   step "ncu profile (awq_gemv_h2, grouped LoRA, paged_decode f16)" 150 "$OUT/ncu.txt" \
     "${SAN_ENV[@]}" BATOS_BENCH_PROFILE=1 "$NCU" --section SpeedOfLight --section Occupancy \
     --section LaunchStats --section SchedulerStats --section WarpStateStats \

@@ -451,6 +451,11 @@ struct AwqCase {
 
 fn awq_case(shape: AwqShape, seed: u64) -> AwqCase {
     let (k, n, g) = (shape.in_features, shape.out_features, shape.group_size);
+    assert_eq!(
+        k % g,
+        0,
+        "test shape {k}x{n}: in_features must be a multiple of the group"
+    );
     let mut rng = Rng(seed);
     let q: Vec<u8> = (0..k * n).map(|_| rng.below(16) as u8).collect();
     let z: Vec<u8> = (0..k / g * n).map(|_| rng.below(16) as u8).collect();
@@ -551,11 +556,12 @@ fn awq_gemv_matches_dequantised_reference() {
 fn awq_gemv_packed_half2_matches_reference_and_is_deterministic() {
     let Some(dev) = device() else { return };
     // f16, 1-4 tokens: the packed-half2 kernels with the fused split sum. The real
-    // model's fused qkv (576x960) and down (1536x576) shapes, scalar columns
-    // (out/8 = 25), several column blocks with a ragged last one (out/8 = 257),
-    // and groups 16/32/128 (f16 segments of 16 and 32 rows).
+    // model's fused qkv (576x960, groups of 64: 576 is not a multiple of 128) and
+    // down (1536x576) shapes, scalar columns (out/8 = 25), several column blocks with
+    // a ragged last one (out/8 = 257), and groups 16/32/64/128 (f16 segments of 16
+    // and 32 rows).
     for (k, n, g, seed) in [
-        (576, 960, 128, 31),
+        (576, 960, 64, 31),
         (1536, 576, 128, 32),
         (384, 200, 128, 33),
         (256, 2056, 32, 34),

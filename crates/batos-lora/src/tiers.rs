@@ -223,9 +223,23 @@ impl SlotData {
     }
 }
 
+/// One filling of a hot slot. Ids are never reused in a process, so a mirror of the
+/// slots (the device runtime's) can tell new contents from old by comparing ids,
+/// without holding the old contents alive to keep their addresses unique.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct HotFillId(u64);
+
+impl HotFillId {
+    fn next() -> HotFillId {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        HotFillId(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
 pub(crate) struct HotSlot {
     pub(crate) name: String,
     pub(crate) generation: AdapterGeneration,
+    pub(crate) fill: HotFillId,
     pub(crate) data: Arc<SlotData>,
     pub(crate) pins: usize,
     pub(crate) last_used: u64,
@@ -283,6 +297,7 @@ impl Hot {
         self.slots[i] = Some(HotSlot {
             name,
             generation: g,
+            fill: HotFillId::next(),
             data: Arc::new(data),
             pins: 0,
             last_used: self.tick,
@@ -320,7 +335,7 @@ impl Hot {
             slots: self
                 .slots
                 .iter()
-                .map(|s| s.as_ref().map(|s| s.data.clone()))
+                .map(|s| s.as_ref().map(|s| (s.fill, s.data.clone())))
                 .collect(),
         }
     }
@@ -335,7 +350,7 @@ impl Hot {
 /// snapshot has no slots.
 #[derive(Clone, Debug, Default)]
 pub struct HotSnapshot {
-    slots: Vec<Option<Arc<SlotData>>>,
+    slots: Vec<Option<(HotFillId, Arc<SlotData>)>>,
 }
 
 impl HotSnapshot {
@@ -355,8 +370,16 @@ impl HotSnapshot {
     pub fn table(&self, layer: usize, proj: Projection) -> Vec<Option<LoraSlot<'_>>> {
         self.slots
             .iter()
-            .map(|s| s.as_ref().and_then(|d| d.slot(layer, proj)))
+            .map(|s| s.as_ref().and_then(|(_, d)| d.slot(layer, proj)))
             .collect()
+    }
+
+    /// Which filling of slot `slot` this snapshot holds (`None`: empty or out of
+    /// range). Equal ids mean equal contents.
+    pub fn fill_id(&self, slot: SlotIdx) -> Option<HotFillId> {
+        self.slots
+            .get(slot.index())
+            .and_then(|s| s.as_ref().map(|(id, _)| *id))
     }
 
     /// Whether slot `i` is filled.

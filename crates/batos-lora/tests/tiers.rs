@@ -325,6 +325,42 @@ fn hot_slots_never_evict_a_pinned_adapter() {
 }
 
 #[test]
+fn hot_fill_ids_name_a_slots_contents_without_holding_them() {
+    // One slot and one warm entry: the next adapter can come in only once nothing
+    // holds the previous one (a mirror that kept old snapshots would block it).
+    let cfg = ManagerConfig {
+        max_loras: 1,
+        max_cpu_loras: 1,
+        ..no_prefetch()
+    };
+    let f = fixture(1 << 30, cfg);
+    for (i, n) in ["a", "b"].iter().enumerate() {
+        f.mgr
+            .add_files(n, files(i as u64 * 10 + 1, 4), "t", Expect::Absent)
+            .unwrap();
+    }
+    let slot = batos_types::SlotIdx(0);
+    let lease = f.mgr.acquire("a").unwrap();
+    let pin = f.mgr.pin_hot(&lease).unwrap();
+    let first = f.mgr.hot_snapshot().fill_id(slot).expect("slot 0 filled");
+    assert_eq!(f.mgr.hot_snapshot().fill_id(slot), Some(first), "same fill");
+    assert_eq!(f.mgr.hot_snapshot().fill_id(batos_types::SlotIdx(1)), None);
+    drop((pin, lease));
+
+    // A held snapshot keeps `a` alive: `b` cannot be loaded into the one warm entry.
+    let held = f.mgr.hot_snapshot();
+    let err = f.mgr.acquire("b").unwrap_err();
+    assert!(matches!(err, LoraError::WarmFull { .. }), "{err}");
+    drop(held);
+
+    // With only the id kept, `b` loads; its fill has a new id.
+    let lease = f.mgr.acquire("b").unwrap();
+    let _pin = f.mgr.pin_hot(&lease).unwrap();
+    let second = f.mgr.hot_snapshot().fill_id(slot).expect("slot 0 refilled");
+    assert_ne!(second, first, "a new fill of the same slot has a new id");
+}
+
+#[test]
 fn copied_hot_slots_reserve_hot_bytes_and_yield_under_pressure() {
     let one = bytes_of(4);
     let cfg = ManagerConfig {

@@ -202,7 +202,9 @@ fn a_cold_adapter_is_written_into_its_slot_only() {
     );
 
     // A rank-16 adapter outgrows the rank-8 stacks: they are rebuilt and refilled.
-    drop(pin);
+    // (The r4 adapter's lease goes too: with two warm entries, one pinned, a third
+    // adapter loads only once nothing holds the second.)
+    drop((pin, lease));
     hot.mgr
         .add_files(
             "cold-r16",

@@ -22,7 +22,7 @@ use std::borrow::Cow;
 use batos_kernels::cpu::lora::LoraSlot;
 use batos_kernels::cuda::ops::lora::{LoraShape, LoraStack, MAX_RANK};
 use batos_kernels::cuda::{CudaDevice, UploadFence, UploadStream};
-use batos_lora::{HotSnapshot, Projection};
+use batos_lora::{HotFillId, HotSnapshot, Projection};
 use batos_types::{MemoryBudget, Reservation, ReservationKind, SlotIdx};
 use rayon::prelude::*;
 
@@ -41,20 +41,14 @@ pub struct LoraCapacity {
     pub max_rank: usize,
 }
 
-/// What identifies a slot's weights for one pair: the addresses of `A` and `B` (kept
-/// alive by the snapshot held in [`DeviceLora::held`], so an address cannot be reused
-/// while it is compared), the rank and the scale's bits.
-type SlotKey = Option<(usize, usize, usize, u32)>;
+/// What a stack's slot holds: the hot tier's fill of that slot, when its adapter
+/// adapts the stack's projection. Fill ids are never reused, so the runtime does not
+/// keep old snapshots alive to compare them (holding one would keep an evicted
+/// adapter's warm copy, and its budget, from being freed).
+type SlotKey = Option<HotFillId>;
 
-fn key(slot: Option<&LoraSlot<'_>>) -> SlotKey {
-    slot.map(|s| {
-        (
-            s.a().data_addr(),
-            s.b().data_addr(),
-            s.rank(),
-            s.scale().to_bits(),
-        )
-    })
+fn key(snap: &HotSnapshot, s: usize, slot: Option<&LoraSlot<'_>>) -> SlotKey {
+    slot.and_then(|_| snap.fill_id(SlotIdx(s as u16)))
 }
 
 /// One (layer, projection) stack and what each of its slots holds.
@@ -83,8 +77,6 @@ pub(super) struct DeviceLora {
     upload: UploadStream,
     /// Per slot, the fence of its last write that no step has waited on yet.
     pending: Vec<Option<UploadFence>>,
-    /// The snapshot the keys were taken from.
-    held: HotSnapshot,
     reservation: Reservation,
     pub counters: LoraCounters,
 }
@@ -115,7 +107,6 @@ impl DeviceLora {
             capacity: None,
             upload: UploadStream::new(dev).map_err(cuda_err("create upload stream"))?,
             pending: Vec::new(),
-            held: HotSnapshot::default(),
             reservation: budget
                 .reserve(ReservationKind::AdapterHot, 0)
                 .map_err(|source| ForwardError::DeviceBudget {
@@ -277,13 +268,12 @@ impl DeviceLora {
             };
             for (s, held) in pair.keys.iter().enumerate() {
                 let slot = table.get(s).and_then(Option::as_ref);
-                if key(slot) != *held {
+                if key(snap, s, slot) != *held {
                     changes.push((i, s, slot));
                 }
             }
         }
         if changes.is_empty() {
-            self.held = snap.clone();
             return Ok(());
         }
         // Every shape is checked before the first copy: a refused slot leaves the
@@ -330,7 +320,7 @@ impl DeviceLora {
             self.counters.slot_writes += 1;
             self.counters.bytes_written +=
                 ((a.len() + bt.len()) * std::mem::size_of::<Act>()) as u64;
-            pair.keys[s] = key(slot);
+            pair.keys[s] = key(snap, s, slot);
             if written.len() <= s {
                 written.resize(s + 1, false);
             }
@@ -348,7 +338,6 @@ impl DeviceLora {
                 self.pending[s] = Some(fence.clone());
             }
         }
-        self.held = snap.clone();
         Ok(())
     }
 
