@@ -5,8 +5,8 @@
 mod common;
 
 use batos_kernels::cpu::lora::{
-    self, pack_a, pack_b, reference, ALayout, BLayout, LoraDType, LoraMatrix, LoraSegment,
-    LoraSlot, LoraSlots, LoraTarget,
+    self, int8_dot_available, pack_a, pack_b, pack_b_quads, reference, ALayout, BLayout, LoraDType,
+    LoraMatrix, LoraSegment, LoraSlot, LoraSlots, LoraTarget,
 };
 use batos_kernels::cpu::reference as base;
 use batos_kernels::{KernelError, WeightView};
@@ -387,18 +387,22 @@ impl Store {
         }
     }
 
-    /// The same matrix, `A` (`[rank, in]`) or `Bᵀ` (`[rank, out]`, when `bt`), in the
-    /// packed hot layout ([`pack_a`], or [`pack_b`] from `B` `[out, rank]`).
-    fn packed(self, rank: usize, bt: bool) -> Store {
-        fn p<T: Copy>(v: &[T], rank: usize, bt: bool) -> Vec<T> {
+    /// The same matrix, `A` (`[rank, in]`, `bt` = `None`) or `Bᵀ` (`[rank, out]`,
+    /// `bt` = the packed layout), in a packed hot layout ([`pack_a`], or
+    /// [`pack_b`]/[`pack_b_quads`] from `B` `[out, rank]`).
+    fn packed(self, rank: usize, bt: Option<BLayout>) -> Store {
+        fn p<T: Copy>(v: &[T], rank: usize, bt: Option<BLayout>) -> Vec<T> {
             let mut out = Vec::new();
-            if bt {
+            if let Some(layout) = bt {
                 // Back to B [out, rank]: element (o, j) is bt[j·out + o].
                 let n_out = v.len() / rank;
                 let b: Vec<T> = (0..v.len())
                     .map(|i| v[(i % rank) * n_out + i / rank])
                     .collect();
-                pack_b(&b, rank, &mut out)
+                match layout {
+                    BLayout::RankQuadBlocks => pack_b_quads(&b, rank, &mut out),
+                    _ => pack_b(&b, rank, &mut out),
+                }
             } else {
                 pack_a(v, rank, &mut out)
             }
@@ -426,8 +430,9 @@ fn store(table: &[Option<Owned>], a: LoraDType, b: LoraDType) -> Vec<Option<Stor
     store_as(table, a, b, BLayout::OutRank)
 }
 
-/// `B` transposed to `[rank, out]` when `layout` says so; with
-/// [`BLayout::RankOutBlocks`] (the hot copies' layout) `A` is packed in panels too.
+/// `B` transposed to `[rank, out]` when `layout` says so; with the hot copies' layouts
+/// ([`BLayout::RankOutBlocks`], [`BLayout::RankQuadBlocks`]) `A` is packed in panels
+/// too.
 fn store_as(
     table: &[Option<Owned>],
     a: LoraDType,
@@ -440,7 +445,7 @@ fn store_as(
             o.as_ref().map(|o| {
                 let bt: Vec<f32> = match layout {
                     BLayout::OutRank => o.b.clone(),
-                    BLayout::RankOut | BLayout::RankOutBlocks => {
+                    BLayout::RankOut | BLayout::RankOutBlocks | BLayout::RankQuadBlocks => {
                         let out = o.b.len() / o.rank;
                         (0..o.rank * out)
                             .map(|i| o.b[(i % out) * o.rank + i / out])
@@ -449,12 +454,12 @@ fn store_as(
                 };
                 let b_rows = match layout {
                     BLayout::OutRank => o.b.len() / o.rank,
-                    BLayout::RankOut | BLayout::RankOutBlocks => o.rank,
+                    BLayout::RankOut | BLayout::RankOutBlocks | BLayout::RankQuadBlocks => o.rank,
                 };
                 let (mut sa, mut sb) = (Store::new(&o.a, o.rank, a), Store::new(&bt, b_rows, b));
-                if layout == BLayout::RankOutBlocks {
-                    sa = sa.packed(o.rank, false);
-                    sb = sb.packed(o.rank, true);
+                if matches!(layout, BLayout::RankOutBlocks | BLayout::RankQuadBlocks) {
+                    sa = sa.packed(o.rank, None);
+                    sb = sb.packed(o.rank, Some(layout));
                 }
                 Stored {
                     a: sa,
@@ -473,7 +478,7 @@ fn stored_views(s: &[Option<Stored>]) -> Vec<Option<LoraSlot<'_>>> {
         .map(|o| {
             o.as_ref().map(|o| {
                 let a_layout = match o.layout {
-                    BLayout::RankOutBlocks => ALayout::Panels,
+                    BLayout::RankOutBlocks | BLayout::RankQuadBlocks => ALayout::Panels,
                     _ => ALayout::RowMajor,
                 };
                 LoraSlot::from_matrices(o.a.view(), o.b.view(), o.rank, o.scale)
@@ -798,8 +803,13 @@ fn int8_slots_need_rank_rows_of_scales_and_a_transposed_b() {
 fn rank_major_f32_views_match_the_element_reads_in_every_layout() {
     let mut rng = TestRng::new(53);
     let (n_in, n_out) = (77, 130);
-    let table = make_slots(&mut rng, n_in, n_out, &[Some(3), Some(17)]);
-    for layout in [BLayout::OutRank, BLayout::RankOut, BLayout::RankOutBlocks] {
+    let table = make_slots(&mut rng, n_in, n_out, &[Some(4), Some(16)]);
+    for layout in [
+        BLayout::OutRank,
+        BLayout::RankOut,
+        BLayout::RankOutBlocks,
+        BLayout::RankQuadBlocks,
+    ] {
         for dtype in DTYPES {
             if dtype == LoraDType::I8 && layout == BLayout::OutRank {
                 continue;
@@ -818,4 +828,262 @@ fn rank_major_f32_views_match_the_element_reads_in_every_layout() {
             }
         }
     }
+}
+
+// ---------------------------------------------------------------------------------
+// The integer-dot path of int8 slots (B in BLayout::RankQuadBlocks).
+
+/// int8 `A` (panels) and `B` (quads) of `table`, as the hot tier stores them where the
+/// CPU has VNNI.
+fn int8_dot_slots(table: &[Option<Owned>]) -> Vec<Option<Stored>> {
+    store_as(table, LoraDType::I8, LoraDType::I8, BLayout::RankQuadBlocks)
+}
+
+/// What rounding the inputs to int8 can move the update by, per output of one token:
+/// the input `x` per group of 32 (each element by at most half a step, `max|x_g|/254`)
+/// through `|A|` and `|B|`, and the intermediate `h` per token (`max|h|/254` each)
+/// through `|B|`; `A` and `B` are the int8 slot's own (widened) values.
+fn int8_dot_bound(s: &LoraSlot<'_>, x: &[f32], n_out: usize) -> Vec<f64> {
+    let (r, n_in) = (s.rank(), x.len());
+    let step_x: Vec<f64> = x
+        .chunks(32)
+        .flat_map(|g| {
+            let m = g.iter().fold(0f32, |m, v| m.max(v.abs())) as f64 / 254.0;
+            std::iter::repeat_n(m, g.len())
+        })
+        .collect();
+    let mut dh = vec![0f64; r];
+    let mut h = vec![0f64; r];
+    for j in 0..r {
+        for i in 0..n_in {
+            let a = s.a_at(j, i).unwrap() as f64;
+            h[j] += a * x[i] as f64;
+            dh[j] += a.abs() * step_x[i];
+        }
+        h[j] *= s.scale() as f64;
+        dh[j] *= s.scale() as f64;
+    }
+    // h is quantised after the scale (and the int8 row scales) are folded in; its
+    // step covers the x error too.
+    let hmax = h.iter().zip(&dh).fold(0f64, |m, (v, d)| m.max(v.abs() + d));
+    (0..n_out)
+        .map(|o| {
+            (0..r)
+                .map(|j| (s.b_at(o, j).unwrap() as f64).abs() * (dh[j] + hmax / 254.0))
+                .sum()
+        })
+        .collect()
+}
+
+#[test]
+fn int8_dot_slots_stay_within_the_stated_input_rounding_bound() {
+    let mut rng = TestRng::new(61);
+    if !int8_dot_available() {
+        eprintln!("int8 dot path: no AVX-512 VNNI here; the float path runs these slots");
+    }
+    // Whole panels (ranks 8, 16) and a rank whose shrink stays on the float path
+    // (12: not whole panels); inputs of whole 8-steps with a partial last group (40)
+    // and not (45, float shrink); outputs with 64-blocks, 8-blocks and tails.
+    for &(n_in, n_out) in &[(576, 192), (40, 203), (45, 77), (1536, 576)] {
+        let table = make_slots(&mut rng, n_in, n_out, &[Some(16), None, Some(8), Some(12)]);
+        let stored = int8_dot_slots(&table);
+        let v = stored_views(&stored);
+        let slots = LoraSlots::new(n_in, n_out, &v).unwrap();
+        for &t in &[1usize, 9] {
+            let x = rng.vec(t * n_in);
+            let tokens = random_tokens(&mut rng, t, &table);
+            let mut want = vec![0f32; t * n_out];
+            reference::bgmv(&x, &tokens, &slots, &mut want).unwrap();
+            let mut got = vec![0f32; t * n_out];
+            lora::bgmv(&x, &tokens, &slots, &mut got).unwrap();
+            for (i, s) in tokens.iter().enumerate() {
+                let Some(s) = s else {
+                    assert!(got[i * n_out..(i + 1) * n_out].iter().all(|&v| v == 0.0));
+                    continue;
+                };
+                let slot = slots.get("test", *s).unwrap();
+                let bound = int8_dot_bound(&slot, &x[i * n_in..(i + 1) * n_in], n_out);
+                for o in 0..n_out {
+                    let (g, w) = (got[i * n_out + o] as f64, want[i * n_out + o] as f64);
+                    // f32 accumulation on top of the rounding bound.
+                    let tol = 1.01 * bound[o] + 1e-5 * (1.0 + w.abs());
+                    assert!(
+                        (g - w).abs() <= tol,
+                        "in {n_in} out {n_out} token {i} output {o}: got {g}, want {w}, \
+                         bound {tol}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The integer-dot path's arithmetic, emulated in f32 in the kernels' order, for
+/// inputs that int8 represents exactly (integers with a ±127 in every 32 inputs, so
+/// each group's scale is 1 and the shrink's sums are exact integers): the kernel must
+/// give these bits.
+fn int8_dot_emulated(s: &LoraSlot<'_>, x: &[f32], y: &mut [f32]) {
+    let (r, n_in, n_out) = (s.rank(), x.len(), y.len());
+    let (LoraMatrix::I8 { q: aq, scales: sa }, LoraMatrix::I8 { q: bq, scales: sb }) =
+        (s.a(), s.b())
+    else {
+        panic!("int8 slots expected");
+    };
+    let a_code = |j: usize, i: usize| i64::from(aq[lora::a_offset(s.a_layout(), r, n_in, j, i)]);
+    let b_code = |o: usize, j: usize| i64::from(bq[lora::b_offset(s.b_layout(), r, n_out, o, j)]);
+    // h: exact integer sums, then the fold (scale · A row scale · B row scale) in f32.
+    let h: Vec<f32> = (0..r)
+        .map(|j| {
+            let sum: i64 = (0..n_in).map(|i| a_code(j, i) * x[i] as i64).sum();
+            let f = s.scale() * sa[j] * sb[j];
+            sum as f32 * f
+        })
+        .collect();
+    // h to int8 per token, as the int4 base's activations are quantised.
+    let amax = h.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let (inv, d) = if amax == 0.0 {
+        (0.0, 0.0)
+    } else {
+        (127.0 / amax, amax / 127.0)
+    };
+    let hq: Vec<i64> = h
+        .iter()
+        .map(|&v| (v * inv).round_ties_even().clamp(-127.0, 127.0) as i64)
+        .collect();
+    for (o, yv) in y.iter_mut().enumerate() {
+        let sum: i64 = (0..r).map(|j| hq[j] * b_code(o, j)).sum();
+        *yv += sum as f32 * d;
+    }
+}
+
+#[test]
+fn int8_dot_path_gives_the_exact_integer_result_on_inputs_int8_represents() {
+    if !int8_dot_available() {
+        eprintln!("SKIPPED: no AVX-512 VNNI here; int8 slots run the float path");
+        return;
+    }
+    let mut rng = TestRng::new(71);
+    for &(n_in, n_out) in &[(576, 192), (40, 203), (1536, 576), (64, 9)] {
+        let table = make_slots(&mut rng, n_in, n_out, &[Some(16), Some(8), None, Some(32)]);
+        let stored = int8_dot_slots(&table);
+        let v = stored_views(&stored);
+        let slots = LoraSlots::new(n_in, n_out, &v).unwrap();
+        let t = 11;
+        let x: Vec<f32> = (0..t * n_in)
+            .map(|i| {
+                if i % n_in % 32 == 0 {
+                    if rng.below(2) == 0 {
+                        127.0
+                    } else {
+                        -127.0
+                    }
+                } else {
+                    (rng.below(255) as i32 - 127) as f32
+                }
+            })
+            .collect();
+        let tokens = random_tokens(&mut rng, t, &table);
+        let y0 = rng.vec(t * n_out);
+        let mut got = y0.clone();
+        lora::bgmv(&x, &tokens, &slots, &mut got).unwrap();
+        for (i, s) in tokens.iter().enumerate() {
+            let mut want = y0[i * n_out..(i + 1) * n_out].to_vec();
+            if let Some(s) = s {
+                let slot = slots.get("test", *s).unwrap();
+                int8_dot_emulated(&slot, &x[i * n_in..(i + 1) * n_in], &mut want);
+            }
+            assert_eq!(
+                &got[i * n_out..(i + 1) * n_out],
+                &want[..],
+                "in {n_in} out {n_out} token {i} slot {s:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn int8_dot_fused_group_equals_each_projection_alone_and_each_token_alone() {
+    let mut rng = TestRng::new(67);
+    let n_in = 576;
+    let widths = [576usize, 192, 192];
+    let ranks = [
+        [Some(16), None, Some(8)],
+        [Some(16), None, None],
+        [Some(16), None, Some(8)],
+    ];
+    let y_width = widths.iter().sum::<usize>();
+    let tables: Vec<Vec<Option<Owned>>> = widths
+        .iter()
+        .zip(&ranks)
+        .map(|(&w, r)| make_slots(&mut rng, n_in, w, r))
+        .collect();
+    let stored: Vec<_> = tables.iter().map(|t| int8_dot_slots(t)).collect();
+    let views: Vec<_> = stored.iter().map(|s| stored_views(s)).collect();
+    let slots: Vec<LoraSlots<'_>> = views
+        .iter()
+        .zip(&widths)
+        .map(|(v, &w)| LoraSlots::new(n_in, w, v).unwrap())
+        .collect();
+    let mut col = 0;
+    let targets: Vec<LoraTarget<'_>> = slots
+        .iter()
+        .map(|s| {
+            let g = LoraTarget::new(*s, col);
+            col += s.out_features();
+            g
+        })
+        .collect();
+    // 19 tokens: slot 0's share tasks of up to 8.
+    let tokens: Vec<Option<SlotIdx>> = (0..19)
+        .map(|i| [Some(0u16), None, Some(2), Some(0)][i % 4].map(SlotIdx))
+        .collect();
+    let t = tokens.len();
+    let x = rng.vec(t * n_in);
+    let y0 = rng.vec(t * y_width);
+    let mut got = y0.clone();
+    lora::apply_fused(&x, &tokens, &targets, &mut got, y_width).unwrap();
+    for (g, s) in targets.iter().zip(&slots) {
+        let w = s.out_features();
+        let mut alone: Vec<f32> = (0..t)
+            .flat_map(|r| y0[r * y_width + g.column()..][..w].to_vec())
+            .collect();
+        let toks: Vec<Option<SlotIdx>> = tokens
+            .iter()
+            .map(|s_| s_.filter(|i| s.slots()[i.index()].is_some()))
+            .collect();
+        lora::bgmv(&x, &toks, s, &mut alone).unwrap();
+        for r in 0..t {
+            assert_eq!(
+                &got[r * y_width + g.column()..][..w],
+                &alone[r * w..(r + 1) * w],
+                "row {r} column {}",
+                g.column()
+            );
+        }
+    }
+    for (r, s) in tokens.iter().enumerate() {
+        let mut one = y0[r * y_width..(r + 1) * y_width].to_vec();
+        lora::apply_fused(
+            &x[r * n_in..(r + 1) * n_in],
+            &[*s],
+            &targets,
+            &mut one,
+            y_width,
+        )
+        .unwrap();
+        assert_eq!(&got[r * y_width..(r + 1) * y_width], &one[..], "token {r}");
+    }
+}
+
+#[test]
+fn quad_layout_needs_a_rank_divisible_by_four() {
+    let (a, b) = (vec![0.5f32; 3 * 8], vec![0.25f32; 5 * 3]);
+    let table = [Some(
+        LoraSlot::new(&a, &b, 3, 1.0).with_b_layout(BLayout::RankQuadBlocks),
+    )];
+    let err = LoraSlots::new(8, 5, &table).unwrap_err();
+    assert!(
+        matches!(err, KernelError::InvalidShape { what: "B", .. }),
+        "{err}"
+    );
 }

@@ -9,11 +9,15 @@
 //! warm tier and charged to the same warm reservation. A narrowed copy is stored in the
 //! order the kernels read it, so each matrix is one sequential stream: `A` in panels of
 //! eight rows ([`ALayout::Panels`]) and `B` transposed in column blocks
-//! ([`BLayout::RankOutBlocks`]).
+//! ([`BLayout::RankOutBlocks`]; an int8 `B` of rank divisible by 4 in
+//! [`BLayout::RankQuadBlocks`] where the CPU runs the kernels' integer-dot path).
 
 use crate::adapter::LoraWeights;
 use crate::shapes::Projection;
-use batos_kernels::cpu::lora::{pack_a, pack_b, ALayout, BLayout, LoraDType, LoraMatrix, LoraSlot};
+use batos_kernels::cpu::lora::{
+    int8_dot_available, pack_a, pack_b, pack_b_quads, ALayout, BLayout, LoraDType, LoraMatrix,
+    LoraSlot,
+};
 use half::{bf16, f16};
 
 /// The element types hot slots keep `A` and `B` in. Activations and accumulation are
@@ -132,7 +136,7 @@ impl Arenas {
                             *s = row.iter().fold(0f32, |m, v| m.max(v.abs()));
                         }
                     }
-                    Packed::B => {
+                    Packed::B | Packed::BQuads => {
                         for row in src.chunks_exact(rank.max(1)) {
                             for (s, v) in scales.iter_mut().zip(row) {
                                 *s = s.max(v.abs());
@@ -153,7 +157,7 @@ impl Arenas {
                             q.extend(row.iter().map(|v| quantize(v * k)));
                         }
                     }
-                    Packed::B => {
+                    Packed::B | Packed::BQuads => {
                         for row in src.chunks_exact(rank.max(1)) {
                             q.extend(row.iter().zip(&inv).map(|(v, k)| quantize(v * k)));
                         }
@@ -222,12 +226,14 @@ struct Scratch {
 }
 
 /// Which matrix a narrowed copy holds, and so its packed layout.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 enum Packed {
     /// `A` `[rank, in]` → [`ALayout::Panels`].
     A,
     /// `B` `[out, rank]` → transposed, [`BLayout::RankOutBlocks`].
     B,
+    /// `B` `[out, rank]` → [`BLayout::RankQuadBlocks`] (int8, `rank % 4 == 0`).
+    BQuads,
 }
 
 impl Packed {
@@ -235,9 +241,22 @@ impl Packed {
         match self {
             Packed::A => pack_a(v, rows, out),
             Packed::B => pack_b(v, rows, out),
+            Packed::BQuads => pack_b_quads(v, rows, out),
+        }
+    }
+
+    /// How a narrowed `B` packed this way is read.
+    fn b_layout(self) -> BLayout {
+        match self {
+            Packed::BQuads => BLayout::RankQuadBlocks,
+            Packed::A | Packed::B => BLayout::RankOutBlocks,
         }
     }
 }
+
+/// Where one pair's narrowed `A` and `B` sit (`None`: kept in f32), and how `B` is
+/// packed.
+type PairSpans = (Option<Span>, Option<(Span, Packed)>);
 
 /// The narrowed matrices of one adapter, indexed like its [`LoraWeights`]; a matrix
 /// the format keeps in f32 is read from the f32 weights.
@@ -246,8 +265,8 @@ pub struct HotWeights {
     format: HotFormat,
     num_layers: usize,
     arenas: Arenas,
-    /// `(A, B)` spans per `(layer, projection)`.
-    pairs: Vec<Option<(Option<Span>, Option<Span>)>>,
+    /// Per `(layer, projection)`, its narrowed matrices.
+    pairs: Vec<Option<PairSpans>>,
 }
 
 impl HotWeights {
@@ -270,12 +289,21 @@ impl HotWeights {
         arenas.bf16.reserve_exact(count(LoraDType::BF16));
         arenas.i8.reserve_exact(count(LoraDType::I8));
         let mut scratch = Scratch::default();
+        let quads = int8_dot_available();
         // `iter` visits layers in order and each layer's projections in
         // `Projection::ALL` order: the forward pass's order.
         for (layer, p, pair) in weights.iter() {
             // Both are stored with the rank as rows: A [rank, in], B transposed.
             let a = arenas.push(&pair.a, pair.rank, format.a, Packed::A, &mut scratch);
-            let b = arenas.push(&pair.b, pair.rank, format.b, Packed::B, &mut scratch);
+            // int8 B in quads where the kernels multiply int8 by int8.
+            let packed_b = if format.b == LoraDType::I8 && quads && pair.rank.is_multiple_of(4) {
+                Packed::BQuads
+            } else {
+                Packed::B
+            };
+            let b = arenas
+                .push(&pair.b, pair.rank, format.b, packed_b, &mut scratch)
+                .map(|span| (span, packed_b));
             pairs[layer * n + p.index()] = Some((a, b));
         }
         HotWeights {
@@ -314,8 +342,10 @@ impl HotWeights {
             None => (LoraMatrix::F32(&pair.a), ALayout::RowMajor),
         };
         let slot = match half.and_then(|h| h.1.as_ref()) {
-            Some(b) => LoraSlot::from_matrices(a, self.arenas.view(b), pair.rank, pair.scale)
-                .with_b_layout(BLayout::RankOutBlocks),
+            Some((b, packed)) => {
+                LoraSlot::from_matrices(a, self.arenas.view(b), pair.rank, pair.scale)
+                    .with_b_layout(packed.b_layout())
+            }
             None => LoraSlot::from_matrices(a, LoraMatrix::F32(&pair.b), pair.rank, pair.scale),
         };
         Some(slot.with_a_layout(a_layout))
@@ -448,5 +478,42 @@ mod int8_tests {
         let hz = HotWeights::convert(&z, HotFormat::I8);
         let sz = hz.slot(&z, 0, Projection::K).unwrap();
         assert_eq!(sz.a().to_f32_vec(), vec![0.0; 4]);
+    }
+
+    #[test]
+    fn int8_b_of_rank_divisible_by_four_is_packed_for_the_integer_dot_path() {
+        // rank 4 (quads where the CPU has VNNI) and rank 2 (never).
+        let mut w = LoraWeights::empty(1);
+        for (p, rank) in [(Projection::Up, 4), (Projection::Down, 2)] {
+            let (n_in, n_out) = (16, 70);
+            let pair = LoraPair {
+                rank,
+                scale: 1.0,
+                a: (0..rank * n_in).map(|i| (i % 7) as f32 - 3.0).collect(),
+                b: (0..n_out * rank).map(|i| (i % 5) as f32 * 0.1).collect(),
+            };
+            w.insert(0, p, pair).unwrap();
+        }
+        let h = HotWeights::convert(&w, HotFormat::I8);
+        let quads = h.slot(&w, 0, Projection::Up).unwrap();
+        let want = if int8_dot_available() {
+            BLayout::RankQuadBlocks
+        } else {
+            BLayout::RankOutBlocks
+        };
+        assert_eq!(quads.b_layout(), want);
+        let plain = h.slot(&w, 0, Projection::Down).unwrap();
+        assert_eq!(plain.b_layout(), BLayout::RankOutBlocks);
+        // Either way B reads back element by element within half a step.
+        for (s, rank) in [(quads, 4), (plain, 2)] {
+            let sb = s.b().row_scales().unwrap();
+            for o in 0..70 {
+                for (j, step) in sb.iter().enumerate().take(rank) {
+                    let v = ((o * rank + j) % 5) as f32 * 0.1;
+                    let got = s.b_at(o, j).unwrap();
+                    assert!((got - v).abs() <= step / 2.0 + 1e-7, "B[{o}, {j}]");
+                }
+            }
+        }
     }
 }

@@ -259,6 +259,19 @@ fn quantize_groups(path: DotPath, group: usize, padded: usize, job: QuantizeJob<
     }
 }
 
+/// One group of inputs quantised exactly as [`Int8Activations`] does it, on the
+/// fastest path (every path gives the same bits): writes `x8` into `q` and returns
+/// `(d, σ8)`. For the crate's other integer-dot kernels (the int8 LoRA slots).
+pub(crate) fn quantize_group(x: &[f32], q: &mut [i8]) -> (f32, i32) {
+    assert_eq!(x.len(), q.len(), "quantize_group: x and q differ in length");
+    #[cfg(target_arch = "x86_64")]
+    if DotPath::Avx2.is_available() {
+        // SAFETY: AVX2 was detected and the lengths are equal.
+        return unsafe { x86::quantize_group(x, q) };
+    }
+    quantize_group_scalar(x, q)
+}
+
 /// One group: returns `(d, σ8)` and writes `x8` into `q`.
 fn quantize_group_scalar(x: &[f32], q: &mut [i8]) -> (f32, i32) {
     let amax = x.iter().fold(0f32, |a, &v| a.max(v.abs()));

@@ -33,7 +33,7 @@ use half::{bf16, f16};
 use std::borrow::Cow;
 
 mod layout;
-pub use layout::{a_offset, b_offset, pack_a, pack_b, ALayout};
+pub use layout::{a_offset, b_offset, pack_a, pack_b, pack_b_quads, ALayout};
 
 /// The element type of a hot slot's `A` or `B`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -197,6 +197,21 @@ pub enum BLayout {
     /// columns take in `[out, rank]` order, so the expand reads one sequential stream
     /// (see [`b_offset`]).
     RankOutBlocks,
+    /// `[rank, out]` in the column blocks of [`BLayout::RankOutBlocks`], each block
+    /// `[rank / 4][width][4]`: four rank rows of one output side by side, the bytes one
+    /// `vpdpbusd` lane sums (needs `rank % 4 == 0`). An int8 slot whose `B` is stored
+    /// this way runs the **integer-dot path** where the CPU has AVX-512 VNNI
+    /// ([`int8_dot_available`]): the shrink takes each token's input quantised to int8
+    /// per group of 32 (as the int4 base's activations are) and the expand the
+    /// rank-sized intermediate quantised per token, so the int8 matrices are
+    /// multiplied without widening. Elsewhere the slot runs the float path.
+    RankQuadBlocks,
+}
+
+/// Whether this CPU runs the integer-dot path of int8 slots stored with
+/// [`BLayout::RankQuadBlocks`] (AVX2, FMA, F16C and AVX-512 F, VL and VNNI).
+pub fn int8_dot_available() -> bool {
+    crate::cpu::int4_dot::DotPath::Avx512Vnni.is_available()
 }
 
 /// One hot adapter's matrices for one projection: `A [rank, in]`, `B [out, rank]`
@@ -272,6 +287,7 @@ impl<'a> LoraSlot<'a> {
             (LoraMatrix::F32(v), BLayout::RankOut) => Cow::Borrowed(v),
             (m, BLayout::RankOut) => Cow::Owned(widen_rank_rows(m, r, RankRows::Stored)),
             (m, BLayout::RankOutBlocks) => Cow::Owned(widen_rank_rows(m, r, RankRows::BlocksBt)),
+            (m, BLayout::RankQuadBlocks) => Cow::Owned(widen_rank_rows(m, r, RankRows::QuadsBt)),
             // [out, rank]: transposed element by element.
             (_, BLayout::OutRank) => {
                 let n_out = self.b.len() / r.max(1);
@@ -342,6 +358,8 @@ enum RankRows {
     PanelsA,
     /// `Bᵀ` in [`BLayout::RankOutBlocks`].
     BlocksBt,
+    /// `Bᵀ` in [`BLayout::RankQuadBlocks`].
+    QuadsBt,
 }
 
 /// `m` as rank-major f32 rows, int8 row scales applied.
@@ -351,6 +369,7 @@ fn widen_rank_rows(m: LoraMatrix<'_>, rank: usize, rows: RankRows) -> Vec<f32> {
             RankRows::Stored => Cow::Borrowed(v),
             RankRows::PanelsA => Cow::Owned(layout::unpack_a(v, rank)),
             RankRows::BlocksBt => Cow::Owned(layout::unpack_bt(v, rank)),
+            RankRows::QuadsBt => Cow::Owned(layout::unpack_bt_quads(v, rank)),
         }
     }
     match m {
@@ -458,6 +477,17 @@ impl<'a> LoraSlots<'a> {
                 if sc.iter().any(|v| !v.is_finite()) {
                     return Err(scales_bad(what, "a non-finite i8 row scale".into()));
                 }
+            }
+            if s.b_layout == BLayout::RankQuadBlocks && !s.rank.is_multiple_of(4) {
+                return Err(KernelError::InvalidShape {
+                    op,
+                    what: "B",
+                    reason: format!(
+                        "slot {i}: rank {} in BLayout::RankQuadBlocks, which needs a \
+                         multiple of 4",
+                        s.rank
+                    ),
+                });
             }
             if s.b.row_scales().is_some() && s.b_layout == BLayout::OutRank {
                 return Err(scales_bad(
@@ -866,6 +896,10 @@ const PAR_MIN_MACS: usize = 1 << 18;
 /// (`simd::Elem`), widens one at a time on the scalar path.
 trait SlotElem: super::simd::Elem {
     fn to_f32(self) -> f32;
+    /// The slice as int8 codes when the type is `i8` (the integer-dot path).
+    fn as_i8(_: &[Self]) -> Option<&[i8]> {
+        None
+    }
 }
 
 impl SlotElem for f32 {
@@ -894,6 +928,68 @@ impl SlotElem for i8 {
     fn to_f32(self) -> f32 {
         self as f32
     }
+    fn as_i8(s: &[i8]) -> Option<&[i8]> {
+        Some(s)
+    }
+}
+
+/// Inputs per quantisation group of the integer-dot shrink (the int4 base's size).
+const XQ_GROUP: usize = 32;
+
+/// Rows quantised to int8 per group as the int4 base's activations are
+/// (`cpu::int4_dot`): values `[n, width]`, and per row and group the scale `d` (the
+/// values stand for `d · x8`) and the integer sum `σ8`. Refilled in place.
+#[derive(Default)]
+struct QuantRows {
+    width: usize,
+    group: usize,
+    q: Vec<i8>,
+    d: Vec<f32>,
+    sum: Vec<i32>,
+}
+
+impl QuantRows {
+    fn fill<'r>(
+        &mut self,
+        rows: impl ExactSizeIterator<Item = &'r [f32]>,
+        width: usize,
+        group: usize,
+    ) {
+        let n = rows.len();
+        let groups = width.div_ceil(group);
+        self.width = width;
+        self.group = group;
+        self.q.resize(n * width, 0);
+        self.d.resize(n * groups, 0.0);
+        self.sum.resize(n * groups, 0);
+        for (t, x) in rows.enumerate() {
+            for g in 0..groups {
+                let cols = g * group..((g + 1) * group).min(width);
+                let (d, s) = super::int4_dot::quantize_group(
+                    &x[cols.clone()],
+                    &mut self.q[t * width + cols.start..t * width + cols.end],
+                );
+                self.d[t * groups + g] = d;
+                self.sum[t * groups + g] = s;
+            }
+        }
+    }
+
+    fn groups(&self) -> usize {
+        self.width.div_ceil(self.group)
+    }
+}
+
+/// Per-thread buffers of the integer-dot path: the task's inputs and intermediate as
+/// int8 (reused task after task: a decode task is a few microseconds).
+#[derive(Default)]
+struct DotScratch {
+    xq: QuantRows,
+    hq: QuantRows,
+}
+
+thread_local! {
+    static DOT_SCRATCH: std::cell::RefCell<DotScratch> = std::cell::RefCell::default();
 }
 
 // The AVX2 loads of int8 rows (without their row scale, which the kernels fold into
@@ -1043,10 +1139,10 @@ fn fused(
             tasks.push(task);
         }
     }
-    let simd = simd_available();
+    let paths = (simd_available(), int8_dot_available());
     let run = |chunk: &mut [Task<'_>]| {
         for task in chunk {
-            run_task(simd, x, n_in, targets, task);
+            run_task(paths, x, n_in, targets, task);
         }
     };
     if macs >= PAR_MIN_MACS && tasks.len() > 1 {
@@ -1065,7 +1161,13 @@ fn fused(
 
 /// Every target of one task: `x` rows are read from cache for each, each adapter row
 /// is streamed once for all of the task's tokens.
-fn run_task(simd: bool, x: &[f32], n_in: usize, targets: &[LoraTarget<'_>], task: &mut Task<'_>) {
+fn run_task(
+    (simd, vnni): (bool, bool),
+    x: &[f32],
+    n_in: usize,
+    targets: &[LoraTarget<'_>],
+    task: &mut Task<'_>,
+) {
     let n = task.n;
     let xs: [&[f32]; TILE] = std::array::from_fn(|i| {
         if i < n {
@@ -1087,6 +1189,8 @@ fn run_task(simd: bool, x: &[f32], n_in: usize, targets: &[LoraTarget<'_>], task
         .collect();
     let r_max = slots.iter().map(|(s, _)| s.rank).max().unwrap_or(0);
     let mut h = vec![0f32; n * r_max];
+    // The tokens' inputs as int8, made for the first integer-dot slot of the task.
+    let mut xq_ready = false;
     for (s, g) in slots {
         let out = Out {
             rows: &mut task.rows[..n],
@@ -1108,7 +1212,7 @@ fn run_task(simd: bool, x: &[f32], n_in: usize, targets: &[LoraTarget<'_>], task
                 rank: s.rank,
                 fold,
             };
-            apply_pair(simd, &xs[..n], p, h, out)
+            apply_pair((simd, vnni), (&xs[..n], &mut xq_ready), p, h, out)
         }));
     }
 }
@@ -1130,10 +1234,12 @@ struct Pair<'s, EA, EB> {
     fold: Fold<'s>,
 }
 
-/// `out[t] += scale · (xs[t] · Aᵀ) · Bᵀ` for one slot and the task's tokens.
+/// `out[t] += scale · (xs[t] · Aᵀ) · Bᵀ` for one slot and the task's tokens
+/// (`xq_ready`: this thread's [`DotScratch`] holds the tokens' inputs as int8, made on
+/// first use by an integer-dot slot of the task).
 fn apply_pair<EA: SlotElem, EB: SlotElem>(
-    simd: bool,
-    xs: &[&[f32]],
+    (simd, vnni): (bool, bool),
+    (xs, xq_ready): (&[&[f32]], &mut bool),
     p: Pair<'_, EA, EB>,
     h: &mut [f32],
     out: Out<'_, '_>,
@@ -1146,6 +1252,35 @@ fn apply_pair<EA: SlotElem, EB: SlotElem>(
         rank: r,
         fold,
     } = p;
+    #[cfg(target_arch = "x86_64")]
+    if let (true, BLayout::RankQuadBlocks, Some(a8), Some(b8)) =
+        (vnni, b_layout, EA::as_i8(a), EB::as_i8(b))
+    {
+        let n_in = a.len() / r;
+        DOT_SCRATCH.with_borrow_mut(|sc| {
+            if a_layout == ALayout::Panels
+                && r.is_multiple_of(layout::PANEL)
+                && n_in.is_multiple_of(8)
+            {
+                if !*xq_ready {
+                    sc.xq.fill(xs.iter().map(|x| &x[..n_in]), n_in, XQ_GROUP);
+                    *xq_ready = true;
+                }
+                // SAFETY: VNNI (and AVX2) were detected; `a` is `[r, n_in]` in whole
+                // 8-row panels of 8-column steps, `xq` holds the task's tokens.
+                unsafe { vnni::shrink_panels(&sc.xq, a8, r, h) };
+            } else {
+                shrink_rows(simd, xs, a, a_layout, r, h);
+            }
+            fold.apply(h, r);
+            sc.hq.fill(h.chunks_exact(r).take(xs.len()), r, r);
+            // SAFETY: as above; `b` is `[out, r]` in quads (`r % 4 == 0`, checked with
+            // the slot table), `hq` holds one row of `r` per token.
+            unsafe { vnni::expand_quads(&sc.hq, b8, r, out) };
+        });
+        return;
+    }
+    let _ = (vnni, xq_ready);
     shrink_rows(simd, xs, a, a_layout, r, h);
     // Fold the scale into h once rather than into every output.
     fold.apply(h, r);
@@ -1206,7 +1341,7 @@ fn expand_scalar<E: SlotElem>(h: &[f32], b: &[E], layout: BLayout, r: usize, out
             }
         }
         // Sum over the rank per output first, then add: the order of the SIMD path.
-        BLayout::RankOut | BLayout::RankOutBlocks => {
+        BLayout::RankOut | BLayout::RankOutBlocks | BLayout::RankQuadBlocks => {
             let mut acc = vec![0f32; out.width];
             for (t, y) in out.rows.iter_mut().enumerate() {
                 acc.fill(0.0);
@@ -1531,6 +1666,169 @@ mod avx2 {
     }
 }
 
+/// The integer-dot path of int8 slots in [`BLayout::RankQuadBlocks`]: int8 codes of
+/// `A`/`B` against int8 activations with `vpdpbusd` (256-bit, AVX-512 VNNI + VL).
+/// `vpdpbusd` multiplies unsigned by signed bytes, so the weight codes are read with
+/// their sign bit flipped (`c + 128`) and `128 · Σ x8` is taken off each sum.
+#[cfg(target_arch = "x86_64")]
+mod vnni {
+    use super::layout::{bt_block, BLOCK, PANEL, QUAD};
+    use super::{Out, QuantRows};
+    use std::arch::x86_64::*;
+
+    /// `h[t·r + j] = Σᵢ A[j, i] · x[t, i]` (codes of `A`, `x` as quantised in `xq`)
+    /// for every token of `xq`: `a` is `[r, n_in]` in [`super::ALayout::Panels`] with
+    /// `r % 8 == 0` and `n_in % 8 == 0`, so each panel step is 64 bytes, eight rows ×
+    /// eight inputs.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, FMA, AVX-512 F, VL and VNNI.
+    #[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512vnni")]
+    pub(super) unsafe fn shrink_panels(xq: &QuantRows, a: &[i8], r: usize, h: &mut [f32]) {
+        let (n_in, groups, group) = (xq.width, xq.groups(), xq.group);
+        let n = xq.q.len() / n_in.max(1);
+        assert!(
+            r.is_multiple_of(PANEL)
+                && n_in.is_multiple_of(8)
+                && group.is_multiple_of(8)
+                && a.len() >= r * n_in
+                && h.len() >= n * r
+        );
+        let flip = _mm256_set1_epi8(i8::MIN);
+        for j0 in (0..r).step_by(PANEL) {
+            let panel = &a[j0 * n_in..(j0 + PANEL) * n_in];
+            for t in 0..n {
+                let xt = &xq.q[t * n_in..(t + 1) * n_in];
+                let (mut flo, mut fhi) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                let mut corr = 0f32;
+                for g in 0..groups {
+                    let (c0, c1) = (g * group / 8, ((g + 1) * group).min(n_in) / 8);
+                    let (mut lo, mut hi) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+                    for c in c0..c1 {
+                        // SAFETY: c < n_in / 8, so the 8 inputs at 8c lie in the token's
+                        // row and the 64 bytes at 64c in the panel (8 rows × n_in).
+                        unsafe {
+                            let xb = _mm256_set1_epi64x(std::ptr::read_unaligned(
+                                xt.as_ptr().add(8 * c) as *const i64,
+                            ));
+                            let p = panel.as_ptr().add(64 * c) as *const __m256i;
+                            let alo = _mm256_xor_si256(_mm256_loadu_si256(p), flip);
+                            let ahi = _mm256_xor_si256(_mm256_loadu_si256(p.add(1)), flip);
+                            lo = _mm256_dpbusd_epi32(lo, alo, xb);
+                            hi = _mm256_dpbusd_epi32(hi, ahi, xb);
+                        }
+                    }
+                    let d = xq.d[t * groups + g];
+                    let dv = _mm256_set1_ps(d);
+                    flo = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), dv, flo);
+                    fhi = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), dv, fhi);
+                    corr = d.mul_add(xq.sum[t * groups + g] as f32, corr);
+                }
+                // Row k's two lanes are 2k, 2k + 1 of `lo` (k < 4) or `hi` (k ≥ 4);
+                // hadd leaves rows 0, 1, 4, 5 | 2, 3, 6, 7.
+                let mut sums = [0f32; 8];
+                // SAFETY: `sums` holds exactly 8 floats.
+                unsafe { _mm256_storeu_ps(sums.as_mut_ptr(), _mm256_hadd_ps(flo, fhi)) };
+                for (k, lane) in [0usize, 1, 4, 5, 2, 3, 6, 7].into_iter().enumerate() {
+                    h[t * r + j0 + k] = (-128.0f32).mul_add(corr, sums[lane]);
+                }
+            }
+        }
+    }
+
+    /// `out.rows[t][out.column + o] += Σⱼ B[o, j] · h[t, j]` (codes of `B`, `h` as
+    /// quantised in `hq`, one group per token): `b` is `[out, r]` in
+    /// [`super::BLayout::RankQuadBlocks`].
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, FMA, AVX-512 F, VL and VNNI.
+    #[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512vnni")]
+    pub(super) unsafe fn expand_quads(hq: &QuantRows, b: &[i8], r: usize, out: Out<'_, '_>) {
+        const REGS: usize = BLOCK / 8;
+        let (n, n_out, col) = (out.rows.len(), out.width, out.column);
+        assert!(
+            r.is_multiple_of(QUAD)
+                && hq.width == r
+                && hq.group == r
+                && hq.q.len() >= n * r
+                && b.len() >= n_out * r
+                && out.rows.iter().all(|y| y.len() >= col + n_out)
+        );
+        let flip = _mm256_set1_epi8(i8::MIN);
+        let quads = r / QUAD;
+        for (t, y) in out.rows.iter_mut().enumerate() {
+            let ht = &hq.q[t * r..(t + 1) * r];
+            let d = hq.d[t];
+            let (dv, corr) = (_mm256_set1_ps(d), _mm256_set1_epi32(128 * hq.sum[t]));
+            let y = &mut y[col..col + n_out];
+            // Four of h's codes, broadcast to every lane.
+            let h4 = |q: usize| {
+                // SAFETY: q < r / 4, so the 4 bytes at 4q lie in the token's row.
+                _mm256_set1_epi32(unsafe {
+                    std::ptr::read_unaligned(ht.as_ptr().add(QUAD * q) as *const i32)
+                })
+            };
+            let mut o = 0;
+            while o + BLOCK <= n_out {
+                let block = &b[o * r..(o + BLOCK) * r];
+                let mut acc = [_mm256_setzero_si256(); REGS];
+                for q in 0..quads {
+                    let hb = h4(q);
+                    for (m, acc) in acc.iter_mut().enumerate() {
+                        // SAFETY: quad q of the block is 64 outputs × 4 bytes at
+                        // q·256; load m is its outputs 8m..8m + 8.
+                        unsafe {
+                            let p = block.as_ptr().add(q * BLOCK * QUAD + 32 * m) as *const __m256i;
+                            let bv = _mm256_xor_si256(_mm256_loadu_si256(p), flip);
+                            *acc = _mm256_dpbusd_epi32(*acc, bv, hb);
+                        }
+                    }
+                }
+                for (m, acc) in acc.iter().enumerate() {
+                    let v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(*acc, corr)), dv);
+                    // SAFETY: o + 8m + 8 <= n_out: inside the row's columns.
+                    unsafe {
+                        let p = y.as_mut_ptr().add(o + 8 * m);
+                        _mm256_storeu_ps(p, _mm256_add_ps(_mm256_loadu_ps(p), v));
+                    }
+                }
+                o += BLOCK;
+            }
+            while o + 8 <= n_out {
+                let block = &b[o * r..(o + 8) * r];
+                let mut acc = _mm256_setzero_si256();
+                for q in 0..quads {
+                    // SAFETY: quad q of this 8-output block is 32 bytes at 32q.
+                    unsafe {
+                        let p = block.as_ptr().add(32 * q) as *const __m256i;
+                        let bv = _mm256_xor_si256(_mm256_loadu_si256(p), flip);
+                        acc = _mm256_dpbusd_epi32(acc, bv, h4(q));
+                    }
+                }
+                let v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(acc, corr)), dv);
+                // SAFETY: o + 8 <= n_out: inside the row's columns.
+                unsafe {
+                    let p = y.as_mut_ptr().add(o);
+                    _mm256_storeu_ps(p, _mm256_add_ps(_mm256_loadu_ps(p), v));
+                }
+                o += 8;
+            }
+            if o < n_out {
+                let (o0, w) = bt_block(n_out, o);
+                let block = &b[o0 * r..];
+                for oo in 0..w {
+                    let mut s = 0i32;
+                    for (j, &hj) in ht.iter().enumerate() {
+                        let code = block[j / QUAD * w * QUAD + oo * QUAD + j % QUAD];
+                        s += i32::from(hj) * i32::from(code);
+                    }
+                    y[o0 + oo] += s as f32 * d;
+                }
+            }
+        }
+    }
+}
+
 /// `h[t, ..r] = x[t] · Aᵀ` for every token with a slot (`h` is `[T, max_rank]`; other
 /// rows are untouched). Prefer [`apply_fused`]/[`bgmv`]/[`sgmv`], which fuse both
 /// halves per task.
@@ -1616,6 +1914,8 @@ fn expand_one<E: SlotElem>(
                 BLayout::OutRank => avx2::expand_tile(h, b, r, out),
                 BLayout::RankOut => avx2::expand_tile_t::<E, false>(h, b, r, out),
                 BLayout::RankOutBlocks => avx2::expand_tile_t::<E, true>(h, b, r, out),
+                // The float path of an integer-dot layout (no VNNI, or the split API).
+                BLayout::RankQuadBlocks => expand_scalar(h, b, layout, r, out),
             }
         }
         return;

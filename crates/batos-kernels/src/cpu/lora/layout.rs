@@ -64,7 +64,12 @@ pub(crate) fn bt_block(n_out: usize, o: usize) -> (usize, usize) {
     }
 }
 
-/// Offset of `B[o, j]` (`o < n_out`, `j < rank`) in each layout.
+/// Rank rows per quad in [`BLayout::RankQuadBlocks`] (the bytes one `vpdpbusd`
+/// lane sums).
+pub(crate) const QUAD: usize = 4;
+
+/// Offset of `B[o, j]` (`o < n_out`, `j < rank`) in each layout
+/// ([`BLayout::RankQuadBlocks`] needs `rank % 4 == 0`).
 #[inline]
 pub fn b_offset(layout: BLayout, rank: usize, n_out: usize, o: usize, j: usize) -> usize {
     match layout {
@@ -73,6 +78,10 @@ pub fn b_offset(layout: BLayout, rank: usize, n_out: usize, o: usize, j: usize) 
         BLayout::RankOutBlocks => {
             let (o0, w) = bt_block(n_out, o);
             o0 * rank + j * w + (o - o0)
+        }
+        BLayout::RankQuadBlocks => {
+            let (o0, w) = bt_block(n_out, o);
+            o0 * rank + j / QUAD * w * QUAD + (o - o0) * QUAD + j % QUAD
         }
     }
 }
@@ -118,6 +127,37 @@ pub fn pack_b<T: Copy>(b: &[T], rank: usize, out: &mut Vec<T>) {
     }
 }
 
+/// Appends `b` (`[out, rank]`, `rank % 4 == 0`) to `out` in
+/// [`BLayout::RankQuadBlocks`]: per column block, per four rank rows, each output's
+/// four values side by side.
+///
+/// ```
+/// use batos_kernels::cpu::lora::{b_offset, pack_b_quads, BLayout};
+/// let b: Vec<u32> = (0..10 * 4).collect(); // out 10, rank 4
+/// let mut p = Vec::new();
+/// pack_b_quads(&b, 4, &mut p);
+/// assert_eq!(&p[..8], &[0, 1, 2, 3, 4, 5, 6, 7]); // outputs 0 and 1, ranks 0..4
+/// assert_eq!(p[b_offset(BLayout::RankQuadBlocks, 4, 10, 9, 2)], 9 * 4 + 2);
+/// ```
+pub fn pack_b_quads<T: Copy>(b: &[T], rank: usize, out: &mut Vec<T>) {
+    assert!(
+        rank.is_multiple_of(QUAD),
+        "pack_b_quads: rank {rank} is not a multiple of {QUAD}"
+    );
+    let n_out = b.len() / rank.max(1);
+    let mut o = 0;
+    while o < n_out {
+        let (o0, w) = bt_block(n_out, o);
+        let rows = &b[o0 * rank..(o0 + w) * rank];
+        for q in (0..rank).step_by(QUAD) {
+            for row in rows.chunks_exact(rank) {
+                out.extend_from_slice(&row[q..q + QUAD]);
+            }
+        }
+        o = o0 + w;
+    }
+}
+
 /// The inverse of [`pack_a`]: `packed` ([`ALayout::Panels`]) back to row-major
 /// `[rank, in]`.
 pub(crate) fn unpack_a<T: Copy>(packed: &[T], rank: usize) -> Vec<T> {
@@ -138,6 +178,18 @@ pub(crate) fn unpack_a<T: Copy>(packed: &[T], rank: usize) -> Vec<T> {
             let (dst, tail) = ((j0 + k) * n_in + full, n_in - full);
             out[dst..dst + tail].copy_from_slice(&packed[pos..pos + tail]);
             pos += tail;
+        }
+    }
+    out
+}
+
+/// `packed` ([`BLayout::RankQuadBlocks`]) back to row-major `Bᵀ` `[rank, out]`.
+pub(crate) fn unpack_bt_quads<T: Copy>(packed: &[T], rank: usize) -> Vec<T> {
+    let n_out = packed.len() / rank.max(1);
+    let mut out = packed.to_vec();
+    for o in 0..n_out {
+        for j in 0..rank {
+            out[j * n_out + o] = packed[b_offset(BLayout::RankQuadBlocks, rank, n_out, o, j)];
         }
     }
     out
@@ -165,8 +217,9 @@ mod tests {
     use super::*;
 
     /// (rank, columns): partial panels and blocks, tails of every width.
-    const SHAPES: [(usize, usize); 7] = [
+    const SHAPES: [(usize, usize); 8] = [
         (1, 1),
+        (4, 203),
         (3, 7),
         (8, 16),
         (12, 77),
@@ -195,7 +248,21 @@ mod tests {
                     seen[k] = true;
                 }
             }
-            for layout in [BLayout::OutRank, BLayout::RankOut, BLayout::RankOutBlocks] {
+            let quads = r % QUAD == 0;
+            if quads {
+                let mut pq = Vec::new();
+                pack_b_quads(&m, r, &mut pq);
+                assert_eq!(unpack_bt_quads(&pq, r), bt, "Bt quads r{r} n{n}");
+            }
+            for layout in [
+                BLayout::OutRank,
+                BLayout::RankOut,
+                BLayout::RankOutBlocks,
+                BLayout::RankQuadBlocks,
+            ] {
+                if layout == BLayout::RankQuadBlocks && !quads {
+                    continue;
+                }
                 let mut seen = vec![false; r * n];
                 for o in 0..n {
                     for j in 0..r {
@@ -223,6 +290,17 @@ mod tests {
                     assert_eq!(pa[a_offset(ALayout::Panels, r, n, j, i)], j * n + i);
                     let k = b_offset(BLayout::RankOutBlocks, r, n, i, j);
                     assert_eq!(pb[k], i * r + j, "B r{r} n{n} ({i}, {j})");
+                }
+            }
+            if r % QUAD == 0 {
+                let mut pq = Vec::new();
+                pack_b_quads(&m, r, &mut pq);
+                assert_eq!(pq.len(), r * n);
+                for o in 0..n {
+                    for j in 0..r {
+                        let k = b_offset(BLayout::RankQuadBlocks, r, n, o, j);
+                        assert_eq!(pq[k], o * r + j, "B quads r{r} n{n} ({o}, {j})");
+                    }
                 }
             }
         }
