@@ -415,3 +415,18 @@ __device__ void grouped_expand_impl(const float* __restrict__ h, const T* __rest
 LORA_ENTRY(float, f32)
 LORA_ENTRY(f16, f16)
 LORA_ENTRY(bf16, bf16)
+
+// Adapter slot writes in one launch (LoraStack::write_slots): run i copies
+// ops[3i + 2] 32-bit words from src + ops[3i + 1] to the device address ops[3i],
+// one block per run. The runs' destinations never overlap (distinct slots, or a
+// slot's rows, rank and scale), so the order inside the launch does not matter:
+// kernels that read the slots wait for the whole launch.
+extern "C" __global__ void lora_scatter_words(const u32* __restrict__ src,
+                                              const u64* __restrict__ ops, int n_ops) {
+    const int op = blockIdx.x;
+    if (op >= n_ops) return;
+    u32* dst = reinterpret_cast<u32*>(ops[3 * op]);
+    const u32* from = src + ops[3 * op + 1];
+    const u64 n = ops[3 * op + 2];
+    for (u64 i = threadIdx.x; i < n; i += blockDim.x) dst[i] = from[i];
+}

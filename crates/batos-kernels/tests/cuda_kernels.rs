@@ -16,10 +16,12 @@ use std::sync::{Arc, OnceLock};
 use batos_kernels::cuda::ops::attention::{self, AttentionBatch, PagedKvLayout, SeqQuery};
 use batos_kernels::cuda::ops::awq::{self, AwqShape, AwqWeights};
 use batos_kernels::cuda::ops::elementwise::{self, RopeShape};
-use batos_kernels::cuda::ops::lora::{self, LoraMode, LoraPlan, LoraShape, LoraStack};
+use batos_kernels::cuda::ops::lora::{
+    self, write_slots, LoraMode, LoraPlan, LoraShape, LoraStack, SlotStaging, SlotWrite,
+};
 use batos_kernels::cuda::ops::sampling::{self, TopP};
 use batos_kernels::cuda::ops::Activation;
-use batos_kernels::cuda::{CudaDevice, CudaDeviceConfig, CudaError, KernelSource};
+use batos_kernels::cuda::{CudaDevice, CudaDeviceConfig, CudaError, KernelSource, UploadStream};
 use batos_types::{BlockId, SlotIdx};
 use half::{bf16, f16};
 
@@ -966,6 +968,110 @@ fn lora_plan_rejects_unknown_slots_and_skips_empty_batches() {
     let plan = LoraPlan::new(&dev, LoraMode::Sgmv, c.shape.slots, &[None, None]).unwrap();
     assert_eq!(plan.rows(), 0);
     lora_run::<f32>(&dev, &c, LoraMode::Sgmv, &[None, None]);
+}
+
+/// Slot `s`'s rows of a case: `A` `[rank, in]` and `Bᵀ` `[rank, out]`.
+fn case_rows(c: &LoraCase, s: usize) -> (Vec<f32>, Vec<f32>) {
+    let (r, k, n, m) = (
+        c.ranks[s],
+        c.shape.in_features,
+        c.shape.out_features,
+        c.shape.max_rank,
+    );
+    (
+        c.a[s * m * k..(s * m + r) * k].to_vec(),
+        c.bt[s * m * n..(s * m + r) * n].to_vec(),
+    )
+}
+
+#[test]
+fn lora_write_slots_equals_write_slot_and_reuses_its_staging() {
+    let Some(dev) = device() else { return };
+    let cases = [
+        lora_case_with(71, vec![8, 16, 0, 4], 16, 600, 136),
+        lora_case_with(72, vec![16, 2, 5, 3], 16, 96, 40),
+    ];
+    let upload = UploadStream::new(&dev).unwrap();
+    let mut staging = SlotStaging::default();
+    let zeros = |c: &LoraCase| LoraStack::<f32>::zeros(&dev, c.shape).unwrap();
+    let mut one: Vec<LoraStack<f32>> = cases.iter().map(zeros).collect();
+    let many: Vec<LoraStack<f32>> = cases.iter().map(zeros).collect();
+    // Round 0 writes slots 0 and 1 of each stack, round 1 empties slot 1 of the first,
+    // round 2 writes every slot (more words than the staging holds: it grows).
+    for round in 0..3 {
+        let picks: Vec<(usize, usize, bool)> = match round {
+            0 => vec![(0, 0, true), (0, 1, true), (1, 0, true), (1, 1, true)],
+            1 => vec![(0, 1, false)],
+            _ => (0..2)
+                .flat_map(|i| (0..4).map(move |s| (i, s, true)))
+                .collect(),
+        };
+        let rows: Vec<(Vec<f32>, Vec<f32>)> = picks
+            .iter()
+            .map(|&(i, s, fill)| {
+                if fill {
+                    case_rows(&cases[i], s)
+                } else {
+                    (vec![], vec![])
+                }
+            })
+            .collect();
+        upload.begin(&dev).unwrap();
+        for (&(i, s, fill), (a, bt)) in picks.iter().zip(&rows) {
+            let (rank, scale) = if fill {
+                (cases[i].ranks[s], cases[i].scales[s])
+            } else {
+                (0, 0.0)
+            };
+            one[i]
+                .write_slot(upload.stream(), SlotIdx(s as u16), a, bt, rank, scale)
+                .unwrap();
+        }
+        let writes: Vec<SlotWrite<'_>> = picks
+            .iter()
+            .zip(&rows)
+            .map(|(&(i, s, fill), (a, bt))| SlotWrite {
+                stack: &many[i],
+                slot: SlotIdx(s as u16),
+                a,
+                bt,
+                rank: if fill { cases[i].ranks[s] } else { 0 },
+                scale: if fill { cases[i].scales[s] } else { 0.0 },
+            })
+            .collect();
+        write_slots(&dev, &upload, &mut staging, &writes).unwrap();
+        let fence = upload.finish().unwrap();
+        staging.in_flight(fence.clone());
+        fence.wait_on_compute(&dev).unwrap();
+    }
+    // A bad write is refused before anything is staged.
+    let bad = [SlotWrite {
+        stack: &many[0],
+        slot: SlotIdx(4),
+        a: &[],
+        bt: &[],
+        rank: 0,
+        scale: 1.0,
+    }];
+    assert!(matches!(
+        write_slots(&dev, &upload, &mut staging, &bad),
+        Err(CudaError::InvalidArgument { .. })
+    ));
+    // Both stacks of each pair give the same bits for tokens of every slot.
+    for (i, c) in cases.iter().enumerate() {
+        let slots: Vec<Option<SlotIdx>> = (0..4).map(|s| Some(SlotIdx(s))).collect();
+        let plan = LoraPlan::new(&dev, LoraMode::Bgmv, c.shape.slots, &slots).unwrap();
+        let mut rng = Rng(i as u64 + 5);
+        let x = dev.upload(&rng.vec(4 * c.shape.in_features)).unwrap();
+        let y0 = rng.vec(4 * c.shape.out_features);
+        let mut y1 = dev.upload(&y0).unwrap();
+        let mut y2 = dev.upload(&y0).unwrap();
+        lora::lora_apply(&dev, &one[i], &plan, &x, &mut y1).unwrap();
+        lora::lora_apply(&dev, &many[i], &plan, &x, &mut y2).unwrap();
+        let (y1, y2) = (y1.to_host().unwrap(), y2.to_host().unwrap());
+        assert_eq!(y1, y2, "stack {i}");
+        assert_ne!(y1, y0, "stack {i}: the adapters changed the output");
+    }
 }
 
 // ---- paged attention -----------------------------------------------------------

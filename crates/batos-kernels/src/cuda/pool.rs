@@ -28,7 +28,7 @@ macro_rules! elem {
         impl CudaElem for $t {}
     )*};
 }
-elem!(f32, half::f16, half::bf16, u8, u32, i32, i64);
+elem!(f32, half::f16, half::bf16, u8, u32, i32, i64, u64);
 
 /// Smallest size class; everything is rounded up to a power of two from here
 /// until [`LARGE_CLASS`], then to a multiple of it.

@@ -113,10 +113,16 @@ impl ModuleId {
             ModuleId::Awq => &["awq_gemv_h2v4", "awq_gemv_h2v1", "awq_gemv_h2t4"],
             _ => &[],
         };
+        // Kernels that do not depend on the activation type.
+        let untyped: &[&str] = match self {
+            ModuleId::Lora => &["lora_scatter_words"],
+            _ => &[],
+        };
         bases
             .iter()
             .flat_map(|b| ["f32", "f16", "bf16"].map(|s| format!("{b}_{s}")))
             .chain(f16_only.iter().map(|b| format!("{b}_f16")))
+            .chain(untyped.iter().map(|b| b.to_string()))
             .collect()
     }
 

@@ -14,6 +14,7 @@ use super::super::device::CudaDevice;
 use super::super::error::{CudaError, CudaResult};
 use super::super::pool::DeviceBuffer;
 use super::super::registry::ModuleId;
+use super::super::stream::{UploadFence, UploadStream};
 use cudarc::driver::{CudaStream, PushKernelArg};
 
 use super::{as_i32, as_u32, cfg, kname, launch, Activation};
@@ -174,6 +175,260 @@ impl<T: Activation> LoraStack<T> {
     pub fn shape(&self) -> LoraShape {
         self.shape
     }
+}
+
+/// One slot's new contents for [`write_slots`]: `a` `[rank, in]`, `bt` `[rank, out]`
+/// (rank 0 empties the slot), as [`LoraStack::write_slot`] takes them.
+#[derive(Clone, Copy, Debug)]
+pub struct SlotWrite<'a> {
+    /// The stack written.
+    pub stack: &'a LoraStack<f32>,
+    /// Its slot.
+    pub slot: SlotIdx,
+    /// `A` rows.
+    pub a: &'a [f32],
+    /// `Bᵀ` rows.
+    pub bt: &'a [f32],
+    /// The adapter's rank (0: empty).
+    pub rank: usize,
+    /// The adapter's scale.
+    pub scale: f32,
+}
+
+/// The buffers [`write_slots`] stages through, kept between calls: page-locked host
+/// memory (so the copy is one DMA the host does not wait for) and its device twin,
+/// grown on demand. Reused only once the previous batch is through
+/// ([`SlotStaging::in_flight`]).
+#[derive(Debug, Default)]
+pub struct SlotStaging {
+    host: Option<cudarc::driver::PinnedHostSlice<u32>>,
+    dev: Option<DeviceBuffer<u32>>,
+    ops: Option<DeviceBuffer<u64>>,
+    in_flight: Option<UploadFence>,
+}
+
+impl SlotStaging {
+    /// Marks the staged batch as read by the copies and kernel before `fence`: the
+    /// next [`write_slots`] waits for it before overwriting the buffers.
+    pub fn in_flight(&mut self, fence: UploadFence) {
+        self.in_flight = Some(fence);
+    }
+}
+
+/// Writes many slots of many f32 stacks with one host → device copy and one kernel
+/// launch on `upload`'s stream (after the compute work queued so far): the rows,
+/// ranks and scales are staged back to back in page-locked memory, copied in one
+/// piece, and scattered on the device (`lora_scatter_words`). The same contents as
+/// [`LoraStack::write_slot`] for each write, without a driver call per row block (a
+/// 30-layer adapter is 210 stacks × 4 writes). Every write is checked before anything
+/// is staged. The caller records the [`UploadFence`] after this call and hands it to
+/// [`SlotStaging::in_flight`].
+pub fn write_slots(
+    dev: &CudaDevice,
+    upload: &UploadStream,
+    staging: &mut SlotStaging,
+    writes: &[SlotWrite<'_>],
+) -> CudaResult<()> {
+    const OP: &str = "write_slots";
+    for w in writes {
+        let s = w.stack.shape;
+        if w.slot.index() >= s.slots {
+            return Err(CudaError::invalid(
+                OP,
+                format!(
+                    "slot {} outside a stack of {} slots",
+                    w.slot.index(),
+                    s.slots
+                ),
+            ));
+        }
+        if w.rank > s.max_rank {
+            return Err(CudaError::invalid(
+                OP,
+                format!("rank {} > the stack's max_rank {}", w.rank, s.max_rank),
+            ));
+        }
+        if !w.scale.is_finite() {
+            return Err(CudaError::invalid(
+                OP,
+                format!("scale {} is not finite", w.scale),
+            ));
+        }
+        CudaError::check_len(OP, "a", w.rank * s.in_features, w.a.len())?;
+        CudaError::check_len(OP, "bt", w.rank * s.out_features, w.bt.len())?;
+    }
+    // Batches of at most STAGING_WORDS (a larger single write goes alone), each
+    // staged once the previous one is through: the page-locked buffer stays small.
+    let mut start = 0;
+    while start < writes.len() {
+        let mut end = start;
+        let mut words = 0;
+        while end < writes.len() {
+            let w = writes[end].a.len() + writes[end].bt.len() + 2;
+            if end > start && words + w > STAGING_WORDS {
+                break;
+            }
+            words += w;
+            end += 1;
+        }
+        if start > 0 {
+            let between = upload.finish()?;
+            staging.in_flight(between);
+        }
+        stage_batch(dev, upload, staging, &writes[start..end])?;
+        start = end;
+    }
+    Ok(())
+}
+
+/// Page-locked staging kept between slot writes, in 32-bit words (32 MiB: one
+/// SmolLM2 r16 adapter in f32 rows is 18.6 MiB).
+const STAGING_WORDS: usize = 8 << 20;
+
+/// One batch of [`write_slots`]: stage, copy, scatter.
+fn stage_batch(
+    dev: &CudaDevice,
+    upload: &UploadStream,
+    staging: &mut SlotStaging,
+    writes: &[SlotWrite<'_>],
+) -> CudaResult<()> {
+    const OP: &str = "write_slots";
+    // The previous batch's copy and kernel must be through before its buffers change.
+    if let Some(f) = staging.in_flight.take() {
+        f.synchronize()?;
+    }
+    let words: Vec<usize> = writes.iter().map(|w| w.a.len() + w.bt.len() + 2).collect();
+    let total: usize = words.iter().sum();
+    if staging.host.as_ref().is_none_or(|h| h.len() < total) {
+        let cap = total.max(STAGING_WORDS);
+        staging.host = None;
+        // SAFETY: page-locked memory of `cap` u32 (every bit pattern valid); it is
+        // written below before any copy reads it.
+        let host = unsafe { dev.context().alloc_pinned::<u32>(cap) }
+            .map_err(CudaError::driver("cuMemHostAlloc"))?;
+        staging.host = Some(host);
+    }
+    if staging.dev.as_ref().is_none_or(|d| d.len() < total) {
+        staging.dev = None;
+        staging.dev = Some(dev.alloc::<u32>(total.max(STAGING_WORDS))?);
+    }
+    let n_ops = 4 * writes.len();
+    if staging.ops.as_ref().is_none_or(|d| d.len() < 3 * n_ops) {
+        staging.ops = None;
+        staging.ops = Some(dev.alloc::<u64>((3 * n_ops).next_power_of_two())?);
+    }
+    // Fresh buffers may come from the pool: order the copies after the compute work
+    // that used them last.
+    upload.begin(dev)?;
+
+    // Stage: per write, A rows, Bᵀ rows, rank, scale (as bits), in parallel.
+    let host = staging
+        .host
+        .as_mut()
+        .expect("allocated above")
+        .as_mut_slice()
+        .map_err(CudaError::driver("pinned staging"))?;
+    let mut parts: Vec<&mut [u32]> = Vec::with_capacity(writes.len());
+    let mut rest = &mut host[..total];
+    for &n in &words {
+        let (part, tail) = rest.split_at_mut(n);
+        parts.push(part);
+        rest = tail;
+    }
+    {
+        use rayon::prelude::*;
+        parts.par_iter_mut().zip(writes).for_each(|(part, w)| {
+            let (a, rest) = part.split_at_mut(w.a.len());
+            let (bt, tail) = rest.split_at_mut(w.bt.len());
+            a.iter_mut().zip(w.a).for_each(|(d, v)| *d = v.to_bits());
+            bt.iter_mut().zip(w.bt).for_each(|(d, v)| *d = v.to_bits());
+            tail[0] = w.rank as i32 as u32;
+            tail[1] = w.scale.to_bits();
+        });
+    }
+    // The runs: (device address, offset in the staged words, words).
+    let stream = upload.stream();
+    let mut ops: Vec<u64> = Vec::with_capacity(3 * n_ops);
+    let mut off = 0u64;
+    for w in writes {
+        let s = w.stack.shape;
+        let slot = w.slot.index();
+        let a_words = w.a.len() as u64;
+        let bt_words = w.bt.len() as u64;
+        let runs = [
+            (
+                device_addr(&w.stack.a, stream, slot * s.max_rank * s.in_features),
+                off,
+                a_words,
+            ),
+            (
+                device_addr(&w.stack.bt, stream, slot * s.max_rank * s.out_features),
+                off + a_words,
+                bt_words,
+            ),
+            (
+                device_addr(&w.stack.ranks, stream, slot),
+                off + a_words + bt_words,
+                1,
+            ),
+            (
+                device_addr(&w.stack.scales, stream, slot),
+                off + a_words + bt_words + 1,
+                1,
+            ),
+        ];
+        for (dst, src, n) in runs {
+            ops.extend([dst, src, n]);
+        }
+        off += a_words + bt_words + 2;
+    }
+    let host = &staging.host.as_ref().expect("allocated above");
+    // `as_slice` waits for nothing pending (the last batch was synchronised above);
+    // the copy reads the `total` words staged above.
+    let staged = &host
+        .as_slice()
+        .map_err(CudaError::driver("pinned staging"))?[..total];
+    let dev_buf = staging.dev.as_mut().expect("allocated above");
+    {
+        let mut dst = dev_buf.view_mut();
+        let mut dst = dst.slice_mut(0..total);
+        stream
+            .memcpy_htod(staged, &mut dst)
+            .map_err(CudaError::driver("memcpy_htod (staged slots)"))?;
+    }
+    let ops_buf = staging.ops.as_mut().expect("allocated above");
+    ops_buf.copy_from_host_at(stream, 0, &ops)?;
+    let f = dev.function(ModuleId::Lora, "lora_scatter_words")?;
+    let (src_v, ops_v) = (dev_buf.view(), ops_buf.view());
+    let n = as_i32(OP, "runs", n_ops)?;
+    let mut args = stream.launch_builder(&f);
+    args.arg(&src_v).arg(&ops_v).arg(&n);
+    // SAFETY: lora_scatter_words(const u32* src, const u64* ops, int n_ops), one block
+    // per run; each run reads `n` staged words at an offset inside the `total` copied
+    // and writes them at a destination inside its stack's buffer: slot < slots,
+    // rank ≤ max_rank and the row lengths were checked above, so every destination
+    // range lies inside that buffer.
+    unsafe {
+        launch(
+            OP,
+            &mut args,
+            cfg((as_u32(OP, "runs", n_ops)?, 1, 1), 256, 0),
+        )
+    }
+}
+
+/// The device address of element `elem` of `buf`.
+fn device_addr<T: super::super::pool::CudaElem>(
+    buf: &DeviceBuffer<T>,
+    stream: &Arc<CudaStream>,
+    elem: usize,
+) -> u64 {
+    use cudarc::driver::DevicePtr;
+    let view = buf.view();
+    // Cross-stream event tracking is off (see `CudaDevice`): the guard records nothing;
+    // the caller orders the stream.
+    let (ptr, _guard) = view.device_ptr(stream);
+    ptr + (elem * std::mem::size_of::<T>()) as u64
 }
 
 fn check_shape(op: &'static str, shape: LoraShape) -> CudaResult<()> {

@@ -8,8 +8,9 @@
 //! sized once for the hot tier ([`LoraCapacity`], or the first snapshot's slots and
 //! rank rounded up to a power of two), reserved from the device budget as
 //! [`ReservationKind::AdapterHot`]. A cold → hot load then writes one adapter's rows
-//! into each pair ([`LoraStack::write_slot`]); a stack is rebuilt only when an adapter's
-//! rank or the slot count outgrows it.
+//! into each pair, all pairs at once ([`write_slots`]: one page-locked staging copy and
+//! one scatter kernel); a stack is rebuilt only when an adapter's rank or the slot count
+//! outgrows it.
 //!
 //! The writes go on an [`UploadStream`] of their own. Each sync waits (on the device)
 //! for the compute work queued before it, so a slot the previous step still reads is
@@ -20,7 +21,9 @@
 use std::borrow::Cow;
 
 use batos_kernels::cpu::lora::LoraSlot;
-use batos_kernels::cuda::ops::lora::{LoraShape, LoraStack, MAX_RANK};
+use batos_kernels::cuda::ops::lora::{
+    write_slots, LoraShape, LoraStack, SlotStaging, SlotWrite, MAX_RANK,
+};
 use batos_kernels::cuda::{CudaDevice, UploadFence, UploadStream};
 use batos_lora::{HotFillId, HotSnapshot, Projection};
 use batos_types::{MemoryBudget, Reservation, ReservationKind, SlotIdx};
@@ -77,6 +80,8 @@ pub(super) struct DeviceLora {
     upload: UploadStream,
     /// Per slot, the fence of its last write that no step has waited on yet.
     pending: Vec<Option<UploadFence>>,
+    /// Page-locked and device buffers the slot writes are staged through.
+    staging: SlotStaging,
     reservation: Reservation,
     pub counters: LoraCounters,
 }
@@ -107,6 +112,7 @@ impl DeviceLora {
             capacity: None,
             upload: UploadStream::new(dev).map_err(cuda_err("create upload stream"))?,
             pending: Vec::new(),
+            staging: SlotStaging::default(),
             reservation: budget
                 .reserve(ReservationKind::AdapterHot, 0)
                 .map_err(|source| ForwardError::DeviceBudget {
@@ -296,30 +302,40 @@ impl DeviceLora {
                     })
             })
             .collect::<Result<_, _>>()?;
-        // Pass 3 (upload stream): the copies, after the compute work queued so far.
-        self.upload
-            .begin(dev)
-            .map_err(cuda_err("order uploads after compute"))?;
+        // Pass 3 (upload stream): one staged copy and one scatter launch for every
+        // changed slot, after the compute work queued so far.
+        let writes: Vec<SlotWrite<'_>> = changes
+            .iter()
+            .zip(&rows)
+            .map(|(&(i, s, slot), rows)| {
+                let (a, bt) = rows
+                    .as_ref()
+                    .map_or((&[][..], &[][..]), |(a, bt)| (&a[..], &bt[..]));
+                let (rank, scale) = slot.map_or((0, 0.0), |sl| (sl.rank(), sl.scale()));
+                SlotWrite {
+                    stack: &self.pairs[i]
+                        .as_ref()
+                        .expect("changes name only pairs with a stack")
+                        .stack,
+                    slot: SlotIdx(s as u16),
+                    a,
+                    bt,
+                    rank,
+                    scale,
+                }
+            })
+            .collect();
+        write_slots(dev, &self.upload, &mut self.staging, &writes)
+            .map_err(cuda_err("write LoRA slots"))?;
+        let bytes: usize = writes.iter().map(|w| w.a.len() + w.bt.len()).sum();
+        drop(writes);
+        self.counters.slot_writes += changes.len() as u64;
+        self.counters.bytes_written += (bytes * std::mem::size_of::<Act>()) as u64;
         let mut written = vec![false; tables.first().map_or(0, Vec::len)];
-        for (&(i, s, slot), rows) in changes.iter().zip(rows) {
-            let (a, bt) = rows.unwrap_or((Cow::Borrowed(&[][..]), Cow::Borrowed(&[][..])));
-            let (rank, scale) = slot.map_or((0, 0.0), |sl| (sl.rank(), sl.scale()));
+        for &(i, s, slot) in &changes {
             let pair = self.pairs[i]
                 .as_mut()
                 .expect("changes name only pairs with a stack");
-            pair.stack
-                .write_slot(
-                    self.upload.stream(),
-                    SlotIdx(s as u16),
-                    &a,
-                    &bt,
-                    rank,
-                    scale,
-                )
-                .map_err(cuda_err("write LoRA slot"))?;
-            self.counters.slot_writes += 1;
-            self.counters.bytes_written +=
-                ((a.len() + bt.len()) * std::mem::size_of::<Act>()) as u64;
             pair.keys[s] = key(snap, s, slot);
             if written.len() <= s {
                 written.resize(s + 1, false);
@@ -330,6 +346,7 @@ impl DeviceLora {
             .upload
             .finish()
             .map_err(cuda_err("fence LoRA slot writes"))?;
+        self.staging.in_flight(fence.clone());
         if self.pending.len() < written.len() {
             self.pending.resize(written.len(), None);
         }
