@@ -372,10 +372,24 @@ fn widen_rank_rows(m: LoraMatrix<'_>, rank: usize, rows: RankRows) -> Vec<f32> {
             RankRows::QuadsBt => Cow::Owned(layout::unpack_bt_quads(v, rank)),
         }
     }
+    // Whole-slice conversions: `half` converts a slice with F16C eight lanes at a time
+    // (detected once), where `to_f32` per element detects and converts one value (a
+    // device slot write widens a whole adapter, millions of elements).
+    use half::slice::HalfFloatSliceExt;
     match m {
         LoraMatrix::F32(v) => order(v, rank, rows).into_owned(),
-        LoraMatrix::F16(v) => order(v, rank, rows).iter().map(|x| x.to_f32()).collect(),
-        LoraMatrix::BF16(v) => order(v, rank, rows).iter().map(|x| x.to_f32()).collect(),
+        LoraMatrix::F16(v) => {
+            let v = order(v, rank, rows);
+            let mut out = vec![0f32; v.len()];
+            v.convert_to_f32_slice(&mut out);
+            out
+        }
+        LoraMatrix::BF16(v) => {
+            let v = order(v, rank, rows);
+            let mut out = vec![0f32; v.len()];
+            v.convert_to_f32_slice(&mut out);
+            out
+        }
         LoraMatrix::I8 { q, scales } => {
             let q = order(q, rank, rows);
             let n = q.len() / rank.max(1);
