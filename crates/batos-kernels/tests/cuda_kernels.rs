@@ -13,11 +13,12 @@
 
 use std::sync::{Arc, OnceLock};
 
+use batos_kernels::cpu::lora::{BLayout, LoraSlot};
 use batos_kernels::cuda::ops::attention::{self, AttentionBatch, PagedKvLayout, SeqQuery};
 use batos_kernels::cuda::ops::awq::{self, AwqShape, AwqWeights};
 use batos_kernels::cuda::ops::elementwise::{self, RopeShape};
 use batos_kernels::cuda::ops::lora::{
-    self, write_slots, LoraMode, LoraPlan, LoraShape, LoraStack, SlotStaging, SlotWrite,
+    self, write_slots, LoraMode, LoraPlan, LoraShape, LoraStack, SlotRows, SlotStaging, SlotWrite,
 };
 use batos_kernels::cuda::ops::sampling::{self, TopP};
 use batos_kernels::cuda::ops::Activation;
@@ -1033,8 +1034,16 @@ fn lora_write_slots_equals_write_slot_and_reuses_its_staging() {
             .map(|(&(i, s, fill), (a, bt))| SlotWrite {
                 stack: &many[i],
                 slot: SlotIdx(s as u16),
-                a,
-                bt,
+                // Stack 1 is staged from a host slot (widened while staged), stack 0
+                // from f32 rows.
+                rows: if i == 1 && fill {
+                    SlotRows::Slot(
+                        LoraSlot::new(a, bt, cases[i].ranks[s], cases[i].scales[s])
+                            .with_b_layout(BLayout::RankOut),
+                    )
+                } else {
+                    SlotRows::F32 { a, bt }
+                },
                 rank: if fill { cases[i].ranks[s] } else { 0 },
                 scale: if fill { cases[i].scales[s] } else { 0.0 },
             })
@@ -1048,8 +1057,7 @@ fn lora_write_slots_equals_write_slot_and_reuses_its_staging() {
     let bad = [SlotWrite {
         stack: &many[0],
         slot: SlotIdx(4),
-        a: &[],
-        bt: &[],
+        rows: SlotRows::F32 { a: &[], bt: &[] },
         rank: 0,
         scale: 1.0,
     }];

@@ -825,6 +825,11 @@ fn rank_major_f32_views_match_the_element_reads_in_every_layout() {
                     .collect();
                 assert_eq!(&s.a_rows_f32()[..], &a[..], "A {dtype} {layout:?}");
                 assert_eq!(&s.bt_rows_f32()[..], &bt[..], "Bt {dtype} {layout:?}");
+                let (mut wa, mut wb) = (vec![f32::NAN; a.len()], vec![f32::NAN; bt.len()]);
+                s.write_a_rows_f32(&mut wa);
+                s.write_bt_rows_f32(&mut wb);
+                assert_eq!(wa, a, "A into {dtype} {layout:?}");
+                assert_eq!(wb, bt, "Bt into {dtype} {layout:?}");
             }
         }
     }

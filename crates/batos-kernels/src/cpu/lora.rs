@@ -300,6 +300,34 @@ impl<'a> LoraSlot<'a> {
         }
     }
 
+    /// [`LoraSlot::a_rows_f32`] written into `out` (`rank · in` floats), with no
+    /// allocation (a device slot write stages rows straight into page-locked memory).
+    pub fn write_a_rows_f32(&self, out: &mut [f32]) {
+        let rows = match self.a_layout {
+            ALayout::RowMajor => RankRows::Stored,
+            ALayout::Panels => RankRows::PanelsA,
+        };
+        widen_rank_rows_into(self.a, self.rank, rows, out)
+    }
+
+    /// [`LoraSlot::bt_rows_f32`] written into `out` (`rank · out` floats).
+    pub fn write_bt_rows_f32(&self, out: &mut [f32]) {
+        let rows = match self.b_layout {
+            BLayout::RankOut => RankRows::Stored,
+            BLayout::RankOutBlocks => RankRows::BlocksBt,
+            BLayout::RankQuadBlocks => RankRows::QuadsBt,
+            BLayout::OutRank => {
+                assert_eq!(out.len(), self.b.len(), "write_bt_rows_f32: output length");
+                let n_out = self.b.len() / self.rank.max(1);
+                for (i, o) in out.iter_mut().enumerate() {
+                    *o = self.b_at(i % n_out.max(1), i / n_out.max(1)).unwrap_or(0.0);
+                }
+                return;
+            }
+        };
+        widen_rank_rows_into(self.b, self.rank, rows, out)
+    }
+
     /// The same slot with `B` read in `layout` (its length is the same either way).
     pub fn with_b_layout(self, layout: BLayout) -> Self {
         LoraSlot {
@@ -364,40 +392,89 @@ enum RankRows {
 
 /// `m` as rank-major f32 rows, int8 row scales applied.
 fn widen_rank_rows(m: LoraMatrix<'_>, rank: usize, rows: RankRows) -> Vec<f32> {
-    fn order<T: Copy>(v: &[T], rank: usize, rows: RankRows) -> Cow<'_, [T]> {
-        match rows {
-            RankRows::Stored => Cow::Borrowed(v),
-            RankRows::PanelsA => Cow::Owned(layout::unpack_a(v, rank)),
-            RankRows::BlocksBt => Cow::Owned(layout::unpack_bt(v, rank)),
-            RankRows::QuadsBt => Cow::Owned(layout::unpack_bt_quads(v, rank)),
+    let mut out = vec![0f32; m.len()];
+    widen_rank_rows_into(m, rank, rows, &mut out);
+    out
+}
+
+/// Calls `run(from, to, len)` for each run of elements that is contiguous both in a
+/// stored matrix of `len` elements and `rank` rows, and in its rank-major order: `from`
+/// indexes the stored order, `to` the rank-major one. A run never spans two rows.
+fn rank_runs(rows: RankRows, rank: usize, len: usize, mut run: impl FnMut(usize, usize, usize)) {
+    let n = len / rank.max(1);
+    match rows {
+        RankRows::Stored => {
+            for j in 0..rank {
+                run(j * n, j * n, n);
+            }
+        }
+        RankRows::PanelsA => {
+            let full = n / 8 * 8;
+            let mut pos = 0;
+            for j0 in (0..rank).step_by(layout::PANEL) {
+                let panel = layout::PANEL.min(rank - j0);
+                for i in (0..full).step_by(8) {
+                    for k in 0..panel {
+                        run(pos, (j0 + k) * n + i, 8);
+                        pos += 8;
+                    }
+                }
+                for k in 0..panel {
+                    if n > full {
+                        run(pos, (j0 + k) * n + full, n - full);
+                    }
+                    pos += n - full;
+                }
+            }
+        }
+        RankRows::BlocksBt => {
+            let (mut pos, mut o) = (0, 0);
+            while o < n {
+                let (o0, w) = layout::bt_block(n, o);
+                for c in 0..rank {
+                    run(pos, c * n + o0, w);
+                    pos += w;
+                }
+                o = o0 + w;
+            }
+        }
+        RankRows::QuadsBt => {
+            for o in 0..n {
+                for j in 0..rank {
+                    run(
+                        b_offset(BLayout::RankQuadBlocks, rank, n, o, j),
+                        j * n + o,
+                        1,
+                    );
+                }
+            }
         }
     }
-    // Whole-slice conversions: `half` converts a slice with F16C eight lanes at a time
-    // (detected once), where `to_f32` per element detects and converts one value (a
-    // device slot write widens a whole adapter, millions of elements).
+}
+
+/// [`widen_rank_rows`] into `out` (`m.len()` floats), run by run: half-precision runs
+/// convert whole (`half`'s F16C slice conversion, detected once per run, where `to_f32`
+/// detects and converts one value at a time).
+fn widen_rank_rows_into(m: LoraMatrix<'_>, rank: usize, rows: RankRows, out: &mut [f32]) {
     use half::slice::HalfFloatSliceExt;
+    assert_eq!(out.len(), m.len(), "widen_rank_rows_into: output length");
+    let n = (m.len() / rank.max(1)).max(1);
     match m {
-        LoraMatrix::F32(v) => order(v, rank, rows).into_owned(),
-        LoraMatrix::F16(v) => {
-            let v = order(v, rank, rows);
-            let mut out = vec![0f32; v.len()];
-            v.convert_to_f32_slice(&mut out);
-            out
-        }
-        LoraMatrix::BF16(v) => {
-            let v = order(v, rank, rows);
-            let mut out = vec![0f32; v.len()];
-            v.convert_to_f32_slice(&mut out);
-            out
-        }
-        LoraMatrix::I8 { q, scales } => {
-            let q = order(q, rank, rows);
-            let n = q.len() / rank.max(1);
-            q.chunks_exact(n.max(1))
-                .zip(scales)
-                .flat_map(|(row, &s)| row.iter().map(move |&v| v as f32 * s))
-                .collect()
-        }
+        LoraMatrix::F32(v) => rank_runs(rows, rank, v.len(), |s, d, l| {
+            out[d..d + l].copy_from_slice(&v[s..s + l])
+        }),
+        LoraMatrix::F16(v) => rank_runs(rows, rank, v.len(), |s, d, l| {
+            v[s..s + l].convert_to_f32_slice(&mut out[d..d + l])
+        }),
+        LoraMatrix::BF16(v) => rank_runs(rows, rank, v.len(), |s, d, l| {
+            v[s..s + l].convert_to_f32_slice(&mut out[d..d + l])
+        }),
+        LoraMatrix::I8 { q, scales } => rank_runs(rows, rank, q.len(), |s, d, l| {
+            let sc = scales[d / n];
+            for (o, &c) in out[d..d + l].iter_mut().zip(&q[s..s + l]) {
+                *o = c as f32 * sc;
+            }
+        }),
     }
 }
 

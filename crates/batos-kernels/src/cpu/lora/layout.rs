@@ -158,6 +158,7 @@ pub fn pack_b_quads<T: Copy>(b: &[T], rank: usize, out: &mut Vec<T>) {
     }
 }
 
+#[cfg(test)]
 /// The inverse of [`pack_a`]: `packed` ([`ALayout::Panels`]) back to row-major
 /// `[rank, in]`.
 pub(crate) fn unpack_a<T: Copy>(packed: &[T], rank: usize) -> Vec<T> {
@@ -183,6 +184,7 @@ pub(crate) fn unpack_a<T: Copy>(packed: &[T], rank: usize) -> Vec<T> {
     out
 }
 
+#[cfg(test)]
 /// `packed` ([`BLayout::RankQuadBlocks`]) back to row-major `Bᵀ` `[rank, out]`.
 pub(crate) fn unpack_bt_quads<T: Copy>(packed: &[T], rank: usize) -> Vec<T> {
     let n_out = packed.len() / rank.max(1);
@@ -195,6 +197,7 @@ pub(crate) fn unpack_bt_quads<T: Copy>(packed: &[T], rank: usize) -> Vec<T> {
     out
 }
 
+#[cfg(test)]
 /// `packed` ([`BLayout::RankOutBlocks`]) back to row-major `Bᵀ` `[rank, out]`.
 pub(crate) fn unpack_bt<T: Copy>(packed: &[T], rank: usize) -> Vec<T> {
     let n_out = packed.len() / rank.max(1);

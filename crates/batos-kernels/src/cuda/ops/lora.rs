@@ -15,6 +15,7 @@ use super::super::error::{CudaError, CudaResult};
 use super::super::pool::DeviceBuffer;
 use super::super::registry::ModuleId;
 use super::super::stream::{UploadFence, UploadStream};
+use crate::cpu::lora::LoraSlot;
 use cudarc::driver::{CudaStream, PushKernelArg};
 
 use super::{as_i32, as_u32, cfg, kname, launch, Activation};
@@ -177,18 +178,54 @@ impl<T: Activation> LoraStack<T> {
     }
 }
 
-/// One slot's new contents for [`write_slots`]: `a` `[rank, in]`, `bt` `[rank, out]`
-/// (rank 0 empties the slot), as [`LoraStack::write_slot`] takes them.
+/// Where a [`SlotWrite`]'s rows come from.
+#[derive(Clone, Copy, Debug)]
+pub enum SlotRows<'a> {
+    /// Row-major f32 `A` `[rank, in]` and `Bᵀ` `[rank, out]`, as
+    /// [`LoraStack::write_slot`] takes them (empty for rank 0).
+    F32 {
+        /// `A` rows.
+        a: &'a [f32],
+        /// `Bᵀ` rows.
+        bt: &'a [f32],
+    },
+    /// A host slot in any element type and layout, widened to f32 rows while it is
+    /// staged ([`LoraSlot::write_a_rows_f32`]), with no copy in between.
+    Slot(LoraSlot<'a>),
+}
+
+impl SlotRows<'_> {
+    /// Lengths of the `A` and `Bᵀ` rows.
+    fn lens(&self) -> (usize, usize) {
+        match self {
+            SlotRows::F32 { a, bt } => (a.len(), bt.len()),
+            SlotRows::Slot(s) => (s.a().len(), s.b().len()),
+        }
+    }
+
+    fn write(&self, a: &mut [f32], bt: &mut [f32]) {
+        match self {
+            SlotRows::F32 { a: sa, bt: sb } => {
+                a.copy_from_slice(sa);
+                bt.copy_from_slice(sb);
+            }
+            SlotRows::Slot(s) => {
+                s.write_a_rows_f32(a);
+                s.write_bt_rows_f32(bt);
+            }
+        }
+    }
+}
+
+/// One slot's new contents for [`write_slots`] (rank 0 empties the slot).
 #[derive(Clone, Copy, Debug)]
 pub struct SlotWrite<'a> {
     /// The stack written.
     pub stack: &'a LoraStack<f32>,
     /// Its slot.
     pub slot: SlotIdx,
-    /// `A` rows.
-    pub a: &'a [f32],
-    /// `Bᵀ` rows.
-    pub bt: &'a [f32],
+    /// The rows.
+    pub rows: SlotRows<'a>,
     /// The adapter's rank (0: empty).
     pub rank: usize,
     /// The adapter's scale.
@@ -201,8 +238,8 @@ pub struct SlotWrite<'a> {
 /// ([`SlotStaging::in_flight`]).
 #[derive(Debug, Default)]
 pub struct SlotStaging {
-    host: Option<cudarc::driver::PinnedHostSlice<u32>>,
-    dev: Option<DeviceBuffer<u32>>,
+    host: Option<cudarc::driver::PinnedHostSlice<f32>>,
+    dev: Option<DeviceBuffer<f32>>,
     ops: Option<DeviceBuffer<u64>>,
     in_flight: Option<UploadFence>,
 }
@@ -254,8 +291,9 @@ pub fn write_slots(
                 format!("scale {} is not finite", w.scale),
             ));
         }
-        CudaError::check_len(OP, "a", w.rank * s.in_features, w.a.len())?;
-        CudaError::check_len(OP, "bt", w.rank * s.out_features, w.bt.len())?;
+        let (a, bt) = w.rows.lens();
+        CudaError::check_len(OP, "a", w.rank * s.in_features, a)?;
+        CudaError::check_len(OP, "bt", w.rank * s.out_features, bt)?;
     }
     // Batches of at most STAGING_WORDS (a larger single write goes alone), each
     // staged once the previous one is through: the page-locked buffer stays small.
@@ -264,7 +302,8 @@ pub fn write_slots(
         let mut end = start;
         let mut words = 0;
         while end < writes.len() {
-            let w = writes[end].a.len() + writes[end].bt.len() + 2;
+            let (a, bt) = writes[end].rows.lens();
+            let w = a + bt + 2;
             if end > start && words + w > STAGING_WORDS {
                 break;
             }
@@ -297,20 +336,26 @@ fn stage_batch(
     if let Some(f) = staging.in_flight.take() {
         f.synchronize()?;
     }
-    let words: Vec<usize> = writes.iter().map(|w| w.a.len() + w.bt.len() + 2).collect();
+    let words: Vec<usize> = writes
+        .iter()
+        .map(|w| {
+            let (a, bt) = w.rows.lens();
+            a + bt + 2
+        })
+        .collect();
     let total: usize = words.iter().sum();
     if staging.host.as_ref().is_none_or(|h| h.len() < total) {
         let cap = total.max(STAGING_WORDS);
         staging.host = None;
-        // SAFETY: page-locked memory of `cap` u32 (every bit pattern valid); it is
+        // SAFETY: page-locked memory of `cap` f32 (every bit pattern valid); it is
         // written below before any copy reads it.
-        let host = unsafe { dev.context().alloc_pinned::<u32>(cap) }
+        let host = unsafe { dev.context().alloc_pinned::<f32>(cap) }
             .map_err(CudaError::driver("cuMemHostAlloc"))?;
         staging.host = Some(host);
     }
     if staging.dev.as_ref().is_none_or(|d| d.len() < total) {
         staging.dev = None;
-        staging.dev = Some(dev.alloc::<u32>(total.max(STAGING_WORDS))?);
+        staging.dev = Some(dev.alloc::<f32>(total.max(STAGING_WORDS))?);
     }
     let n_ops = 4 * writes.len();
     if staging.ops.as_ref().is_none_or(|d| d.len() < 3 * n_ops) {
@@ -321,14 +366,15 @@ fn stage_batch(
     // that used them last.
     upload.begin(dev)?;
 
-    // Stage: per write, A rows, Bᵀ rows, rank, scale (as bits), in parallel.
+    // Stage: per write, A rows, Bᵀ rows, rank (its bits), scale, in parallel; a host
+    // slot is widened straight into the page-locked buffer.
     let host = staging
         .host
         .as_mut()
         .expect("allocated above")
         .as_mut_slice()
         .map_err(CudaError::driver("pinned staging"))?;
-    let mut parts: Vec<&mut [u32]> = Vec::with_capacity(writes.len());
+    let mut parts: Vec<&mut [f32]> = Vec::with_capacity(writes.len());
     let mut rest = &mut host[..total];
     for &n in &words {
         let (part, tail) = rest.split_at_mut(n);
@@ -338,12 +384,13 @@ fn stage_batch(
     {
         use rayon::prelude::*;
         parts.par_iter_mut().zip(writes).for_each(|(part, w)| {
-            let (a, rest) = part.split_at_mut(w.a.len());
-            let (bt, tail) = rest.split_at_mut(w.bt.len());
-            a.iter_mut().zip(w.a).for_each(|(d, v)| *d = v.to_bits());
-            bt.iter_mut().zip(w.bt).for_each(|(d, v)| *d = v.to_bits());
-            tail[0] = w.rank as i32 as u32;
-            tail[1] = w.scale.to_bits();
+            let (na, nb) = w.rows.lens();
+            let (a, rest) = part.split_at_mut(na);
+            let (bt, tail) = rest.split_at_mut(nb);
+            w.rows.write(a, bt);
+            // The kernel copies words: the rank's i32 bits travel in an f32 slot.
+            tail[0] = f32::from_bits(w.rank as i32 as u32);
+            tail[1] = w.scale;
         });
     }
     // The runs: (device address, offset in the staged words, words).
@@ -353,8 +400,8 @@ fn stage_batch(
     for w in writes {
         let s = w.stack.shape;
         let slot = w.slot.index();
-        let a_words = w.a.len() as u64;
-        let bt_words = w.bt.len() as u64;
+        let (na, nb) = w.rows.lens();
+        let (a_words, bt_words) = (na as u64, nb as u64);
         let runs = [
             (
                 device_addr(&w.stack.a, stream, slot * s.max_rank * s.in_features),

@@ -18,16 +18,13 @@
 //! waits on only before a step whose tokens use a freshly written slot: steps of other
 //! adapters run while the upload is in flight.
 
-use std::borrow::Cow;
-
 use batos_kernels::cpu::lora::LoraSlot;
 use batos_kernels::cuda::ops::lora::{
-    write_slots, LoraShape, LoraStack, SlotStaging, SlotWrite, MAX_RANK,
+    write_slots, LoraShape, LoraStack, SlotRows, SlotStaging, SlotWrite, MAX_RANK,
 };
 use batos_kernels::cuda::{CudaDevice, UploadFence, UploadStream};
 use batos_lora::{HotFillId, HotSnapshot, Projection};
 use batos_types::{MemoryBudget, Reservation, ReservationKind, SlotIdx};
-use rayon::prelude::*;
 
 use super::{cuda_err, Act};
 use crate::forward::error::ForwardError;
@@ -265,8 +262,7 @@ impl DeviceLora {
                 self.ensure(dev, i, shapes, table.len(), rank)?;
             }
         }
-        // Pass 2 (host): the slots whose contents changed, their rows widened and
-        // transposed in parallel (the host work of a cold -> hot load).
+        // Pass 2 (host): the slots whose contents changed.
         let mut changes: Vec<(usize, usize, Option<&LoraSlot<'_>>)> = Vec::new();
         for (i, table) in tables.iter().enumerate() {
             let Some(pair) = &self.pairs[i] else {
@@ -284,33 +280,26 @@ impl DeviceLora {
         }
         // Every shape is checked before the first copy: a refused slot leaves the
         // stacks as they were.
-        let rows: Vec<Option<SlotRows<'_>>> = changes
-            .par_iter()
-            .map(|&(i, s, slot)| {
-                let Some(slot) = slot else { return Ok(None) };
-                let (n_in, n_out) = shapes[i % Projection::ALL.len()];
-                slot_rows(slot, n_in, n_out)
-                    .map(Some)
-                    .map_err(|got| ForwardError::WeightShape {
-                        name: format!(
-                            "hot slot {s}, layer {}, {:?}",
-                            i / Projection::ALL.len(),
-                            Projection::ALL[i % Projection::ALL.len()]
-                        ),
-                        expected: vec![slot.rank(), n_in, n_out],
-                        got,
-                    })
-            })
-            .collect::<Result<_, _>>()?;
+        for &(i, s, slot) in &changes {
+            let Some(slot) = slot else { continue };
+            let (n_in, n_out) = shapes[i % Projection::ALL.len()];
+            check_slot(slot, n_in, n_out).map_err(|got| ForwardError::WeightShape {
+                name: format!(
+                    "hot slot {s}, layer {}, {:?}",
+                    i / Projection::ALL.len(),
+                    Projection::ALL[i % Projection::ALL.len()]
+                ),
+                expected: vec![slot.rank(), n_in, n_out],
+                got,
+            })?;
+        }
         // Pass 3 (upload stream): one staged copy and one scatter launch for every
-        // changed slot, after the compute work queued so far.
+        // changed slot, after the compute work queued so far; the host slots are
+        // widened to f32 rows (and transposed) while they are staged, in parallel.
         let writes: Vec<SlotWrite<'_>> = changes
             .iter()
-            .zip(&rows)
-            .map(|(&(i, s, slot), rows)| {
-                let (a, bt) = rows
-                    .as_ref()
-                    .map_or((&[][..], &[][..]), |(a, bt)| (&a[..], &bt[..]));
+            .map(|&(i, s, slot)| {
+                let rows = slot.map_or(SlotRows::F32 { a: &[], bt: &[] }, |sl| SlotRows::Slot(*sl));
                 let (rank, scale) = slot.map_or((0, 0.0), |sl| (sl.rank(), sl.scale()));
                 SlotWrite {
                     stack: &self.pairs[i]
@@ -318,8 +307,7 @@ impl DeviceLora {
                         .expect("changes name only pairs with a stack")
                         .stack,
                     slot: SlotIdx(s as u16),
-                    a,
-                    bt,
+                    rows,
                     rank,
                     scale,
                 }
@@ -327,7 +315,10 @@ impl DeviceLora {
             .collect();
         write_slots(dev, &self.upload, &mut self.staging, &writes)
             .map_err(cuda_err("write LoRA slots"))?;
-        let bytes: usize = writes.iter().map(|w| w.a.len() + w.bt.len()).sum();
+        let bytes: usize = changes
+            .iter()
+            .filter_map(|&(_, _, slot)| slot.map(|sl| sl.a().len() + sl.b().len()))
+            .sum();
         drop(writes);
         self.counters.slot_writes += changes.len() as u64;
         self.counters.bytes_written += (bytes * std::mem::size_of::<Act>()) as u64;
@@ -394,18 +385,11 @@ impl Drop for DeviceLora {
     }
 }
 
-/// `A` rows and `Bᵀ` rows of one slot, as the stack holds them.
-type SlotRows<'a> = (Cow<'a, [Act]>, Cow<'a, [Act]>);
-
-/// A slot's `A` rows `[rank, in]` and `Bᵀ` rows `[rank, out]` as activations,
-/// borrowed when the slot already holds them that way (f32, `Bᵀ` layout); `Err` with
-/// the element count found when the matrices do not have the slot's shape.
-fn slot_rows<'a>(slot: &LoraSlot<'a>, n_in: usize, n_out: usize) -> Result<SlotRows<'a>, usize> {
+/// `Err(elements)` when a slot's matrices are not `[rank, in]` and `[out, rank]`.
+fn check_slot(slot: &LoraSlot<'_>, n_in: usize, n_out: usize) -> Result<(), usize> {
     let r = slot.rank();
     if slot.a().len() != r * n_in || slot.b().len() != n_out * r {
         return Err(slot.a().len() + slot.b().len());
     }
-    // Widened to f32 row-major [rank, in] and [rank, out] whatever the hot layout.
-    let (a, bt) = (slot.a_rows_f32(), slot.bt_rows_f32());
-    Ok((a, bt))
+    Ok(())
 }
