@@ -601,6 +601,61 @@ fn half_slots_stay_within_the_stated_rounding_bound_of_f32_slots() {
     }
 }
 
+/// A group of projections over `n_in` inputs (one slot table each, `widths` outputs),
+/// their columns laid out in order in the fused output.
+fn group_targets<'a>(
+    views: &'a [Vec<Option<LoraSlot<'a>>>],
+    n_in: usize,
+    widths: &[usize],
+) -> (Vec<LoraSlots<'a>>, Vec<LoraTarget<'a>>) {
+    let slots: Vec<LoraSlots<'a>> = views
+        .iter()
+        .zip(widths)
+        .map(|(v, &w)| LoraSlots::new(n_in, w, v).unwrap())
+        .collect();
+    let mut col = 0;
+    let targets = slots
+        .iter()
+        .map(|s| {
+            let g = LoraTarget::new(*s, col);
+            col += s.out_features();
+            g
+        })
+        .collect();
+    (slots, targets)
+}
+
+/// Column by column, `got` (a fused call's output over `y0`, rows of `y_width`) equals
+/// each target's projection applied on its own, bit for bit; tokens whose adapter skips
+/// a projection leave its columns alone.
+fn assert_fused_equals_each_projection_alone(
+    (x, tokens): (&[f32], &[Option<SlotIdx>]),
+    (targets, slots): (&[LoraTarget<'_>], &[LoraSlots<'_>]),
+    (y0, got, y_width): (&[f32], &[f32], usize),
+    what: &str,
+) {
+    let t = tokens.len();
+    for (g, s) in targets.iter().zip(slots) {
+        let w = s.out_features();
+        let mut alone: Vec<f32> = (0..t)
+            .flat_map(|r| y0[r * y_width + g.column()..][..w].to_vec())
+            .collect();
+        let toks: Vec<Option<SlotIdx>> = tokens
+            .iter()
+            .map(|s_| s_.filter(|i| s.slots()[i.index()].is_some()))
+            .collect();
+        lora::bgmv(x, &toks, s, &mut alone).unwrap();
+        for r in 0..t {
+            assert_eq!(
+                &got[r * y_width + g.column()..][..w],
+                &alone[r * w..(r + 1) * w],
+                "{what} row {r} column {}",
+                g.column()
+            );
+        }
+    }
+}
+
 #[test]
 fn fused_group_matches_each_projection_alone_and_the_reference() {
     let mut rng = TestRng::new(47);
@@ -631,20 +686,7 @@ fn fused_group_matches_each_projection_alone_and_the_reference() {
     ] {
         let stored: Vec<_> = tables.iter().map(|t| store_as(t, da, db, layout)).collect();
         let views: Vec<_> = stored.iter().map(|s| stored_views(s)).collect();
-        let slots: Vec<LoraSlots<'_>> = views
-            .iter()
-            .zip(&widths)
-            .map(|(v, &w)| LoraSlots::new(n_in, w, v).unwrap())
-            .collect();
-        let mut col = 0;
-        let targets: Vec<LoraTarget<'_>> = slots
-            .iter()
-            .map(|s| {
-                let g = LoraTarget::new(*s, col);
-                col += s.out_features();
-                g
-            })
-            .collect();
+        let (slots, targets) = group_targets(&views, n_in, &widths);
         for &t in &[1usize, 6, 19] {
             let x = rng.vec(t * n_in);
             let y0 = rng.vec(t * y_width);
@@ -664,27 +706,12 @@ fn fused_group_matches_each_projection_alone_and_the_reference() {
                 1e-4,
                 &format!("fused vs reference, {what}"),
             );
-            // Column by column, the fused call equals each projection on its own, bit for
-            // bit; tokens whose adapter skips a projection leave its columns alone.
-            for (g, s) in targets.iter().zip(&slots) {
-                let w = s.out_features();
-                let mut alone: Vec<f32> = (0..t)
-                    .flat_map(|r| y0[r * y_width + g.column()..][..w].to_vec())
-                    .collect();
-                let toks: Vec<Option<SlotIdx>> = tokens
-                    .iter()
-                    .map(|s_| s_.filter(|i| s.slots()[i.index()].is_some()))
-                    .collect();
-                lora::bgmv(&x, &toks, s, &mut alone).unwrap();
-                for r in 0..t {
-                    assert_eq!(
-                        &got[r * y_width + g.column()..][..w],
-                        &alone[r * w..(r + 1) * w],
-                        "{what} row {r} column {}",
-                        g.column()
-                    );
-                }
-            }
+            assert_fused_equals_each_projection_alone(
+                (&x, &tokens),
+                (&targets, &slots),
+                (&y0, &got, y_width),
+                &what,
+            );
             for r in 0..t {
                 let tail = r * y_width + y_width - 3..(r + 1) * y_width;
                 assert_eq!(&got[tail.clone()], &y0[tail], "unwritten columns");
@@ -1024,20 +1051,7 @@ fn int8_dot_fused_group_equals_each_projection_alone_and_each_token_alone() {
         .collect();
     let stored: Vec<_> = tables.iter().map(|t| int8_dot_slots(t)).collect();
     let views: Vec<_> = stored.iter().map(|s| stored_views(s)).collect();
-    let slots: Vec<LoraSlots<'_>> = views
-        .iter()
-        .zip(&widths)
-        .map(|(v, &w)| LoraSlots::new(n_in, w, v).unwrap())
-        .collect();
-    let mut col = 0;
-    let targets: Vec<LoraTarget<'_>> = slots
-        .iter()
-        .map(|s| {
-            let g = LoraTarget::new(*s, col);
-            col += s.out_features();
-            g
-        })
-        .collect();
+    let (slots, targets) = group_targets(&views, n_in, &widths);
     // 19 tokens: slot 0's share tasks of up to 8.
     let tokens: Vec<Option<SlotIdx>> = (0..19)
         .map(|i| [Some(0u16), None, Some(2), Some(0)][i % 4].map(SlotIdx))
@@ -1047,25 +1061,12 @@ fn int8_dot_fused_group_equals_each_projection_alone_and_each_token_alone() {
     let y0 = rng.vec(t * y_width);
     let mut got = y0.clone();
     lora::apply_fused(&x, &tokens, &targets, &mut got, y_width).unwrap();
-    for (g, s) in targets.iter().zip(&slots) {
-        let w = s.out_features();
-        let mut alone: Vec<f32> = (0..t)
-            .flat_map(|r| y0[r * y_width + g.column()..][..w].to_vec())
-            .collect();
-        let toks: Vec<Option<SlotIdx>> = tokens
-            .iter()
-            .map(|s_| s_.filter(|i| s.slots()[i.index()].is_some()))
-            .collect();
-        lora::bgmv(&x, &toks, s, &mut alone).unwrap();
-        for r in 0..t {
-            assert_eq!(
-                &got[r * y_width + g.column()..][..w],
-                &alone[r * w..(r + 1) * w],
-                "row {r} column {}",
-                g.column()
-            );
-        }
-    }
+    assert_fused_equals_each_projection_alone(
+        (&x, &tokens),
+        (&targets, &slots),
+        (&y0, &got, y_width),
+        "int8 dot",
+    );
     for (r, s) in tokens.iter().enumerate() {
         let mut one = y0[r * y_width..(r + 1) * y_width].to_vec();
         lora::apply_fused(
