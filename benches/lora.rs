@@ -543,20 +543,26 @@ fn real_decode(c: &mut Criterion) {
     let config = LlamaConfig::from_gguf(&gguf).expect("config");
     let weights = ModelWeights::from_gguf(&gguf, &config, &LoadOptions::default()).expect("load");
     let model = LlamaModel::from_weights(&config, &weights, WeightDType::F32).expect("model");
-    // The GGUF's Q4_1 projections kept as int4 with int8 activations: the fast CPU base.
-    let int4 = batos::model::quant::QuantizedModel::from_gguf_int4(
-        &path,
-        batos::model::weights::Progress::Hidden,
-    )
-    .expect("int4 import")
-    .model;
-    let model_int4 = LlamaModel::from_quantized_with(
-        &int4.config,
-        &int4.weights,
-        WeightDType::F32,
-        batos::model::forward::Int4Activations::Int8,
-    )
-    .expect("int4 model");
+    // The GGUF's Q4_1 projections kept as int4 with int8 activations: the fast CPU base,
+    // imported only when the interleaved runs need it (not for every filtered run).
+    let model_int4 = std::cell::OnceCell::new();
+    let int4_model = || {
+        model_int4.get_or_init(|| {
+            let int4 = batos::model::quant::QuantizedModel::from_gguf_int4(
+                &path,
+                batos::model::weights::Progress::Hidden,
+            )
+            .expect("int4 import")
+            .model;
+            LlamaModel::from_quantized_with(
+                &int4.config,
+                &int4.weights,
+                WeightDType::F32,
+                batos::model::forward::Int4Activations::Int8,
+            )
+            .expect("int4 model")
+        })
+    };
     let base = BaseShapes::smollm2_135m();
     // Process CPU time (see `bench_cpu`).
     let mut g = c.benchmark_group("lora/real_decode_f32_cpu");
@@ -685,7 +691,7 @@ fn real_decode(c: &mut Criterion) {
             .collect();
         interleaved(
             "int4 base",
-            &model_int4,
+            int4_model(),
             &int4_runs,
             &mut kv,
             seqs,

@@ -136,7 +136,7 @@ impl Arenas {
                             *s = row.iter().fold(0f32, |m, v| m.max(v.abs()));
                         }
                     }
-                    Packed::B | Packed::BQuads => {
+                    Packed::B(_) => {
                         for row in src.chunks_exact(rank.max(1)) {
                             for (s, v) in scales.iter_mut().zip(row) {
                                 *s = s.max(v.abs());
@@ -157,7 +157,7 @@ impl Arenas {
                             q.extend(row.iter().map(|v| quantize(v * k)));
                         }
                     }
-                    Packed::B | Packed::BQuads => {
+                    Packed::B(_) => {
                         for row in src.chunks_exact(rank.max(1)) {
                             q.extend(row.iter().zip(&inv).map(|(v, k)| quantize(v * k)));
                         }
@@ -230,33 +230,24 @@ struct Scratch {
 enum Packed {
     /// `A` `[rank, in]` → [`ALayout::Panels`].
     A,
-    /// `B` `[out, rank]` → transposed, [`BLayout::RankOutBlocks`].
-    B,
-    /// `B` `[out, rank]` → [`BLayout::RankQuadBlocks`] (int8, `rank % 4 == 0`).
-    BQuads,
+    /// `B` `[out, rank]` → [`BLayout::RankOutBlocks`], or [`BLayout::RankQuadBlocks`]
+    /// (int8, `rank % 4 == 0`).
+    B(BLayout),
 }
 
 impl Packed {
     fn pack_into<T: Copy>(self, v: &[T], rows: usize, out: &mut Vec<T>) {
         match self {
             Packed::A => pack_a(v, rows, out),
-            Packed::B => pack_b(v, rows, out),
-            Packed::BQuads => pack_b_quads(v, rows, out),
-        }
-    }
-
-    /// How a narrowed `B` packed this way is read.
-    fn b_layout(self) -> BLayout {
-        match self {
-            Packed::BQuads => BLayout::RankQuadBlocks,
-            Packed::A | Packed::B => BLayout::RankOutBlocks,
+            Packed::B(BLayout::RankQuadBlocks) => pack_b_quads(v, rows, out),
+            Packed::B(_) => pack_b(v, rows, out),
         }
     }
 }
 
 /// Where one pair's narrowed `A` and `B` sit (`None`: kept in f32), and how `B` is
-/// packed.
-type PairSpans = (Option<Span>, Option<(Span, Packed)>);
+/// laid out.
+type PairSpans = (Option<Span>, Option<(Span, BLayout)>);
 
 /// The narrowed matrices of one adapter, indexed like its [`LoraWeights`]; a matrix
 /// the format keeps in f32 is read from the f32 weights.
@@ -296,14 +287,20 @@ impl HotWeights {
             // Both are stored with the rank as rows: A [rank, in], B transposed.
             let a = arenas.push(&pair.a, pair.rank, format.a, Packed::A, &mut scratch);
             // int8 B in quads where the kernels multiply int8 by int8.
-            let packed_b = if format.b == LoraDType::I8 && quads && pair.rank.is_multiple_of(4) {
-                Packed::BQuads
+            let b_layout = if format.b == LoraDType::I8 && quads && pair.rank.is_multiple_of(4) {
+                BLayout::RankQuadBlocks
             } else {
-                Packed::B
+                BLayout::RankOutBlocks
             };
             let b = arenas
-                .push(&pair.b, pair.rank, format.b, packed_b, &mut scratch)
-                .map(|span| (span, packed_b));
+                .push(
+                    &pair.b,
+                    pair.rank,
+                    format.b,
+                    Packed::B(b_layout),
+                    &mut scratch,
+                )
+                .map(|span| (span, b_layout));
             pairs[layer * n + p.index()] = Some((a, b));
         }
         HotWeights {
@@ -342,9 +339,9 @@ impl HotWeights {
             None => (LoraMatrix::F32(&pair.a), ALayout::RowMajor),
         };
         let slot = match half.and_then(|h| h.1.as_ref()) {
-            Some((b, packed)) => {
+            Some((b, b_layout)) => {
                 LoraSlot::from_matrices(a, self.arenas.view(b), pair.rank, pair.scale)
-                    .with_b_layout(packed.b_layout())
+                    .with_b_layout(*b_layout)
             }
             None => LoraSlot::from_matrices(a, LoraMatrix::F32(&pair.b), pair.rank, pair.scale),
         };

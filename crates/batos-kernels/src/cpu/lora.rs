@@ -273,31 +273,22 @@ impl<'a> LoraSlot<'a> {
 
     /// `A` as row-major f32 `[rank, in]`, borrowed when it is stored that way.
     pub fn a_rows_f32(&self) -> Cow<'a, [f32]> {
-        match (self.a, self.a_layout) {
-            (LoraMatrix::F32(v), ALayout::RowMajor) => Cow::Borrowed(v),
-            (m, ALayout::RowMajor) => Cow::Owned(widen_rank_rows(m, self.rank, RankRows::Stored)),
-            (m, ALayout::Panels) => Cow::Owned(widen_rank_rows(m, self.rank, RankRows::PanelsA)),
+        if let (LoraMatrix::F32(v), ALayout::RowMajor) = (self.a, self.a_layout) {
+            return Cow::Borrowed(v);
         }
+        let mut v = vec![0f32; self.a.len()];
+        self.write_a_rows_f32(&mut v);
+        Cow::Owned(v)
     }
 
     /// `Bᵀ` as row-major f32 `[rank, out]`, borrowed when it is stored that way.
     pub fn bt_rows_f32(&self) -> Cow<'a, [f32]> {
-        let r = self.rank;
-        match (self.b, self.b_layout) {
-            (LoraMatrix::F32(v), BLayout::RankOut) => Cow::Borrowed(v),
-            (m, BLayout::RankOut) => Cow::Owned(widen_rank_rows(m, r, RankRows::Stored)),
-            (m, BLayout::RankOutBlocks) => Cow::Owned(widen_rank_rows(m, r, RankRows::BlocksBt)),
-            (m, BLayout::RankQuadBlocks) => Cow::Owned(widen_rank_rows(m, r, RankRows::QuadsBt)),
-            // [out, rank]: transposed element by element.
-            (_, BLayout::OutRank) => {
-                let n_out = self.b.len() / r.max(1);
-                let mut v = Vec::with_capacity(self.b.len());
-                for j in 0..r {
-                    v.extend((0..n_out).map(|o| self.b_at(o, j).unwrap_or(0.0)));
-                }
-                Cow::Owned(v)
-            }
+        if let (LoraMatrix::F32(v), BLayout::RankOut) = (self.b, self.b_layout) {
+            return Cow::Borrowed(v);
         }
+        let mut v = vec![0f32; self.b.len()];
+        self.write_bt_rows_f32(&mut v);
+        Cow::Owned(v)
     }
 
     /// [`LoraSlot::a_rows_f32`] written into `out` (`rank · in` floats), with no
@@ -316,6 +307,7 @@ impl<'a> LoraSlot<'a> {
             BLayout::RankOut => RankRows::Stored,
             BLayout::RankOutBlocks => RankRows::BlocksBt,
             BLayout::RankQuadBlocks => RankRows::QuadsBt,
+            // [out, rank]: transposed element by element.
             BLayout::OutRank => {
                 assert_eq!(out.len(), self.b.len(), "write_bt_rows_f32: output length");
                 let n_out = self.b.len() / self.rank.max(1);
@@ -390,13 +382,6 @@ enum RankRows {
     QuadsBt,
 }
 
-/// `m` as rank-major f32 rows, int8 row scales applied.
-fn widen_rank_rows(m: LoraMatrix<'_>, rank: usize, rows: RankRows) -> Vec<f32> {
-    let mut out = vec![0f32; m.len()];
-    widen_rank_rows_into(m, rank, rows, &mut out);
-    out
-}
-
 /// Calls `run(from, to, len)` for each run of elements that is contiguous both in a
 /// stored matrix of `len` elements and `rank` rows, and in its rank-major order: `from`
 /// indexes the stored order, `to` the rank-major one. A run never spans two rows.
@@ -452,8 +437,8 @@ fn rank_runs(rows: RankRows, rank: usize, len: usize, mut run: impl FnMut(usize,
     }
 }
 
-/// [`widen_rank_rows`] into `out` (`m.len()` floats), run by run: half-precision runs
-/// convert whole (`half`'s F16C slice conversion, detected once per run, where `to_f32`
+/// `m` as rank-major f32 rows (int8 row scales applied) into `out` (`m.len()`
+/// floats), run by run: half-precision runs convert whole (`half`'s F16C slice conversion, detected once per run, where `to_f32`
 /// detects and converts one value at a time).
 fn widen_rank_rows_into(m: LoraMatrix<'_>, rank: usize, rows: RankRows, out: &mut [f32]) {
     use half::slice::HalfFloatSliceExt;

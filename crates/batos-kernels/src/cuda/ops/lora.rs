@@ -134,34 +134,20 @@ impl<T: Activation> LoraStack<T> {
         rank: usize,
         scale: f32,
     ) -> CudaResult<()> {
-        const OP: &str = "LoraStack::write_slot";
+        self.check_write(
+            "LoraStack::write_slot",
+            slot,
+            rank,
+            scale,
+            (a.len(), bt.len()),
+        )?;
         let LoraShape {
-            slots,
             max_rank,
             in_features,
             out_features,
+            ..
         } = self.shape;
         let s = slot.index();
-        if s >= slots {
-            return Err(CudaError::invalid(
-                OP,
-                format!("slot {s} outside a stack of {slots} slots"),
-            ));
-        }
-        if rank > max_rank {
-            return Err(CudaError::invalid(
-                OP,
-                format!("rank {rank} > the stack's max_rank {max_rank}"),
-            ));
-        }
-        if !scale.is_finite() {
-            return Err(CudaError::invalid(
-                OP,
-                format!("scale {scale} is not finite"),
-            ));
-        }
-        CudaError::check_len(OP, "a", rank * in_features, a.len())?;
-        CudaError::check_len(OP, "bt", rank * out_features, bt.len())?;
         self.a
             .copy_from_host_at(stream, s * max_rank * in_features, a)?;
         self.bt
@@ -170,6 +156,39 @@ impl<T: Activation> LoraStack<T> {
         // the new rank with the old rows.
         self.ranks.copy_from_host_at(stream, s, &[rank as i32])?;
         self.scales.copy_from_host_at(stream, s, &[scale])
+    }
+
+    /// Checks one slot write (rows `[rank, in]` and `[rank, out]` long `lens`) against
+    /// the stack before anything is copied.
+    fn check_write(
+        &self,
+        op: &'static str,
+        slot: SlotIdx,
+        rank: usize,
+        scale: f32,
+        (a, bt): (usize, usize),
+    ) -> CudaResult<()> {
+        let s = self.shape;
+        if slot.index() >= s.slots {
+            return Err(CudaError::invalid(
+                op,
+                format!("slot {} outside a stack of {} slots", slot.index(), s.slots),
+            ));
+        }
+        if rank > s.max_rank {
+            return Err(CudaError::invalid(
+                op,
+                format!("rank {rank} > the stack's max_rank {}", s.max_rank),
+            ));
+        }
+        if !scale.is_finite() {
+            return Err(CudaError::invalid(
+                op,
+                format!("scale {scale} is not finite"),
+            ));
+        }
+        CudaError::check_len(op, "a", rank * s.in_features, a)?;
+        CudaError::check_len(op, "bt", rank * s.out_features, bt)
     }
 
     /// The stack's dimensions.
@@ -232,6 +251,14 @@ pub struct SlotWrite<'a> {
     pub scale: f32,
 }
 
+impl SlotWrite<'_> {
+    /// Staged 32-bit words: the rows, then the rank and the scale.
+    fn words(&self) -> usize {
+        let (a, bt) = self.rows.lens();
+        a + bt + 2
+    }
+}
+
 /// The buffers [`write_slots`] stages through, kept between calls: page-locked host
 /// memory (so the copy is one DMA the host does not wait for) and its device twin,
 /// grown on demand. Reused only once the previous batch is through
@@ -266,34 +293,9 @@ pub fn write_slots(
     staging: &mut SlotStaging,
     writes: &[SlotWrite<'_>],
 ) -> CudaResult<()> {
-    const OP: &str = "write_slots";
     for w in writes {
-        let s = w.stack.shape;
-        if w.slot.index() >= s.slots {
-            return Err(CudaError::invalid(
-                OP,
-                format!(
-                    "slot {} outside a stack of {} slots",
-                    w.slot.index(),
-                    s.slots
-                ),
-            ));
-        }
-        if w.rank > s.max_rank {
-            return Err(CudaError::invalid(
-                OP,
-                format!("rank {} > the stack's max_rank {}", w.rank, s.max_rank),
-            ));
-        }
-        if !w.scale.is_finite() {
-            return Err(CudaError::invalid(
-                OP,
-                format!("scale {} is not finite", w.scale),
-            ));
-        }
-        let (a, bt) = w.rows.lens();
-        CudaError::check_len(OP, "a", w.rank * s.in_features, a)?;
-        CudaError::check_len(OP, "bt", w.rank * s.out_features, bt)?;
+        w.stack
+            .check_write("write_slots", w.slot, w.rank, w.scale, w.rows.lens())?;
     }
     // Batches of at most STAGING_WORDS (a larger single write goes alone), each
     // staged once the previous one is through: the page-locked buffer stays small.
@@ -302,8 +304,7 @@ pub fn write_slots(
         let mut end = start;
         let mut words = 0;
         while end < writes.len() {
-            let (a, bt) = writes[end].rows.lens();
-            let w = a + bt + 2;
+            let w = writes[end].words();
             if end > start && words + w > STAGING_WORDS {
                 break;
             }
@@ -336,14 +337,7 @@ fn stage_batch(
     if let Some(f) = staging.in_flight.take() {
         f.synchronize()?;
     }
-    let words: Vec<usize> = writes
-        .iter()
-        .map(|w| {
-            let (a, bt) = w.rows.lens();
-            a + bt + 2
-        })
-        .collect();
-    let total: usize = words.iter().sum();
+    let total: usize = writes.iter().map(SlotWrite::words).sum();
     if staging.host.as_ref().is_none_or(|h| h.len() < total) {
         let cap = total.max(STAGING_WORDS);
         staging.host = None;
@@ -376,8 +370,8 @@ fn stage_batch(
         .map_err(CudaError::driver("pinned staging"))?;
     let mut parts: Vec<&mut [f32]> = Vec::with_capacity(writes.len());
     let mut rest = &mut host[..total];
-    for &n in &words {
-        let (part, tail) = rest.split_at_mut(n);
+    for w in writes {
+        let (part, tail) = rest.split_at_mut(w.words());
         parts.push(part);
         rest = tail;
     }
@@ -427,7 +421,7 @@ fn stage_batch(
         for (dst, src, n) in runs {
             ops.extend([dst, src, n]);
         }
-        off += a_words + bt_words + 2;
+        off += w.words() as u64;
     }
     let host = &staging.host.as_ref().expect("allocated above");
     // `as_slice` waits for nothing pending (the last batch was synchronised above);
