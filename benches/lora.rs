@@ -702,7 +702,9 @@ fn real_decode(c: &mut Criterion) {
 }
 
 /// Runs `runs` (the first is the batch without adapters) interleaved for 20 rounds and
-/// prints each one's median process CPU time and its throughput against the first.
+/// prints each one's median process CPU time and wall time, and its throughput against
+/// the first by each (CPU time is steadier on a shared machine; wall time is what a
+/// client sees).
 fn interleaved(
     tag: &str,
     model: &batos::model::forward::LlamaModel,
@@ -717,6 +719,7 @@ fn interleaved(
 ) {
     let rounds = 20;
     let mut times: Vec<Vec<f64>> = vec![Vec::new(); runs.len()];
+    let mut walls: Vec<Vec<f64>> = vec![Vec::new(); runs.len()];
     // Each round starts one variant later: a step's cost depends on its place in the
     // round (measured with the LoRA kernels skipped: up to ±5 % for the same work), so
     // every variant takes every place equally often.
@@ -724,13 +727,14 @@ fn interleaved(
         for j in 0..runs.len() {
             let k = (j + round) % runs.len();
             let (_, batch, snapshot) = runs[k];
-            let start = process_cpu();
+            let (start, wall) = (process_cpu(), std::time::Instant::now());
             black_box(
                 model
                     .forward_with_adapters(batch, kv.storage_mut(), snapshot)
                     .expect("decode"),
             );
             times[k].push((process_cpu() - start).as_secs_f64() * 1e3);
+            walls[k].push(wall.elapsed().as_secs_f64() * 1e3);
         }
     }
     let median = |v: &mut Vec<f64>| {
@@ -738,11 +742,14 @@ fn interleaved(
         v[v.len() / 2]
     };
     let medians: Vec<f64> = times.iter_mut().map(median).collect();
-    for ((label, _, _), m) in runs.iter().zip(&medians) {
+    let wall_medians: Vec<f64> = walls.iter_mut().map(median).collect();
+    for (((label, _, _), m), w) in runs.iter().zip(&medians).zip(&wall_medians) {
         eprintln!(
             "lora/real_decode interleaved ({tag}) {seqs}seq_{adapters}adapters_r16/{label}: \
-             median {m:.1} ms CPU over {rounds} rounds, throughput vs base {:.3}",
-            medians[0] / m
+             median {m:.1} ms CPU over {rounds} rounds, throughput vs base {:.3}; \
+             wall {w:.1} ms, {:.3}",
+            medians[0] / m,
+            wall_medians[0] / w
         );
     }
 }

@@ -814,10 +814,11 @@ fn int8_slots_need_rank_rows_of_scales_and_a_transposed_b() {
         LoraSlots::new(4, 3, &t),
         Err(KernelError::InvalidShape { what: "B", .. })
     ));
-    // Non-finite scales.
+    // Values are not checked here (the audit rejects non-finite adapters): a NaN row
+    // scale passes the shape checks.
     let nan = [f32::NAN, 1.0];
     let t = slot(i8m(&nan), BLayout::OutRank);
-    assert!(LoraSlots::new(4, 3, &t).is_err());
+    assert!(LoraSlots::new(4, 3, &t).is_ok());
     // A valid one dequantises as q · scale.
     let t = slot(i8m(&sc2), BLayout::OutRank);
     let slots = LoraSlots::new(4, 3, &t).unwrap();

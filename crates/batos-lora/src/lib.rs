@@ -37,4 +37,4 @@ pub use manager::{
 pub use prefetch::{PrefetchPolicy, PrefetchStats, TransitionModel};
 pub use repo::{AdapterRecord, AdapterRepository, Expect};
 pub use shapes::{BaseShapes, Projection};
-pub use tiers::{HotFillId, HotSnapshot, Resident};
+pub use tiers::{HotFillId, HotSnapshot, HotTables, Resident};

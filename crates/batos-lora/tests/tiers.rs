@@ -669,3 +669,59 @@ fn half_hot_formats_narrow_once_and_charge_their_bytes() {
         }
     }
 }
+
+/// A step's tables built at once hold, for the slots asked for, exactly what the
+/// per-projection tables hold (the same matrices, layouts, ranks and scales), and
+/// nothing for the others or past the layers built.
+#[test]
+fn step_tables_match_the_per_projection_tables_for_the_used_slots() {
+    let config = ManagerConfig {
+        max_loras: 3,
+        hot_format: HotFormat::F16,
+        ..no_prefetch()
+    };
+    let f = fixture(1 << 30, config);
+    let mut pins = Vec::new();
+    for (i, r) in [2usize, 4, 8].into_iter().enumerate() {
+        let name = format!("a{i}");
+        f.mgr
+            .add_files(&name, files(10 + i as u64, r), "test", Expect::Absent)
+            .unwrap();
+        let lease = f.mgr.acquire(&name).unwrap();
+        pins.push((f.mgr.pin_hot(&lease).unwrap(), lease));
+    }
+    let snap = f.mgr.hot_snapshot();
+    let layers = tiny_base().num_layers;
+    let (used_slot, unused_slot) = (pins[2].0.slot(), pins[0].0.slot());
+    let mut used = vec![false; snap.len()];
+    used[used_slot.index()] = true;
+    used[pins[1].0.slot().index()] = true;
+    let tables = snap.tables(layers, &used);
+    let same =
+        |a: Option<batos_lora::LoraSlot<'_>>, b: Option<batos_lora::LoraSlot<'_>>| match (a, b) {
+            (None, None) => true,
+            (Some(a), Some(b)) => {
+                a.a() == b.a()
+                    && a.b() == b.b()
+                    && (a.a_layout(), a.b_layout(), a.rank(), a.scale())
+                        == (b.a_layout(), b.b_layout(), b.rank(), b.scale())
+            }
+            _ => false,
+        };
+    for layer in 0..layers {
+        for p in Projection::ALL {
+            let (all, step) = (snap.table(layer, p), tables.table(layer, p));
+            assert_eq!(step.len(), snap.len());
+            for (i, (a, b)) in all.iter().zip(step).enumerate() {
+                let want = if used[i] { *a } else { None };
+                assert!(same(want, *b), "layer {layer} {p:?} slot {i}");
+            }
+            assert!(all[used_slot.index()].is_some());
+            assert!(step[unused_slot.index()].is_none());
+        }
+    }
+    assert!(tables.table(layers, Projection::Q).is_empty());
+    // A `used` shorter than the snapshot leaves the slots past its end empty.
+    let short = snap.tables(layers, &[]);
+    assert!(short.table(0, Projection::Q).iter().all(Option::is_none));
+}

@@ -483,7 +483,12 @@ pub struct LoraSlots<'a> {
 
 impl<'a> LoraSlots<'a> {
     /// Checks every filled slot against the projection's `in_features`/`out_features`:
-    /// `A` must be `[rank, in]`, `B` `[out, rank]`, rank ≥ 1 and the scale finite.
+    /// `A` must be `[rank, in]`, `B` `[out, rank]` (int8 with one row scale per rank
+    /// row), rank ≥ 1 and the scale finite. It reads the slots' shapes, never their
+    /// values: `A`, `B` and int8 row scales are data, checked finite when an adapter
+    /// is audited (`batos-lora`), not on every call (a forward step builds a table
+    /// per projection and layer, and a scan of every slot's row scales there cost a
+    /// 64-adapter decode step 1.5–2 ms of cache misses).
     pub fn new(
         in_features: usize,
         out_features: usize,
@@ -549,9 +554,6 @@ impl<'a> LoraSlots<'a> {
                             s.rank
                         ),
                     ));
-                }
-                if sc.iter().any(|v| !v.is_finite()) {
-                    return Err(scales_bad(what, "a non-finite i8 row scale".into()));
                 }
             }
             if s.b_layout == BLayout::RankQuadBlocks && !s.rank.is_multiple_of(4) {

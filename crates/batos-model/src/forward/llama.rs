@@ -6,7 +6,7 @@ use batos_kernels::{
 };
 
 use batos_kernels::cpu::lora::LoraTarget;
-use batos_lora::{HotSnapshot, LoraSlots, Projection};
+use batos_lora::{HotSnapshot, HotTables, LoraSlots, Projection};
 use batos_types::SlotIdx;
 
 use crate::config::RopeScaling as ConfigRopeScaling;
@@ -201,7 +201,8 @@ struct Step<'a> {
 
 /// The adapters of one step: the hot slots' tables and each token's slot.
 struct LoraStep<'a> {
-    slots: &'a HotSnapshot,
+    /// The slot tables of every layer and projection for the slots the step uses.
+    tables: HotTables<'a>,
     /// One entry per new token, in batch order.
     tokens: Vec<Option<SlotIdx>>,
     /// One entry per token that gets logits (the rows the last layer keeps).
@@ -222,6 +223,7 @@ impl<'a> LoraStep<'a> {
     /// projection", so an empty slot would otherwise pass silently).
     fn new(
         slots: &'a HotSnapshot,
+        num_layers: usize,
         tokens: Vec<Option<SlotIdx>>,
         logits_rows: &[usize],
     ) -> Result<Self, ForwardError> {
@@ -244,46 +246,56 @@ impl<'a> LoraStep<'a> {
                 },
             });
         }
+        let mut used = vec![false; slots.len()];
+        for s in tokens.iter().flatten() {
+            used[s.index()] = true;
+        }
         Ok(LoraStep {
-            slots,
+            tables: slots.tables(num_layers, &used),
             kept: logits_rows.iter().map(|&r| tokens[r]).collect(),
             tokens,
         })
     }
 
-    /// `y[:, column..column + out] += scale · (x · Aᵀ) · Bᵀ` for every member of a
-    /// group of projections of `layer` that read `x` (`[rows, n_in]`), into their
-    /// fused output `y` (`[rows, y_width]`), for every token whose adapter adapts the
-    /// member. `x`/`y` hold all new tokens or only the kept rows.
-    fn apply(
-        &self,
-        kern: &dyn Kernels,
-        layer: usize,
-        group: &[GroupMember],
-        (x, n_in): (&[f32], usize),
-        (y, y_width): (&mut [f32], usize),
-    ) -> Result<(), ForwardError> {
-        let rows = y.len() / y_width;
-        let tokens = if rows == self.tokens.len() {
+    /// The tokens of a step's rows: all new tokens, or only the kept rows (the last
+    /// layer after [`Scratch::keep_rows`]).
+    fn tokens_for(&self, rows: usize) -> &[Option<SlotIdx>] {
+        if rows == self.tokens.len() {
             &self.tokens
         } else {
             &self.kept
-        };
-        let tables: Vec<_> = group
-            .iter()
-            .map(|m| self.slots.table(layer, m.proj))
-            .collect();
-        let targets = group
-            .iter()
-            .zip(&tables)
-            .map(|(m, table)| {
-                let slots = LoraSlots::new(n_in, m.out, table).map_err(kernel("lora slots"))?;
-                Ok(LoraTarget::new(slots, m.column))
-            })
-            .collect::<Result<Vec<_>, ForwardError>>()?;
-        kern.lora(x, tokens, &targets, y, y_width)
-            .map_err(kernel("lora"))
+        }
     }
+}
+
+/// `y = x · Wᵀ` through `linear`, then (when the step has adapters)
+/// `y[:, column..column + out] += scale · (x · Aᵀ) · Bᵀ` for every member of the group
+/// of projections of `layer` that read `x` (`[rows, n_in]`), into their fused output
+/// `y` (`[rows, y_width]`), for every token whose adapter adapts the member. `x`/`y`
+/// hold all new tokens or only the kept rows.
+fn project(
+    kern: &dyn Kernels,
+    lora: Option<&LoraStep<'_>>,
+    (linear, op): (&Linear, &'static str),
+    (layer, group): (usize, &[GroupMember]),
+    (x, n_in): (&[f32], usize),
+    (y, y_width): (&mut [f32], usize),
+) -> Result<(), ForwardError> {
+    let Some(l) = lora else {
+        return linear.matmul(kern, x, y).map_err(kernel(op));
+    };
+    let tokens = l.tokens_for(y.len() / y_width);
+    let targets = group
+        .iter()
+        .map(|m| {
+            let table = l.tables.table(layer, m.proj);
+            let slots = LoraSlots::new(n_in, m.out, table).map_err(kernel("lora slots"))?;
+            Ok(LoraTarget::new(slots, m.column))
+        })
+        .collect::<Result<Vec<_>, ForwardError>>()?;
+    linear.matmul(kern, x, y).map_err(kernel(op))?;
+    kern.lora(x, tokens, &targets, y, y_width)
+        .map_err(kernel("lora"))
 }
 
 impl LlamaModel {
@@ -674,7 +686,12 @@ impl LlamaModel {
         let no_slots = HotSnapshot::default();
         let lora = if tokens.iter().any(Option::is_some) {
             let slots = adapters.unwrap_or(&no_slots);
-            Some(LoraStep::new(slots, tokens, &plan.logits_rows)?)
+            Some(LoraStep::new(
+                slots,
+                self.dims.num_layers,
+                tokens,
+                &plan.logits_rows,
+            )?)
         } else {
             None
         };
@@ -720,37 +737,32 @@ impl LlamaModel {
         let row = qw + 2 * kvw;
         kern.rms_norm(&s.x, &layer.attn_norm, d.rms_norm_eps, &mut s.h)
             .map_err(kernel("attn rms_norm"))?;
-        layer
-            .qkv
-            .matmul(kern, &s.h, &mut s.qkv)
-            .map_err(kernel("qkv_proj"))?;
-        if let Some(l) = &step.lora {
-            // q, k and v read the same normed input: one pass, into the fused output.
-            let group = [
-                GroupMember {
-                    proj: Projection::Q,
-                    out: qw,
-                    column: 0,
-                },
-                GroupMember {
-                    proj: Projection::K,
-                    out: kvw,
-                    column: qw,
-                },
-                GroupMember {
-                    proj: Projection::V,
-                    out: kvw,
-                    column: qw + kvw,
-                },
-            ];
-            l.apply(
-                kern,
-                index,
-                &group,
-                (&s.h, d.hidden_size),
-                (&mut s.qkv, row),
-            )?;
-        }
+        // q, k and v read the same normed input: one pass, into the fused output.
+        let group = [
+            GroupMember {
+                proj: Projection::Q,
+                out: qw,
+                column: 0,
+            },
+            GroupMember {
+                proj: Projection::K,
+                out: kvw,
+                column: qw,
+            },
+            GroupMember {
+                proj: Projection::V,
+                out: kvw,
+                column: qw + kvw,
+            },
+        ];
+        project(
+            kern,
+            step.lora.as_ref(),
+            (&layer.qkv, "qkv_proj"),
+            (index, &group),
+            (&s.h, d.hidden_size),
+            (&mut s.qkv, row),
+        )?;
         for (r, fused) in s.qkv.chunks_exact(row).enumerate() {
             s.q[r * qw..(r + 1) * qw].copy_from_slice(&fused[..qw]);
             s.k[r * kvw..(r + 1) * kvw].copy_from_slice(&fused[qw..qw + kvw]);
@@ -775,19 +787,20 @@ impl LlamaModel {
         };
         kern.paged_attention(&s.q, &self.heads, &cache, seqs, &mut s.attn)
             .map_err(kernel("paged_attention"))?;
-        layer
-            .o_proj
-            .matmul(kern, &s.attn, &mut s.proj)
-            .map_err(kernel("o_proj"))?;
-        if let Some(l) = &step.lora {
-            let hid = d.hidden_size;
-            let o = [GroupMember {
-                proj: Projection::O,
-                out: hid,
-                column: 0,
-            }];
-            l.apply(kern, index, &o, (&s.attn, qw), (&mut s.proj, hid))?;
-        }
+        let hid = d.hidden_size;
+        let o = [GroupMember {
+            proj: Projection::O,
+            out: hid,
+            column: 0,
+        }];
+        project(
+            kern,
+            step.lora.as_ref(),
+            (&layer.o_proj, "o_proj"),
+            (index, &o),
+            (&s.attn, qw),
+            (&mut s.proj, hid),
+        )?;
         add_assign(&mut s.x, &s.proj);
         Ok(())
     }
@@ -803,41 +816,43 @@ impl LlamaModel {
         let ffn = d.intermediate_size;
         kern.rms_norm(&s.x, &layer.mlp_norm, d.rms_norm_eps, &mut s.h)
             .map_err(kernel("mlp rms_norm"))?;
-        layer
-            .gate_up
-            .matmul(kern, &s.h, &mut s.gate_up)
-            .map_err(kernel("gate_up_proj"))?;
         let hid = d.hidden_size;
-        if let Some(l) = lora {
-            // gate and up read the same normed input: one pass, into the fused output.
-            let group = [
-                GroupMember {
-                    proj: Projection::Gate,
-                    out: ffn,
-                    column: 0,
-                },
-                GroupMember {
-                    proj: Projection::Up,
-                    out: ffn,
-                    column: ffn,
-                },
-            ];
-            l.apply(kern, index, &group, (&s.h, hid), (&mut s.gate_up, 2 * ffn))?;
-        }
+        // gate and up read the same normed input: one pass, into the fused output.
+        let group = [
+            GroupMember {
+                proj: Projection::Gate,
+                out: ffn,
+                column: 0,
+            },
+            GroupMember {
+                proj: Projection::Up,
+                out: ffn,
+                column: ffn,
+            },
+        ];
+        project(
+            kern,
+            lora,
+            (&layer.gate_up, "gate_up_proj"),
+            (index, &group),
+            (&s.h, hid),
+            (&mut s.gate_up, 2 * ffn),
+        )?;
         kern.silu_mul_fused(&s.gate_up, ffn, &mut s.act)
             .map_err(kernel("silu_mul"))?;
-        layer
-            .down
-            .matmul(kern, &s.act, &mut s.proj)
-            .map_err(kernel("down_proj"))?;
-        if let Some(l) = lora {
-            let down = [GroupMember {
-                proj: Projection::Down,
-                out: hid,
-                column: 0,
-            }];
-            l.apply(kern, index, &down, (&s.act, ffn), (&mut s.proj, hid))?;
-        }
+        let down = [GroupMember {
+            proj: Projection::Down,
+            out: hid,
+            column: 0,
+        }];
+        project(
+            kern,
+            lora,
+            (&layer.down, "down_proj"),
+            (index, &down),
+            (&s.act, ffn),
+            (&mut s.proj, hid),
+        )?;
         add_assign(&mut s.x, &s.proj);
         Ok(())
     }
