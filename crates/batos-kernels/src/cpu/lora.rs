@@ -1781,41 +1781,21 @@ mod vnni {
                 let mut corr = 0f32;
                 for g in 0..groups {
                     let (c0, c1) = (g * group / 8, ((g + 1) * group).min(n_in) / 8);
-                    // Two accumulators per half, for even and odd steps: with one,
-                    // every 64 bytes waited for the previous `vpdpbusd` (~5 cycles),
-                    // slower than one core streams from DRAM here. Integer sums: the
-                    // order changes no bit.
-                    let mut acc = [_mm256_setzero_si256(); 4];
-                    // Step `c` into accumulators `k`, `k + 1` (a macro, not a closure:
-                    // the intrinsics must compile inside this target-feature function).
-                    macro_rules! step {
-                        ($c:expr, $k:expr) => {
-                            // SAFETY: c < n_in / 8, so the 8 inputs at 8c lie in the
-                            // token's row and the 64 bytes at 64c in the panel (8 rows ×
-                            // n_in).
-                            unsafe {
-                                let xb = _mm256_set1_epi64x(std::ptr::read_unaligned(
-                                    xt.as_ptr().add(8 * $c) as *const i64,
-                                ));
-                                let p = panel.as_ptr().add(64 * $c) as *const __m256i;
-                                let alo = _mm256_xor_si256(_mm256_loadu_si256(p), flip);
-                                let ahi = _mm256_xor_si256(_mm256_loadu_si256(p.add(1)), flip);
-                                acc[$k] = _mm256_dpbusd_epi32(acc[$k], alo, xb);
-                                acc[$k + 1] = _mm256_dpbusd_epi32(acc[$k + 1], ahi, xb);
-                            }
-                        };
+                    let (mut lo, mut hi) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+                    for c in c0..c1 {
+                        // SAFETY: c < n_in / 8, so the 8 inputs at 8c lie in the token's
+                        // row and the 64 bytes at 64c in the panel (8 rows × n_in).
+                        unsafe {
+                            let xb = _mm256_set1_epi64x(std::ptr::read_unaligned(
+                                xt.as_ptr().add(8 * c) as *const i64,
+                            ));
+                            let p = panel.as_ptr().add(64 * c) as *const __m256i;
+                            let alo = _mm256_xor_si256(_mm256_loadu_si256(p), flip);
+                            let ahi = _mm256_xor_si256(_mm256_loadu_si256(p.add(1)), flip);
+                            lo = _mm256_dpbusd_epi32(lo, alo, xb);
+                            hi = _mm256_dpbusd_epi32(hi, ahi, xb);
+                        }
                     }
-                    let mut c = c0;
-                    while c + 2 <= c1 {
-                        step!(c, 0);
-                        step!(c + 1, 2);
-                        c += 2;
-                    }
-                    if c < c1 {
-                        step!(c, 0);
-                    }
-                    let lo = _mm256_add_epi32(acc[0], acc[2]);
-                    let hi = _mm256_add_epi32(acc[1], acc[3]);
                     let d = xq.d[t * groups + g];
                     let dv = _mm256_set1_ps(d);
                     flo = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), dv, flo);
