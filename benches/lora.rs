@@ -16,6 +16,10 @@
 //!   adapters in turn), per layer.
 //! - `lora/prefill/...`: 2 × 64-token prefill runs, segmented (SGMV) vs gathered (BGMV).
 //!
+//! `BATOS_BENCH_SERIAL=1` runs every kernel on the calling thread (no pool): process CPU
+//! time is then that thread's alone, without the pool's spinning, for comparing kernels
+//! on a noisy machine.
+//!
 //! - `lora/decode_cpu/.../lora_fused_{f32,f16,bf16}`: the LoRA part alone as the
 //!   forward pass runs it (q/k/v and gate/up as fused groups), hot slots in each
 //!   `HotFormat`.
@@ -263,7 +267,15 @@ fn run_layer(
     }
 }
 
+/// `BATOS_BENCH_SERIAL=1`: kernels on the calling thread (see the module docs).
+fn serial_if_asked() {
+    if std::env::var_os("BATOS_BENCH_SERIAL").is_some_and(|v| v == "1") {
+        cpu::set_thread_backend(cpu::ThreadBackend::Serial);
+    }
+}
+
 fn decode(c: &mut Criterion) {
+    serial_if_asked();
     let base = BaseShapes::smollm2_135m();
     // Process CPU time (see `bench_cpu`).
     let mut g = c.benchmark_group("lora/decode_cpu");
@@ -405,6 +417,7 @@ fn decode(c: &mut Criterion) {
 /// turn, each layer's four fused groups as the forward pass calls them. Reported per
 /// layer (process CPU time of all layers / `LAYERS`).
 fn decode_cold(c: &mut Criterion) {
+    serial_if_asked();
     const LAYERS: usize = 8;
     let base = BaseShapes::smollm2_135m();
     let (seqs, adapters, r) = (64usize, 64usize, 16usize);
