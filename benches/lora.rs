@@ -16,10 +16,6 @@
 //!   adapters in turn), per layer.
 //! - `lora/prefill/...`: 2 × 64-token prefill runs, segmented (SGMV) vs gathered (BGMV).
 //!
-//! `BATOS_BENCH_SERIAL=1` runs every kernel on the calling thread (no pool): process CPU
-//! time is then that thread's alone, without the pool's spinning, for comparing kernels
-//! on a noisy machine.
-//!
 //! - `lora/decode_cpu/.../lora_fused_{f32,f16,bf16}`: the LoRA part alone as the
 //!   forward pass runs it (q/k/v and gate/up as fused groups), hot slots in each
 //!   `HotFormat`.
@@ -27,6 +23,10 @@
 //!   16 sequences over 4 adapters and 64 sequences over 64 adapters (r16), base vs
 //!   adapters in each hot format (`lora_f32`, `lora_bf16`, `lora_f16`), back to back
 //!   in one run; skipped with a message when the model cannot be fetched.
+//!
+//! `BATOS_BENCH_SERIAL=1` runs the decode kernels on the calling thread (no pool):
+//! process CPU time is then that thread's alone, without the pool's spinning, for
+//! comparing kernels on a noisy machine.
 //!
 //! Run: `cargo bench --bench lora` (figures in docs/perf/lora.md).
 

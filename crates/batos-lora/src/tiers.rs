@@ -233,6 +233,11 @@ pub struct HotTables<'a> {
     entries: Vec<Option<LoraSlot<'a>>>,
 }
 
+/// Where the table of (`layer`, `proj`) stands among a step's tables.
+fn table_index(layer: usize, proj: Projection) -> usize {
+    layer * Projection::ALL.len() + proj.index()
+}
+
 impl<'a> HotTables<'a> {
     /// The table of one projection of one layer (as [`HotSnapshot::table`], less the
     /// slots that were not asked for); empty for a layer past those built.
@@ -240,8 +245,16 @@ impl<'a> HotTables<'a> {
         if layer >= self.num_layers {
             return &[];
         }
-        let at = (layer * Projection::ALL.len() + proj.index()) * self.slots;
-        &self.entries[at..at + self.slots]
+        self.nth(table_index(layer, proj))
+    }
+
+    /// Every table, layer by layer and within a layer in [`Projection::ALL`]'s order.
+    pub fn iter(&self) -> impl Iterator<Item = &[Option<LoraSlot<'a>>]> + '_ {
+        (0..self.num_layers * Projection::ALL.len()).map(|i| self.nth(i))
+    }
+
+    fn nth(&self, i: usize) -> &[Option<LoraSlot<'a>>] {
+        &self.entries[i * self.slots..(i + 1) * self.slots]
     }
 }
 
@@ -411,15 +424,14 @@ impl HotSnapshot {
     /// ```
     pub fn tables(&self, num_layers: usize, used: &[bool]) -> HotTables<'_> {
         let n = self.slots.len();
-        let projs = Projection::ALL.len();
-        let mut entries = vec![None; num_layers * projs * n];
+        let mut entries = vec![None; num_layers * Projection::ALL.len() * n];
         for (i, s) in self.slots.iter().enumerate() {
             let Some((_, data)) = s.as_ref().filter(|_| used.get(i) == Some(&true)) else {
                 continue;
             };
             for layer in 0..num_layers {
                 for p in Projection::ALL {
-                    entries[(layer * projs + p.index()) * n + i] = data.slot(layer, p);
+                    entries[table_index(layer, p) * n + i] = data.slot(layer, p);
                 }
             }
         }

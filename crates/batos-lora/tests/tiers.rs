@@ -721,6 +721,17 @@ fn step_tables_match_the_per_projection_tables_for_the_used_slots() {
         }
     }
     assert!(tables.table(layers, Projection::Q).is_empty());
+    // `iter` walks the same tables, layer by layer in `Projection::ALL`'s order.
+    let walked: Vec<_> = tables.iter().collect();
+    assert_eq!(walked.len(), layers * Projection::ALL.len());
+    for (i, t) in walked.iter().enumerate() {
+        let (layer, p) = (
+            i / Projection::ALL.len(),
+            Projection::ALL[i % Projection::ALL.len()],
+        );
+        assert_eq!(t.as_ptr(), tables.table(layer, p).as_ptr());
+        assert_eq!(t.len(), snap.len());
+    }
     // A `used` shorter than the snapshot leaves the slots past its end empty.
     let short = snap.tables(layers, &[]);
     assert!(short.table(0, Projection::Q).iter().all(Option::is_none));

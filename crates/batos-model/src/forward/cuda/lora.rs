@@ -233,10 +233,9 @@ impl DeviceLora {
         shapes: &ProjShapes,
     ) -> Result<(), ForwardError> {
         let layers = self.pairs.len() / Projection::ALL.len();
-        let tables: Vec<Vec<Option<LoraSlot<'_>>>> = (0..layers)
-            .flat_map(|l| Projection::ALL.iter().map(move |&p| (l, p)))
-            .map(|(l, p)| snap.table(l, p))
-            .collect();
+        // Every slot's tables in one pass, adapter by adapter (the order of `pairs`).
+        let all = snap.tables(layers, &vec![true; snap.len()]);
+        let tables: Vec<&[Option<LoraSlot<'_>>]> = all.iter().collect();
         // Pass 1 (compute stream): stacks that must grow.
         let mut fenced = false;
         for (i, table) in tables.iter().enumerate() {
@@ -322,7 +321,7 @@ impl DeviceLora {
         drop(writes);
         self.counters.slot_writes += changes.len() as u64;
         self.counters.bytes_written += (bytes * std::mem::size_of::<Act>()) as u64;
-        let mut written = vec![false; tables.first().map_or(0, Vec::len)];
+        let mut written = vec![false; tables.first().map_or(0, |t| t.len())];
         for &(i, s, slot) in &changes {
             let pair = self.pairs[i]
                 .as_mut()
