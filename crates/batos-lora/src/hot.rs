@@ -89,7 +89,8 @@ impl Default for HotFormat {
     }
 }
 
-/// Where a narrowed matrix sits in its adapter's [`Arenas`]: element ranges.
+/// Where a narrowed matrix sits in its adapter's [`Arenas`]: element ranges (int8:
+/// the codes as a byte range and the scales as a word range of the int8 buffer).
 #[derive(Clone, Debug, PartialEq)]
 enum Span {
     F16(std::ops::Range<usize>),
@@ -104,12 +105,17 @@ enum Span {
 /// previous one in the order the forward pass reads them (layer by layer, q, k, v, o,
 /// gate, up, down, `A` before `B`): a fused group's matrices for one adapter are one
 /// sequential stream, which the hardware prefetchers follow across matrices.
+///
+/// int8 matrices share one buffer of 32-bit words with their f32 row scales, in the
+/// order the kernels use them: `A`'s codes, `A`'s scales, `B`'s scales, `B`'s codes
+/// (codes four to a word, each matrix padded to whole words). The scales are read
+/// between the shrink and the expand; kept in a buffer of their own they were a short
+/// second stream per task that missed the cache every time (`docs/perf/lora.md`).
 #[derive(Clone, Debug, Default, PartialEq)]
 struct Arenas {
     f16: Vec<f16>,
     bf16: Vec<bf16>,
-    i8: Vec<i8>,
-    scales: Vec<f32>,
+    int8: Vec<u32>,
 }
 
 impl Arenas {
@@ -164,13 +170,32 @@ impl Arenas {
                     }
                 }
                 // Packing moves elements within their rank rows: the scales stay valid.
-                let (q0, s0) = (self.i8.len(), self.scales.len());
-                matrix.pack_into(q, rank, &mut self.i8);
-                self.scales.extend_from_slice(&scales);
-                Some(Span::I8 {
-                    q: q0..self.i8.len(),
-                    scales: s0..self.scales.len(),
-                })
+                let packed = &mut scratch.packed_i8;
+                packed.clear();
+                matrix.pack_into(q, rank, packed);
+                let push_scales = |words: &mut Vec<u32>| {
+                    let s0 = words.len();
+                    words.extend(scales.iter().map(|v| v.to_bits()));
+                    s0..words.len()
+                };
+                let push_codes = |words: &mut Vec<u32>| {
+                    let w0 = words.len();
+                    words.resize(w0 + packed.len().div_ceil(4), 0);
+                    let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut words[w0..]);
+                    bytes[..packed.len()].copy_from_slice(bytemuck::cast_slice(&packed[..]));
+                    w0 * 4..w0 * 4 + packed.len()
+                };
+                let (q, scales) = match matrix {
+                    Packed::A => {
+                        let q = push_codes(&mut self.int8);
+                        (q, push_scales(&mut self.int8))
+                    }
+                    Packed::B(_) => {
+                        let sc = push_scales(&mut self.int8);
+                        (push_codes(&mut self.int8), sc)
+                    }
+                };
+                Some(Span::I8 { q, scales })
             }
             LoraDType::F16 if src.iter().all(|v| v.abs() <= f16::MAX.to_f32()) => {
                 let out = &mut scratch.f16;
@@ -197,14 +222,14 @@ impl Arenas {
             Span::F16(r) => LoraMatrix::F16(&self.f16[r.clone()]),
             Span::BF16(r) => LoraMatrix::BF16(&self.bf16[r.clone()]),
             Span::I8 { q, scales } => LoraMatrix::I8 {
-                q: &self.i8[q.clone()],
-                scales: &self.scales[scales.clone()],
+                q: &bytemuck::cast_slice(&self.int8)[q.clone()],
+                scales: bytemuck::cast_slice(&self.int8[scales.clone()]),
             },
         }
     }
 
     fn bytes(&self) -> u64 {
-        (self.f16.len() * 2 + self.bf16.len() * 2 + self.i8.len() + self.scales.len() * 4) as u64
+        (self.f16.len() * 2 + self.bf16.len() * 2 + self.int8.len() * 4) as u64
     }
 }
 
@@ -223,6 +248,7 @@ struct Scratch {
     f16: Vec<f16>,
     bf16: Vec<bf16>,
     i8: Vec<i8>,
+    packed_i8: Vec<i8>,
 }
 
 /// Which matrix a narrowed copy holds, and so its packed layout.
@@ -267,18 +293,29 @@ impl HotWeights {
         let mut pairs = vec![None; weights.num_layers() * n];
         let mut arenas = Arenas::default();
         // One allocation per arena in the usual case (no f16 value out of range).
-        let count = |d: LoraDType| -> usize {
+        let count = |d: LoraDType, size: fn(usize, usize) -> usize| -> usize {
             weights
                 .iter()
                 .map(|(_, _, p)| {
-                    (if format.a == d { p.a.len() } else { 0 })
-                        + (if format.b == d { p.b.len() } else { 0 })
+                    (if format.a == d {
+                        size(p.a.len(), p.rank)
+                    } else {
+                        0
+                    }) + (if format.b == d {
+                        size(p.b.len(), p.rank)
+                    } else {
+                        0
+                    })
                 })
                 .sum()
         };
-        arenas.f16.reserve_exact(count(LoraDType::F16));
-        arenas.bf16.reserve_exact(count(LoraDType::BF16));
-        arenas.i8.reserve_exact(count(LoraDType::I8));
+        let elements = |len, _| len;
+        arenas.f16.reserve_exact(count(LoraDType::F16, elements));
+        arenas.bf16.reserve_exact(count(LoraDType::BF16, elements));
+        // Codes four to a word, then one word per row scale.
+        arenas
+            .int8
+            .reserve_exact(count(LoraDType::I8, |len, rank| len.div_ceil(4) + rank));
         let mut scratch = Scratch::default();
         let quads = int8_dot_available();
         // `iter` visits layers in order and each layer's projections in
@@ -445,7 +482,8 @@ mod int8_tests {
         let h = HotWeights::convert(&w, HotFormat::I8);
         let s = h.slot(&w, 0, Projection::Q).unwrap();
         assert_eq!(s.a().dtype(), LoraDType::I8);
-        assert_eq!(h.bytes(), (10 + 2 * 4) + (6 + 2 * 4));
+        // Codes padded to whole 4-byte words (10 → 12, 6 → 8), then one f32 per rank row.
+        assert_eq!(h.bytes(), (12 + 2 * 4) + (8 + 2 * 4));
         let sa = s.a().row_scales().unwrap();
         for (i, v) in a.iter().enumerate() {
             let got = s.a_at(i / 5, i % 5).unwrap();
@@ -475,6 +513,54 @@ mod int8_tests {
         let hz = HotWeights::convert(&z, HotFormat::I8);
         let sz = hz.slot(&z, 0, Projection::K).unwrap();
         assert_eq!(sz.a().to_f32_vec(), vec![0.0; 4]);
+    }
+
+    #[test]
+    fn int8_scales_sit_in_the_stream_between_a_and_b() {
+        // Two projections of one layer: each pair is A codes, A scales, B scales, B
+        // codes, and the next pair starts right after (codes padded to whole words).
+        let mut w = LoraWeights::empty(1);
+        for (p, n_in, n_out) in [(Projection::Q, 5, 3), (Projection::K, 8, 7)] {
+            let rank = 2;
+            let pair = LoraPair {
+                rank,
+                scale: 1.0,
+                a: (0..rank * n_in).map(|i| i as f32 * 0.1 - 0.4).collect(),
+                b: (0..n_out * rank).map(|i| 0.3 - i as f32 * 0.05).collect(),
+            };
+            w.insert(0, p, pair).unwrap();
+        }
+        let h = HotWeights::convert(&w, HotFormat::I8);
+        let addr = |m: LoraMatrix<'_>| match m {
+            LoraMatrix::I8 { q, scales } => (
+                q.as_ptr() as usize,
+                q.len(),
+                scales.as_ptr() as usize,
+                scales.len(),
+            ),
+            other => panic!("not int8: {:?}", other.dtype()),
+        };
+        let mut expected_start = None;
+        for p in [Projection::Q, Projection::K] {
+            let s = h.slot(&w, 0, p).unwrap();
+            let (aq, alen, asc, an) = addr(s.a());
+            let (bq, blen, bsc, bn) = addr(s.b());
+            if let Some(start) = expected_start {
+                assert_eq!(aq, start, "{p:?} starts right after the previous pair");
+            }
+            assert_eq!(
+                asc,
+                aq + alen.next_multiple_of(4),
+                "{p:?}: A's scales after A"
+            );
+            assert_eq!(bsc, asc + 4 * an, "{p:?}: B's scales after A's");
+            assert_eq!(bq, bsc + 4 * bn, "{p:?}: B's codes after B's scales");
+            expected_start = Some(bq + blen.next_multiple_of(4));
+        }
+        assert_eq!(
+            h.bytes() as usize,
+            expected_start.unwrap() - addr(h.slot(&w, 0, Projection::Q).unwrap().a()).0
+        );
     }
 
     #[test]

@@ -1254,9 +1254,9 @@ fn run_task(
             &[]
         }
     });
-    let slots: Vec<(LoraSlot<'_>, &LoraTarget<'_>)> = targets
-        .iter()
-        .filter_map(|g| {
+    // No allocation per task: a decode step over many adapters runs thousands.
+    let slots = || {
+        targets.iter().filter_map(|g| {
             g.slots
                 .slots
                 .get(task.slot.index())
@@ -1264,12 +1264,14 @@ fn run_task(
                 .flatten()
                 .map(|s| (s, g))
         })
-        .collect();
-    let r_max = slots.iter().map(|(s, _)| s.rank).max().unwrap_or(0);
-    let mut h = vec![0f32; n * r_max];
+    };
+    let r_max = slots().map(|(s, _)| s.rank).max().unwrap_or(0);
+    let mut h = H_SCRATCH.take();
+    h.clear();
+    h.resize(n * r_max, 0.0);
     // The tokens' inputs as int8, made for the first integer-dot slot of the task.
     let mut xq_ready = false;
-    for (s, g) in slots {
+    for (s, g) in slots() {
         let out = Out {
             rows: &mut task.rows[..n],
             column: g.column,
@@ -1293,6 +1295,12 @@ fn run_task(
             apply_pair((simd, vnni), (&xs[..n], &mut xq_ready), p, h, out)
         }));
     }
+    H_SCRATCH.set(h);
+}
+
+thread_local! {
+    /// A task's rank-sized intermediate, kept between tasks on each thread.
+    static H_SCRATCH: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 /// Where one projection's update goes: columns `column..column + width` of `rows`.
