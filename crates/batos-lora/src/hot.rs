@@ -297,15 +297,8 @@ impl HotWeights {
             weights
                 .iter()
                 .map(|(_, _, p)| {
-                    (if format.a == d {
-                        size(p.a.len(), p.rank)
-                    } else {
-                        0
-                    }) + (if format.b == d {
-                        size(p.b.len(), p.rank)
-                    } else {
-                        0
-                    })
+                    let part = |f: LoraDType, len| if f == d { size(len, p.rank) } else { 0 };
+                    part(format.a, p.a.len()) + part(format.b, p.b.len())
                 })
                 .sum()
         };
