@@ -4,6 +4,7 @@
 
 mod common;
 
+use batos_kernels::cpu::int4_dot::{self, Int4DotWeight, Int4Rows};
 use batos_kernels::cpu::lora::{
     self, int8_dot_available, pack_a, pack_b, pack_b_quads, reference, ALayout, BLayout, LoraDType,
     LoraMatrix, LoraSegment, LoraSlot, LoraSlots, LoraTarget,
@@ -1093,4 +1094,175 @@ fn quad_layout_needs_a_rank_divisible_by_four() {
         matches!(err, KernelError::InvalidShape { what: "B", .. }),
         "{err}"
     );
+}
+
+#[test]
+fn int8_dot_decode_tasks_interleaved_give_each_token_its_own_bits() {
+    if !int8_dot_available() {
+        eprintln!("SKIPPED: no AVX-512 VNNI here; int8 slots run the float path");
+        return;
+    }
+    let mut rng = TestRng::new(79);
+    let n_in = 576;
+    // Whole 64-blocks (576, 192) and a width with an 8-block and a scalar tail (203).
+    let widths = [576usize, 192, 203];
+    // Runs of one rank (interleaved up to four at a time), rank changes (8, 32) that
+    // end a run, and a slot that skips the second target (a run across it must end).
+    let q = [16, 16, 16, 16, 16, 8, 8, 16, 32, 16, 16, 16].map(Some);
+    let mut k = q;
+    k[9] = None;
+    let ranks = [q, k, q];
+    let y_width = widths.iter().sum::<usize>();
+    let tables: Vec<Vec<Option<Owned>>> = widths
+        .iter()
+        .zip(&ranks)
+        .map(|(&w, r)| make_slots(&mut rng, n_in, w, r))
+        .collect();
+    let stored: Vec<_> = tables.iter().map(|t| int8_dot_slots(t)).collect();
+    let views: Vec<_> = stored.iter().map(|s| stored_views(s)).collect();
+    let (slots, targets) = group_targets(&views, n_in, &widths);
+    // One token per slot in a shuffled order, tokens without an adapter between them,
+    // and slot 3 twice (a two-token task among the one-token ones).
+    let mut tokens: Vec<Option<SlotIdx>> = (0..12u16).map(|s| Some(SlotIdx(s))).collect();
+    tokens.extend([None, None, Some(SlotIdx(3))]);
+    for i in (1..tokens.len()).rev() {
+        tokens.swap(i, rng.below(i + 1));
+    }
+    let t = tokens.len();
+    // Random inputs: the batch equals each token alone (a task of its own), bit for bit.
+    let x = rng.vec(t * n_in);
+    let y0 = rng.vec(t * y_width);
+    let mut got = y0.clone();
+    lora::apply_fused(&x, &tokens, &targets, &mut got, y_width).unwrap();
+    for (r, s) in tokens.iter().enumerate() {
+        let mut one = y0[r * y_width..(r + 1) * y_width].to_vec();
+        let x1 = &x[r * n_in..(r + 1) * n_in];
+        lora::apply_fused(x1, &[*s], &targets, &mut one, y_width).unwrap();
+        assert_eq!(
+            &got[r * y_width..(r + 1) * y_width],
+            &one[..],
+            "token {r} slot {s:?}"
+        );
+    }
+    // Inputs int8 represents: every target's columns are the exact integer result.
+    let xi: Vec<f32> = (0..t * n_in)
+        .map(|i| match (i % n_in % 32, rng.below(2)) {
+            (0, 0) => 127.0,
+            (0, _) => -127.0,
+            _ => (rng.below(255) as i32 - 127) as f32,
+        })
+        .collect();
+    let mut got = y0.clone();
+    lora::apply_fused(&xi, &tokens, &targets, &mut got, y_width).unwrap();
+    for (r, s) in tokens.iter().enumerate() {
+        let row = r * y_width;
+        for (g, tab) in targets.iter().zip(&slots) {
+            let w = tab.out_features();
+            let mut want = y0[row + g.column()..][..w].to_vec();
+            if let Some(slot) = s.and_then(|s| tab.slots()[s.index()]) {
+                int8_dot_emulated(&slot, &xi[r * n_in..(r + 1) * n_in], &mut want);
+            }
+            assert_eq!(
+                &got[row + g.column()..][..w],
+                &want[..],
+                "token {r} slot {s:?} column {}",
+                g.column()
+            );
+        }
+    }
+}
+
+/// A random `[rows, cols]` int4 layer in the integer-dot layout, groups of `group`.
+fn int4_layer(rng: &mut TestRng, rows: usize, cols: usize, group: usize) -> Int4DotWeight {
+    let codes: Vec<u8> = (0..rows * cols).map(|_| rng.below(16) as u8).collect();
+    let zeros: Vec<u8> = (0..rows * cols / group)
+        .map(|_| rng.below(16) as u8)
+        .collect();
+    let scales: Vec<f16> = (0..rows * cols / group)
+        .map(|_| f16::from_f32(0.01 + 0.02 * rng.uniform().abs()))
+        .collect();
+    Int4DotWeight::from_rows(Int4Rows {
+        rows,
+        cols,
+        group_size: group,
+        codes: &codes,
+        zeros: &zeros,
+        scales: &scales,
+        offsets: None,
+    })
+    .unwrap()
+}
+
+#[test]
+fn int4_base_then_lora_gives_the_bits_of_the_two_calls() {
+    let mut rng = TestRng::new(83);
+    let n_in = 576;
+    let widths = [576usize, 192, 203];
+    let y_width = widths.iter().sum::<usize>();
+    let q = [16, 16, 8, 16, 16, 16, 32, 16].map(Some);
+    let mut k = q;
+    k[4] = None;
+    let ranks = [q, k, q];
+    let tables: Vec<Vec<Option<Owned>>> = widths
+        .iter()
+        .zip(&ranks)
+        .map(|(&w, r)| make_slots(&mut rng, n_in, w, r))
+        .collect();
+    // Groups of 32 share the base's int8 inputs with the int8 shrink; groups of 64 do not.
+    for group in [32usize, 64] {
+        let w = int4_layer(&mut rng, y_width, n_in, group);
+        for (da, db, layout) in [
+            (LoraDType::I8, LoraDType::I8, BLayout::RankQuadBlocks),
+            (LoraDType::F16, LoraDType::F16, BLayout::RankOutBlocks),
+        ] {
+            let stored: Vec<_> = tables.iter().map(|t| store_as(t, da, db, layout)).collect();
+            let views: Vec<_> = stored.iter().map(|s| stored_views(s)).collect();
+            let (_slots, targets) = group_targets(&views, n_in, &widths);
+            // Decode over distinct adapters (one-token tasks), one token, a mixed batch.
+            let decode: Vec<Option<SlotIdx>> = [5u16, 99, 0, 7, 1, 3, 99, 2, 6, 4]
+                .map(|s| (s < 8).then_some(SlotIdx(s)))
+                .to_vec();
+            let mixed = random_tokens(&mut rng, 19, &tables[0]);
+            for tokens in [decode, vec![Some(SlotIdx(2))], mixed] {
+                let t = tokens.len();
+                let x = rng.vec(t * n_in);
+                let mut want = vec![0f32; t * y_width];
+                int4_dot::matmul(&x, &w, &mut want).unwrap();
+                lora::apply_fused(&x, &tokens, &targets, &mut want, y_width).unwrap();
+                // The base overwrites y: start from garbage.
+                let mut got = rng.vec(t * y_width);
+                lora::matmul_int4_then_lora(&x, &w, &tokens, &targets, &mut got, y_width).unwrap();
+                assert_eq!(got, want, "group {group}, A {da} B {db}, {t} tokens");
+            }
+        }
+    }
+}
+
+#[test]
+fn int4_base_then_lora_checks_before_writing() {
+    let mut rng = TestRng::new(89);
+    let (n_in, n_out) = (64, 24);
+    let table = make_slots(&mut rng, n_in, n_out, &[Some(8)]);
+    let v = views(&table);
+    let slots = LoraSlots::new(n_in, n_out, &v).unwrap();
+    let targets = [LoraTarget::new(slots, 0)];
+    let x = rng.vec(2 * n_in);
+    let tokens = [Some(SlotIdx(0)), None];
+    // A base with other outputs than the fused row, or other inputs than the slots.
+    for (rows, cols) in [(n_out + 8, n_in), (n_out, 2 * n_in)] {
+        let w = int4_layer(&mut rng, rows, cols, 32);
+        let y0 = rng.vec(2 * n_out);
+        let mut y = y0.clone();
+        let err =
+            lora::matmul_int4_then_lora(&x, &w, &tokens, &targets, &mut y, n_out).unwrap_err();
+        assert!(matches!(err, KernelError::LengthMismatch { .. }), "{err}");
+        assert_eq!(y, y0, "y written before the error");
+    }
+    // A token naming a slot past the table.
+    let w = int4_layer(&mut rng, n_out, n_in, 32);
+    let y0 = rng.vec(2 * n_out);
+    let mut y = y0.clone();
+    let bad = [Some(SlotIdx(3)), None];
+    assert!(lora::matmul_int4_then_lora(&x, &w, &bad, &targets, &mut y, n_out).is_err());
+    assert_eq!(y, y0);
 }

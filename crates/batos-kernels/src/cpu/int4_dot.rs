@@ -233,6 +233,20 @@ impl Int8Activations {
     pub fn sum(&self, t: usize, grp: usize) -> i32 {
         self.sum[t * (self.k / self.group) + grp]
     }
+
+    /// Token `t`'s values (`K`), scales and sums (`K/G` each) as plain rows, when the
+    /// groups are not padded (`G % 8 == 0`); `None` otherwise or past the last token.
+    pub(crate) fn token_row(&self, t: usize) -> Option<(&[i8], &[f32], &[i32])> {
+        if self.padded != self.group || t >= self.tokens {
+            return None;
+        }
+        let groups = self.k / self.group;
+        Some((
+            &self.q[t * self.k..(t + 1) * self.k],
+            &self.scale[t * groups..(t + 1) * groups],
+            &self.sum[t * groups..(t + 1) * groups],
+        ))
+    }
 }
 
 /// Inputs, values, scales and sums of a run of whole groups.
@@ -558,6 +572,23 @@ pub fn matmul_with(path: DotPath, x: &[f32], w: &Int4DotWeight, out: &mut [f32])
         let mut a = cell.borrow_mut();
         a.quantize_with(path, x, w.cols, w.group)?;
         matmul_int8_with(path, &a, w, out)
+    })
+}
+
+/// [`matmul`], then `then` with the quantised `x` and `out` (the LoRA of the same
+/// input reuses the base's int8 activations).
+pub(crate) fn matmul_then<R>(
+    x: &[f32],
+    w: &Int4DotWeight,
+    out: &mut [f32],
+    then: impl FnOnce(&Int8Activations, &mut [f32]) -> R,
+) -> Result<R> {
+    let path = DotPath::best();
+    ACTS.with(|cell| {
+        let mut a = cell.borrow_mut();
+        a.quantize_with(path, x, w.cols, w.group)?;
+        matmul_int8_with(path, &a, w, out)?;
+        Ok(then(&a, out))
     })
 }
 

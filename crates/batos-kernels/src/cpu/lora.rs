@@ -1056,6 +1056,38 @@ impl QuantRows {
     fn groups(&self) -> usize {
         self.width.div_ceil(self.group)
     }
+
+    /// Row `t`.
+    fn row(&self, t: usize) -> XRow<'_> {
+        let g = self.groups();
+        XRow {
+            q: &self.q[t * self.width..(t + 1) * self.width],
+            d: &self.d[t * g..(t + 1) * g],
+            sum: &self.sum[t * g..(t + 1) * g],
+        }
+    }
+}
+
+/// One token's input as int8 per group of [`XQ_GROUP`]: values, and per group the
+/// scale `d` and the sum `σ8`.
+#[derive(Clone, Copy, Default)]
+struct XRow<'a> {
+    q: &'a [i8],
+    d: &'a [f32],
+    sum: &'a [i32],
+}
+
+/// Where the integer-dot shrink gets a call's inputs as int8: quantised per task
+/// (`None`), or the base matmul's quantisation of the same `x` (`[T, in]`, groups of
+/// [`XQ_GROUP`], unpadded; the same bits).
+type SharedX<'a> = Option<&'a super::int4_dot::Int8Activations>;
+
+/// Token `t`'s row of the shared activations.
+fn shared_row(acts: &super::int4_dot::Int8Activations, t: usize) -> XRow<'_> {
+    let (q, d, sum) = acts
+        .token_row(t)
+        .expect("shared activations: unpadded, token in range");
+    XRow { q, d, sum }
 }
 
 /// Per-thread buffers of the integer-dot path: the task's inputs and intermediate as
@@ -1157,7 +1189,7 @@ struct Task<'y> {
 
 /// The engine behind every public entry point; arguments are validated.
 fn fused(
-    x: &[f32],
+    (x, shared): (&[f32], SharedX<'_>),
     tokens: &[Option<SlotIdx>],
     targets: &[LoraTarget<'_>],
     y: &mut [f32],
@@ -1218,30 +1250,189 @@ fn fused(
         }
     }
     let paths = (simd_available(), int8_dot_available());
-    let run = |chunk: &mut [Task<'_>]| {
-        for task in chunk {
-            run_task(paths, x, n_in, targets, task);
-        }
-    };
+    let run = |chunk: &mut [Task<'_>]| run_tasks(paths, (x, shared), n_in, targets, chunk);
     if macs >= PAR_MIN_MACS && tasks.len() > 1 {
         // Chunks of a few tasks: a decode task is one token, small to hand out alone,
         // but the threads finish together only if the last chunks are small (the
         // idle thread's wait is spent spinning).
-        let per = tasks
+        let mut per = tasks
             .len()
             .div_ceil(super::par::num_threads() * CHUNKS_PER_THREAD)
             .max(1);
+        if paths.1 && tasks.iter().filter(|t| t.n == 1).count() > 1 {
+            // Whole groups of interleaved one-token tasks per chunk (`run_tasks`).
+            per = per.next_multiple_of(WAYS);
+        }
         super::par::for_each_chunk_mut(&mut tasks, per, &|_, chunk| run(chunk));
     } else {
         run(&mut tasks);
     }
 }
 
+/// One-token tasks whose adapters run the integer-dot path run up to this many at a
+/// time, their adapters' streams interleaved (`run_ways`).
+const WAYS: usize = 4;
+
+/// Runs `tasks` in order: a run of up to [`WAYS`] one-token tasks that can interleave
+/// (`interleavable`) together, any other task on its own.
+fn run_tasks(
+    paths: (bool, bool),
+    x: (&[f32], SharedX<'_>),
+    n_in: usize,
+    targets: &[LoraTarget<'_>],
+    tasks: &mut [Task<'_>],
+) {
+    let mut rest = tasks;
+    while !rest.is_empty() {
+        let k = if paths.1 {
+            interleavable(n_in, targets, rest)
+        } else {
+            0
+        };
+        let (group, tail) = rest.split_at_mut(k.max(1));
+        #[cfg(target_arch = "x86_64")]
+        match group {
+            [_, _] => run_ways::<2>(x, n_in, targets, group),
+            [_, _, _] => run_ways::<3>(x, n_in, targets, group),
+            [_, _, _, _] => run_ways::<4>(x, n_in, targets, group),
+            _ => group
+                .iter_mut()
+                .for_each(|t| run_task(paths, x, n_in, targets, t)),
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        group
+            .iter_mut()
+            .for_each(|t| run_task(paths, x, n_in, targets, t));
+        rest = tail;
+    }
+}
+
+/// How many of the first tasks (up to [`WAYS`]; 0 or 1 means none) can run
+/// interleaved: one token each, and in every target either no slot or int8 slots of
+/// one rank that the integer-dot kernels take whole (`A` in panels of 8 rows over
+/// inputs in steps of 8, `B` in quads).
+fn interleavable<'a>(n_in: usize, targets: &[LoraTarget<'a>], tasks: &[Task<'_>]) -> usize {
+    let slot = |g: &LoraTarget<'a>, t: &Task<'_>| target_slot(g, t.slot);
+    let fits = |s: &LoraSlot<'_>| {
+        matches!(s.a, LoraMatrix::I8 { .. })
+            && matches!(s.b, LoraMatrix::I8 { .. })
+            && s.a_layout == ALayout::Panels
+            && s.b_layout == BLayout::RankQuadBlocks
+            && s.rank.is_multiple_of(layout::PANEL)
+            && n_in.is_multiple_of(8)
+    };
+    let Some(first) = tasks.first().filter(|t| t.n == 1) else {
+        return 0;
+    };
+    if !targets
+        .iter()
+        .all(|g| slot(g, first).is_none_or(|s| fits(&s)))
+    {
+        return 0;
+    }
+    1 + tasks[1..]
+        .iter()
+        .take(WAYS - 1)
+        .take_while(|t| {
+            t.n == 1
+                && targets.iter().all(|g| match (slot(g, first), slot(g, t)) {
+                    (None, None) => true,
+                    (Some(f), Some(s)) => s.rank == f.rank && fits(&s),
+                    _ => false,
+                })
+        })
+        .count()
+}
+
+/// The slot `slot` of `g`'s table, if it holds one.
+fn target_slot<'a>(g: &LoraTarget<'a>, slot: SlotIdx) -> Option<LoraSlot<'a>> {
+    g.slots.slots.get(slot.index()).copied().flatten()
+}
+
+/// The codes of an int8 matrix (`interleavable` accepted only int8 slots).
+#[cfg(target_arch = "x86_64")]
+fn int8_codes(m: LoraMatrix<'_>) -> &[i8] {
+    match m {
+        LoraMatrix::I8 { q, .. } => q,
+        _ => unreachable!("interleavable: int8 slots"),
+    }
+}
+
+/// `K` one-token tasks that [`interleavable`] accepted, target by target: the `K`
+/// shrinks in one loop, then the `K` expands in one loop. Each task gets the bits
+/// [`run_task`] gives it; reading `K` adapters' streams side by side keeps more of
+/// them in flight than one stream at a time (`docs/perf/lora.md`, session 9).
+#[cfg(target_arch = "x86_64")]
+fn run_ways<const K: usize>(
+    (x, shared): (&[f32], SharedX<'_>),
+    n_in: usize,
+    targets: &[LoraTarget<'_>],
+    group: &mut [Task<'_>],
+) {
+    let tasks: &mut [Task<'_>; K] = group.try_into().expect("K tasks");
+    let mut h = H_SCRATCH.take();
+    DOT_SCRATCH.with_borrow_mut(|sc| {
+        let mut xq_ready = false;
+        for g in targets {
+            let slots: [Option<LoraSlot<'_>>; K] =
+                std::array::from_fn(|w| target_slot(g, tasks[w].slot));
+            let Some(r) = slots[0].map(|s| s.rank) else {
+                continue;
+            };
+            let slots = slots.map(|s| s.expect("interleavable: every task has the slot"));
+            if !xq_ready && shared.is_none() {
+                let xs = tasks
+                    .iter()
+                    .map(|t| &x[t.tokens[0] * n_in..(t.tokens[0] + 1) * n_in]);
+                sc.xq.fill(xs, n_in, XQ_GROUP);
+                xq_ready = true;
+            }
+            let rows: [XRow<'_>; K] = match shared {
+                Some(acts) => std::array::from_fn(|w| shared_row(acts, tasks[w].tokens[0])),
+                None => std::array::from_fn(|w| sc.xq.row(w)),
+            };
+            h.clear();
+            h.resize(K * r, 0.0);
+            // SAFETY: VNNI was detected (`interleavable` runs only then); every `A` is
+            // `[r, n_in]` in whole panels of 8 rows over 8-input steps and `rows` are
+            // the K tokens' inputs.
+            unsafe {
+                vnni::shrink_panels_ways::<K>(
+                    rows,
+                    XQ_GROUP,
+                    slots.map(|s| int8_codes(s.a)),
+                    r,
+                    &mut h,
+                )
+            };
+            for (s, hw) in slots.iter().zip(h.chunks_exact_mut(r)) {
+                let fold = Fold {
+                    a: s.a.row_scales(),
+                    b: s.b.row_scales(),
+                    ..Fold::of(s)
+                };
+                fold.apply(hw, r);
+            }
+            sc.hq.fill(h.chunks_exact(r), r, r);
+            let width = g.slots.out_features;
+            let mut rows = tasks.iter_mut();
+            let ys: [&mut [f32]; K] = std::array::from_fn(|_| {
+                let t = rows.next().expect("K tasks");
+                &mut t.rows[0][g.column..g.column + width]
+            });
+            // SAFETY: as above; every `B` is `[width, r]` in quads (`r % 4 == 0`,
+            // checked with the slot table) and `hq` holds one row of `r` per task.
+            unsafe { vnni::expand_quads_ways::<K>(&sc.hq, slots.map(|s| int8_codes(s.b)), r, ys) };
+        }
+    });
+    H_SCRATCH.set(h);
+}
+
 /// Every target of one task: `x` rows are read from cache for each, each adapter row
 /// is streamed once for all of the task's tokens.
 fn run_task(
     (simd, vnni): (bool, bool),
-    x: &[f32],
+    (x, shared): (&[f32], SharedX<'_>),
     n_in: usize,
     targets: &[LoraTarget<'_>],
     task: &mut Task<'_>,
@@ -1270,7 +1461,12 @@ fn run_task(
     h.clear();
     h.resize(n * r_max, 0.0);
     // The tokens' inputs as int8, made for the first integer-dot slot of the task.
-    let mut xq_ready = false;
+    let mut inputs = TaskInputs {
+        xs: &xs[..n],
+        tokens: &task.tokens[..n],
+        shared,
+        xq_ready: false,
+    };
     for (s, g) in slots() {
         let out = Out {
             rows: &mut task.rows[..n],
@@ -1292,7 +1488,7 @@ fn run_task(
                 rank: s.rank,
                 fold,
             };
-            apply_pair((simd, vnni), (&xs[..n], &mut xq_ready), p, h, out)
+            apply_pair((simd, vnni), &mut inputs, p, h, out)
         }));
     }
     H_SCRATCH.set(h);
@@ -1320,12 +1516,21 @@ struct Pair<'s, EA, EB> {
     fold: Fold<'s>,
 }
 
-/// `out[t] += scale · (xs[t] · Aᵀ) · Bᵀ` for one slot and the task's tokens
-/// (`xq_ready`: this thread's [`DotScratch`] holds the tokens' inputs as int8, made on
-/// first use by an integer-dot slot of the task).
+/// A task's inputs: its tokens' rows of `x` and their indices in the call, the
+/// call's shared int8 inputs if any, and whether this thread's [`DotScratch`] holds
+/// the tokens' inputs as int8 (made on first use by an integer-dot slot of the task
+/// when nothing is shared).
+struct TaskInputs<'t> {
+    xs: &'t [&'t [f32]],
+    tokens: &'t [usize],
+    shared: SharedX<'t>,
+    xq_ready: bool,
+}
+
+/// `out[t] += scale · (xs[t] · Aᵀ) · Bᵀ` for one slot and the task's tokens.
 fn apply_pair<EA: SlotElem, EB: SlotElem>(
     (simd, vnni): (bool, bool),
-    (xs, xq_ready): (&[&[f32]], &mut bool),
+    inputs: &mut TaskInputs<'_>,
     p: Pair<'_, EA, EB>,
     h: &mut [f32],
     out: Out<'_, '_>,
@@ -1338,6 +1543,7 @@ fn apply_pair<EA: SlotElem, EB: SlotElem>(
         rank: r,
         fold,
     } = p;
+    let xs = inputs.xs;
     #[cfg(target_arch = "x86_64")]
     if let (true, BLayout::RankQuadBlocks, Some(a8), Some(b8)) =
         (vnni, b_layout, EA::as_i8(a), EB::as_i8(b))
@@ -1348,13 +1554,18 @@ fn apply_pair<EA: SlotElem, EB: SlotElem>(
                 && r.is_multiple_of(layout::PANEL)
                 && n_in.is_multiple_of(8)
             {
-                if !*xq_ready {
+                if !inputs.xq_ready && inputs.shared.is_none() {
                     sc.xq.fill(xs.iter().map(|x| &x[..n_in]), n_in, XQ_GROUP);
-                    *xq_ready = true;
+                    inputs.xq_ready = true;
                 }
+                let rows: [XRow<'_>; TILE] = std::array::from_fn(|i| match inputs.shared {
+                    _ if i >= xs.len() => XRow::default(),
+                    Some(acts) => shared_row(acts, inputs.tokens[i]),
+                    None => sc.xq.row(i),
+                });
                 // SAFETY: VNNI (and AVX2) were detected; `a` is `[r, n_in]` in whole
-                // 8-row panels of 8-column steps, `xq` holds the task's tokens.
-                unsafe { vnni::shrink_panels(&sc.xq, a8, r, h) };
+                // 8-row panels of 8-column steps, `rows` are the task's tokens' inputs.
+                unsafe { vnni::shrink_panels(&rows[..xs.len()], XQ_GROUP, a8, r, h) };
             } else {
                 shrink_rows(simd, xs, a, a_layout, r, h);
             }
@@ -1366,7 +1577,7 @@ fn apply_pair<EA: SlotElem, EB: SlotElem>(
         });
         return;
     }
-    let _ = (vnni, xq_ready);
+    let _ = vnni;
     shrink_rows(simd, xs, a, a_layout, r, h);
     // Fold the scale into h once rather than into every output.
     fold.apply(h, r);
@@ -1759,32 +1970,40 @@ mod avx2 {
 #[cfg(target_arch = "x86_64")]
 mod vnni {
     use super::layout::{bt_block, BLOCK, PANEL, QUAD};
-    use super::{Out, QuantRows};
+    use super::{Out, QuantRows, XRow};
     use std::arch::x86_64::*;
 
-    /// `h[t·r + j] = Σᵢ A[j, i] · x[t, i]` (codes of `A`, `x` as quantised in `xq`)
-    /// for every token of `xq`: `a` is `[r, n_in]` in [`super::ALayout::Panels`] with
-    /// `r % 8 == 0` and `n_in % 8 == 0`, so each panel step is 64 bytes, eight rows ×
-    /// eight inputs.
+    /// `h[t·r + j] = Σᵢ A[j, i] · x[t, i]` (codes of `A`, `x` as quantised in
+    /// `rows[t]`, in groups of `group`) for every token of `rows`: `a` is `[r, n_in]`
+    /// in [`super::ALayout::Panels`] with `r % 8 == 0` and `n_in % 8 == 0`, so each
+    /// panel step is 64 bytes, eight rows × eight inputs.
     ///
     /// # Safety
     /// The CPU must support AVX2, FMA, AVX-512 F, VL and VNNI.
     #[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512vnni")]
-    pub(super) unsafe fn shrink_panels(xq: &QuantRows, a: &[i8], r: usize, h: &mut [f32]) {
-        let (n_in, groups, group) = (xq.width, xq.groups(), xq.group);
-        let n = xq.q.len() / n_in.max(1);
+    pub(super) unsafe fn shrink_panels(
+        rows: &[XRow<'_>],
+        group: usize,
+        a: &[i8],
+        r: usize,
+        h: &mut [f32],
+    ) {
+        let n_in = rows.first().map_or(0, |x| x.q.len());
+        let groups = n_in.div_ceil(group.max(1));
         assert!(
             r.is_multiple_of(PANEL)
                 && n_in.is_multiple_of(8)
                 && group.is_multiple_of(8)
+                && rows
+                    .iter()
+                    .all(|x| x.q.len() == n_in && x.d.len() == groups && x.sum.len() == groups)
                 && a.len() >= r * n_in
-                && h.len() >= n * r
+                && h.len() >= rows.len() * r
         );
         let flip = _mm256_set1_epi8(i8::MIN);
         for j0 in (0..r).step_by(PANEL) {
             let panel = &a[j0 * n_in..(j0 + PANEL) * n_in];
-            for t in 0..n {
-                let xt = &xq.q[t * n_in..(t + 1) * n_in];
+            for (t, xt) in rows.iter().enumerate() {
                 let (mut flo, mut fhi) = (_mm256_setzero_ps(), _mm256_setzero_ps());
                 let mut corr = 0f32;
                 for g in 0..groups {
@@ -1795,7 +2014,7 @@ mod vnni {
                         // row and the 64 bytes at 64c in the panel (8 rows × n_in).
                         unsafe {
                             let xb = _mm256_set1_epi64x(std::ptr::read_unaligned(
-                                xt.as_ptr().add(8 * c) as *const i64,
+                                xt.q.as_ptr().add(8 * c) as *const i64,
                             ));
                             let p = panel.as_ptr().add(64 * c) as *const __m256i;
                             let alo = _mm256_xor_si256(_mm256_loadu_si256(p), flip);
@@ -1804,11 +2023,11 @@ mod vnni {
                             hi = _mm256_dpbusd_epi32(hi, ahi, xb);
                         }
                     }
-                    let d = xq.d[t * groups + g];
+                    let d = xt.d[g];
                     let dv = _mm256_set1_ps(d);
                     flo = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), dv, flo);
                     fhi = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), dv, fhi);
-                    corr = d.mul_add(xq.sum[t * groups + g] as f32, corr);
+                    corr = d.mul_add(xt.sum[g] as f32, corr);
                 }
                 // Row k's two lanes are 2k, 2k + 1 of `lo` (k < 4) or `hi` (k ≥ 4);
                 // hadd leaves rows 0, 1, 4, 5 | 2, 3, 6, 7.
@@ -1880,37 +2099,190 @@ mod vnni {
                 }
                 o += BLOCK;
             }
-            while o + 8 <= n_out {
-                let block = &b[o * r..(o + 8) * r];
-                let mut acc = _mm256_setzero_si256();
-                for q in 0..quads {
-                    // SAFETY: quad q of this 8-output block is 32 bytes at 32q.
-                    unsafe {
-                        let p = block.as_ptr().add(32 * q) as *const __m256i;
-                        let bv = _mm256_xor_si256(_mm256_loadu_si256(p), flip);
-                        acc = _mm256_dpbusd_epi32(acc, bv, h4(q));
-                    }
-                }
-                let v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(acc, corr)), dv);
-                // SAFETY: o + 8 <= n_out: inside the row's columns.
+            // SAFETY: as above; `o` is where the whole 64-blocks end.
+            unsafe { expand_tail(ht, (d, hq.sum[t]), b, y, o) };
+        }
+    }
+
+    /// The outputs of one token from `o` on, past the last whole 64-block (blocks of
+    /// 8, then the rest one by one): `y[o..] += d · (Σⱼ B[·, j] · ht[j])`, `sum` being
+    /// `Σ ht` (the correction of the flipped codes).
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, FMA, AVX-512 F, VL and VNNI.
+    #[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512vnni")]
+    unsafe fn expand_tail(ht: &[i8], (d, sum): (f32, i32), b: &[i8], y: &mut [f32], mut o: usize) {
+        let (r, n_out) = (ht.len(), y.len());
+        assert!(r.is_multiple_of(QUAD) && b.len() >= n_out * r);
+        let flip = _mm256_set1_epi8(i8::MIN);
+        let (dv, corr) = (_mm256_set1_ps(d), _mm256_set1_epi32(128 * sum));
+        while o + 8 <= n_out {
+            let block = &b[o * r..(o + 8) * r];
+            let mut acc = _mm256_setzero_si256();
+            for q in 0..r / QUAD {
+                // SAFETY: quad q of this 8-output block is 32 bytes at 32q, and the 4
+                // bytes of ht at 4q lie in the row (q < r / 4).
                 unsafe {
-                    let p = y.as_mut_ptr().add(o);
-                    _mm256_storeu_ps(p, _mm256_add_ps(_mm256_loadu_ps(p), v));
+                    let hb = _mm256_set1_epi32(std::ptr::read_unaligned(
+                        ht.as_ptr().add(QUAD * q) as *const i32
+                    ));
+                    let p = block.as_ptr().add(32 * q) as *const __m256i;
+                    let bv = _mm256_xor_si256(_mm256_loadu_si256(p), flip);
+                    acc = _mm256_dpbusd_epi32(acc, bv, hb);
                 }
-                o += 8;
             }
-            if o < n_out {
-                let (o0, w) = bt_block(n_out, o);
-                let block = &b[o0 * r..];
-                for oo in 0..w {
-                    let mut s = 0i32;
-                    for (j, &hj) in ht.iter().enumerate() {
-                        let code = block[j / QUAD * w * QUAD + oo * QUAD + j % QUAD];
-                        s += i32::from(hj) * i32::from(code);
+            let v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(acc, corr)), dv);
+            // SAFETY: o + 8 <= n_out: inside the row's columns.
+            unsafe {
+                let p = y.as_mut_ptr().add(o);
+                _mm256_storeu_ps(p, _mm256_add_ps(_mm256_loadu_ps(p), v));
+            }
+            o += 8;
+        }
+        if o < n_out {
+            let (o0, w) = bt_block(n_out, o);
+            let block = &b[o0 * r..];
+            for oo in 0..w {
+                let mut s = 0i32;
+                for (j, &hj) in ht.iter().enumerate() {
+                    let code = block[j / QUAD * w * QUAD + oo * QUAD + j % QUAD];
+                    s += i32::from(hj) * i32::from(code);
+                }
+                y[o0 + oo] += s as f32 * d;
+            }
+        }
+    }
+
+    /// [`shrink_panels`] for `K` tokens with an `A` each (`rows[w]` against `a[w]`,
+    /// into `h[w·r..]`), the `K` panels read side by side, 64 bytes of each in turn;
+    /// each row gets the bits the one-matrix kernel gives it.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, FMA, AVX-512 F, VL and VNNI.
+    #[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512vnni")]
+    pub(super) unsafe fn shrink_panels_ways<const K: usize>(
+        rows: [XRow<'_>; K],
+        group: usize,
+        a: [&[i8]; K],
+        r: usize,
+        h: &mut [f32],
+    ) {
+        let n_in = rows[0].q.len();
+        let groups = n_in.div_ceil(group.max(1));
+        assert!(
+            r.is_multiple_of(PANEL)
+                && n_in.is_multiple_of(8)
+                && group.is_multiple_of(8)
+                && rows
+                    .iter()
+                    .all(|x| x.q.len() == n_in && x.d.len() == groups && x.sum.len() == groups)
+                && a.iter().all(|a| a.len() >= r * n_in)
+                && h.len() >= K * r
+        );
+        let flip = _mm512_set1_epi8(i8::MIN);
+        for j0 in (0..r).step_by(PANEL) {
+            // Lanes 0..8 are the one-matrix kernel's `lo`, 8..16 its `hi`.
+            let mut f = [_mm512_setzero_ps(); K];
+            let mut corr = [0f32; K];
+            for g in 0..groups {
+                let (c0, c1) = (g * group / 8, ((g + 1) * group).min(n_in) / 8);
+                let mut acc = [_mm512_setzero_si512(); K];
+                for c in c0..c1 {
+                    for (w, acc) in acc.iter_mut().enumerate() {
+                        // SAFETY: c < n_in / 8, so the 8 inputs at 8c lie in rows[w]
+                        // and the 64 bytes at j0·n_in + 64c in panel j0 of a[w].
+                        unsafe {
+                            let xb = _mm512_set1_epi64(std::ptr::read_unaligned(
+                                rows[w].q.as_ptr().add(8 * c) as *const i64,
+                            ));
+                            let p = a[w].as_ptr().add(j0 * n_in + 64 * c);
+                            let av = _mm512_xor_si512(_mm512_loadu_si512(p as *const _), flip);
+                            *acc = _mm512_dpbusd_epi32(*acc, av, xb);
+                        }
                     }
-                    y[o0 + oo] += s as f32 * d;
+                }
+                for w in 0..K {
+                    let d = rows[w].d[g];
+                    f[w] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[w]), _mm512_set1_ps(d), f[w]);
+                    corr[w] = d.mul_add(rows[w].sum[g] as f32, corr[w]);
                 }
             }
+            for w in 0..K {
+                let flo = _mm512_castps512_ps256(f[w]);
+                let fhi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(f[w])));
+                let mut sums = [0f32; 8];
+                // SAFETY: `sums` holds exactly 8 floats.
+                unsafe { _mm256_storeu_ps(sums.as_mut_ptr(), _mm256_hadd_ps(flo, fhi)) };
+                for (k, lane) in [0usize, 1, 4, 5, 2, 3, 6, 7].into_iter().enumerate() {
+                    h[w * r + j0 + k] = (-128.0f32).mul_add(corr[w], sums[lane]);
+                }
+            }
+        }
+    }
+
+    /// [`expand_quads`] for `K` tokens with a `B` each (`hq` row `w` against `b[w]`,
+    /// into `ys[w]`, the target's columns of token `w`'s row), the `K` matrices' blocks
+    /// read side by side; each output gets the bits the one-matrix kernel gives it
+    /// (the same integer sums; 512-bit registers hold a block of all `K` in 4 each).
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, FMA, AVX-512 F, VL and VNNI.
+    #[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512vnni")]
+    pub(super) unsafe fn expand_quads_ways<const K: usize>(
+        hq: &QuantRows,
+        b: [&[i8]; K],
+        r: usize,
+        mut ys: [&mut [f32]; K],
+    ) {
+        const ZMM: usize = BLOCK / 16;
+        let n_out = ys[0].len();
+        assert!(
+            r.is_multiple_of(QUAD)
+                && hq.width == r
+                && hq.group == r
+                && hq.q.len() >= K * r
+                && b.iter().all(|b| b.len() >= n_out * r)
+                && ys.iter().all(|y| y.len() == n_out)
+        );
+        let flip = _mm512_set1_epi8(i8::MIN);
+        let dv: [__m512; K] = std::array::from_fn(|w| _mm512_set1_ps(hq.d[w]));
+        let corr: [__m512i; K] = std::array::from_fn(|w| _mm512_set1_epi32(128 * hq.sum[w]));
+        let mut o = 0;
+        while o + BLOCK <= n_out {
+            let mut acc = [[_mm512_setzero_si512(); ZMM]; K];
+            for q in 0..r / QUAD {
+                for w in 0..K {
+                    // SAFETY: 4q + 4 <= r: the 4 bytes lie in row w of `hq`.
+                    let hb = _mm512_set1_epi32(unsafe {
+                        std::ptr::read_unaligned(hq.q.as_ptr().add(w * r + QUAD * q) as *const i32)
+                    });
+                    for (m, acc) in acc[w].iter_mut().enumerate() {
+                        // SAFETY: quad q of the block at o is 64 outputs × 4 bytes at
+                        // o·r + q·256; load m is its outputs 16m..16m + 16.
+                        unsafe {
+                            let p = b[w].as_ptr().add(o * r + q * BLOCK * QUAD + 64 * m);
+                            let bv = _mm512_xor_si512(_mm512_loadu_si512(p as *const _), flip);
+                            *acc = _mm512_dpbusd_epi32(*acc, bv, hb);
+                        }
+                    }
+                }
+            }
+            for (w, y) in ys.iter_mut().enumerate() {
+                for (m, acc) in acc[w].iter().enumerate() {
+                    let v =
+                        _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(*acc, corr[w])), dv[w]);
+                    // SAFETY: o + 16m + 16 <= n_out: inside the row's columns.
+                    unsafe {
+                        let p = y.as_mut_ptr().add(o + 16 * m);
+                        _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), v));
+                    }
+                }
+            }
+            o += BLOCK;
+        }
+        for (w, y) in ys.into_iter().enumerate() {
+            // SAFETY: as above; `o` is where the whole 64-blocks end.
+            unsafe { expand_tail(&hq.q[w * r..(w + 1) * r], (hq.d[w], hq.sum[w]), b[w], y, o) };
         }
     }
 }
@@ -2048,8 +2420,39 @@ pub fn apply_fused(
     y_width: usize,
 ) -> Result<()> {
     check_fused("lora::apply_fused", x, tokens, targets, y.len(), y_width)?;
-    fused(x, tokens, targets, y, y_width);
+    fused((x, None), tokens, targets, y, y_width);
     Ok(())
+}
+
+/// `y = x · Wᵀ` for an int4 layer in the integer-dot layout
+/// ([`super::int4_dot::matmul`]), then the LoRA of `targets` as [`apply_fused`] adds
+/// it; `w` is the group's fused base weight (`[y_width, in]`). The int8 slots' shrink
+/// reads the input as the base matmul quantised it instead of quantising it again
+/// (when the base's groups are [`XQ_GROUP`] wide): the same bits as the two calls one
+/// after the other, with one quantisation of `x` instead of one per task.
+///
+/// Checks everything before writing: on an error `y` is untouched.
+pub fn matmul_int4_then_lora(
+    x: &[f32],
+    w: &super::int4_dot::Int4DotWeight,
+    tokens: &[Option<SlotIdx>],
+    targets: &[LoraTarget<'_>],
+    y: &mut [f32],
+    y_width: usize,
+) -> Result<()> {
+    let op = "lora::matmul_int4_then_lora";
+    check_fused(op, x, tokens, targets, y.len(), y_width)?;
+    len_eq(op, "base weight rows", w.rows(), y_width)?;
+    len_eq(
+        op,
+        "base weight columns",
+        w.cols(),
+        targets[0].slots.in_features,
+    )?;
+    super::int4_dot::matmul_then(x, w, y, |acts, y| {
+        let shared = (acts.group_size() == XQ_GROUP && acts.token_row(0).is_some()).then_some(acts);
+        fused((x, shared), tokens, targets, y, y_width)
+    })
 }
 
 /// Decode-shaped LoRA: `y[t] += scale · (x[t] · Aᵀ) · Bᵀ` with token `t` gathering
@@ -2076,7 +2479,7 @@ pub fn bgmv(
     let t = check_xy(op, x, y.len(), slots)?;
     check_tokens(op, t, tokens, slots)?;
     fused(
-        x,
+        (x, None),
         tokens,
         &[LoraTarget::new(*slots, 0)],
         y,
@@ -2093,7 +2496,7 @@ pub fn sgmv(x: &[f32], segs: &[LoraSegment], slots: &LoraSlots<'_>, y: &mut [f32
     let t = check_xy(op, x, y.len(), slots)?;
     check_segments(op, t, segs, slots)?;
     fused(
-        x,
+        (x, None),
         &segment_tokens(t, segs),
         &[LoraTarget::new(*slots, 0)],
         y,

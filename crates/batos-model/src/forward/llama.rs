@@ -5,7 +5,7 @@ use batos_kernels::{
     RopeConfig, RopeScaling, SeqAttention,
 };
 
-use batos_kernels::cpu::lora::LoraTarget;
+use batos_kernels::cpu::{self, lora::LoraTarget};
 use batos_lora::{HotSnapshot, HotTables, LoraSlots, Projection};
 use batos_types::SlotIdx;
 
@@ -293,6 +293,11 @@ fn project(
             Ok(LoraTarget::new(slots, m.column))
         })
         .collect::<Result<Vec<_>, ForwardError>>()?;
+    if let Linear::Int4Dot(w) = linear {
+        // The CPU integer-dot base: its int8 activations serve the LoRA shrink too.
+        return cpu::lora::matmul_int4_then_lora(x, w, tokens, &targets, y, y_width)
+            .map_err(kernel(op));
+    }
     linear.matmul(kern, x, y).map_err(kernel(op))?;
     kern.lora(x, tokens, &targets, y, y_width)
         .map_err(kernel("lora"))
