@@ -602,6 +602,21 @@ fn half_slots_stay_within_the_stated_rounding_bound_of_f32_slots() {
     }
 }
 
+/// Slot tables for a group of projections over `n_in` inputs: `ranks[i]` for the
+/// projection of `widths[i]` outputs.
+fn group_slots<R: AsRef<[Option<usize>]>>(
+    rng: &mut TestRng,
+    n_in: usize,
+    widths: &[usize],
+    ranks: &[R],
+) -> Vec<Vec<Option<Owned>>> {
+    widths
+        .iter()
+        .zip(ranks)
+        .map(|(&w, r)| make_slots(rng, n_in, w, r.as_ref()))
+        .collect()
+}
+
 /// A group of projections over `n_in` inputs (one slot table each, `widths` outputs),
 /// their columns laid out in order in the fused output.
 fn group_targets<'a>(
@@ -669,11 +684,7 @@ fn fused_group_matches_each_projection_alone_and_the_reference() {
         [Some(4), None, Some(16), Some(9)],
     ];
     let y_width = widths.iter().sum::<usize>() + 3; // a few columns no target writes
-    let tables: Vec<Vec<Option<Owned>>> = widths
-        .iter()
-        .zip(&ranks)
-        .map(|(&w, r)| make_slots(&mut rng, n_in, w, r))
-        .collect();
+    let tables = group_slots(&mut rng, n_in, &widths, &ranks);
     for (da, db, layout) in [
         (LoraDType::F32, LoraDType::F32, BLayout::OutRank),
         (LoraDType::BF16, LoraDType::BF16, BLayout::OutRank),
@@ -1046,11 +1057,7 @@ fn int8_dot_fused_group_equals_each_projection_alone_and_each_token_alone() {
         [Some(16), None, Some(8)],
     ];
     let y_width = widths.iter().sum::<usize>();
-    let tables: Vec<Vec<Option<Owned>>> = widths
-        .iter()
-        .zip(&ranks)
-        .map(|(&w, r)| make_slots(&mut rng, n_in, w, r))
-        .collect();
+    let tables = group_slots(&mut rng, n_in, &widths, &ranks);
     let stored: Vec<_> = tables.iter().map(|t| int8_dot_slots(t)).collect();
     let views: Vec<_> = stored.iter().map(|s| stored_views(s)).collect();
     let (slots, targets) = group_targets(&views, n_in, &widths);
@@ -1113,11 +1120,7 @@ fn int8_dot_decode_tasks_interleaved_give_each_token_its_own_bits() {
     k[9] = None;
     let ranks = [q, k, q];
     let y_width = widths.iter().sum::<usize>();
-    let tables: Vec<Vec<Option<Owned>>> = widths
-        .iter()
-        .zip(&ranks)
-        .map(|(&w, r)| make_slots(&mut rng, n_in, w, r))
-        .collect();
+    let tables = group_slots(&mut rng, n_in, &widths, &ranks);
     let stored: Vec<_> = tables.iter().map(|t| int8_dot_slots(t)).collect();
     let views: Vec<_> = stored.iter().map(|s| stored_views(s)).collect();
     let (slots, targets) = group_targets(&views, n_in, &widths);
@@ -1203,11 +1206,7 @@ fn int4_base_then_lora_gives_the_bits_of_the_two_calls() {
     let mut k = q;
     k[4] = None;
     let ranks = [q, k, q];
-    let tables: Vec<Vec<Option<Owned>>> = widths
-        .iter()
-        .zip(&ranks)
-        .map(|(&w, r)| make_slots(&mut rng, n_in, w, r))
-        .collect();
+    let tables = group_slots(&mut rng, n_in, &widths, &ranks);
     // Groups of 32 share the base's int8 inputs with the int8 shrink; groups of 64 do not.
     for group in [32usize, 64] {
         let w = int4_layer(&mut rng, y_width, n_in, group);

@@ -1973,6 +1973,22 @@ mod vnni {
     use super::{Out, QuantRows, XRow};
     use std::arch::x86_64::*;
 
+    /// `(n_in, groups)` of the integer-dot shrink's inputs, which must be rows of equal
+    /// width in whole 8-input steps, whole groups of 8-input steps, and `r` whole panels.
+    fn shrink_shape(rows: &[XRow<'_>], group: usize, r: usize) -> (usize, usize) {
+        let n_in = rows.first().map_or(0, |x| x.q.len());
+        let groups = n_in.div_ceil(group.max(1));
+        assert!(
+            r.is_multiple_of(PANEL)
+                && n_in.is_multiple_of(8)
+                && group.is_multiple_of(8)
+                && rows
+                    .iter()
+                    .all(|x| x.q.len() == n_in && x.d.len() == groups && x.sum.len() == groups)
+        );
+        (n_in, groups)
+    }
+
     /// `h[t·r + j] = Σᵢ A[j, i] · x[t, i]` (codes of `A`, `x` as quantised in
     /// `rows[t]`, in groups of `group`) for every token of `rows`: `a` is `[r, n_in]`
     /// in [`super::ALayout::Panels`] with `r % 8 == 0` and `n_in % 8 == 0`, so each
@@ -1988,18 +2004,8 @@ mod vnni {
         r: usize,
         h: &mut [f32],
     ) {
-        let n_in = rows.first().map_or(0, |x| x.q.len());
-        let groups = n_in.div_ceil(group.max(1));
-        assert!(
-            r.is_multiple_of(PANEL)
-                && n_in.is_multiple_of(8)
-                && group.is_multiple_of(8)
-                && rows
-                    .iter()
-                    .all(|x| x.q.len() == n_in && x.d.len() == groups && x.sum.len() == groups)
-                && a.len() >= r * n_in
-                && h.len() >= rows.len() * r
-        );
+        let (n_in, groups) = shrink_shape(rows, group, r);
+        assert!(a.len() >= r * n_in && h.len() >= rows.len() * r);
         let flip = _mm256_set1_epi8(i8::MIN);
         for j0 in (0..r).step_by(PANEL) {
             let panel = &a[j0 * n_in..(j0 + PANEL) * n_in];
@@ -2167,18 +2173,8 @@ mod vnni {
         r: usize,
         h: &mut [f32],
     ) {
-        let n_in = rows[0].q.len();
-        let groups = n_in.div_ceil(group.max(1));
-        assert!(
-            r.is_multiple_of(PANEL)
-                && n_in.is_multiple_of(8)
-                && group.is_multiple_of(8)
-                && rows
-                    .iter()
-                    .all(|x| x.q.len() == n_in && x.d.len() == groups && x.sum.len() == groups)
-                && a.iter().all(|a| a.len() >= r * n_in)
-                && h.len() >= K * r
-        );
+        let (n_in, groups) = shrink_shape(&rows, group, r);
+        assert!(a.iter().all(|a| a.len() >= r * n_in) && h.len() >= K * r);
         let flip = _mm512_set1_epi8(i8::MIN);
         for j0 in (0..r).step_by(PANEL) {
             // Lanes 0..8 are the one-matrix kernel's `lo`, 8..16 its `hi`.
