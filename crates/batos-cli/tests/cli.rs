@@ -574,6 +574,15 @@ fn serve_listens_answers_and_stops_on_sigterm() {
         "admin_api_key",
     );
 
+    // An adapter dtype the kernels do not have is a usage error (status 2) naming it.
+    let o = batos(&["serve", "--image", path_str(&image), "--lora-dtype", "fp8"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("unknown adapter dtype 'fp8'"),
+        "{}",
+        stderr(&o)
+    );
+
     let mut child = Command::new(env!("CARGO_BIN_EXE_batos"))
         .args([
             "serve",
@@ -587,6 +596,8 @@ fn serve_listens_answers_and_stops_on_sigterm() {
             "tiny",
             "--max-loras",
             "2",
+            "--lora-dtype",
+            "int8",
         ])
         .env_remove("RUST_LOG")
         .stdout(std::process::Stdio::piped())

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use batos_kernels::Device;
-use batos_lora::BaseModelCheck;
+use batos_lora::{BaseModelCheck, HotFormat};
 use batos_model::forward::WeightDType;
 use serde::{Deserialize, Serialize};
 
@@ -57,6 +57,52 @@ impl FromStr for WeightsSetting {
             "f16" => Ok(WeightsSetting::F16),
             "bf16" => Ok(WeightsSetting::Bf16),
             other => Err(format!("unknown weights dtype '{other}' (f32, f16, bf16)")),
+        }
+    }
+}
+
+/// Element type of the hot adapter slots (vLLM's `--lora-dtype`): what the batched
+/// LoRA kernels read. Activations and accumulation stay f32.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LoraDTypeSetting {
+    /// 32-bit floats: the decoded adapter as it is.
+    F32,
+    /// IEEE half: half the bytes, within f32's tolerance of the PEFT reference.
+    #[default]
+    F16,
+    /// bfloat16: half the bytes, 8 significant bits.
+    Bf16,
+    /// Symmetric int8 per rank row: a quarter of f32's bytes, the integer-dot kernels
+    /// where the CPU has AVX-512 VNNI (the fastest decode over many distinct adapters
+    /// on the CPU; logits within 5·10⁻² of the reference, see `docs/perf/lora.md`).
+    Int8,
+}
+
+impl LoraDTypeSetting {
+    /// The adapter manager's hot format.
+    pub fn hot_format(self) -> HotFormat {
+        match self {
+            LoraDTypeSetting::F32 => HotFormat::F32,
+            LoraDTypeSetting::F16 => HotFormat::F16,
+            LoraDTypeSetting::Bf16 => HotFormat::BF16,
+            LoraDTypeSetting::Int8 => HotFormat::I8,
+        }
+    }
+}
+
+impl FromStr for LoraDTypeSetting {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "f32" => Ok(LoraDTypeSetting::F32),
+            "f16" => Ok(LoraDTypeSetting::F16),
+            "bf16" => Ok(LoraDTypeSetting::Bf16),
+            "int8" => Ok(LoraDTypeSetting::Int8),
+            other => Err(format!(
+                "unknown adapter dtype '{other}' (f32, f16, bf16, int8)"
+            )),
         }
     }
 }
@@ -166,6 +212,8 @@ pub struct EngineSettings {
     pub max_cpu_lora_bytes: u64,
     /// Largest adapter rank accepted (vLLM's `--max-lora-rank`).
     pub max_lora_rank: usize,
+    /// Element type of the hot adapter slots (vLLM's `--lora-dtype`).
+    pub lora_dtype: LoraDTypeSetting,
     /// How an adapter's declared base model is checked against the served name.
     pub adapter_base_check: BaseNameCheck,
 }
@@ -184,6 +232,7 @@ impl Default for EngineSettings {
             max_cpu_loras: 32,
             max_cpu_lora_bytes: 2 << 30,
             max_lora_rank: 64,
+            lora_dtype: LoraDTypeSetting::F16,
             adapter_base_check: BaseNameCheck::Warn,
         }
     }
@@ -469,13 +518,15 @@ mod tests {
     #[test]
     fn toml_fields_parse_and_unknown_ones_are_refused() {
         let c: ServerConfig = toml::from_str(
-            "port = 9000\nimage_adapters = \"none\"\n[engine]\ndevice = \"cuda:1\"\nweights = \"bf16\"\n",
+            "port = 9000\nimage_adapters = \"none\"\n[engine]\ndevice = \"cuda:1\"\nweights = \"bf16\"\nlora_dtype = \"int8\"\n",
         )
         .unwrap();
         assert_eq!(c.port, 9000);
         assert_eq!(c.image_adapters, ImageAdapters::None);
         assert_eq!(c.engine.device, DeviceSetting::Cuda(1));
         assert_eq!(c.engine.weights, Some(WeightsSetting::Bf16));
+        assert_eq!(c.engine.lora_dtype, LoraDTypeSetting::Int8);
+        assert_eq!(c.engine.lora_dtype.hot_format(), HotFormat::I8);
         assert!(toml::from_str::<ServerConfig>("prot = 1\n").is_err());
         assert!(toml::from_str::<ServerConfig>("[engine]\ndevice = \"tpu\"\n").is_err());
     }

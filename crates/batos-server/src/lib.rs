@@ -44,8 +44,8 @@ mod protocol;
 mod server;
 
 pub use config::{
-    BaseNameCheck, DeviceSetting, EngineSettings, ImageAdapters, LoraUpdates, ServerConfig,
-    Settings, WeightsSetting,
+    BaseNameCheck, DeviceSetting, EngineSettings, ImageAdapters, LoraDTypeSetting, LoraUpdates,
+    ServerConfig, Settings, WeightsSetting,
 };
 pub use error::{Result, ServerError};
 pub use model::ServedModel;

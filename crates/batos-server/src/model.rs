@@ -154,6 +154,7 @@ impl ServedModel {
             max_lora_rank: settings.max_lora_rank,
             max_cpu_loras: settings.max_cpu_loras,
             max_cpu_bytes: settings.max_cpu_lora_bytes,
+            hot_format: settings.lora_dtype.hot_format(),
             audit: AuditPolicy {
                 max_rank: settings.max_lora_rank,
                 base_model: settings.adapter_base_check.lora(),
