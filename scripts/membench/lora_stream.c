@@ -11,6 +11,9 @@
  * Build: gcc -O2 -pthread scripts/membench/lora_stream.c -o /tmp/lora_stream
  * Run:   /tmp/lora_stream touch|shrink|shrink512 CHUNK_KB THREADS [small]
  *        /tmp/lora_stream cosched
+ * WAYS=k (touch, shrink): each thread reads k runs side by side, 256 bytes of each in
+ * turn (the interleaved decode tasks of docs/perf/lora.md, session 9); SPLIT=k: one
+ * run read as k parts side by side.
  * Needs AVX-512 VNNI (the CI machine's EPYC has it).
  */
 #define _GNU_SOURCE
@@ -70,7 +73,53 @@ FEATURES static void stream_chunk(const char *p) {
     sink = _mm256_extract_epi32(acc, 0) + (int)_mm256_cvtss_f32(f);
 }
 
+static int ways = 1;
+FEATURES static void stream_multi(const char **ps, int k, size_t len) {
+    __m256i acc = _mm256_setzero_si256(), flip = _mm256_set1_epi8(-128);
+    __m256 f = _mm256_setzero_ps();
+    for (size_t i = 0; i < len; i += 256) {
+        for (int w = 0; w < k; w++) {
+            const char *p = ps[w];
+            if (mode == 0) {
+                for (int s = 0; s < 8; s++)
+                    acc = _mm256_add_epi8(acc, _mm256_load_si256((const __m256i *)(p + i + 32 * s)));
+            } else {
+                __m256i lo = _mm256_setzero_si256(), hi = lo;
+                for (int s = 0; s < 4; s++) {
+                    size_t kk = i + 64 * s;
+                    __m256i xb = _mm256_set1_epi64x(*(const long long *)(xq + ((kk / 8) & 4088)));
+                    __m256i a0 = _mm256_xor_si256(_mm256_load_si256((const __m256i *)(p + kk)), flip);
+                    __m256i a1 = _mm256_xor_si256(_mm256_load_si256((const __m256i *)(p + kk + 32)), flip);
+                    lo = _mm256_dpbusd_epi32(lo, a0, xb);
+                    hi = _mm256_dpbusd_epi32(hi, a1, xb);
+                }
+                f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), _mm256_set1_ps(1.0f), f);
+                f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), _mm256_set1_ps(1.0f), f);
+            }
+        }
+    }
+    sink = _mm256_extract_epi32(acc, 0) + (int)_mm256_cvtss_f32(f);
+}
+
+static int split = 1;
 static void *worker(void *arg) {
+    if (split > 1) {
+        size_t part = chunk / split / 256 * 256;
+        const char *ps[8];
+        for (size_t c = (size_t)arg; c < nchunks; c += nthreads) {
+            for (int w = 0; w < split; w++) ps[w] = buf + order[c] * chunk + w * part;
+            stream_multi(ps, split, part);
+        }
+        return NULL;
+    }
+    if (ways > 1) {
+        const char *ps[8];
+        for (size_t c = (size_t)arg * ways; c + ways <= nchunks; c += nthreads * ways) {
+            for (int w = 0; w < ways; w++) ps[w] = buf + order[c + w] * chunk;
+            stream_multi(ps, ways, chunk);
+        }
+        return NULL;
+    }
     for (size_t c = (size_t)arg; c < nchunks; c += nthreads) stream_chunk(buf + order[c] * chunk);
     return NULL;
 }
@@ -134,6 +183,8 @@ int main(int argc, char **argv) {
     chunk = chunk / 256 * 256;
     nthreads = atoi(argv[3]);
     int huge = !(argc > 4 && !strcmp(argv[4], "small"));
+    if (getenv("WAYS")) ways = atoi(getenv("WAYS"));
+    if (getenv("SPLIT")) split = atoi(getenv("SPLIT"));
     setup(huge);
     double best = 1e9;
     for (int r = 0; r < 7; r++) {
