@@ -11,7 +11,10 @@
 //!   without the adapter);
 //! - with int8 activations (`Int4Activations::Int8`, the integer-dot kernels) the
 //!   teacher-forced argmax is the reference token at ≥ `INT8_MIN_AGREEMENT` of each
-//!   prompt's 32 positions (base and adapter), and the bit-identity above holds too.
+//!   prompt's 32 positions (base and adapter), and the bit-identity above holds too;
+//! - with int8 activations and int8 hot slots, a decode step over six distinct adapters
+//!   (the interleaved path, reading the base's int8 inputs) gives each sequence the
+//!   bits it gets with its adapter alone in the batch.
 //!
 //! Prints a SKIP line when the model or the reference cannot be had.
 
@@ -223,4 +226,156 @@ fn int4_native_int8_activations_agree_with_the_f32_reference() {
     );
     assert_eq!(mixed[0], b.1, "sequence alone vs in a mixed batch");
     assert_eq!(mixed[1], a.1, "sequence alone vs in a mixed batch");
+}
+
+/// A random r16 adapter on all seven projections (values ±0.02, alpha 32), as PEFT files.
+fn random_adapter(base: &batos_lora::BaseShapes, seed: u64) -> batos_lora::AdapterFiles {
+    use batos_lora::{LoraPair, LoraWeights, Projection};
+    let r = 16;
+    let mut state = seed;
+    let mut vec = |n: usize| -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.04
+            })
+            .collect()
+    };
+    let mut w = LoraWeights::empty(base.num_layers);
+    for layer in 0..base.num_layers {
+        for p in Projection::ALL {
+            let (i, o) = base.dims(p);
+            let pair = LoraPair {
+                rank: r,
+                scale: 2.0,
+                a: vec(r * i),
+                b: vec(o * r),
+            };
+            w.insert(layer, p, pair).unwrap();
+        }
+    }
+    let config = format!(
+        r#"{{"peft_type":"LORA","r":{r},"lora_alpha":32,"target_modules":["q_proj","k_proj","v_proj","o_proj","gate_proj","up_proj","down_proj"],"bias":"none","use_dora":false,"base_model_name_or_path":"{}"}}"#,
+        base.model_name
+    );
+    batos_lora::AdapterFiles::from_bytes(
+        config.into_bytes(),
+        batos_lora::peft::to_safetensors(&w).unwrap(),
+    )
+}
+
+/// Decode over many distinct adapters, the path a 64 × 64 step takes: the int8
+/// activations' model with int8 hot slots, one token per adapter, so the LoRA runs
+/// four adapters' streams at a time and its shrink reads the base matmul's int8 inputs.
+/// Each sequence's decode logits equal, bit for bit, those it gets in the same batch
+/// with every other sequence's adapter removed (its LoRA then runs as a task alone).
+#[test]
+fn int8_slots_over_int8_activations_decode_many_adapters_as_one_at_a_time() {
+    use batos_lora::{AdapterManager, Expect, ManagerConfig, PrefetchPolicy};
+    use batos_model::forward::{ForwardBatch, SeqStep};
+    use batos_store::{Db, StoreConfig};
+    use batos_types::{BlockId, MemoryBudget};
+    use forward_common::TestCache;
+
+    let test = "int8_slots_over_int8_activations_decode_many_adapters_as_one_at_a_time";
+    let (Some(base_ref), Some(model)) = (reference_json(test, "base.json"), int4_int8_model(test))
+    else {
+        return;
+    };
+    let shapes = model.dims().lora_base_shapes("SmolLM2-135M-Instruct");
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(dir.path().join("image"), StoreConfig::default()).unwrap();
+    let adapters = 6;
+    let cfg = ManagerConfig {
+        max_loras: adapters,
+        max_cpu_loras: adapters,
+        hot_format: HotFormat::I8,
+        prefetch: PrefetchPolicy::Off,
+        ..ManagerConfig::default()
+    };
+    let mgr =
+        AdapterManager::open(&db, shapes.clone(), MemoryBudget::new("host", 1 << 30), cfg).unwrap();
+    let mut held = Vec::new();
+    for a in 0..adapters {
+        let name = format!("a{a}");
+        mgr.add_files(
+            &name,
+            random_adapter(&shapes, 1 + a as u64),
+            "test",
+            Expect::Absent,
+        )
+        .unwrap();
+        let lease = mgr.acquire(&name).unwrap();
+        held.push((mgr.pin_hot(&lease).unwrap(), lease));
+    }
+    let snapshot = mgr.hot_snapshot();
+    // Seven sequences over the reference prompts: six with their own adapter, one without.
+    let prompts: Vec<Vec<u32>> = base_ref["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| ids(&p["input_ids"]))
+        .collect();
+    let seqs: Vec<(Vec<u32>, Option<SlotIdx>)> = (0..=adapters)
+        .map(|i| {
+            let adapter = held.get(i).map(|(pin, _)| pin.slot());
+            (prompts[i % prompts.len()].clone(), adapter)
+        })
+        .collect();
+    let per_seq = seqs
+        .iter()
+        .map(|s| s.0.len() + 1)
+        .max()
+        .unwrap()
+        .div_ceil(16);
+    let mut cache = TestCache::new(model.dims(), per_seq * seqs.len(), 16);
+    let table = |i: usize| -> Vec<BlockId> {
+        (0..per_seq)
+            .map(|b| BlockId((i * per_seq + b) as u32))
+            .collect()
+    };
+    let step = |cache: &mut TestCache, adapters: &[Option<SlotIdx>], decode: bool| {
+        let steps = seqs
+            .iter()
+            .zip(adapters)
+            .enumerate()
+            .map(|(i, ((prompt, _), a))| {
+                let mut s = if decode {
+                    SeqStep::new(vec![42], prompt.len(), table(i))
+                } else {
+                    SeqStep::new(prompt.clone(), 0, table(i))
+                };
+                s.adapter = *a;
+                s
+            })
+            .collect();
+        let out = model
+            .forward_with_adapters(&ForwardBatch::new(steps), cache, &snapshot)
+            .unwrap();
+        (0..seqs.len())
+            .map(|i| out.last_logits(i).unwrap().to_vec())
+            .collect::<Vec<_>>()
+    };
+    let all: Vec<Option<SlotIdx>> = seqs.iter().map(|s| s.1).collect();
+    step(&mut cache, &all, false);
+    // The decode step writes each sequence's new K/V at the same place every time, from
+    // the same inputs for the sequence compared, so the cache can be reused.
+    let together = step(&mut cache, &all, true);
+    for k in 0..adapters {
+        let only: Vec<Option<SlotIdx>> = (0..seqs.len())
+            .map(|i| if i == k { all[i] } else { None })
+            .collect();
+        let alone = step(&mut cache, &only, true);
+        assert_eq!(
+            together[k], alone[k],
+            "sequence {k}: with five other adapters vs alone"
+        );
+        let none = step(&mut cache, &vec![None; seqs.len()], true);
+        assert_ne!(
+            together[k], none[k],
+            "sequence {k}: its adapter changes its logits"
+        );
+    }
 }
