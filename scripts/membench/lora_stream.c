@@ -40,42 +40,13 @@ static double now(void) {
     return t.tv_sec + t.tv_nsec * 1e-9;
 }
 
-FEATURES static void stream_chunk(const char *p) {
-    __m256i acc = _mm256_setzero_si256(), flip = _mm256_set1_epi8(-128);
-    __m512i flip5 = _mm512_set1_epi8(-128), z = _mm512_setzero_si512();
-    __m256 f = _mm256_setzero_ps();
-    for (size_t i = 0; i < chunk; i += 256) {
-        if (mode == 0) {
-            for (int s = 0; s < 8; s++)
-                acc = _mm256_add_epi8(acc, _mm256_load_si256((const __m256i *)(p + i + 32 * s)));
-        } else if (mode == 1) {
-            __m256i lo = _mm256_setzero_si256(), hi = lo;
-            for (int s = 0; s < 4; s++) {
-                size_t k = i + 64 * s;
-                __m256i xb = _mm256_set1_epi64x(*(const long long *)(xq + ((k / 8) & 4088)));
-                __m256i a0 = _mm256_xor_si256(_mm256_load_si256((const __m256i *)(p + k)), flip);
-                __m256i a1 = _mm256_xor_si256(_mm256_load_si256((const __m256i *)(p + k + 32)), flip);
-                lo = _mm256_dpbusd_epi32(lo, a0, xb);
-                hi = _mm256_dpbusd_epi32(hi, a1, xb);
-            }
-            f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), _mm256_set1_ps(1.0f), f);
-            f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), _mm256_set1_ps(1.0f), f);
-        } else {
-            z = _mm512_setzero_si512();
-            for (int s = 0; s < 4; s++) {
-                size_t k = i + 64 * s;
-                __m512i xb = _mm512_set1_epi64(*(const long long *)(xq + ((k / 8) & 4088)));
-                z = _mm512_dpbusd_epi32(z, _mm512_xor_si512(_mm512_load_si512(p + k), flip5), xb);
-            }
-            f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm512_castsi512_si256(z)), _mm256_set1_ps(1.0f), f);
-        }
-    }
-    sink = _mm256_extract_epi32(acc, 0) + (int)_mm256_cvtss_f32(f);
-}
-
 static int ways = 1;
+
+/* Reads k runs of len bytes side by side, 256 bytes of each in turn, with the mode's
+ * instruction mix. */
 FEATURES static void stream_multi(const char **ps, int k, size_t len) {
     __m256i acc = _mm256_setzero_si256(), flip = _mm256_set1_epi8(-128);
+    __m512i flip5 = _mm512_set1_epi8(-128);
     __m256 f = _mm256_setzero_ps();
     for (size_t i = 0; i < len; i += 256) {
         for (int w = 0; w < k; w++) {
@@ -83,7 +54,7 @@ FEATURES static void stream_multi(const char **ps, int k, size_t len) {
             if (mode == 0) {
                 for (int s = 0; s < 8; s++)
                     acc = _mm256_add_epi8(acc, _mm256_load_si256((const __m256i *)(p + i + 32 * s)));
-            } else {
+            } else if (mode == 1) {
                 __m256i lo = _mm256_setzero_si256(), hi = lo;
                 for (int s = 0; s < 4; s++) {
                     size_t kk = i + 64 * s;
@@ -95,11 +66,21 @@ FEATURES static void stream_multi(const char **ps, int k, size_t len) {
                 }
                 f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), _mm256_set1_ps(1.0f), f);
                 f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), _mm256_set1_ps(1.0f), f);
+            } else {
+                __m512i z = _mm512_setzero_si512();
+                for (int s = 0; s < 4; s++) {
+                    size_t kk = i + 64 * s;
+                    __m512i xb = _mm512_set1_epi64(*(const long long *)(xq + ((kk / 8) & 4088)));
+                    z = _mm512_dpbusd_epi32(z, _mm512_xor_si512(_mm512_load_si512(p + kk), flip5), xb);
+                }
+                f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm512_castsi512_si256(z)), _mm256_set1_ps(1.0f), f);
             }
         }
     }
     sink = _mm256_extract_epi32(acc, 0) + (int)_mm256_cvtss_f32(f);
 }
+
+static void stream_chunk(const char *p) { stream_multi(&p, 1, chunk); }
 
 static int split = 1;
 static void *worker(void *arg) {
