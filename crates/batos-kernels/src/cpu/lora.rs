@@ -2424,8 +2424,8 @@ pub fn apply_fused(
 /// ([`super::int4_dot::matmul`]), then the LoRA of `targets` as [`apply_fused`] adds
 /// it; `w` is the group's fused base weight (`[y_width, in]`). The int8 slots' shrink
 /// reads the input as the base matmul quantised it instead of quantising it again
-/// (when the base's groups are [`XQ_GROUP`] wide): the same bits as the two calls one
-/// after the other, with one quantisation of `x` instead of one per task.
+/// (when the base's groups are 32 inputs wide, the shrink's own): the same bits as the
+/// two calls one after the other, with one quantisation of `x` instead of one per task.
 ///
 /// Checks everything before writing: on an error `y` is untouched.
 pub fn matmul_int4_then_lora(
