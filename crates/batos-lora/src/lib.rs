@@ -1,7 +1,7 @@
 //! batos-lora: many LoRA adapters over one base model.
 //!
-//! - [`audit`]: PEFT adapters (`adapter_config.json` + `adapter_model.safetensors`) are
-//!   parsed and audited before any tier accepts them; a rejection carries an
+//! - [`audit`](mod@audit): PEFT adapters (`adapter_config.json` +
+//!   `adapter_model.safetensors`) are parsed and audited before any tier accepts them; a rejection carries an
 //!   [`AuditReport`] naming every problem.
 //! - [`LoraAdapter`]: the decoded f32 pairs per (layer, projection) and the adapter's
 //!   content-hash [`AdapterGeneration`](batos_types::AdapterGeneration).

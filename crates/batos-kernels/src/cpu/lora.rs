@@ -20,8 +20,8 @@
 //! accumulation are always f32. Half-precision slots halve the bytes a decode step
 //! streams, which is what multi-adapter decode is bound by.
 //!
-//! [`reference`] is the scalar specification (f64 accumulation over the widened
-//! matrices); the functions at this level validate their arguments identically and
+//! [`reference`](mod@reference) is the scalar specification (f64 accumulation over the
+//! widened matrices); the functions at this level validate their arguments identically and
 //! then run AVX2/FMA/F16C code when the CPU has it (detected at run time), else a
 //! scalar f32 path. The fast path computes each token's result the same way whatever
 //! else is in the batch, so a mixed batch gives every token exactly what it gets alone.

@@ -657,8 +657,8 @@ fn quantize_linear(
     }
 }
 
-/// AWQ of `weights` (see the [module docs](self)). Deterministic: the same inputs give
-/// bit-identical weights.
+/// AWQ of `weights` (the method is documented in `src/quant/awq.rs`). Deterministic:
+/// the same inputs give bit-identical weights.
 pub fn quantize_weights_awq(
     config: &LlamaConfig,
     weights: &ModelWeights,

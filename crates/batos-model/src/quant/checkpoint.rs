@@ -452,7 +452,8 @@ impl QuantizedModel {
         write_json(&dir.join("tokenizer_config.json"), &tc)
     }
 
-    /// Loads an AutoAWQ int4 GEMM checkpoint directory (see the [module docs](self)).
+    /// Loads an AutoAWQ int4 GEMM checkpoint directory (the layout is documented in
+    /// `src/quant/checkpoint.rs`).
     pub fn load_autoawq(dir: impl AsRef<Path>) -> Result<Self, QuantError> {
         let dir = dir.as_ref();
         let qc = AwqCheckpointConfig::from_dir(dir)?;

@@ -154,8 +154,8 @@ fn rope_row_order(rows: usize, n_heads: usize, head_dim: usize) -> Vec<usize> {
 
 impl QuantizedModel {
     /// Reads a llama.cpp GGUF whose seven projections per block are Q4_0 or Q4_1 and
-    /// keeps their 4-bit codes as int4 (see the [module docs](self)): no requantising, so
-    /// the weights are exactly the GGUF's. Config, tokenizer, chat template, norms and
+    /// keeps their 4-bit codes as int4 (see `src/quant/gguf_int4.rs`): no requantising,
+    /// so the weights are exactly the GGUF's. Config, tokenizer, chat template, norms and
     /// the embedding come from [`LoadedModel::from_gguf`] in f32.
     ///
     /// Errors: a projection in another block type, or a shape int4 cannot hold, is
