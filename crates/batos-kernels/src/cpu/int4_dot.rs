@@ -568,22 +568,18 @@ pub fn matmul(x: &[f32], w: &Int4DotWeight, out: &mut [f32]) -> Result<()> {
 
 /// [`matmul`] on a given path.
 pub fn matmul_with(path: DotPath, x: &[f32], w: &Int4DotWeight, out: &mut [f32]) -> Result<()> {
-    ACTS.with(|cell| {
-        let mut a = cell.borrow_mut();
-        a.quantize_with(path, x, w.cols, w.group)?;
-        matmul_int8_with(path, &a, w, out)
-    })
+    matmul_then(path, x, w, out, |_, _| ())
 }
 
-/// [`matmul`], then `then` with the quantised `x` and `out` (the LoRA of the same
+/// [`matmul_with`], then `then` with the quantised `x` and `out` (the LoRA of the same
 /// input reuses the base's int8 activations).
 pub(crate) fn matmul_then<R>(
+    path: DotPath,
     x: &[f32],
     w: &Int4DotWeight,
     out: &mut [f32],
     then: impl FnOnce(&Int8Activations, &mut [f32]) -> R,
 ) -> Result<R> {
-    let path = DotPath::best();
     ACTS.with(|cell| {
         let mut a = cell.borrow_mut();
         a.quantize_with(path, x, w.cols, w.group)?;

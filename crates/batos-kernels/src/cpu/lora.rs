@@ -1145,11 +1145,12 @@ struct Fold<'s> {
 }
 
 impl Fold<'_> {
+    /// The slot's scale and its int8 row scales, if any.
     fn of<'s>(s: &LoraSlot<'s>) -> Fold<'s> {
         Fold {
             scale: s.scale,
-            a: None,
-            b: None,
+            a: s.a.row_scales(),
+            b: s.b.row_scales(),
         }
     }
 
@@ -1406,12 +1407,7 @@ fn run_ways<const K: usize>(
                 )
             };
             for (s, hw) in slots.iter().zip(h.chunks_exact_mut(r)) {
-                let fold = Fold {
-                    a: s.a.row_scales(),
-                    b: s.b.row_scales(),
-                    ..Fold::of(s)
-                };
-                fold.apply(hw, r);
+                Fold::of(s).apply(hw, r);
             }
             sc.hq.fill(h.chunks_exact(r), r, r);
             let width = g.slots.out_features;
@@ -1447,14 +1443,9 @@ fn run_task(
     });
     // No allocation per task: a decode step over many adapters runs thousands.
     let slots = || {
-        targets.iter().filter_map(|g| {
-            g.slots
-                .slots
-                .get(task.slot.index())
-                .copied()
-                .flatten()
-                .map(|s| (s, g))
-        })
+        targets
+            .iter()
+            .filter_map(|g| target_slot(g, task.slot).map(|s| (s, g)))
     };
     let r_max = slots().map(|(s, _)| s.rank).max().unwrap_or(0);
     let mut h = H_SCRATCH.take();
@@ -1475,11 +1466,7 @@ fn run_task(
         };
         let h = &mut h[..n * s.rank];
         with_matrix!(s.a, a => with_matrix!(s.b, b => {
-            let fold = Fold {
-                a: s.a.row_scales(),
-                b: s.b.row_scales(),
-                ..Fold::of(&s)
-            };
+            let fold = Fold::of(&s);
             let p = Pair {
                 a,
                 b,
@@ -1973,6 +1960,23 @@ mod vnni {
     use super::{Out, QuantRows, XRow};
     use std::arch::x86_64::*;
 
+    /// One panel's 8 rows of `h` from the shrink's accumulators: row k's two lanes are
+    /// 2k, 2k + 1 of `lo` (k < 4) or `hi` (k ≥ 4), and `−128 · corr` undoes the
+    /// flipped codes.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[target_feature(enable = "avx2")]
+    unsafe fn panel_rows(lo: __m256, hi: __m256, corr: f32, h: &mut [f32]) {
+        // hadd leaves rows 0, 1, 4, 5 | 2, 3, 6, 7.
+        let mut sums = [0f32; 8];
+        // SAFETY: `sums` holds exactly 8 floats.
+        unsafe { _mm256_storeu_ps(sums.as_mut_ptr(), _mm256_hadd_ps(lo, hi)) };
+        for (k, lane) in [0usize, 1, 4, 5, 2, 3, 6, 7].into_iter().enumerate() {
+            h[k] = (-128.0f32).mul_add(corr, sums[lane]);
+        }
+    }
+
     /// `(n_in, groups)` of the integer-dot shrink's inputs, which must be rows of equal
     /// width in whole 8-input steps, whole groups of 8-input steps, and `r` whole panels.
     fn shrink_shape(rows: &[XRow<'_>], group: usize, r: usize) -> (usize, usize) {
@@ -2035,14 +2039,8 @@ mod vnni {
                     fhi = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), dv, fhi);
                     corr = d.mul_add(xt.sum[g] as f32, corr);
                 }
-                // Row k's two lanes are 2k, 2k + 1 of `lo` (k < 4) or `hi` (k ≥ 4);
-                // hadd leaves rows 0, 1, 4, 5 | 2, 3, 6, 7.
-                let mut sums = [0f32; 8];
-                // SAFETY: `sums` holds exactly 8 floats.
-                unsafe { _mm256_storeu_ps(sums.as_mut_ptr(), _mm256_hadd_ps(flo, fhi)) };
-                for (k, lane) in [0usize, 1, 4, 5, 2, 3, 6, 7].into_iter().enumerate() {
-                    h[t * r + j0 + k] = (-128.0f32).mul_add(corr, sums[lane]);
-                }
+                // SAFETY: this function's features include AVX2.
+                unsafe { panel_rows(flo, fhi, corr, &mut h[t * r + j0..t * r + j0 + PANEL]) };
             }
         }
     }
@@ -2206,12 +2204,8 @@ mod vnni {
             for w in 0..K {
                 let flo = _mm512_castps512_ps256(f[w]);
                 let fhi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(f[w])));
-                let mut sums = [0f32; 8];
-                // SAFETY: `sums` holds exactly 8 floats.
-                unsafe { _mm256_storeu_ps(sums.as_mut_ptr(), _mm256_hadd_ps(flo, fhi)) };
-                for (k, lane) in [0usize, 1, 4, 5, 2, 3, 6, 7].into_iter().enumerate() {
-                    h[w * r + j0 + k] = (-128.0f32).mul_add(corr[w], sums[lane]);
-                }
+                // SAFETY: this function's features include AVX2.
+                unsafe { panel_rows(flo, fhi, corr[w], &mut h[w * r + j0..w * r + j0 + PANEL]) };
             }
         }
     }
@@ -2330,8 +2324,9 @@ pub fn expand(
         let Some(s) = s else { continue };
         let s = slots.get(op, *s)?;
         let r = s.rank;
+        // `shrink` applied A's row scales already.
         let fold = Fold {
-            b: s.b.row_scales(),
+            a: None,
             ..Fold::of(&s)
         };
         let hi: Vec<f32> = h[i * r_max..i * r_max + r]
@@ -2445,7 +2440,7 @@ pub fn matmul_int4_then_lora(
         w.cols(),
         targets[0].slots.in_features,
     )?;
-    super::int4_dot::matmul_then(x, w, y, |acts, y| {
+    super::int4_dot::matmul_then(super::int4_dot::DotPath::best(), x, w, y, |acts, y| {
         let shared = (acts.group_size() == XQ_GROUP && acts.token_row(0).is_some()).then_some(acts);
         fused((x, shared), tokens, targets, y, y_width)
     })
